@@ -1,0 +1,145 @@
+"""The model config: a TOML file with one `[[model]]` table per served model.
+
+[[model]]
+name = "var-d16"
+family = "var"                      # "var" (next-scale) or "llamagen" (next-token)
+weights = "ckpt/var_d16.pth"        # relative paths are relative to this file
+tokenizer = "ckpt/vae_ch160v4096z32.pth"
+device = "auto"                     # "auto" (cuda if present, else cpu), "cpu", "cuda", "cuda:1"
+dtype = "auto"                      # "auto" (float32 on cpu, bfloat16 on cuda), "float32", ...
+[model.defaults]                    # per-model sampling defaults, each optional
+cfg = 4.0
+top_k = 900
+top_p = 0.95
+temperature = 1.0
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+FAMILIES = ("var", "llamagen")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+MODEL_KEYS = {"name", "family", "weights", "tokenizer", "device", "dtype", "defaults"}
+
+
+@dataclass(frozen=True)
+class SamplingDefaults:
+    cfg: float
+    top_k: int
+    top_p: float
+    temperature: float = 1.0
+
+
+# The official demo settings of each family.
+FAMILY_DEFAULTS = {
+    "var": SamplingDefaults(cfg=4.0, top_k=900, top_p=0.95),
+    "llamagen": SamplingDefaults(cfg=4.0, top_k=2000, top_p=1.0),
+}
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    family: str
+    weights: Path
+    tokenizer: Path
+    device: str = "cpu"
+    dtype: torch.dtype = torch.float32
+    defaults: SamplingDefaults = field(default_factory=lambda: FAMILY_DEFAULTS["var"])
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def resolve_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device '{device}' requested but CUDA is not available")
+    return device
+
+
+def resolve_dtype(dtype: str, device: str) -> torch.dtype:
+    if dtype == "auto":
+        return torch.float32 if device == "cpu" else torch.bfloat16
+    if dtype not in DTYPES:
+        raise ConfigError(f"dtype '{dtype}' is not one of auto, {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def parse_defaults(family: str, given: dict, where: str) -> SamplingDefaults:
+    base = FAMILY_DEFAULTS[family]
+    unknown = set(given) - set(base.__dataclass_fields__)
+    if unknown:
+        raise ConfigError(f"{where}: unknown key 'defaults.{sorted(unknown)[0]}'")
+    values = {**base.__dict__, **given}
+    try:
+        d = SamplingDefaults(
+            cfg=float(values["cfg"]),
+            top_k=int(values["top_k"]),
+            top_p=float(values["top_p"]),
+            temperature=float(values["temperature"]),
+        )
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{where}: bad value in 'defaults' ({e})") from None
+    if d.cfg < 0 or d.top_k < 0 or not 0 <= d.top_p <= 1 or d.temperature <= 0:
+        raise ConfigError(
+            f"{where}: 'defaults' out of range: need cfg >= 0, top_k >= 0, 0 <= top_p <= 1, temperature > 0"
+        )
+    return d
+
+
+def parse_model(table: dict, base_dir: Path, where: str) -> ModelSpec:
+    unknown = set(table) - MODEL_KEYS
+    if unknown:
+        raise ConfigError(f"{where}: unknown key '{sorted(unknown)[0]}'")
+    for key in ("name", "family", "weights", "tokenizer"):
+        if not isinstance(table.get(key), str) or not table[key]:
+            raise ConfigError(f"{where}: missing or empty '{key}'")
+    family = table["family"]
+    if family not in FAMILIES:
+        raise ConfigError(f"{where}: family '{family}' is not one of {', '.join(FAMILIES)}")
+    try:
+        device = resolve_device(str(table.get("device", "auto")))
+        dtype = resolve_dtype(str(table.get("dtype", "auto")), device)
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from None
+    return ModelSpec(
+        name=table["name"],
+        family=family,
+        weights=(base_dir / table["weights"]).resolve(),
+        tokenizer=(base_dir / table["tokenizer"]).resolve(),
+        device=device,
+        dtype=dtype,
+        defaults=parse_defaults(family, table.get("defaults", {}), where),
+    )
+
+
+def load_config(path: str | Path) -> list[ModelSpec]:
+    path = Path(path)
+    try:
+        doc = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such config file") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML ({e})") from None
+    tables = doc.get("model")
+    if not isinstance(tables, list) or not tables:
+        raise ConfigError(f"{path}: no [[model]] tables")
+    specs = [parse_model(t, path.parent, f"{path}: model #{i + 1}") for i, t in enumerate(tables)]
+    names = [s.name for s in specs]
+    dup = next((n for n in names if names.count(n) > 1), None)
+    if dup:
+        raise ConfigError(f"{path}: model name '{dup}' appears twice")
+    return specs

@@ -1,0 +1,62 @@
+"""Token sampling with per-row temperature, top-k, top-p and random generator.
+
+Each row of a batch draws its randomness from its own `torch.Generator`, always the same number
+of draws per step, so a request's tokens do not depend on what else shares its batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """One image's sampling settings. top_k = 0 and top_p = 0 (or 1) switch those filters off."""
+
+    top_k: int = 0
+    top_p: float = 0.0
+    temperature: float = 1.0
+    seed: int = 0
+
+
+def make_generators(seeds: list[int], device: torch.device | str) -> list[torch.Generator]:
+    return [torch.Generator(device=device).manual_seed(int(s)) for s in seeds]
+
+
+def sample(
+    logits: torch.Tensor,
+    top_k: torch.Tensor,
+    top_p: torch.Tensor,
+    temperature: torch.Tensor,
+    generators: list[torch.Generator],
+) -> torch.Tensor:
+    """logits: (B, l, V) float32; top_k: (B,) long; top_p, temperature: (B,) float -> tokens (B, l) long.
+
+    Top-k is applied before top-p, top-p keeps the smallest set of most likely tokens whose mass
+    reaches p (the most likely token always stays). A row with top_k == 1 is exact argmax."""
+    B, l, V = logits.shape
+    k = torch.where(top_k > 0, top_k.clamp(max=V), V)
+    k_max = int(k.max())
+    # Only the k_max best candidates can survive top-k, and top-p works on what top-k left, so
+    # everything below happens on (B, l, k_max) instead of the full vocabulary.
+    cand_logits, cand_idx = logits.topk(k_max, dim=-1, sorted=True)  # descending
+    rank = torch.arange(k_max, device=logits.device)
+    cand_logits = cand_logits.masked_fill(rank >= k.view(B, 1, 1), -torch.inf)
+    cand_logits = cand_logits / temperature.clamp(min=1e-5).view(B, 1, 1)
+    probs = cand_logits.softmax(-1)
+    mass_before = probs.cumsum(-1) - probs  # probability of the strictly better candidates
+    use_p = ((top_p > 0) & (top_p < 1)).view(B, 1, 1)
+    drop = use_p & (mass_before >= top_p.view(B, 1, 1))
+    drop[..., 0] = False
+    probs = probs.masked_fill(drop, 0.0)
+    # Exponential race (Gumbel-max): token = argmax p_j / E_j with E_j ~ Exp(1) drawn for every
+    # vocabulary id from the row's own generator. Unlike an inverse-CDF draw, a last-bit change in
+    # the logits (another batch size picks another matmul kernel) or one candidate entering or
+    # leaving the top-p set only changes the outcome if that candidate was about to win.
+    uniform = torch.stack([torch.rand(l, V, generator=g, device=g.device) for g in generators])
+    race = -torch.log1p(-uniform.to(logits.device).gather(-1, cand_idx))  # Exp(1), only where needed
+    choice = (probs / race).argmax(-1, keepdim=True)
+    tokens = cand_idx.gather(-1, choice).squeeze(-1)
+    return torch.where((k == 1).view(B, 1), logits.argmax(-1), tokens)

@@ -1,0 +1,110 @@
+"""Batched next-scale generation: 10 forward passes, one per scale, over a preallocated KV cache.
+
+Every image in a batch carries its own class, guidance, sampling settings and seed. Guidance runs
+on a doubled batch (conditional rows, then null-class rows) only when some image asks for it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from models.kv.cache import DenseKVCache
+from models.sampling import SamplingParams, make_generators, sample
+from models.var.model import VAR
+from models.var.tokenizer import VQVAE
+
+
+@dataclass(frozen=True)
+class VARParams(SamplingParams):
+    """cfg is VAR's guidance strength: logits = (1 + t) * cond - t * uncond, with t = cfg * si / (S - 1)
+    ramped over the scales (the official schedule) or t = cfg at every scale ("constant")."""
+
+    cfg: float = 1.5
+    cfg_schedule: str = "linear"
+
+
+@dataclass
+class ScaleStep:
+    """Handed to the progress callback after each scale; decoding f_hat gives a preview image."""
+
+    scale: int
+    n_scales: int
+    f_hat: torch.Tensor  # (B, Cvae, H, W) accumulated so far
+    tokens: torch.Tensor  # (B, pn*pn) this scale's token map
+
+
+@dataclass
+class VAROutput:
+    images: torch.Tensor  # (B, 3, H, W) float in [0, 1]
+    tokens: list[torch.Tensor]  # per scale (B, pn*pn)
+    forward_passes: int
+    kv_bytes: int  # peak KV-cache bytes held by the batch
+    flops: float = field(default=0.0)  # matmul FLOPs of the transformer passes
+
+
+def guidance_strength(params: list[VARParams], si: int, n_scales: int) -> torch.Tensor:
+    """(B,) t for scale si."""
+    ratio = si / (n_scales - 1)
+    return torch.tensor([p.cfg * (ratio if p.cfg_schedule == "linear" else 1.0) for p in params])
+
+
+def transformer_flops(model: VAR, rows: int) -> float:
+    """Multiply-add FLOPs (x2) of the transformer over all scales for `rows` sequences."""
+    c = model.cfg
+    C, L = c.embed_dim, c.seq_len
+    per_token_linear = c.depth * (3 * C * C + C * C + 2 * C * c.mlp_hidden) + C * c.vocab_size
+    attn_pairs = sum(pn * pn * sum(q * q for q in c.patch_nums[: i + 1]) for i, pn in enumerate(c.patch_nums))
+    return 2.0 * rows * (L * per_token_linear + c.depth * 2 * C * attn_pairs)
+
+
+@torch.inference_mode()
+def generate(
+    model: VAR,
+    vae: VQVAE,
+    labels: list[int],
+    params: list[VARParams],
+    on_scale: Callable[[ScaleStep], None] | None = None,
+    decode: bool = True,
+) -> VAROutput:
+    """labels: one class index per image; params: one VARParams per image."""
+    cfg = model.cfg
+    B, device = len(labels), model.pos_1LC.device
+    dtype = model.pos_1LC.dtype
+    n_scales = len(cfg.patch_nums)
+    guided = any(p.cfg != 0 for p in params)
+    rows = 2 * B if guided else B
+
+    label_rows = torch.tensor(labels + ([cfg.num_classes] * B if guided else []), device=device)
+    cond = model.class_emb(label_rows)  # (rows, C)
+    pos = model.position_embedding()  # (1, L, C)
+    top_k = torch.tensor([p.top_k for p in params], device=device)
+    top_p = torch.tensor([p.top_p for p in params], device=device, dtype=torch.float32)
+    temperature = torch.tensor([p.temperature for p in params], device=device, dtype=torch.float32)
+    generators = make_generators([p.seed for p in params], device)
+
+    cache = DenseKVCache(cfg.depth, rows, cfg.num_heads, cfg.seq_len, cfg.head_dim, dtype, device)
+    f_hat = torch.zeros(B, cfg.vae_dim, cfg.patch_nums[-1], cfg.patch_nums[-1], device=device)
+    x = model.start_tokens(cond)  # (rows, first_len, C)
+    tokens, start = [], 0
+    for si, pn in enumerate(cfg.patch_nums):
+        h = model.blocks_forward(x, cond, bias=None, cache=cache)
+        logits = model.logits(h, cond)  # (rows, pn*pn, V)
+        if guided:
+            t = guidance_strength(params, si, n_scales).to(device).view(B, 1, 1)
+            logits = (1 + t) * logits[:B] - t * logits[B:]
+        idx = sample(logits, top_k, top_p, temperature, generators)  # (B, pn*pn)
+        tokens.append(idx)
+        next_in = vae.quantize.next_input(si, f_hat, idx)
+        if on_scale is not None:
+            on_scale(ScaleStep(si, n_scales, f_hat, idx))
+        start += pn * pn
+        if next_in is not None:
+            pn_next = cfg.patch_nums[si + 1]
+            x = model.word_embed(next_in.to(dtype)) + pos[:, start : start + pn_next * pn_next]
+            if guided:
+                x = torch.cat((x, x))
+    images = vae.fhat_to_img(f_hat).add_(1).mul_(0.5) if decode else f_hat.new_zeros(0)
+    return VAROutput(images, tokens, n_scales, cache.nbytes, transformer_flops(model, rows))

@@ -1,0 +1,122 @@
+"""`varserve` command line: generate images from a model config."""
+
+from __future__ import annotations
+
+import argparse
+import secrets
+import sys
+from pathlib import Path
+
+from tqdm import tqdm
+
+MAX_IMAGES = 256
+
+
+def in_range(kind, lo=None, hi=None, lo_open=False):
+    """argparse type: a number of `kind` within [lo, hi] (or (lo, hi] when lo_open)."""
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"'{text}' is not a valid {kind.__name__}") from None
+        too_low = lo is not None and (value <= lo if lo_open else value < lo)
+        if too_low or (hi is not None and value > hi):
+            left = "(" if lo_open else "["
+            raise argparse.ArgumentTypeError(
+                f"{value} is outside {left}{lo}, {hi if hi is not None else 'inf'}]"
+            )
+        return value
+
+    return parse
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="varserve", description="Visual autoregressive image generation.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    gen = sub.add_parser("generate", help="generate images to PNG files")
+    gen.add_argument("--config", required=True, type=Path, help="model config (TOML)")
+    gen.add_argument("--model", help="model name in the config (optional when it lists one model)")
+    gen.add_argument("--class", dest="class_label", type=in_range(int, 0), required=True, help="class index")
+    gen.add_argument("--n", type=in_range(int, 1, MAX_IMAGES), default=1, help="number of images")
+    gen.add_argument(
+        "--seed", type=in_range(int, 0, 2**63 - 1), help="seed of the first image (next: +1, ...)"
+    )
+    gen.add_argument("--cfg", type=in_range(float, 0, 100), help="guidance scale")
+    gen.add_argument("--top-k", type=in_range(int, 0), help="top-k (0: off)")
+    gen.add_argument("--top-p", type=in_range(float, 0, 1), help="top-p (0: off)")
+    gen.add_argument("--temperature", type=in_range(float, 0, 100, lo_open=True), help="softmax temperature")
+    gen.add_argument("--batch-size", type=in_range(int, 1, 256), default=16, help="images per forward batch")
+    gen.add_argument("--out", type=Path, default=Path("out"), help="output directory")
+    gen.set_defaults(subparser=gen)
+    return parser
+
+
+def pick_model(specs, name: str | None, parser: argparse.ArgumentParser):
+    names = [s.name for s in specs]
+    if name is None:
+        if len(specs) == 1:
+            return specs[0]
+        parser.error(f"--model is required: the config lists {', '.join(names)}")
+    for spec in specs:
+        if spec.name == name:
+            return spec
+    parser.error(f"--model '{name}' is not in the config (it lists {', '.join(names)})")
+
+
+def generate_command(args, parser: argparse.ArgumentParser) -> int:
+    from models.config import ConfigError, load_config
+    from models.loading import CheckpointError
+    from models.runner import ImageParams, ModelRunner
+    from service.images import to_pil
+
+    try:
+        spec = pick_model(load_config(args.config), args.model, parser)
+        runner = ModelRunner(spec)
+    except (ConfigError, CheckpointError, NotImplementedError) as e:
+        print(f"varserve: error: {e}", file=sys.stderr)
+        return 1
+    if args.class_label >= runner.num_classes:
+        parser.error(
+            f"--class {args.class_label} is out of range 0..{runner.num_classes - 1} for '{spec.name}'"
+        )
+    d = spec.defaults
+    first_seed = args.seed if args.seed is not None else secrets.randbelow(2**31)
+    params = [
+        ImageParams(
+            seed=first_seed + i,
+            cfg=d.cfg if args.cfg is None else args.cfg,
+            top_k=d.top_k if args.top_k is None else args.top_k,
+            top_p=d.top_p if args.top_p is None else args.top_p,
+            temperature=d.temperature if args.temperature is None else args.temperature,
+        )
+        for i in range(args.n)
+    ]
+    args.out.mkdir(parents=True, exist_ok=True)
+    print(
+        f"{spec.name}: class {args.class_label}, seeds {first_seed}..{first_seed + args.n - 1}",
+        file=sys.stderr,
+    )
+    with tqdm(total=args.n * runner.steps, unit="scale", file=sys.stderr) as bar:
+        for start in range(0, args.n, args.batch_size):
+            chunk = params[start : start + args.batch_size]
+            result = runner.generate(
+                [args.class_label] * len(chunk), chunk, on_step=lambda step: bar.update(step.tokens.shape[0])
+            )
+            for i, image in enumerate(to_pil(result.images), start=start):
+                path = args.out / f"{i}.png"
+                image.save(path)
+                print(path, flush=True)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "generate":
+        return generate_command(args, args.subparser)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

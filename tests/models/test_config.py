@@ -1,0 +1,78 @@
+"""The TOML model config: paths relative to the file, defaults, errors that name the field."""
+
+import pytest
+import torch
+
+from models.config import ConfigError, load_config
+
+
+def write(tmp_path, text):
+    path = tmp_path / "models.toml"
+    path.write_text(text)
+    return path
+
+
+def test_paths_are_relative_to_the_config_and_defaults_merge(tmp_path):
+    (tmp_path / "sub").mkdir()
+    path = write(
+        tmp_path,
+        """
+[[model]]
+name = "a"
+family = "var"
+weights = "sub/w.pth"
+tokenizer = "/abs/vae.pth"
+device = "cpu"
+[model.defaults]
+cfg = 2.5
+""",
+    )
+    (spec,) = load_config(path)
+    assert spec.weights == (tmp_path / "sub" / "w.pth").resolve()
+    assert str(spec.tokenizer) == "/abs/vae.pth"
+    assert (spec.device, spec.dtype) == ("cpu", torch.float32)
+    assert (spec.defaults.cfg, spec.defaults.top_k, spec.defaults.top_p) == (2.5, 900, 0.95)
+
+
+@pytest.mark.parametrize(
+    "body, message",
+    [
+        ('name = "a"\nfamily = "var"\nweights = "w"', "missing or empty 'tokenizer'"),
+        (
+            'name = "a"\nfamily = "diffusion"\nweights = "w"\ntokenizer = "t"',
+            "family 'diffusion' is not one of",
+        ),
+        ('name = "a"\nfamily = "var"\nweights = "w"\ntokenizer = "t"\nwieghts = 1', "unknown key 'wieghts'"),
+        ('name = "a"\nfamily = "var"\nweights = "w"\ntokenizer = "t"\ndtype = "int8"', "dtype 'int8'"),
+        (
+            'name = "a"\nfamily = "var"\nweights = "w"\ntokenizer = "t"\ndevice = "cuda"',
+            "CUDA is not available",
+        ),
+        (
+            'name = "a"\nfamily = "var"\nweights = "w"\ntokenizer = "t"\ndefaults = {top_p = 3}',
+            "out of range",
+        ),
+        (
+            'name = "a"\nfamily = "var"\nweights = "w"\ntokenizer = "t"\ndefaults = {topk = 3}',
+            "'defaults.topk'",
+        ),
+    ],
+)
+def test_bad_model_tables_name_the_field(tmp_path, body, message):
+    if "cuda" in body and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(ConfigError, match=message) as err:
+        load_config(write(tmp_path, "[[model]]\n" + body))
+    assert "model #1" in str(err.value)
+
+
+def test_file_level_errors(tmp_path):
+    with pytest.raises(ConfigError, match="no such config file"):
+        load_config(tmp_path / "missing.toml")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_config(write(tmp_path, "[[model]\n"))
+    with pytest.raises(ConfigError, match=r"no \[\[model\]\] tables"):
+        load_config(write(tmp_path, "title = 'x'\n"))
+    table = '[[model]]\nname = "a"\nfamily = "var"\nweights = "w"\ntokenizer = "t"\n'
+    with pytest.raises(ConfigError, match="model name 'a' appears twice"):
+        load_config(write(tmp_path, table + table))

@@ -1,0 +1,68 @@
+"""`varserve generate` end to end, as a user runs it."""
+
+import subprocess
+import sys
+
+from PIL import Image
+
+from tests.conftest import REPO
+
+CONFIG = REPO / "configs" / "fixtures.toml"
+
+
+def varserve(*args):
+    return subprocess.run(
+        [sys.executable, "-m", "service.cli", *map(str, args)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=300,
+    )
+
+
+def test_generate_writes_pngs_and_prints_their_paths(tmp_path):
+    out = tmp_path / "imgs"
+    run = varserve(
+        "generate", "--config", CONFIG, "--class", 3, "--n", 3, "--seed", 5, "--batch-size", 2, "--out", out
+    )
+    assert run.returncode == 0, run.stderr
+    paths = run.stdout.split()
+    assert paths == [str(out / f"{i}.png") for i in range(3)]
+    for p in paths:
+        image = Image.open(p)
+        assert (image.size, image.mode) == ((256, 256), "RGB")
+    assert "scale" in run.stderr  # progress bar
+
+    again = varserve(
+        "generate", "--config", CONFIG, "--class", 3, "--n", 1, "--seed", 6, "--out", tmp_path / "b"
+    )
+    assert again.returncode == 0, again.stderr
+    # seed 6 is the second image of the first run: the same pixels, whatever the batch
+    assert Image.open(out / "1.png").tobytes() == Image.open(tmp_path / "b" / "0.png").tobytes()
+
+
+def test_bad_values_exit_non_zero_with_a_message(tmp_path):
+    cases = [
+        (["--class", 10], "--class 10 is out of range 0..9"),
+        (["--class", 1, "--top-p", 1.5], "argument --top-p: 1.5 is outside [0, 1]"),
+        (["--class", 1, "--n", 0], "argument --n: 0 is outside [1, 256]"),
+        (["--class", "cat"], "argument --class: 'cat' is not a valid int"),
+        (["--class", 1, "--temperature", 0], "argument --temperature: 0.0 is outside (0, 100]"),
+        (["--class", 1, "--model", "nope"], "--model 'nope' is not in the config"),
+    ]
+    for args, message in cases:
+        run = varserve("generate", "--config", CONFIG, "--out", tmp_path, *args)
+        assert run.returncode == 2, (args, run.stderr)
+        assert message in run.stderr, (args, run.stderr)
+    assert not list(tmp_path.glob("*.png"))
+
+
+def test_missing_config_and_bad_checkpoint_exit_1(tmp_path):
+    run = varserve("generate", "--config", tmp_path / "none.toml", "--class", 1)
+    assert run.returncode == 1 and "none.toml: no such config file" in run.stderr
+    bad = tmp_path / "bad.pth"
+    bad.write_bytes(b"junk")
+    cfg = tmp_path / "m.toml"
+    cfg.write_text(f'[[model]]\nname = "m"\nfamily = "var"\nweights = "{bad}"\ntokenizer = "{bad}"\n')
+    run = varserve("generate", "--config", cfg, "--class", 1)
+    assert run.returncode == 1 and "bad.pth: not a readable checkpoint" in run.stderr
