@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from models.config import ModelSpec
+from models.runtime import keep_freed_memory
 from models.var.generate import ScaleStep, VARParams
 from models.var.generate import generate as var_generate
 from models.var.loading import load_var
@@ -40,6 +41,8 @@ class ModelRunner:
         if spec.family != "var":
             raise NotImplementedError(f"model '{spec.name}': family '{spec.family}' is not served yet")
         self.spec = spec
+        if spec.device == "cpu":
+            keep_freed_memory()
         self.model, self.vae = load_var(spec.weights, spec.tokenizer, spec.device, spec.dtype)
         cfg = self.model.cfg
         self.num_classes = cfg.num_classes

@@ -13,7 +13,7 @@ import torch
 
 from models.kv.cache import DenseKVCache
 from models.sampling import SamplingParams, make_generators, sample
-from models.var.model import VAR
+from models.var.model import GROUP_TOKENS, VAR
 from models.var.tokenizer import VQVAE
 
 
@@ -79,6 +79,7 @@ def generate(
 
     label_rows = torch.tensor(labels + ([cfg.num_classes] * B if guided else []), device=device)
     cond = model.class_emb(label_rows)  # (rows, C)
+    mods = model.modulations(cond)
     pos = model.position_embedding()  # (1, L, C)
     top_k = torch.tensor([p.top_k for p in params], device=device)
     top_p = torch.tensor([p.top_p for p in params], device=device, dtype=torch.float32)
@@ -90,12 +91,19 @@ def generate(
     x = model.start_tokens(cond)  # (rows, first_len, C)
     tokens, start = [], 0
     for si, pn in enumerate(cfg.patch_nums):
-        h = model.blocks_forward(x, cond, bias=None, cache=cache)
-        logits = model.logits(h, cond)  # (rows, pn*pn, V)
-        if guided:
-            t = guidance_strength(params, si, n_scales).to(device).view(B, 1, 1)
-            logits = (1 + t) * logits[:B] - t * logits[B:]
-        idx = sample(logits, top_k, top_p, temperature, generators)  # (B, pn*pn)
+        h = model.blocks_forward(x, mods, cache=cache, start=start)  # (rows, pn*pn, C)
+        t = guidance_strength(params, si, n_scales).to(device).view(B, 1, 1)
+        idx = torch.empty(B, pn * pn, dtype=torch.long, device=device)
+        # (rows, pn*pn, V) logits of a large batch would not fit in cache: head, guidance and
+        # sampling run on groups of images, each with its conditional and null-class rows.
+        per = max(1, GROUP_TOKENS // (pn * pn * (2 if guided else 1)))
+        for i in range(0, B, per):
+            g = slice(i, min(i + per, B))
+            logits = model.logits(h[g], cond[g])  # (b, pn*pn, V)
+            if guided:
+                uncond = model.logits(h[B + g.start : B + g.stop], cond[B + g.start : B + g.stop])
+                logits = torch.lerp(uncond, logits, 1 + t[g])  # = (1 + t) * cond - t * uncond
+            idx[g] = sample(logits, top_k[g], top_p[g], temperature[g], generators[g])
         tokens.append(idx)
         next_in = vae.quantize.next_input(si, f_hat, idx)
         if on_scale is not None:

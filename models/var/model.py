@@ -17,6 +17,10 @@ from kernels.attention import attention
 from models.kv.cache import DenseKVCache
 
 DEFAULT_PATCH_NUMS = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
+# Rows of a batch go through the blocks in groups of about this many tokens, so activations (the
+# FFN's 4C-wide hidden state above all) stay in the CPU's caches across layers; on CUDA it only
+# bounds the activation memory of large batches.
+GROUP_TOKENS = 1024
 
 
 @dataclass(frozen=True)
@@ -76,9 +80,16 @@ class SelfAttention(nn.Module):
         self.proj = nn.Linear(C, C)
 
     def forward(
-        self, x: torch.Tensor, bias: torch.Tensor | None, cache: DenseKVCache | None, layer: int
+        self,
+        x: torch.Tensor,
+        bias: torch.Tensor | None,
+        cache: DenseKVCache | None,
+        layer: int,
+        rows: slice,
+        start: int,
     ) -> torch.Tensor:
-        """x: (B, L, C) -> (B, L, C). With a cache, the new keys are appended and attend to all cached ones."""
+        """x: (b, l, C) -> (b, l, C). With a cache, the keys of these batch `rows` are stored at
+        positions start..start+l and the queries attend to everything cached up to there."""
         B, L, C = x.shape
         qkv_bias = torch.cat((self.q_bias, self.zero_k_bias, self.v_bias))
         qkv = F.linear(x, self.mat_qkv.weight, qkv_bias).view(B, L, 3, self.num_heads, self.head_dim)
@@ -86,7 +97,7 @@ class SelfAttention(nn.Module):
         q = F.normalize(q, dim=-1) * self.scale_mul_1H11.clamp_max(self.max_scale_log).exp()
         k = F.normalize(k, dim=-1)
         if cache is not None:
-            k, v = cache.write(layer, k, v)
+            k, v = cache.write(layer, rows, start, k, v)
         out = attention(q, k, v, bias, scale=1.0)  # (B, H, L, D); l2-norm makes the 1/sqrt(D) scale moot
         return self.proj(out.transpose(1, 2).reshape(B, L, C))
 
@@ -109,14 +120,25 @@ class AdaLNBlock(nn.Module):
         self.ffn = FFN(cfg)
         self.ada_lin = nn.Sequential(nn.SiLU(), nn.Linear(cfg.embed_dim, 6 * cfg.embed_dim))
 
+    def modulation(self, cond: torch.Tensor) -> torch.Tensor:
+        """cond: (B, C) class embedding -> (B, 6, C) AdaLN gains, scales and shifts. It depends on the
+        class only, so generation computes it once for all scales."""
+        return self.ada_lin(cond).view(-1, 6, cond.shape[-1])
+
     def forward(
-        self, x: torch.Tensor, cond: torch.Tensor, bias: torch.Tensor | None, cache: DenseKVCache | None
+        self,
+        x: torch.Tensor,
+        mod: torch.Tensor,
+        bias: torch.Tensor | None,
+        cache: DenseKVCache | None,
+        rows: slice,
+        start: int,
     ) -> torch.Tensor:
-        """x: (B, L, C), cond: (B, C) class embedding -> (B, L, C)."""
+        """x: (b, l, C), mod: (b, 6, C) from `modulation` -> (b, l, C)."""
         C = x.shape[-1]
-        gamma1, gamma2, scale1, scale2, shift1, shift2 = self.ada_lin(cond).view(-1, 1, 6, C).unbind(2)
+        gamma1, gamma2, scale1, scale2, shift1, shift2 = mod.unsqueeze(1).unbind(2)
         h = F.layer_norm(x, (C,), eps=self.eps) * (scale1 + 1) + shift1
-        x = x + self.attn(h, bias, cache, self.layer) * gamma1
+        x = x + self.attn(h, bias, cache, self.layer, rows, start) * gamma1
         h = F.layer_norm(x, (C,), eps=self.eps) * (scale2 + 1) + shift2
         return x + self.ffn(h) * gamma2
 
@@ -159,12 +181,29 @@ class VAR(nn.Module):
         first = self.cfg.first_len
         return cond.unsqueeze(1) + self.pos_start + self.position_embedding()[:, :first]
 
+    def modulations(self, cond: torch.Tensor) -> list[torch.Tensor]:
+        """cond: (B, C) -> every block's (B, 6, C) AdaLN parameters."""
+        return [block.modulation(cond) for block in self.blocks]
+
     def blocks_forward(
-        self, x: torch.Tensor, cond: torch.Tensor, bias: torch.Tensor | None, cache: DenseKVCache | None
+        self,
+        x: torch.Tensor,
+        mods: list[torch.Tensor],
+        bias: torch.Tensor | None = None,
+        cache: DenseKVCache | None = None,
+        start: int = 0,
     ) -> torch.Tensor:
-        for block in self.blocks:
-            x = block(x, cond, bias, cache)
-        return x
+        """x: (B, l, C) tokens at positions start..start+l, mods: from `modulations` -> (B, l, C)."""
+        B, l = x.shape[:2]
+        per = max(1, GROUP_TOKENS // l)
+        out = torch.empty_like(x)
+        for i in range(0, B, per):
+            rows = slice(i, min(i + per, B))
+            h = x[rows]
+            for block, mod in zip(self.blocks, mods, strict=True):
+                h = block(h, mod[rows], bias, cache, rows, start)
+            out[rows] = h
+        return out
 
     def logits(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         """x: (B, l, C) -> (B, l, V) in float32."""
@@ -176,7 +215,7 @@ class VAR(nn.Module):
         cond = self.class_emb(labels)
         x = torch.cat((self.start_tokens(cond), self.word_embed(next_scale_inputs)), dim=1)
         x[:, self.cfg.first_len :] += self.position_embedding()[:, self.cfg.first_len :]
-        x = self.blocks_forward(x, cond, self.attn_bias_for_masking, cache=None)
+        x = self.blocks_forward(x, self.modulations(cond), self.attn_bias_for_masking)
         return self.logits(x, cond)
 
 
