@@ -1,0 +1,298 @@
+"""LlamaGen GPT ("Autoregressive Model Beats Diffusion", FoundationVision/LlamaGen), inference only.
+
+A Llama decoder over VQ image tokens: RMSNorm, SwiGLU, 2D RoPE over the token grid, optional grouped
+KV heads. The sequence is `cls_token_num` condition tokens (one class embedding for c2i, 120 projected
+caption tokens for t2i) followed by the image tokens in raster order. Parameter and buffer names
+follow the published state dicts (`c2i_*.pt`, `t2i_*.pt`, key "model"), so they load unchanged.
+
+Three entry points share the same layers:
+- `forward(idx, cond)`: teacher-forced logits, as the official training forward.
+- `prefill(cond_embeddings, kv_cache)`: writes the condition tokens into the cache.
+- `decode_step(tokens, input_pos, kv_cache)`: one image token per sequence.
+Sampling (cfg, top-k, ...) is left to the caller.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from models.llamagen.kv_cache import KVCache
+
+
+@dataclass
+class GPTConfig:
+    dim: int = 768
+    n_layer: int = 12
+    n_head: int = 12
+    n_kv_head: int | None = None  # None: one KV head per query head
+    ffn_hidden: int = 2048  # published: find_multiple(int(8 * dim / 3), 256)
+    vocab_size: int = 16384
+    block_size: int = 256  # image tokens per image, grid_size ** 2
+    model_type: str = "c2i"  # "c2i" (class label) or "t2i" (caption embeddings)
+    num_classes: int = 1000
+    class_dropout: bool = True  # the embedding table has the extra null-class row used by cfg
+    cls_token_num: int = 1  # condition tokens: 1 for c2i, 120 caption tokens for t2i
+    caption_dim: int = 2048  # t2i: width of the (flan-t5-xl) caption features
+    rope_base: int = 10000
+    norm_eps: float = 1e-5
+
+    def __post_init__(self):
+        if self.n_kv_head is None:
+            self.n_kv_head = self.n_head
+        if self.dim % self.n_head or self.n_head % self.n_kv_head:
+            raise ValueError(f"dim {self.dim}, n_head {self.n_head}, n_kv_head {self.n_kv_head} do not fit")
+        if self.grid_size**2 != self.block_size:
+            raise ValueError(f"block_size {self.block_size} is not a square token grid")
+        if self.model_type not in ("c2i", "t2i"):
+            raise ValueError(f"model_type must be 'c2i' or 't2i', not {self.model_type!r}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_head
+
+    @property
+    def grid_size(self) -> int:
+        return round(self.block_size**0.5)
+
+    @property
+    def max_seq_len(self) -> int:
+        # The last image token is sampled, never fed back: the model sees at most this many positions.
+        return self.cls_token_num + self.block_size - 1
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in float32 even for bf16 weights, as the published models were trained.
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return xf.type_as(x) * self.weight
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden, bias=False)
+        self.w3 = nn.Linear(dim, hidden, bias=False)
+        self.w2 = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+def rope_2d(pos: torch.Tensor, cfg: GPTConfig) -> torch.Tensor:
+    """pos: (S,) absolute positions -> (S, head_dim // 2, 2) [cos, sin] for each rotated pair.
+
+    The first half of the pairs rotates with the token's grid row, the second half with its column.
+    Condition positions get cos = sin = 0, i.e. their queries and keys are zeroed (not left
+    unrotated): that is what the official table does and what the published weights were trained with.
+    Computed per call from the positions: a few hundred cos/sin, and no buffer to keep in float32."""
+    half = cfg.head_dim // 2
+    freqs = 1.0 / (cfg.rope_base ** (torch.arange(0, half, 2, device=pos.device)[: half // 2].float() / half))
+    p = pos - cfg.cls_token_num
+    cell = p.clamp(min=0)
+    row, col = cell // cfg.grid_size, cell % cfg.grid_size
+    angles = torch.cat([row.float()[:, None] * freqs, col.float()[:, None] * freqs], dim=-1)
+    table = torch.stack([torch.cos(angles), torch.sin(angles)], dim=-1)
+    return torch.where((p >= 0)[:, None, None], table, torch.zeros_like(table))
+
+
+def apply_rope(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
+    """x: (B, S, H, D), rope: (S, D // 2, 2); rotates interleaved pairs (x[2i], x[2i + 1]) in float32."""
+    xp = x.float().reshape(*x.shape[:-1], -1, 2)
+    cos, sin = rope[None, :, None, :, 0], rope[None, :, None, :, 1]
+    x0, x1 = xp[..., 0], xp[..., 1]
+    out = torch.stack([x0 * cos - x1 * sin, x1 * cos + x0 * sin], dim=-1)
+    return out.flatten(3).type_as(x)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: GPTConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head, cfg.head_dim
+        self.wqkv = nn.Linear(cfg.dim, (cfg.n_head + 2 * cfg.n_kv_head) * cfg.head_dim, bias=False)
+        self.wo = nn.Linear(cfg.dim, cfg.dim, bias=False)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: torch.Tensor,
+        mask: torch.Tensor | None,
+        input_pos: torch.Tensor | None = None,
+        kv_cache: KVCache | None = None,
+    ) -> torch.Tensor:
+        """x: (B, S, dim); mask: None (plain causal) or bool, broadcastable to (B, 1, S, L_k)."""
+        B, S, dim = x.shape
+        kv = self.n_kv_head * self.head_dim
+        q, k, v = self.wqkv(x).split([dim, kv, kv], dim=-1)
+        q = apply_rope(q.view(B, S, self.n_head, self.head_dim), rope)
+        k = apply_rope(k.view(B, S, self.n_kv_head, self.head_dim), rope)
+        v = v.view(B, S, self.n_kv_head, self.head_dim)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # q: (B, H, S, D), k/v: (B, H_kv, S, D)
+        if kv_cache is not None:
+            k, v = kv_cache.update(self.layer_idx, input_pos, k, v)  # (B, H_kv, T_max, D)
+        # Query head h reads KV head h // (H / H_kv), as the official repeat_interleave.
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=self.n_kv_head != self.n_head
+        )
+        return self.wo(y.transpose(1, 2).reshape(B, S, dim))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, cfg: GPTConfig, layer_idx: int):
+        super().__init__()
+        self.attention = Attention(cfg, layer_idx)
+        self.feed_forward = FeedForward(cfg.dim, cfg.ffn_hidden)
+        self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+
+    def forward(self, x, rope, mask, input_pos=None, kv_cache=None):
+        h = x + self.attention(self.attention_norm(x), rope, mask, input_pos, kv_cache)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class LabelEmbedder(nn.Module):
+    """c2i: label -> one condition token. Row `num_classes` (present when trained with class dropout)
+    is the null class that classifier-free guidance uses as the unconditional input."""
+
+    def __init__(self, num_classes: int, dim: int, null_row: bool):
+        super().__init__()
+        self.embedding_table = nn.Embedding(num_classes + int(null_row), dim)
+
+    def forward(self, labels: torch.Tensor) -> torch.Tensor:
+        """labels: (B,) long -> (B, 1, dim)."""
+        return self.embedding_table(labels)[:, None]
+
+
+class CaptionMLP(nn.Module):
+    def __init__(self, in_dim: int, dim: int):
+        super().__init__()
+        self.fc1 = nn.Linear(in_dim, dim, bias=False)
+        self.fc2 = nn.Linear(dim, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+
+
+class CaptionEmbedder(nn.Module):
+    """t2i: caption features (B, 120, caption_dim) -> 120 condition tokens. `uncond_embedding` (a
+    buffer in the published files) is the learned null caption for classifier-free guidance."""
+
+    def __init__(self, caption_dim: int, dim: int, token_num: int):
+        super().__init__()
+        self.cap_proj = CaptionMLP(caption_dim, dim)
+        self.register_buffer("uncond_embedding", torch.zeros(token_num, caption_dim))
+
+    def forward(self, caption: torch.Tensor) -> torch.Tensor:
+        return self.cap_proj(caption)
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.config = cfg
+        if cfg.model_type == "c2i":
+            self.cls_embedding = LabelEmbedder(cfg.num_classes, cfg.dim, cfg.class_dropout)
+        else:
+            self.cls_embedding = CaptionEmbedder(cfg.caption_dim, cfg.dim, cfg.cls_token_num)
+        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.ModuleList(TransformerBlock(cfg, i) for i in range(cfg.n_layer))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+
+    # -- conditions -------------------------------------------------------------------------------
+
+    def embed_cond(self, cond: torch.Tensor) -> torch.Tensor:
+        """c2i labels (B,) long or t2i captions (B, cls_token_num, caption_dim) -> (B, cls_token_num, dim)."""
+        return self.cls_embedding(cond)[:, : self.config.cls_token_num]
+
+    def null_cond(self, batch: int) -> torch.Tensor:
+        """The unconditional input for classifier-free guidance, in the form `embed_cond` takes."""
+        if self.config.model_type == "c2i":
+            if not self.config.class_dropout:
+                raise ValueError("this c2i model has no null class (trained without class dropout)")
+            device = self.tok_embeddings.weight.device
+            return torch.full((batch,), self.config.num_classes, dtype=torch.long, device=device)
+        unc = self.cls_embedding.uncond_embedding
+        return unc.expand(batch, *unc.shape)
+
+    # -- teacher-forced ---------------------------------------------------------------------------
+
+    def forward(
+        self, idx: torch.Tensor | None, cond: torch.Tensor, cond_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """idx: (B, T) long image tokens or None; cond: as `embed_cond`; cond_mask: (B, cls_token_num)
+        bool, False for padded caption tokens, or None.
+
+        -> logits (B, T + 1, vocab) float32 at the positions that predict image tokens 0..T, i.e. the
+        last condition token and every image token (the official training forward's output)."""
+        h = self.embed_cond(cond)
+        if idx is not None:
+            h = torch.cat([h, self.tok_embeddings(idx)], dim=1)
+        L = h.shape[1]
+        pos = torch.arange(L, device=h.device)
+        mask = None  # plain causal
+        if cond_mask is not None:
+            causal = pos[None, :] <= pos[:, None]  # (L, L): query row, key column
+            # A padded caption token still sees itself, so no softmax row is empty (official sampler).
+            diag = pos[None, :] == pos[:, None]
+            mask = ((causal & self._key_valid(cond_mask, L)[:, None, :]) | diag)[:, None]  # (B, 1, L, L)
+        rope = rope_2d(pos, self.config)
+        for layer in self.layers:
+            h = layer(h, rope, mask)
+        return self.output(self.norm(h[:, self.config.cls_token_num - 1 :])).float()
+
+    # -- cached inference seam --------------------------------------------------------------------
+
+    def new_kv_cache(self, batch: int, max_len: int | None = None) -> KVCache:
+        """An empty cache on the model's device and dtype; max_len defaults to the longest sequence."""
+        c, w = self.config, self.tok_embeddings.weight
+        return KVCache(c.n_layer, batch, c.n_kv_head, max_len or c.max_seq_len, c.head_dim, w.dtype, w.device)
+
+    def prefill(
+        self, cond_embeddings: torch.Tensor, kv_cache: KVCache, cond_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """cond_embeddings: (B, C, dim) from `embed_cond` (cfg callers stack cond and null halves);
+        cond_mask: (B, C) bool, False for padded caption tokens (the official t2i sampler applies the
+        same mask to both cfg halves), or None.
+
+        Writes positions 0..C-1 of the cache -> logits (B, vocab) float32 for image token 0."""
+        C = cond_embeddings.shape[1]
+        kv_cache.key_valid = None if cond_mask is None else self._key_valid(cond_mask, kv_cache.max_len)
+        input_pos = torch.arange(C, device=cond_embeddings.device)
+        return self._cached_forward(cond_embeddings, input_pos, kv_cache)
+
+    def decode_step(self, tokens: torch.Tensor, input_pos: torch.Tensor, kv_cache: KVCache) -> torch.Tensor:
+        """tokens: (B, 1) long, image token i of each sequence; input_pos: (1,) long, its absolute
+        position cls_token_num + i (the same for the whole batch).
+
+        -> logits (B, vocab) float32 for image token i + 1."""
+        return self._cached_forward(self.tok_embeddings(tokens), input_pos, kv_cache)
+
+    def _cached_forward(self, h: torch.Tensor, input_pos: torch.Tensor, kv_cache: KVCache) -> torch.Tensor:
+        """h: (B, S, dim) at positions input_pos (S,) -> logits of the last position, (B, vocab)."""
+        # mask: (B or 1, 1, S, T_max): causal over the whole buffer, so unwritten slots are never read.
+        keys = torch.arange(kv_cache.max_len, device=h.device)
+        mask = keys[None, :] <= input_pos[:, None]
+        if kv_cache.key_valid is not None:
+            mask = mask & (kv_cache.key_valid[:, None, :] | (keys[None, :] == input_pos[:, None]))
+        mask = mask.view(-1, 1, *mask.shape[-2:])
+        rope = rope_2d(input_pos, self.config)
+        for layer in self.layers:
+            h = layer(h, rope, mask, input_pos, kv_cache)
+        return self.output(self.norm(h[:, -1])).float()
+
+    def _key_valid(self, cond_mask: torch.Tensor, length: int) -> torch.Tensor:
+        """cond_mask (B, C) -> (B, length) bool: which key positions may be attended to."""
+        valid = torch.ones(cond_mask.shape[0], length, dtype=torch.bool, device=cond_mask.device)
+        valid[:, : cond_mask.shape[1]] = cond_mask.bool()
+        return valid
