@@ -30,8 +30,8 @@ class VARParams(SamplingParams):
 class ScaleStep:
     """Handed to the progress callback after each scale; decoding f_hat gives a preview image."""
 
-    scale: int
-    n_scales: int
+    index: int  # the scale just sampled
+    total: int  # number of scales
     f_hat: torch.Tensor  # (B, Cvae, H, W) accumulated so far
     tokens: torch.Tensor  # (B, pn*pn) this scale's token map
 

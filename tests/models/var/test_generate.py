@@ -66,7 +66,7 @@ def test_on_scale_reports_every_scale_with_growing_f_hat(var_pair):
         vae,
         [3],
         [VARParams(top_k=1)],
-        on_scale=lambda s: steps.append((s.scale, s.tokens.shape, s.f_hat.norm().item())),
+        on_scale=lambda s: steps.append((s.index, s.tokens.shape, s.f_hat.norm().item())),
     )
     assert [s[0] for s in steps] == list(range(10))
     assert [s[1] for s in steps] == [(1, pn * pn) for pn in var.cfg.patch_nums]
