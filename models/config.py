@@ -30,6 +30,8 @@ else:  # pragma: no cover
 FAMILIES = ("var", "llamagen")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 MODEL_KEYS = {"name", "family", "weights", "tokenizer", "device", "dtype", "defaults"}
+LLAMAGEN_KEYS = {"arch", "n_head", "image_size", "text_encoder", "text_encoder_kind"}
+TEXT_ENCODER_KINDS = ("t5",)
 
 
 @dataclass(frozen=True)
@@ -56,6 +58,12 @@ class ModelSpec:
     device: str = "cpu"
     dtype: torch.dtype = torch.float32
     defaults: SamplingDefaults = field(default_factory=lambda: FAMILY_DEFAULTS["var"])
+    # LlamaGen only: what the tensors cannot tell, and the text encoder of t2i models.
+    arch: str | None = None
+    n_head: int | None = None
+    image_size: int | None = None
+    text_encoder: Path | None = None
+    text_encoder_kind: str = "t5"
 
 
 class ConfigError(ValueError):
@@ -101,7 +109,7 @@ def parse_defaults(family: str, given: dict, where: str) -> SamplingDefaults:
 
 
 def parse_model(table: dict, base_dir: Path, where: str) -> ModelSpec:
-    unknown = set(table) - MODEL_KEYS
+    unknown = set(table) - MODEL_KEYS - (LLAMAGEN_KEYS if table.get("family") == "llamagen" else set())
     if unknown:
         raise ConfigError(f"{where}: unknown key '{sorted(unknown)[0]}'")
     for key in ("name", "family", "weights", "tokenizer"):
@@ -115,7 +123,9 @@ def parse_model(table: dict, base_dir: Path, where: str) -> ModelSpec:
         dtype = resolve_dtype(str(table.get("dtype", "auto")), device)
     except ConfigError as e:
         raise ConfigError(f"{where}: {e}") from None
+    extra = parse_llamagen(table, base_dir, where) if family == "llamagen" else {}
     return ModelSpec(
+        **extra,
         name=table["name"],
         family=family,
         weights=(base_dir / table["weights"]).resolve(),
@@ -124,6 +134,33 @@ def parse_model(table: dict, base_dir: Path, where: str) -> ModelSpec:
         dtype=dtype,
         defaults=parse_defaults(family, table.get("defaults", {}), where),
     )
+
+
+def parse_llamagen(table: dict, base_dir: Path, where: str) -> dict:
+    for key in ("n_head", "image_size"):
+        if key in table and (not isinstance(table[key], int) or table[key] <= 0):
+            raise ConfigError(f"{where}: '{key}' must be a positive integer")
+    if "image_size" not in table:
+        raise ConfigError(
+            f"{where}: missing 'image_size' (pixels; the checkpoint cannot tell the token grid)"
+        )
+    if "arch" not in table and "n_head" not in table:
+        raise ConfigError(
+            f"{where}: give 'arch' (e.g. \"GPT-B\") or 'n_head': the checkpoint cannot tell the head count"
+        )
+    kind = table.get("text_encoder_kind", "t5")
+    if kind not in TEXT_ENCODER_KINDS:
+        raise ConfigError(
+            f"{where}: text_encoder_kind '{kind}' is not one of {', '.join(TEXT_ENCODER_KINDS)}"
+        )
+    encoder = table.get("text_encoder")
+    return {
+        "arch": table.get("arch"),
+        "n_head": table.get("n_head"),
+        "image_size": table["image_size"],
+        "text_encoder": (base_dir / encoder).resolve() if isinstance(encoder, str) else None,
+        "text_encoder_kind": kind,
+    }
 
 
 def load_config(path: str | Path) -> list[ModelSpec]:

@@ -11,9 +11,12 @@ from dataclasses import dataclass
 import torch
 
 from models.config import ModelSpec
+from models.llamagen import generate as llamagen
+from models.llamagen.loading import load_gpt, load_vq
+from models.loading import CheckpointError
 from models.runtime import keep_freed_memory
-from models.var.generate import ScaleStep, VARParams
-from models.var.generate import generate as var_generate
+from models.text import load_text_encoder
+from models.var import generate as var
 from models.var.loading import load_var
 
 
@@ -42,18 +45,45 @@ class ModelRunner:
     num_classes, image_size (pixels), steps (progress callbacks per generation: scales or rows)."""
 
     def __init__(self, spec: ModelSpec):
-        if spec.family != "var":
-            raise NotImplementedError(f"model '{spec.name}': family '{spec.family}' is not served yet")
         self.spec = spec
         self.family = spec.family
+        self.text_encoder = None
         if spec.device == "cpu":
             keep_freed_memory()
-        self.model, self.vae = load_var(spec.weights, spec.tokenizer, spec.device, spec.dtype)
-        cfg = self.model.cfg
-        self.conditioning = "class"
-        self.num_classes = cfg.num_classes
-        self.image_size = cfg.image_size
-        self.steps = len(cfg.patch_nums)
+        if spec.family == "var":
+            self.model, self.tokenizer = load_var(spec.weights, spec.tokenizer, spec.device, spec.dtype)
+            self.conditioning = "class"
+            self.num_classes = self.model.cfg.num_classes
+            self.image_size = self.model.cfg.image_size
+            self.steps = len(self.model.cfg.patch_nums)
+        else:
+            self.model = load_gpt(
+                spec.weights, spec.arch, spec.n_head, spec.image_size, spec.device, spec.dtype
+            )
+            self.tokenizer = load_vq(spec.tokenizer, spec.device)
+            c = self.model.config
+            if self.tokenizer.config.codebook_size != c.vocab_size:
+                raise CheckpointError(
+                    f"{spec.tokenizer}: VQ codebook of {self.tokenizer.config.codebook_size} codes does not match "
+                    f"{spec.weights} (vocabulary {c.vocab_size})"
+                )
+            self.conditioning = "class" if c.model_type == "c2i" else "text"
+            self.num_classes = c.num_classes if c.model_type == "c2i" else 0
+            self.image_size = spec.image_size
+            self.steps = c.grid_size
+            if self.conditioning == "text":
+                if spec.text_encoder is None:
+                    raise CheckpointError(
+                        f"{spec.weights}: a text-conditional model needs 'text_encoder' in the config"
+                    )
+                self.text_encoder = load_text_encoder(
+                    spec.text_encoder_kind, spec.text_encoder, spec.device, c.cls_token_num
+                )
+                if self.text_encoder.dim != c.caption_dim:
+                    raise CheckpointError(
+                        f"{spec.text_encoder}: text encoder width {self.text_encoder.dim} does not match "
+                        f"{spec.weights} (caption_dim {c.caption_dim})"
+                    )
 
     def check_condition(self, condition: int | str) -> None:
         """Raise ValueError with a message fit for a user if this model cannot take the condition."""
@@ -71,23 +101,44 @@ class ModelRunner:
         self,
         conditions: list[int | str],
         params: list[ImageParams],
-        on_step: Callable[[ScaleStep], None] | None = None,
+        on_step: Callable[[var.ScaleStep | llamagen.RowStep], None] | None = None,
     ) -> BatchResult:
         """conditions: a class index (class models) or a prompt (text models) per image.
         on_step is called after every scale / row with an object that has `index` and `total`
         and that `preview` turns into images."""
         for condition in conditions:
             self.check_condition(condition)
-        var_params = [
-            VARParams(top_k=p.top_k, top_p=p.top_p, temperature=p.temperature, seed=p.seed, cfg=p.cfg)
-            for p in params
-        ]
-        out = var_generate(self.model, self.vae, conditions, var_params, on_scale=on_step)
+        if self.family == "var":
+            out = var.generate(
+                self.model, self.tokenizer, conditions, [var_params(p) for p in params], on_step
+            )
+            return BatchResult(
+                out.images.float().cpu(), out.forward_passes, out.kv_bytes, out.kv_bytes, out.flops
+            )
+        if self.conditioning == "class":
+            cond, mask = torch.tensor(conditions, device=self.spec.device), None
+        else:
+            cond, mask = self.text_encoder.encode(conditions)
+        out = llamagen.generate(
+            self.model, self.tokenizer, cond, [llamagen_params(p) for p in params], mask, on_step
+        )
         return BatchResult(
             out.images.float().cpu(), out.forward_passes, out.kv_bytes, out.kv_bytes, out.flops
         )
 
-    def preview(self, step: ScaleStep) -> torch.Tensor:
-        """Decode the partial f_hat of a scale step: (B, 3, H, W) in [0, 1]."""
+    def preview(self, step: var.ScaleStep | llamagen.RowStep) -> torch.Tensor:
+        """The image as far as it is generated: (B, 3, H, W) in [0, 1]."""
         with torch.inference_mode():
-            return self.vae.fhat_to_img(step.f_hat.clone()).add_(1).mul_(0.5).cpu()
+            if self.family == "var":
+                return self.tokenizer.fhat_to_img(step.f_hat.clone()).add_(1).mul_(0.5).cpu()
+            return llamagen.decode_tokens(self.tokenizer, step.tokens, self.model.config.grid_size).cpu()
+
+
+def var_params(p: ImageParams) -> var.VARParams:
+    return var.VARParams(top_k=p.top_k, top_p=p.top_p, temperature=p.temperature, seed=p.seed, cfg=p.cfg)
+
+
+def llamagen_params(p: ImageParams) -> llamagen.LlamaGenParams:
+    return llamagen.LlamaGenParams(
+        top_k=p.top_k, top_p=p.top_p, temperature=p.temperature, seed=p.seed, cfg=p.cfg
+    )

@@ -37,7 +37,11 @@ def build_parser() -> argparse.ArgumentParser:
     gen = sub.add_parser("generate", help="generate images to PNG files")
     gen.add_argument("--config", required=True, type=Path, help="model config (TOML)")
     gen.add_argument("--model", help="model name in the config (optional when it lists one model)")
-    gen.add_argument("--class", dest="class_label", type=in_range(int, 0), required=True, help="class index")
+    condition = gen.add_mutually_exclusive_group(required=True)
+    condition.add_argument(
+        "--class", dest="class_label", type=in_range(int, 0), help="class index (class models)"
+    )
+    condition.add_argument("--prompt", help="text prompt (text-conditional models)")
     gen.add_argument("--n", type=in_range(int, 1, MAX_IMAGES), default=1, help="number of images")
     gen.add_argument(
         "--seed", type=in_range(int, 0, 2**63 - 1), help="seed of the first image (next: +1, ...)"
@@ -73,10 +77,15 @@ def generate_command(args, parser: argparse.ArgumentParser) -> int:
     try:
         spec = pick_model(load_config(args.config), args.model, parser)
         runner = ModelRunner(spec)
-    except (ConfigError, CheckpointError, NotImplementedError) as e:
+    except (ConfigError, CheckpointError, ValueError) as e:
         print(f"varserve: error: {e}", file=sys.stderr)
         return 1
-    if args.class_label >= runner.num_classes:
+    condition = args.class_label if args.prompt is None else args.prompt
+    if runner.conditioning == "class" and args.prompt is not None:
+        parser.error(f"'{spec.name}' is class-conditional: use --class, not --prompt")
+    if runner.conditioning == "text" and args.prompt is None:
+        parser.error(f"'{spec.name}' is text-conditional: use --prompt, not --class")
+    if runner.conditioning == "class" and args.class_label >= runner.num_classes:
         parser.error(
             f"--class {args.class_label} is out of range 0..{runner.num_classes - 1} for '{spec.name}'"
         )
@@ -93,15 +102,14 @@ def generate_command(args, parser: argparse.ArgumentParser) -> int:
         for i in range(args.n)
     ]
     args.out.mkdir(parents=True, exist_ok=True)
-    print(
-        f"{spec.name}: class {args.class_label}, seeds {first_seed}..{first_seed + args.n - 1}",
-        file=sys.stderr,
-    )
-    with tqdm(total=args.n * runner.steps, unit="scale", file=sys.stderr) as bar:
+    what = f"class {condition}" if args.prompt is None else f"prompt {condition!r}"
+    print(f"{spec.name}: {what}, seeds {first_seed}..{first_seed + args.n - 1}", file=sys.stderr)
+    unit = "scale" if runner.family == "var" else "row"
+    with tqdm(total=args.n * runner.steps, unit=unit, file=sys.stderr) as bar:
         for start in range(0, args.n, args.batch_size):
             chunk = params[start : start + args.batch_size]
             result = runner.generate(
-                [args.class_label] * len(chunk), chunk, on_step=lambda step: bar.update(step.tokens.shape[0])
+                [condition] * len(chunk), chunk, on_step=lambda step: bar.update(step.tokens.shape[0])
             )
             for i, image in enumerate(to_pil(result.images), start=start):
                 path = args.out / f"{i}.png"

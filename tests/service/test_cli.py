@@ -66,3 +66,16 @@ def test_missing_config_and_bad_checkpoint_exit_1(tmp_path):
     cfg.write_text(f'[[model]]\nname = "m"\nfamily = "var"\nweights = "{bad}"\ntokenizer = "{bad}"\n')
     run = varserve("generate", "--config", cfg, "--class", 1)
     assert run.returncode == 1 and "bad.pth: not a readable checkpoint" in run.stderr
+
+
+def test_llamagen_class_model_and_condition_mismatch(tmp_path):
+    config = REPO / "configs" / "fixtures-llamagen.toml"
+    run = varserve("generate", "--config", config, "--class", 2, "--n", 2, "--seed", 1, "--out", tmp_path)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.split() == [str(tmp_path / "0.png"), str(tmp_path / "1.png")]
+    assert Image.open(tmp_path / "1.png").size == (256, 256)
+    run = varserve("generate", "--config", config, "--prompt", "a cat", "--out", tmp_path)
+    assert run.returncode == 2
+    assert "'llamagen-c2i-fixture' is class-conditional: use --class, not --prompt" in run.stderr
+    run = varserve("generate", "--config", config, "--class", 1, "--prompt", "a cat")
+    assert run.returncode == 2 and "not allowed with argument" in run.stderr
