@@ -9,38 +9,22 @@
 
 Random weights, VAR shape given by the flags (default: depth 8, width 512, 8 heads, 1000 classes).
 
-    python bench/var_engine.py [--depth 8] [--width 512] [--batches 1 4 16] [--repeats 3]
+    python -m bench.var_engine [--depth 8] [--width 512] [--batches 1 4 16] [--repeats 3]
 """
 
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
+from bench.measure import matmul_peak, timed
 from models.runtime import keep_freed_memory
 from models.var.generate import VARParams, generate, transformer_flops
 from models.var.model import VAR, VARConfig
 from models.var.tokenizer import VQVAE, VQVAEConfig
-
-
-def matmul_peak(shapes) -> tuple[float, tuple]:
-    best = (0.0, None)
-    for m, k, n in shapes:
-        a, b = torch.randn(m, k), torch.randn(k, n)
-        for _ in range(3):
-            a @ b
-        reps = max(3, int(2e10 / (2 * m * k * n)))
-        t0 = time.perf_counter()
-        for _ in range(reps):
-            a @ b
-        rate = 2 * m * k * n * reps / (time.perf_counter() - t0)
-        best = max(best, (rate, (m, k, n)))
-    return best
 
 
 class ConcatKVCache:
@@ -90,16 +74,6 @@ def official_style_generate(
             x = var.word_embed(nxt) + pos[:, start : start + c.patch_nums[si + 1] ** 2]
             x = torch.cat((x, x))
     return tokens
-
-
-def timed(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def main() -> None:

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kernels.linear import linear
 from models.llamagen.kv_cache import KVCache
 
 
@@ -85,7 +86,7 @@ class FeedForward(nn.Module):
         self.w2 = nn.Linear(hidden, dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        return linear(F.silu(linear(x, self.w1.weight)) * linear(x, self.w3.weight), self.w2.weight)
 
 
 def rope_2d(pos: torch.Tensor, cfg: GPTConfig) -> torch.Tensor:
@@ -133,18 +134,19 @@ class Attention(nn.Module):
         """x: (B, S, dim); mask: None (plain causal) or bool, broadcastable to (B, 1, S, L_k)."""
         B, S, dim = x.shape
         kv = self.n_kv_head * self.head_dim
-        q, k, v = self.wqkv(x).split([dim, kv, kv], dim=-1)
+        q, k, v = linear(x, self.wqkv.weight).split([dim, kv, kv], dim=-1)
         q = apply_rope(q.view(B, S, self.n_head, self.head_dim), rope)
         k = apply_rope(k.view(B, S, self.n_kv_head, self.head_dim), rope)
         v = v.view(B, S, self.n_kv_head, self.head_dim)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # q: (B, H, S, D), k/v: (B, H_kv, S, D)
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer_idx, input_pos, k, v)  # (B, H_kv, T_max, D)
+            k, v = k[:, :, : mask.shape[-1]], v[:, :, : mask.shape[-1]]  # the keys written so far
         # Query head h reads KV head h // (H / H_kv), as the official repeat_interleave.
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=self.n_kv_head != self.n_head
         )
-        return self.wo(y.transpose(1, 2).reshape(B, S, dim))
+        return linear(y.transpose(1, 2).reshape(B, S, dim), self.wo.weight)
 
 
 class TransformerBlock(nn.Module):
@@ -280,16 +282,18 @@ class GPT(nn.Module):
 
     def _cached_forward(self, h: torch.Tensor, input_pos: torch.Tensor, kv_cache: KVCache) -> torch.Tensor:
         """h: (B, S, dim) at positions input_pos (S,) -> logits of the last position, (B, vocab)."""
-        # mask: (B or 1, 1, S, T_max): causal over the whole buffer, so unwritten slots are never read.
-        keys = torch.arange(kv_cache.max_len, device=h.device)
+        # mask: (B or 1, 1, S, L) over the L = last position + 1 keys written so far: attention reads
+        # no further (at batch 16 the cache, not the weights, is most of a decode step's traffic).
+        keys = torch.arange(int(input_pos.max()) + 1, device=h.device)
         mask = keys[None, :] <= input_pos[:, None]
         if kv_cache.key_valid is not None:
-            mask = mask & (kv_cache.key_valid[:, None, :] | (keys[None, :] == input_pos[:, None]))
+            valid = kv_cache.key_valid[:, : len(keys)]
+            mask = mask & (valid[:, None, :] | (keys[None, :] == input_pos[:, None]))
         mask = mask.view(-1, 1, *mask.shape[-2:])
         rope = rope_2d(input_pos, self.config)
         for layer in self.layers:
             h = layer(h, rope, mask, input_pos, kv_cache)
-        return self.output(self.norm(h[:, -1])).float()
+        return linear(self.norm(h[:, -1]), self.output.weight).float()
 
     def _key_valid(self, cond_mask: torch.Tensor, length: int) -> torch.Tensor:
         """cond_mask (B, C) -> (B, length) bool: which key positions may be attended to."""
