@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import statistics
 import time
 
 import torch
@@ -24,20 +23,19 @@ def matmul_peak(shapes) -> tuple[float, tuple]:
 
 
 def timed(fn, repeats: int) -> float:
-    fn()  # warm-up
+    """Best of `repeats` runs after a warm-up: on a shared 2-core machine the fastest run is the one
+    least disturbed by other work, and the best estimate of what the code itself costs."""
+    fn()
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return min(times)
 
 
-def read_bandwidth() -> float:
-    x = torch.ones(2**28)  # 1 GiB of float32
+def read_bandwidth(repeats: int = 7) -> float:
+    """Memory read bandwidth (bytes/s): best of `repeats` sums over 1 GiB, far beyond the caches."""
+    x = torch.ones(2**28)
     x.sum()
-    reps = 5
-    t0 = time.perf_counter()
-    for _ in range(reps):
-        x.sum()
-    return x.nbytes * reps / (time.perf_counter() - t0)
+    return x.nbytes / timed(x.sum, repeats)
