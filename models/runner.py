@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from models.config import ModelSpec
+from models.config import ModelSpec, SamplingDefaults
 from models.llamagen import generate as llamagen
 from models.llamagen.loading import load_gpt, load_vq
 from models.loading import CheckpointError
@@ -29,6 +29,29 @@ class ImageParams:
     top_k: int
     top_p: float
     temperature: float
+
+
+def image_params(
+    defaults: SamplingDefaults,
+    first_seed: int,
+    n: int,
+    cfg: float | None = None,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    temperature: float | None = None,
+) -> list[ImageParams]:
+    """The settings of a request's n images: what it gave, else the model's defaults; image i has
+    seed first_seed + i, so each image can be regenerated alone."""
+    return [
+        ImageParams(
+            seed=first_seed + i,
+            cfg=defaults.cfg if cfg is None else cfg,
+            top_k=defaults.top_k if top_k is None else top_k,
+            top_p=defaults.top_p if top_p is None else top_p,
+            temperature=defaults.temperature if temperature is None else temperature,
+        )
+        for i in range(n)
+    ]
 
 
 @dataclass

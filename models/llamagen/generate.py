@@ -85,9 +85,10 @@ def generate(
     temperature = torch.tensor([p.temperature for p in params], device=device, dtype=torch.float32)
     generators = make_generators([p.seed for p in params], device)
 
+    dtype = model.tok_embeddings.weight.dtype
+    cond = cond.to(device=device, dtype=dtype if cond.is_floating_point() else cond.dtype)
     cache = model.new_kv_cache(cond.shape[0])
-    emb = model.embed_cond(cond.to(device))
-    logits = model.prefill(emb.to(model.tok_embeddings.weight.dtype), cache, cond_mask)  # (rows, V)
+    logits = model.prefill(model.embed_cond(cond), cache, cond_mask)  # (rows, V)
     tokens = torch.empty(B, c.block_size, dtype=torch.long, device=device)
     for i in range(c.block_size):
         if guided:
