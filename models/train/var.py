@@ -1,0 +1,111 @@
+"""Train the default next-scale model on the digits: the multi-scale VQ-VAE, then the VAR transformer.
+
+    python -m models.train.var --out models/default [--seed 0] [--stage all|vae|var]
+
+Writes var_digits_vae.safetensors and var_digits.safetensors in the published key layouts (with the
+`lvl_1L` and `attn_bias_for_masking` buffers, from which the loader reads patch_nums (1, 2, 3, 4)).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from models.loading import read_state_dict
+from models.train.common import half, save, setup, train
+from models.train.data import load_digit_images
+from models.train.init import init_transformer
+from models.train.outer_levels import check_equivalent, fix_outer_levels
+from models.train.vq import restart_dead_codes, var_vqvae_forward
+from models.var.loading import build_vqvae
+from models.var.model import VAR, VARConfig
+from models.var.tokenizer import VQVAE, VQVAEConfig
+
+PATCH_NUMS = (1, 2, 3, 4)  # 64 px / 16 = a 4x4 finest token map; 30 tokens in all
+VAE_CONFIG = VQVAEConfig(
+    vocab_size=256, vae_dim=16, ch=32, ch_mult=(1, 1, 1, 1, 2), num_res_blocks=1, patch_nums=PATCH_NUMS
+)
+VAR_CONFIG = VARConfig(
+    depth=4,
+    embed_dim=128,
+    num_heads=4,
+    num_classes=10,
+    vocab_size=256,
+    vae_dim=16,
+    patch_nums=PATCH_NUMS,
+    mlp_hidden=512,
+)
+CLASS_DROPOUT = 0.1
+
+
+def train_vae(images: torch.Tensor, gen: torch.Generator, steps: int, batch_size: int) -> VQVAE:
+    vae = VQVAE(VAE_CONFIG)
+    fix_outer_levels(vae)
+    check_equivalent(vae.eval(), images[:4])
+    hits = torch.zeros(VAE_CONFIG.vocab_size)
+    last: dict[str, torch.Tensor] = {}
+
+    def loss_fn(idx):
+        x = images[idx]
+        recon, vq_loss, used, residuals = var_vqvae_forward(vae, x)
+        hits.add_(torch.bincount(used, minlength=len(hits)))
+        last["residuals"] = residuals.detach()
+        rec = F.mse_loss(recon, x) + F.l1_loss(recon, x)
+        return rec + vq_loss, {"rec": rec.item(), "vq": vq_loss.item(), "codes": (hits > 0).sum().item()}
+
+    def after_step(step):
+        if step % 50 == 49:
+            if step < steps * 3 // 4:  # let the codebook settle before the end
+                restart_dead_codes(vae.quantize.embedding, hits, last["residuals"], gen)
+            hits.zero_()
+
+    train(vae, loss_fn, len(images), batch_size, steps, 2e-3, gen, "vae", after_step=after_step)
+    return vae.requires_grad_(False)
+
+
+def train_var(vae: VQVAE, images, labels, gen, steps: int, batch_size: int) -> VAR:
+    with torch.no_grad():
+        tokens = [torch.cat(t) for t in zip(*(vae.img_to_idx(x) for x in images.split(256)), strict=True)]
+        inputs = vae.quantize.teacher_inputs(tokens)  # (N, L - 1, Cvae)
+    targets = torch.cat(tokens, dim=1)  # (N, L)
+    model = init_transformer(VAR(VAR_CONFIG))
+    null = VAR_CONFIG.num_classes
+
+    def loss_fn(idx):
+        y = labels[idx]
+        drop = torch.rand(len(idx), generator=gen) < CLASS_DROPOUT  # trains the null class for cfg
+        logits = model(torch.where(drop, null, y), inputs[idx])
+        loss = F.cross_entropy(logits.flatten(0, 1), targets[idx].flatten())
+        return loss, {}
+
+    train(model, loss_fn, len(images), batch_size, steps, 1e-3, gen, "var", weight_decay=0.05)
+    return model.requires_grad_(False)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, default=Path("models/default"))
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--stage", choices=("all", "vae", "var"), default="all")
+    p.add_argument("--vae-steps", type=int, default=3000)
+    p.add_argument("--var-steps", type=int, default=1500)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--threads", type=int, default=1)
+    args = p.parse_args()
+    gen = setup(args.seed, args.threads)
+    images, labels = load_digit_images()
+    vae_path = args.out / "var_digits_vae.safetensors"
+    if args.stage in ("all", "vae"):
+        vae = train_vae(images, gen, args.vae_steps, args.batch_size)
+        save(vae.state_dict(), vae_path)
+    if args.stage in ("all", "var"):
+        vae = build_vqvae(read_state_dict(vae_path), vae_path, PATCH_NUMS)  # as the server will see it
+        model = train_var(vae, images, labels, gen, args.var_steps, 2 * args.batch_size)
+        save(half(model.state_dict()), args.out / "var_digits.safetensors")
+
+
+if __name__ == "__main__":
+    main()
