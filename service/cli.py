@@ -1,4 +1,4 @@
-"""`varserve` command line: generate images from a model config."""
+"""`varserve` command line: generate images from a model config, or serve them over HTTP."""
 
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ import sys
 from pathlib import Path
 
 from tqdm import tqdm
+
+from service.settings import add_serve_arguments, settings_from
 
 MAX_IMAGES = 256
 
@@ -53,6 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--batch-size", type=in_range(int, 1, 256), default=16, help="images per forward batch")
     gen.add_argument("--out", type=Path, default=Path("out"), help="output directory")
     gen.set_defaults(subparser=gen)
+    serve = sub.add_parser("serve", help="run the HTTP server (settings also from VARSERVE_* variables)")
+    add_serve_arguments(serve)
+    serve.set_defaults(subparser=serve)
     return parser
 
 
@@ -71,7 +76,7 @@ def pick_model(specs, name: str | None, parser: argparse.ArgumentParser):
 def generate_command(args, parser: argparse.ArgumentParser) -> int:
     from models.config import ConfigError, load_config
     from models.loading import CheckpointError
-    from models.runner import ImageParams, ModelRunner
+    from models.runner import ModelRunner, image_params
     from service.images import to_pil
 
     try:
@@ -89,18 +94,10 @@ def generate_command(args, parser: argparse.ArgumentParser) -> int:
         parser.error(
             f"--class {args.class_label} is out of range 0..{runner.num_classes - 1} for '{spec.name}'"
         )
-    d = spec.defaults
     first_seed = args.seed if args.seed is not None else secrets.randbelow(2**31)
-    params = [
-        ImageParams(
-            seed=first_seed + i,
-            cfg=d.cfg if args.cfg is None else args.cfg,
-            top_k=d.top_k if args.top_k is None else args.top_k,
-            top_p=d.top_p if args.top_p is None else args.top_p,
-            temperature=d.temperature if args.temperature is None else args.temperature,
-        )
-        for i in range(args.n)
-    ]
+    params = image_params(
+        spec.defaults, first_seed, args.n, args.cfg, args.top_k, args.top_p, args.temperature
+    )
     args.out.mkdir(parents=True, exist_ok=True)
     what = f"class {condition}" if args.prompt is None else f"prompt {condition!r}"
     print(f"{spec.name}: {what}, seeds {first_seed}..{first_seed + args.n - 1}", file=sys.stderr)
@@ -118,11 +115,28 @@ def generate_command(args, parser: argparse.ArgumentParser) -> int:
     return 0
 
 
+def serve_command(args, parser: argparse.ArgumentParser) -> int:
+    from models.config import ConfigError
+    from service.server import serve
+
+    try:
+        settings = settings_from(args)
+    except ValueError as e:
+        parser.error(str(e))
+    try:
+        return serve(settings)
+    except ConfigError as e:
+        print(f"varserve: error: {e}", file=sys.stderr)
+        return 1
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command == "generate":
         return generate_command(args, args.subparser)
+    if args.command == "serve":
+        return serve_command(args, args.subparser)
     return 2
 
 

@@ -1,0 +1,121 @@
+"""The HTTP API (FastAPI): routes only; admission is in intake.py, waiting and answering in delivery.py."""
+
+from __future__ import annotations
+
+import asyncio
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from sse_starlette import EventSourceResponse
+
+from service.delivery import respond, sse_events
+from service.errors import install_error_handlers
+from service.intake import admit
+from service.metrics import CONTENT_TYPE, Metrics
+from service.middleware import BodyLimitMiddleware, RequestIdMiddleware, RequestMetricsMiddleware
+from service.pool import WorkerPool
+from service.schemas import (
+    ErrorResponse,
+    GenerateRequest,
+    ImagesRequest,
+    ImagesResponse,
+    ModelCard,
+    ModelList,
+    SamplingDefaultsCard,
+    Status,
+)
+
+ERRORS = {
+    status: {"model": ErrorResponse, "description": description}
+    for status, description in {
+        400: "a field is wrong for this model (`param` names it)",
+        413: "request body too large",
+        422: "a field fails validation (`param` names it)",
+        429: "queue full: retry after `Retry-After` seconds",
+        500: "the batch failed in the engine",
+        503: "not ready (loading) or shutting down",
+        504: "past the request's deadline",
+    }.items()
+}
+# how long the lifespan waits for the worker threads once uvicorn has drained the connections
+WORKER_STOP_TIMEOUT_S = 30.0
+
+
+def create_app(pool: WorkerPool, metrics: Metrics) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        pool.start()
+        yield
+        await asyncio.to_thread(pool.stop, WORKER_STOP_TIMEOUT_S)
+
+    app = FastAPI(
+        title="varserve",
+        summary="Visual autoregressive image generation (VAR next-scale, LlamaGen next-token)",
+        version="0.1.0",
+        lifespan=lifespan,
+    )
+    install_error_handlers(app)
+
+    @app.get("/health", response_model=Status, responses={503: {"model": Status}})
+    async def health():
+        """Liveness: the process answers and every worker thread is alive (loading counts as alive)."""
+        if pool.alive:
+            return Status(status="ok")
+        return JSONResponse(Status(status="dead", detail=pool.fatal or "a worker stopped").model_dump(), 503)
+
+    @app.get("/ready", response_model=Status, responses={503: {"model": Status}})
+    async def ready():
+        """Readiness: models loaded, workers alive, not shutting down."""
+        if pool.ready:
+            return Status(status="ready")
+        detail = (
+            "shutting down" if pool.draining else "loading" if pool.alive else (pool.fatal or "worker dead")
+        )
+        return JSONResponse(Status(status="not ready", detail=detail).model_dump(), 503)
+
+    @app.get("/metrics", response_class=Response)
+    async def prometheus_metrics():
+        return Response(metrics.render(), media_type=CONTENT_TYPE)
+
+    @app.get("/v1/models", response_model=ModelList)
+    async def models():
+        return ModelList(data=[model_card(name, pool) for name in pool.catalog.specs])
+
+    @app.post("/v1/images/generations", response_model=ImagesResponse, responses=ERRORS)
+    async def images_generations(body: ImagesRequest, request: Request):
+        """OpenAI Images API shape; `prompt` may be a class index or an ImageNet class name."""
+        job, _ = admit(body, pool, request.state.request_id, stream=False)
+        return await respond(job, pool, request)
+
+    @app.post(
+        "/v1/generate",
+        response_model=ImagesResponse,
+        responses={**ERRORS, 200: {"content": {"text/event-stream": {}}, "description": "JSON, or SSE"}},
+    )
+    async def generate(body: GenerateRequest, request: Request):
+        """Native route. With `stream: true`: server-sent events `preview` (one per scale or row,
+        the request's images so far), then `result` (the same body as without streaming) or `error`."""
+        job, _ = admit(body, pool, request.state.request_id, stream=body.stream)
+        if not body.stream:
+            return await respond(job, pool, request)
+        # let a stream that runs at SIGTERM finish within the drain time instead of being cut
+        return EventSourceResponse(sse_events(job, pool), shutdown_grace_period=pool.settings.drain_timeout_s)
+
+    routes = {route.path for route in app.routes}
+    app.add_middleware(BodyLimitMiddleware, max_bytes=pool.settings.max_body_bytes)
+    app.add_middleware(RequestMetricsMiddleware, metrics=metrics, routes=routes)
+    app.add_middleware(RequestIdMiddleware)
+    return app
+
+
+def model_card(name: str, pool: WorkerPool) -> ModelCard:
+    spec, info = pool.catalog.specs[name], pool.catalog.loaded(name)
+    d = spec.defaults
+    defaults = SamplingDefaultsCard(cfg_scale=d.cfg, top_k=d.top_k, top_p=d.top_p, temperature=d.temperature)
+    card = ModelCard(id=name, name=name, family=spec.family, loaded=info is not None, defaults=defaults)
+    if info is not None:
+        card.conditioning, card.resolution = info.conditioning, info.resolution
+        card.num_classes = info.num_classes if info.conditioning == "class" else None
+        card.steps = info.steps
+    return card

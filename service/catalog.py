@@ -1,0 +1,60 @@
+"""What the HTTP side knows about the models: their config entries, and what the workers publish
+once a model is loaded (class count, resolution, ...). The HTTP side never touches a runner."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from models.config import ModelSpec
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    name: str
+    family: str
+    conditioning: str  # "class" | "text"
+    num_classes: int
+    image_size: int  # pixels, square
+    steps: int  # scales or rows: preview events per request
+    check_condition: Callable[[int | str], None]  # raises ValueError with a message for the user
+
+    @property
+    def resolution(self) -> str:
+        return f"{self.image_size}x{self.image_size}"
+
+
+def info_of(runner) -> ModelInfo:
+    return ModelInfo(
+        name=runner.spec.name,
+        family=runner.family,
+        conditioning=runner.conditioning,
+        num_classes=runner.num_classes,
+        image_size=runner.image_size,
+        steps=runner.steps,
+        check_condition=runner.check_condition,
+    )
+
+
+class Catalog:
+    def __init__(self, specs: list[ModelSpec]):
+        self.specs = {s.name: s for s in specs}
+        self._loaded: dict[str, ModelInfo] = {}
+        self._lock = threading.Lock()
+
+    def publish(self, info: ModelInfo) -> None:
+        with self._lock:
+            self._loaded[info.name] = info
+
+    def loaded(self, name: str) -> ModelInfo | None:
+        with self._lock:
+            return self._loaded.get(name)
+
+    def all_loaded(self) -> bool:
+        with self._lock:
+            return len(self._loaded) == len(self.specs)
+
+    def default_name(self) -> str | None:
+        """The model a request without `model` gets: the only one, when there is one."""
+        return next(iter(self.specs)) if len(self.specs) == 1 else None

@@ -1,0 +1,61 @@
+"""Errors as the clients see them: OpenAI's envelope {"error": {message, type, param, code}}."""
+
+from __future__ import annotations
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
+
+TYPES = {
+    400: "invalid_request_error",
+    404: "not_found",
+    405: "invalid_request_error",
+    413: "invalid_request_error",
+    422: "invalid_request_error",
+    429: "overloaded",
+    500: "server_error",
+    503: "unavailable",
+    504: "timeout",
+}
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, param: str | None = None, headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.headers = status, message, param, headers or {}
+
+
+def error_body(status: int, message: str, param: str | None = None) -> dict:
+    return {"error": {"message": message, "type": TYPES.get(status, "error"), "param": param, "code": status}}
+
+
+def error_response(status: int, message: str, param: str | None = None, headers: dict | None = None):
+    return JSONResponse(error_body(status, message, param), status_code=status, headers=headers)
+
+
+def field_name(loc: tuple) -> str | None:
+    """('body', 'n') -> 'n'; the body as a whole -> None."""
+    parts = [str(p) for p in loc if p != "body"]
+    return ".".join(parts) or None
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, e: ApiError):
+        return error_response(e.status, e.message, e.param, e.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, e: RequestValidationError):
+        first = e.errors()[0]
+        param = field_name(tuple(first.get("loc", ())))
+        message = first.get("msg", "invalid request")
+        return error_response(422, f"{param}: {message}" if param else message, param)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, e: HTTPException):
+        return error_response(e.status_code, str(e.detail), headers=getattr(e, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, e: Exception):
+        return error_response(500, f"internal error: {type(e).__name__}")

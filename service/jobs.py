@@ -1,0 +1,85 @@
+"""A generation request inside the server, and the one-way channel its results come back on.
+
+The HTTP side (event loop thread) creates a Job and reads its channel; the worker thread fills
+the job's images and sends events. `cancelled` is the only field both sides write: the HTTP side
+sets it on disconnect or deadline, the worker reads it at every step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from models.runner import ImageParams
+
+
+@dataclass
+class Preview:
+    step: int
+    total: int
+    images: torch.Tensor  # (n, 3, H, W) in [0, 1]
+
+
+@dataclass
+class Done:
+    images: torch.Tensor  # (n, 3, H, W) in [0, 1]
+
+
+@dataclass
+class Failed:
+    status: int
+    message: str
+
+
+class Channel:
+    """Worker thread -> event loop. Sending never blocks the worker."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self._loop = loop
+        self._events: asyncio.Queue = asyncio.Queue()
+
+    def send(self, event: Preview | Done | Failed) -> None:
+        try:
+            self._loop.call_soon_threadsafe(self._events.put_nowait, event)
+        except RuntimeError:  # the loop is closed: the server is gone and nobody is listening
+            pass
+
+    async def receive(self) -> Preview | Done | Failed:
+        return await self._events.get()
+
+
+@dataclass(eq=False)  # compared and hashed by identity: the queue and worker look jobs up
+class Job:
+    id: str
+    model: str
+    conditions: list[int | str]  # one per image
+    params: list[ImageParams]  # one per image
+    stream: bool
+    channel: Channel
+    deadline: float  # time.monotonic()
+    arrival: float = field(default_factory=time.monotonic)
+    cancelled: str | None = None  # "disconnect" | "timeout" | "shutdown"
+
+    # written by the worker only
+    started: float | None = None
+    inference_s: float = 0.0
+    forward_passes: int = 0
+    kv_bytes: int = 0
+    kv_bytes_full: int = 0
+    batch_images: int = 0
+    images: list[torch.Tensor | None] = field(default_factory=list)
+    finished: bool = False
+    last_preview: int = -1
+
+    def __post_init__(self):
+        self.images = [None] * len(self.params)
+
+    @property
+    def n(self) -> int:
+        return len(self.params)
+
+    def live(self, now: float) -> bool:
+        return self.cancelled is None and not self.finished and now < self.deadline

@@ -1,0 +1,115 @@
+"""Prometheus metrics, named after vLLM's (`varserve_` prefix, units in the name).
+
+Each server owns a registry, so several servers in one process (tests) do not collide.
+Rates and ratios (images/s, average batch) are left to PromQL, as vLLM does.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+LATENCY_BUCKETS = (0.1, 0.25, 0.5, 0.75, 1, 1.5, 2, 3, 5, 7.5, 10, 15, 20, 30, 60, 120, 300, 600)
+STEP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128)
+
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+
+class Metrics:
+    def __init__(self):
+        r = self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "varserve_requests", "HTTP requests by route and status code.", ["route", "status"], registry=r
+        )
+        self.e2e_latency = Histogram(
+            "varserve_e2e_request_latency_seconds",
+            "Generation requests answered with images: arrival to response.",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.queue_time = Histogram(
+            "varserve_request_queue_time_seconds",
+            "Arrival to the start of the request's first batch.",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.inference_time = Histogram(
+            "varserve_request_inference_time_seconds",
+            "Engine time of the batches a request ran in.",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.waiting = Gauge("varserve_num_requests_waiting", "Requests waiting in the queue.", registry=r)
+        self.running = Gauge("varserve_num_requests_running", "Requests in the running batch.", registry=r)
+        self.batch_size = Histogram(
+            "varserve_batch_size_images",
+            "Images per engine batch (before guidance doubles the rows).",
+            ["model"],
+            buckets=BATCH_BUCKETS,
+            registry=r,
+        )
+        self.images = Counter(
+            "varserve_generation_images", "Images generated and delivered.", ["model"], registry=r
+        )
+        self.tokens = Counter(
+            "varserve_generation_tokens", "Image tokens sampled for delivered images.", ["model"], registry=r
+        )
+        self.forward_passes = Counter(
+            "varserve_forward_passes",
+            "Model forward calls (one per scale or row of a batch).",
+            ["model"],
+            registry=r,
+        )
+        self.step_time = Histogram(
+            "varserve_step_time_seconds",
+            "Time of one engine step (a scale or a row) of a batch.",
+            ["model"],
+            buckets=STEP_BUCKETS,
+            registry=r,
+        )
+        self.kv_in_use = Gauge(
+            "varserve_kv_cache_usage_bytes",
+            "KV-cache bytes of the running batch (estimated from the last batch's bytes per row).",
+            ["model"],
+            registry=r,
+        )
+        self.kv_peak = Gauge(
+            "varserve_kv_cache_peak_bytes", "Largest KV cache of any batch so far.", ["model"], registry=r
+        )
+        self.model_loaded = Gauge(
+            "varserve_model_loaded",
+            "1 once the model is loaded and warmed up, else 0.",
+            ["model"],
+            registry=r,
+        )
+        self.cancelled = Counter(
+            "varserve_requests_cancelled",
+            "Requests dropped before their images were delivered, by reason (disconnect, timeout, shutdown).",
+            ["reason"],
+            registry=r,
+        )
+        self.rejected = Counter(
+            "varserve_requests_rejected",
+            "Generation requests refused at intake, by reason (queue_full, not_ready, draining).",
+            ["reason"],
+            registry=r,
+        )
+        self.batches_aborted = Counter(
+            "varserve_batches_aborted", "Batches stopped early because all their requests left.", registry=r
+        )
+        self.batch_failures = Counter(
+            "varserve_batch_failures",
+            "Batches whose engine call raised, by kind (error, oom).",
+            ["kind"],
+            registry=r,
+        )
+        self.oom_splits = Counter(
+            "varserve_oom_splits", "Out-of-memory batches split in two and retried.", registry=r
+        )
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,84 @@
+"""The workers (one per device), the queue they share and the server's life cycle flags:
+ready (models loaded, workers alive), draining (SIGTERM: no new work), fatal (a model failed to load)."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+
+from models.config import ModelSpec
+from service.catalog import Catalog
+from service.host_memory import share_main_malloc_arena
+from service.jobs import Failed, Job
+from service.metrics import Metrics
+from service.scheduler import RequestQueue
+from service.settings import Settings
+from service.worker import Worker
+
+log = logging.getLogger("varserve.pool")
+
+
+class WorkerPool:
+    def __init__(self, specs: list[ModelSpec], settings: Settings, metrics: Metrics):
+        self.settings, self.metrics = settings, metrics
+        self.catalog = Catalog(specs)
+        self.queue = RequestQueue(settings.max_queue_size, on_depth=metrics.waiting.set)
+        self.draining = False
+        self.fatal: str | None = None
+        self.on_fatal: Callable[[str], None] = lambda message: None
+        by_device: dict[str, list[ModelSpec]] = {}
+        for spec in specs:
+            by_device.setdefault(spec.device, []).append(spec)
+            metrics.model_loaded.labels(spec.name).set(0)
+        self.workers = [
+            Worker(device, group, self.queue, self.catalog, metrics, settings, self._worker_failed)
+            for device, group in by_device.items()
+        ]
+
+    def start(self) -> None:
+        if any(w.device == "cpu" for w in self.workers):
+            share_main_malloc_arena()  # before the workers exist: a thread picks its arena at its first malloc
+        for worker in self.workers:
+            worker.start()
+
+    @property
+    def alive(self) -> bool:
+        return self.fatal is None and all(w.is_alive() for w in self.workers)
+
+    @property
+    def loaded(self) -> bool:
+        return all(w.ready.is_set() for w in self.workers)
+
+    @property
+    def ready(self) -> bool:
+        return self.alive and self.loaded and not self.draining
+
+    def drain(self) -> None:
+        if not self.draining:
+            log.info("draining: no new requests; finishing %d queued", len(self.queue))
+        self.draining = True
+
+    def cancel(self, job: Job, reason: str) -> None:
+        """The HTTP side gives up on a job: it leaves the queue now, or its batch at the next step."""
+        if job.finished or job.cancelled is not None:
+            return
+        job.cancelled = reason
+        self.queue.discard(job)
+        self.metrics.cancelled.labels(reason).inc()
+
+    def stop(self, timeout_s: float) -> None:
+        """Stop the workers (a running batch stops at its next step) and fail what still waits."""
+        self.draining = True
+        for worker in self.workers:
+            worker.stop()
+        deadline = time.monotonic() + timeout_s
+        for worker in self.workers:
+            worker.join(max(0.0, deadline - time.monotonic()))
+        for job in self.queue.take_all():
+            job.finished = True
+            job.channel.send(Failed(503, "the server is shutting down"))
+
+    def _worker_failed(self, message: str) -> None:
+        self.fatal = message
+        self.on_fatal(message)

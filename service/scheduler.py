@@ -1,0 +1,111 @@
+"""The bounded request queue between the HTTP side and the workers, and how a worker takes a batch.
+
+A batch is the oldest waiting request of the worker's models plus later requests of the same
+model, up to max_batch_size images; it waits at most max_wait after the oldest request arrived
+for company. Requests that were cancelled or ran out of time while waiting never reach a batch.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from collections import deque
+
+from service.jobs import Job
+
+
+class QueueFull(Exception):
+    def __init__(self, retry_after_s: int):
+        super().__init__("the request queue is full")
+        self.retry_after_s = retry_after_s
+
+
+class RequestQueue:
+    def __init__(self, max_size: int, on_depth=None):
+        self.max_size = max_size
+        self._waiting: deque[Job] = deque()
+        self._changed = threading.Condition()
+        self._on_depth = on_depth or (lambda depth: None)
+        # seconds of engine time per image, smoothed: what Retry-After is estimated from
+        self._seconds_per_image = 0.0
+
+    def __len__(self) -> int:
+        return len(self._waiting)
+
+    def submit(self, job: Job) -> None:
+        with self._changed:
+            if len(self._waiting) >= self.max_size:
+                raise QueueFull(self._retry_after())
+            self._waiting.append(job)
+            self._on_depth(len(self._waiting))
+            self._changed.notify_all()
+
+    def discard(self, job: Job) -> None:
+        """Drop a job that is still waiting (its client left or its time ran out)."""
+        with self._changed:
+            try:
+                self._waiting.remove(job)
+            except ValueError:
+                return
+            self._on_depth(len(self._waiting))
+
+    def take_all(self) -> list[Job]:
+        with self._changed:
+            jobs = list(self._waiting)
+            self._waiting.clear()
+            self._on_depth(0)
+            return jobs
+
+    def wake(self) -> None:
+        """Make waiting workers look again (used on shutdown)."""
+        with self._changed:
+            self._changed.notify_all()
+
+    def record_throughput(self, seconds: float, images: int) -> None:
+        per_image = seconds / max(images, 1)
+        with self._changed:
+            old = self._seconds_per_image
+            self._seconds_per_image = per_image if old == 0 else 0.8 * old + 0.2 * per_image
+
+    def take_batch(
+        self, models: set[str], max_images: int, max_wait_s: float, stop: threading.Event, poll_s: float = 0.5
+    ) -> list[Job]:
+        """Block until a batch for one of `models` is ready (or `stop` is set: then []).
+        Jobs of other models stay queued for their own worker."""
+        with self._changed:
+            while not stop.is_set():
+                self._drop_dead(time.monotonic())
+                head = next((j for j in self._waiting if j.model in models), None)
+                if head is None:
+                    self._changed.wait(poll_s)
+                    continue
+                batch = self._compatible(head, max_images)
+                images = sum(j.n for j in batch)
+                wait_left = head.arrival + max_wait_s - time.monotonic()
+                if images >= max_images or wait_left <= 0:
+                    for job in batch:
+                        self._waiting.remove(job)
+                    self._on_depth(len(self._waiting))
+                    return batch
+                self._changed.wait(min(wait_left, poll_s))
+            return []
+
+    def _compatible(self, head: Job, max_images: int) -> list[Job]:
+        # later jobs that fit may pass a larger one that does not; the head always goes first
+        batch, images = [head], head.n
+        for job in self._waiting:
+            if job is not head and job.model == head.model and images + job.n <= max_images:
+                batch.append(job)
+                images += job.n
+        return batch
+
+    def _drop_dead(self, now: float) -> None:
+        alive = [j for j in self._waiting if j.live(now)]
+        if len(alive) != len(self._waiting):
+            self._waiting = deque(alive)
+            self._on_depth(len(self._waiting))
+
+    def _retry_after(self) -> int:
+        waiting_images = sum(j.n for j in self._waiting)
+        return max(1, math.ceil(waiting_images * self._seconds_per_image))

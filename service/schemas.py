@@ -1,0 +1,114 @@
+"""The HTTP edge: request and response bodies (pydantic). Inside the server, plain dataclasses."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+
+MAX_SEED = 2**63 - 1
+Prompt = int | Annotated[str, StringConstraints(min_length=1, max_length=4000)]
+
+
+class GenerationFields(BaseModel):
+    """What both generation routes take. A class-conditional model takes `prompt` or `class_label`
+    as an index or an ImageNet class name; a text-conditional one takes a text `prompt`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | None = Field(None, description="model name; may be left out when one model is served")
+    prompt: Prompt | None = None
+    class_label: Prompt | None = Field(None, description="class index or ImageNet class name")
+    n: int = Field(1, ge=1, le=256, description="images; at most the server's max_images")
+    size: str | None = Field(None, description="'256x256' and the like: must be the model's resolution")
+    response_format: Literal["b64_json"] = "b64_json"
+    seed: int | None = Field(None, ge=0, le=MAX_SEED, description="seed of image 0; image i uses seed + i")
+    cfg_scale: float | None = Field(None, ge=0, le=100)
+    top_k: int | None = Field(None, ge=0, description="0: off")
+    top_p: float | None = Field(None, ge=0, le=1, description="0: off")
+    temperature: float | None = Field(None, gt=0, le=100)
+    timeout_s: float | None = Field(None, gt=0, description="deadline from arrival; at most the server's")
+
+
+class ImagesRequest(GenerationFields):
+    """POST /v1/images/generations: the OpenAI Images API shape plus our extensions."""
+
+    user: str | None = Field(None, max_length=256, description="accepted for compatibility; unused")
+
+
+class GenerateRequest(GenerationFields):
+    """POST /v1/generate: with stream=true, server-sent events (a preview per step, then the result)."""
+
+    stream: bool = False
+
+
+class ImageData(BaseModel):
+    b64_json: str
+    seed: int
+
+
+class Usage(BaseModel):
+    latency_ms: float = Field(description="arrival to response")
+    queue_ms: float = Field(description="arrival to the start of the request's first batch")
+    inference_ms: float = Field(description="engine time of the request's batches")
+    forward_passes: int = Field(description="model forward calls spent on the request's batches")
+    kv_bytes: int = Field(description="peak KV-cache bytes of the request's batches")
+    kv_bytes_full: int = Field(description="what an uncompressed KV cache would have held")
+    batch_images: int = Field(description="images in the (largest) batch the request ran in")
+
+
+class ImagesResponse(BaseModel):
+    id: str
+    created: int
+    model: str
+    data: list[ImageData]
+    usage: Usage
+
+
+class PreviewEvent(BaseModel):
+    """One SSE `preview` event: the request's images decoded after a scale (VAR) or row (LlamaGen)."""
+
+    step: int
+    total: int
+    images: list[str] = Field(description="base64 PNG, one per image of the request")
+
+
+class SamplingDefaultsCard(BaseModel):
+    cfg_scale: float
+    top_k: int
+    top_p: float
+    temperature: float
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    name: str
+    family: str
+    loaded: bool
+    conditioning: str | None = None
+    resolution: str | None = None
+    num_classes: int | None = None
+    steps: int | None = None
+    defaults: SamplingDefaultsCard
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class ErrorBody(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: int
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorBody
+
+
+class Status(BaseModel):
+    status: str
+    detail: str | None = None

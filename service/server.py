@@ -1,0 +1,86 @@
+"""`varserve serve`: the model config and settings to a running uvicorn server.
+
+Shutdown on SIGTERM/SIGINT: the pool starts draining at once (/ready and new generation
+requests answer 503), uvicorn stops accepting connections and waits up to drain_timeout_s for
+the requests in flight, then the lifespan stops the workers. Exit status 0, or 1 when a model
+failed to load.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import signal
+
+import uvicorn
+from uvicorn.config import LOGGING_CONFIG
+
+from models.config import load_config
+from service.api import create_app
+from service.metrics import Metrics
+from service.pool import WorkerPool
+from service.settings import Settings
+
+log = logging.getLogger("varserve.server")
+
+
+class DrainingServer(uvicorn.Server):
+    def __init__(self, config: uvicorn.Config, pool: WorkerPool):
+        super().__init__(config)
+        self.pool = pool
+
+    def handle_exit(self, sig, frame) -> None:
+        self.pool.drain()
+        super().handle_exit(sig, frame)
+
+    @contextlib.contextmanager
+    def capture_signals(self):
+        # uvicorn's own version re-raises the signal after a graceful shutdown, so a clean drain
+        # would end with status 143; a drained server has done its job and exits 0.
+        signals = (signal.SIGINT, signal.SIGTERM)
+        try:
+            previous = {sig: signal.signal(sig, self.handle_exit) for sig in signals}
+        except ValueError:  # not the main thread (a test server): the owner stops it
+            yield
+            return
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+
+def logging_config(level: str) -> dict:
+    config = copy.deepcopy(LOGGING_CONFIG)
+    config["loggers"]["varserve"] = {"handlers": ["default"], "level": level.upper(), "propagate": False}
+    return config
+
+
+def build_server(settings: Settings) -> tuple[DrainingServer, WorkerPool]:
+    """Raises models.config.ConfigError for a bad config (before anything starts)."""
+    metrics = Metrics()
+    pool = WorkerPool(load_config(settings.config), settings, metrics)
+    config = uvicorn.Config(
+        create_app(pool, metrics),
+        host=settings.host,
+        port=settings.port,
+        log_config=logging_config(settings.log_level),
+        log_level=settings.log_level,
+        access_log=False,  # generation requests get one line each from service.delivery
+        timeout_graceful_shutdown=settings.drain_timeout_s,
+    )
+    server = DrainingServer(config, pool)
+
+    def stop_on_fatal(message: str) -> None:
+        log.error("%s", message)
+        server.should_exit = True
+
+    pool.on_fatal = stop_on_fatal
+    return server, pool
+
+
+def serve(settings: Settings) -> int:
+    server, pool = build_server(settings)
+    server.run()
+    return 1 if pool.fatal else 0

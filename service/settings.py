@@ -1,0 +1,123 @@
+"""Server settings: command-line flags over VARSERVE_* environment variables over defaults."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+ENV_PREFIX = "VARSERVE_"
+
+
+@dataclass(frozen=True)
+class Settings:
+    config: Path
+    host: str = "127.0.0.1"
+    port: int = 8000
+    max_batch_size: int = 16  # images per engine call (before CFG doubles the rows)
+    max_wait_ms: float = 10.0  # how long a batch waits for company after its oldest request arrived
+    max_queue_size: int = 64  # requests waiting (not running); beyond it: 429
+    max_images: int = 16  # n per request (also capped by max_batch_size)
+    timeout_s: float = 300.0  # per-request deadline from arrival; a request may ask for less
+    max_body_bytes: int = 64 * 1024
+    drain_timeout_s: float = 60.0  # SIGTERM: how long in-flight requests may take to finish
+    log_level: str = "info"
+
+    @property
+    def max_n(self) -> int:
+        return min(self.max_images, self.max_batch_size)
+
+
+def _convert(kind: Callable, text: str):
+    try:
+        return kind(text)
+    except ValueError:
+        raise ValueError(f"'{text}' is not a valid {kind.__name__}") from None
+
+
+def _number(kind: Callable, minimum: float, allow_minimum: bool) -> Callable[[str], object]:
+    def parse(text: str):
+        value = _convert(kind, text)
+        if value < minimum or (value == minimum and not allow_minimum):
+            raise ValueError(f"{value} is not {'>=' if allow_minimum else '>'} {minimum}")
+        return value
+
+    return parse
+
+
+def _positive(kind: Callable) -> Callable[[str], object]:
+    return _number(kind, 0, allow_minimum=False)
+
+
+def _non_negative(kind: Callable) -> Callable[[str], object]:
+    return _number(kind, 0, allow_minimum=True)
+
+
+def _port(text: str) -> int:
+    value = _convert(int, text)
+    if not 0 <= value <= 65535:
+        raise ValueError(f"{value} is outside [0, 65535]")
+    return value
+
+
+def _log_level(text: str) -> str:
+    if text.lower() not in ("critical", "error", "warning", "info", "debug"):
+        raise ValueError(f"'{text}' is not one of critical, error, warning, info, debug")
+    return text.lower()
+
+
+# field -> (parser, help)
+OPTIONS: dict[str, tuple[Callable[[str], object], str]] = {
+    "config": (Path, "model config (TOML); required"),
+    "host": (str, "address to listen on (default 127.0.0.1; 0.0.0.0 in the container)"),
+    "port": (_port, "port (default 8000)"),
+    "max_batch_size": (_positive(int), "images per engine batch (default 16)"),
+    "max_wait_ms": (
+        _non_negative(float),
+        "ms a batch waits for more requests after its oldest one arrived (default 10)",
+    ),
+    "max_queue_size": (_positive(int), "requests allowed to wait; more get 429 (default 64)"),
+    "max_images": (_positive(int), "max n per request, at most --max-batch-size (default 16)"),
+    "timeout_s": (_positive(float), "seconds a request may take from arrival; past it: 504 (default 300)"),
+    "max_body_bytes": (_positive(int), "largest accepted request body (default 65536)"),
+    "drain_timeout_s": (
+        _non_negative(float),
+        "on SIGTERM, seconds in-flight requests get to finish (default 60)",
+    ),
+    "log_level": (_log_level, "critical, error, warning, info (default) or debug"),
+}
+
+
+def flag(field: str) -> str:
+    return "--" + field.replace("_", "-")
+
+
+def env_name(field: str) -> str:
+    return ENV_PREFIX + field.upper()
+
+
+def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
+    for field, (_, help_text) in OPTIONS.items():
+        parser.add_argument(
+            flag(field), dest=field, default=None, help=f"{help_text} [env {env_name(field)}]"
+        )
+
+
+def settings_from(args: argparse.Namespace, environ: Mapping[str, str] = os.environ) -> Settings:
+    """Raises ValueError naming the flag or variable whose value is bad or missing."""
+    values = {}
+    for field, (parse, _) in OPTIONS.items():
+        given, source = getattr(args, field, None), flag(field)
+        if given is None and env_name(field) in environ:
+            given, source = environ[env_name(field)], env_name(field)
+        if given is None:
+            continue
+        try:
+            values[field] = parse(given)
+        except ValueError as e:
+            raise ValueError(f"{source}: {e}") from None
+    if "config" not in values:
+        raise ValueError(f"{flag('config')} (or {env_name('config')}) is required")
+    return Settings(**values)

@@ -1,0 +1,281 @@
+"""One thread per device: loads that device's models, takes batches from the queue, runs the
+engine, and hands each request its images (and, when it streams, a preview per step).
+
+The engine cannot drop rows mid-batch yet: a request that leaves (disconnect, deadline) keeps
+its rows until the batch ends and is simply not delivered; a batch whose requests all left is
+stopped at the next step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+import time
+from collections.abc import Callable
+
+import torch
+
+from models.config import ConfigError, ModelSpec
+from models.loading import CheckpointError
+from models.runner import BatchResult, ImageParams, ModelRunner
+from service.catalog import Catalog, info_of
+from service.jobs import Done, Failed, Job, Preview
+from service.metrics import Metrics
+from service.scheduler import RequestQueue
+from service.settings import Settings
+
+log = logging.getLogger("varserve.worker")
+
+Row = tuple[Job, int]  # a request and the index of one of its images
+
+
+class BatchAbandoned(Exception):
+    """Raised from the step callback to stop a batch nobody waits for any more."""
+
+
+SPLIT = object()  # the engine ran out of memory: halve the batch and retry
+
+
+def guided_rows(params: list[ImageParams]) -> int:
+    """Rows the engine runs: guidance doubles the batch when any image asks for it."""
+    return len(params) * (2 if any(p.cfg != 0 for p in params) else 1)
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    oom = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
+    return isinstance(error, oom) or (isinstance(error, RuntimeError) and "out of memory" in str(error))
+
+
+def split_point(rows: list[Row]) -> int:
+    """Where to halve a batch: the request boundary nearest the middle, else the middle."""
+    middle = len(rows) // 2
+    boundaries = [i for i in range(1, len(rows)) if rows[i][0] is not rows[i - 1][0]]
+    return min(boundaries, key=lambda i: abs(i - middle)) if boundaries else middle
+
+
+def select_rows(step, rows: list[int], batch: int):
+    """The step object restricted to some images of the batch, so previews decode only those.
+    Works on any dataclass step whose per-image tensors lead with the batch dimension."""
+    index = torch.tensor(rows)
+    changes = {}
+    for f in dataclasses.fields(step):
+        value = getattr(step, f.name)
+        if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == batch:
+            changes[f.name] = value.index_select(0, index.to(value.device))
+    return dataclasses.replace(step, **changes)
+
+
+def tokens_so_far(family: str, step, before: int) -> int:
+    """Tokens per image sampled up to this step: VAR hands each scale's map, LlamaGen the grid so far."""
+    tokens = getattr(step, "tokens", None)
+    if tokens is None:
+        return before
+    return before + tokens.shape[1] if family == "var" else tokens.shape[1]
+
+
+class Worker(threading.Thread):
+    def __init__(
+        self,
+        device: str,
+        specs: list[ModelSpec],
+        queue: RequestQueue,
+        catalog: Catalog,
+        metrics: Metrics,
+        settings: Settings,
+        on_fatal: Callable[[str], None],
+    ):
+        super().__init__(name=f"varserve-worker-{device}", daemon=True)
+        self.device, self.specs = device, specs
+        self.queue, self.catalog, self.metrics, self.settings = queue, catalog, metrics, settings
+        self.on_fatal = on_fatal
+        self.runners: dict[str, ModelRunner] = {}
+        self.ready = threading.Event()
+        self.stopping = threading.Event()
+        self._kv_bytes_per_row: dict[str, float] = {}
+        self._kv_peak: dict[str, int] = {}
+
+    def run(self) -> None:
+        try:
+            for spec in self.specs:
+                self._load(spec)
+        except Exception as e:  # a bad checkpoint or device: the server cannot serve its config
+            if not isinstance(e, CheckpointError | ConfigError | NotImplementedError):
+                log.exception("loading models on %s failed", self.device)
+            self.on_fatal(f"loading models on {self.device} failed: {e}")
+            return
+        self.ready.set()
+        max_wait_s = self.settings.max_wait_ms / 1000
+        while not self.stopping.is_set():
+            jobs = self.queue.take_batch(
+                set(self.runners), self.settings.max_batch_size, max_wait_s, self.stopping
+            )
+            if not jobs:
+                continue
+            try:
+                self._run_batch(jobs)
+            except Exception as e:  # a bug outside the engine call: fail the batch, keep serving
+                log.exception("batch on %s failed outside the engine", self.device)
+                self._fail(jobs, 500, f"internal error: {type(e).__name__}: {e}")
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self.queue.wake()
+
+    def _load(self, spec: ModelSpec) -> None:
+        t0 = time.monotonic()
+        runner = ModelRunner(spec)
+        # one image first: warms the allocator and kernels, so the first request is not slower
+        warm = 0 if runner.conditioning == "class" else "a photo"
+        d = spec.defaults
+        runner.generate([warm], [ImageParams(0, d.cfg, d.top_k, d.top_p, d.temperature)])
+        self.runners[spec.name] = runner
+        self.catalog.publish(info_of(runner))
+        self.metrics.model_loaded.labels(spec.name).set(1)
+        log.info("loaded %s (%s) on %s in %.1f s", spec.name, spec.family, spec.device, time.monotonic() - t0)
+
+    def _run_batch(self, jobs: list[Job]) -> None:
+        now = time.monotonic()
+        model = jobs[0].model
+        for job in jobs:
+            if job.started is None:
+                job.started = now
+                self.metrics.queue_time.labels(model).observe(now - job.arrival)
+        self.metrics.running.set(len(jobs))
+        try:
+            self._execute(self.runners[model], [(job, i) for job in jobs for i in range(job.n)])
+        finally:
+            self.metrics.running.set(0)
+            self.metrics.kv_in_use.labels(model).set(0)
+
+    def _execute(self, runner: ModelRunner, rows: list[Row]) -> None:
+        rows = [(job, i) for job, i in rows if job.live(time.monotonic())]
+        if not rows:
+            return
+        jobs = list(dict.fromkeys(job for job, _ in rows))
+        t0 = time.monotonic()
+        outcome = self._generate(runner, rows, jobs)
+        if outcome is SPLIT:
+            self._split_and_retry(runner, rows)
+        elif outcome is not None:
+            result, step = outcome
+            elapsed = time.monotonic() - t0
+            log.debug(
+                "batch of %d images (%d requests) on %s: %.3f s",
+                len(rows),
+                len(jobs),
+                runner.spec.name,
+                elapsed,
+            )
+            self._account(runner.spec.name, rows, jobs, result, elapsed)
+            self._deliver(jobs, runner.spec.name, step.tokens_per_image)
+
+    def _generate(self, runner: ModelRunner, rows: list[Row], jobs: list[Job]):
+        """The engine call: (result, step watch), SPLIT after an out-of-memory error, or None when
+        the batch ended without images (abandoned, or failed and its requests told)."""
+        model = runner.spec.name
+        params = [job.params[i] for job, i in rows]
+        self.metrics.batch_size.labels(model).observe(len(rows))
+        self.metrics.kv_in_use.labels(model).set(self._kv_bytes_per_row.get(model, 0) * guided_rows(params))
+        step = StepWatch(self, runner, rows, jobs)
+        try:
+            return runner.generate([job.conditions[i] for job, i in rows], params, on_step=step), step
+        except BatchAbandoned:
+            self.metrics.batches_aborted.inc()
+            if self.stopping.is_set():
+                self._fail(jobs, 503, "the server is shutting down")
+            return None
+        except Exception as e:
+            if is_out_of_memory(e) and len(rows) > 1:
+                return SPLIT  # retried by the caller, once this frame has let go of the failed attempt
+            self.metrics.batch_failures.labels("oom" if is_out_of_memory(e) else "error").inc()
+            log.exception("batch of %d images on %s failed", len(rows), model)
+            self._fail(jobs, 500, f"generation failed: {type(e).__name__}: {e}")
+            return None
+
+    def _account(
+        self, model: str, rows: list[Row], jobs: list[Job], result: BatchResult, elapsed: float
+    ) -> None:
+        self.queue.record_throughput(elapsed, len(rows))
+        self._kv_bytes_per_row[model] = result.kv_bytes / guided_rows([job.params[i] for job, i in rows])
+        self._kv_peak[model] = max(self._kv_peak.get(model, 0), result.kv_bytes)
+        self.metrics.kv_peak.labels(model).set(self._kv_peak[model])
+        self.metrics.forward_passes.labels(model).inc(result.forward_passes)
+        for job in jobs:
+            job.inference_s += elapsed
+            job.forward_passes += result.forward_passes
+            job.kv_bytes = max(job.kv_bytes, result.kv_bytes)
+            job.kv_bytes_full = max(job.kv_bytes_full, result.kv_bytes_full)
+            job.batch_images = max(job.batch_images, len(rows))
+        for (job, i), image in zip(rows, result.images, strict=True):  # image: (3, H, W)
+            job.images[i] = image
+
+    def _deliver(self, jobs: list[Job], model: str, tokens_per_image: int) -> None:
+        now = time.monotonic()
+        for job in jobs:
+            if not job.live(now) or any(image is None for image in job.images):
+                continue
+            job.finished = True
+            job.channel.send(Done(torch.stack(job.images)))
+            job.images = []
+            self.metrics.images.labels(model).inc(job.n)
+            self.metrics.tokens.labels(model).inc(job.n * tokens_per_image)
+            self.metrics.inference_time.labels(model).observe(job.inference_s)
+
+    def _fail(self, jobs: list[Job], status: int, message: str) -> None:
+        for job in jobs:
+            if not job.finished:
+                job.finished = True
+                job.channel.send(Failed(status, message))
+
+    def _split_and_retry(self, runner: ModelRunner, rows: list[Row]) -> None:
+        self.metrics.oom_splits.inc()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        half = split_point(rows)
+        log.warning(
+            "out of memory at %d images on %s: retrying as %d + %d",
+            len(rows),
+            runner.spec.name,
+            half,
+            len(rows) - half,
+        )
+        self._execute(runner, rows[:half])
+        self._execute(runner, rows[half:])
+
+
+class StepWatch:
+    """The engine's per-step callback for one batch: times steps, counts tokens, stops the batch
+    when nobody waits for it, and sends previews to the requests that stream."""
+
+    def __init__(self, worker: Worker, runner: ModelRunner, rows: list[Row], jobs: list[Job]):
+        self.worker, self.runner, self.rows, self.jobs = worker, runner, rows, jobs
+        self.step_time = worker.metrics.step_time.labels(runner.spec.name)
+        self.tokens_per_image = 0
+        self.last = time.monotonic()
+
+    def __call__(self, step) -> None:
+        now = time.monotonic()
+        self.step_time.observe(now - self.last)
+        self.tokens_per_image = tokens_so_far(self.runner.family, step, self.tokens_per_image)
+        live = [job for job in self.jobs if job.live(now)]
+        if not live or self.worker.stopping.is_set():
+            raise BatchAbandoned
+        streaming = [job for job in live if job.stream and step.index > job.last_preview and self._whole(job)]
+        if streaming:
+            self._send_previews(step, streaming)
+        self.last = time.monotonic()
+
+    def _whole(self, job: Job) -> bool:
+        """Previews go only to requests whose images all run in this batch (not after an OOM split)."""
+        return sum(1 for j, _ in self.rows if j is job) == job.n
+
+    def _send_previews(self, step, jobs: list[Job]) -> None:
+        positions = [p for p, (job, _) in enumerate(self.rows) if job in jobs]
+        # (len(positions), 3, H, W): decoding only the streaming requests' images
+        images = self.runner.preview(select_rows(step, positions, len(self.rows)))
+        start = 0
+        for job in jobs:  # positions are grouped by job, in the order of `jobs`
+            job.channel.send(Preview(step.index, step.total, images[start : start + job.n]))
+            job.last_preview = step.index
+            start += job.n

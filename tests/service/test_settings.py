@@ -1,0 +1,57 @@
+"""Server settings (flags over VARSERVE_* variables over defaults) and ImageNet class names."""
+
+import argparse
+import re
+from pathlib import Path
+
+import pytest
+
+from models.config import ModelSpec
+from service.classes import resolve_class
+from service.settings import Settings, add_serve_arguments, settings_from
+
+
+def parse(*argv: str, env: dict | None = None) -> Settings:
+    parser = argparse.ArgumentParser()
+    add_serve_arguments(parser)
+    return settings_from(parser.parse_args(argv), env or {})
+
+
+def test_flags_override_environment_override_defaults():
+    s = parse("--config", "a.toml", "--max-batch-size", "8", env={"VARSERVE_MAX_BATCH_SIZE": "4"})
+    assert (s.config, s.max_batch_size, s.port, s.max_wait_ms) == (Path("a.toml"), 8, 8000, 10.0)
+    s = parse(env={"VARSERVE_CONFIG": "b.toml", "VARSERVE_MAX_WAIT_MS": "2.5", "VARSERVE_HOST": "0.0.0.0"})
+    assert (s.config, s.max_wait_ms, s.host) == (Path("b.toml"), 2.5, "0.0.0.0")
+    assert parse("--config", "c", "--max-images", "32", "--max-batch-size", "8").max_n == 8
+
+
+@pytest.mark.parametrize(
+    "argv, env, message",
+    [
+        ((), {}, "--config (or VARSERVE_CONFIG) is required"),
+        (("--config", "c", "--port", "70000"), {}, "--port: 70000 is outside [0, 65535]"),
+        (("--config", "c"), {"VARSERVE_TIMEOUT_S": "0"}, "VARSERVE_TIMEOUT_S: 0.0 is not > 0"),
+        (("--config", "c", "--log-level", "loud"), {}, "--log-level: 'loud' is not one of"),
+    ],
+)
+def test_bad_settings_name_the_flag_or_variable(argv, env, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        parse(*argv, env=env)
+
+
+def test_class_names_come_from_the_config_or_imagenet():
+    spec = ModelSpec("digits", "var", Path("w"), Path("t"), class_names=("zero", "one", "two"))
+    assert resolve_class("Two", 3, spec) == resolve_class("2", 3, spec) == 2
+    with pytest.raises(ValueError, match="give one of zero, one, two or an index"):
+        resolve_class("three", 3, spec)
+    assert resolve_class("goldfish", 1000, ModelSpec("in", "var", Path("w"), Path("t"))) == 1
+
+    assert resolve_class("golden retriever", 1000) == 207
+    assert resolve_class("Golden Retriever", 1000) == resolve_class("207", 1000) == resolve_class(207, 1000)
+    assert resolve_class("Tinca tinca", 1000) == 0  # a WordNet synonym
+    with pytest.raises(ValueError, match=r"'crane' names several ImageNet classes \(134, 517\)"):
+        resolve_class("crane", 1000)
+    with pytest.raises(ValueError, match="'unicorn' is not an ImageNet class name"):
+        resolve_class("unicorn", 1000)
+    with pytest.raises(ValueError, match="this model has 10 classes: give an index 0..9"):
+        resolve_class("goldfish", 10)
