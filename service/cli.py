@@ -9,6 +9,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from models.config import DEFAULT_CONFIG
 from service.settings import add_serve_arguments, settings_from
 
 MAX_IMAGES = 256
@@ -37,12 +38,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="varserve", description="Visual autoregressive image generation.")
     sub = parser.add_subparsers(dest="command", required=True)
     gen = sub.add_parser("generate", help="generate images to PNG files")
-    gen.add_argument("--config", required=True, type=Path, help="model config (TOML)")
+    gen.add_argument(
+        "--config",
+        type=Path,
+        default=DEFAULT_CONFIG,
+        help="model config (TOML; default: the bundled digit models)",
+    )
     gen.add_argument("--model", help="model name in the config (optional when it lists one model)")
     condition = gen.add_mutually_exclusive_group(required=True)
-    condition.add_argument(
-        "--class", dest="class_label", type=in_range(int, 0), help="class index (class models)"
-    )
+    condition.add_argument("--class", dest="class_label", help="class index or name (class models)")
     condition.add_argument("--prompt", help="text prompt (text-conditional models)")
     gen.add_argument("--n", type=in_range(int, 1, MAX_IMAGES), default=1, help="number of images")
     gen.add_argument(
@@ -74,7 +78,7 @@ def pick_model(specs, name: str | None, parser: argparse.ArgumentParser):
 
 
 def generate_command(args, parser: argparse.ArgumentParser) -> int:
-    from models.config import ConfigError, load_config
+    from models.config import ConfigError, class_index, load_config
     from models.loading import CheckpointError
     from models.runner import ModelRunner, image_params
     from service.images import to_pil
@@ -85,15 +89,18 @@ def generate_command(args, parser: argparse.ArgumentParser) -> int:
     except (ConfigError, CheckpointError, ValueError) as e:
         print(f"varserve: error: {e}", file=sys.stderr)
         return 1
-    condition = args.class_label if args.prompt is None else args.prompt
     if runner.conditioning == "class" and args.prompt is not None:
         parser.error(f"'{spec.name}' is class-conditional: use --class, not --prompt")
     if runner.conditioning == "text" and args.prompt is None:
         parser.error(f"'{spec.name}' is text-conditional: use --prompt, not --class")
-    if runner.conditioning == "class" and args.class_label >= runner.num_classes:
-        parser.error(
-            f"--class {args.class_label} is out of range 0..{runner.num_classes - 1} for '{spec.name}'"
-        )
+    condition = args.prompt
+    if runner.conditioning == "class":
+        try:
+            condition = class_index(spec, args.class_label)
+        except ValueError as e:
+            parser.error(f"--class: {e}")
+        if not 0 <= condition < runner.num_classes:
+            parser.error(f"--class {condition} is out of range 0..{runner.num_classes - 1} for '{spec.name}'")
     first_seed = args.seed if args.seed is not None else secrets.randbelow(2**31)
     params = image_params(
         spec.defaults, first_seed, args.n, args.cfg, args.top_k, args.top_p, args.temperature

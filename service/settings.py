@@ -8,6 +8,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from models.config import DEFAULT_CONFIG
+
 ENV_PREFIX = "VARSERVE_"
 
 
@@ -70,7 +72,7 @@ def _log_level(text: str) -> str:
 
 # field -> (parser, help)
 OPTIONS: dict[str, tuple[Callable[[str], object], str]] = {
-    "config": (Path, "model config (TOML); required"),
+    "config": (Path, "model config (TOML); default: the bundled digit models"),
     "host": (str, "address to listen on (default 127.0.0.1; 0.0.0.0 in the container)"),
     "port": (_port, "port (default 8000)"),
     "max_batch_size": (_positive(int), "images per engine batch (default 16)"),
@@ -118,6 +120,5 @@ def settings_from(args: argparse.Namespace, environ: Mapping[str, str] = os.envi
             values[field] = parse(given)
         except ValueError as e:
             raise ValueError(f"{source}: {e}") from None
-    if "config" not in values:
-        raise ValueError(f"{flag('config')} (or {env_name('config')}) is required")
+    values.setdefault("config", DEFAULT_CONFIG)
     return Settings(**values)

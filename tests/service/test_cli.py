@@ -46,7 +46,7 @@ def test_bad_values_exit_non_zero_with_a_message(tmp_path):
         (["--class", 10], "--class 10 is out of range 0..9"),
         (["--class", 1, "--top-p", 1.5], "argument --top-p: 1.5 is outside [0, 1]"),
         (["--class", 1, "--n", 0], "argument --n: 0 is outside [1, 256]"),
-        (["--class", "cat"], "argument --class: 'cat' is not a valid int"),
+        (["--class", "cat"], "--class: unknown class 'cat' for model 'var-fixture': give a class index"),
         (["--class", 1, "--temperature", 0], "argument --temperature: 0.0 is outside (0, 100]"),
         (["--class", 1, "--model", "nope"], "--model 'nope' is not in the config"),
     ]

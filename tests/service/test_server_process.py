@@ -63,8 +63,6 @@ def serve(*args, env=None) -> subprocess.CompletedProcess:
 
 def test_bad_settings_exit_2_and_bad_configs_exit_1(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("VARSERVE_")}
-    run = serve(env=env)
-    assert run.returncode == 2 and "--config (or VARSERVE_CONFIG) is required" in run.stderr
     run = serve("--config", CONFIG, env={**env, "VARSERVE_MAX_BATCH_SIZE": "zero"})
     assert run.returncode == 2 and "VARSERVE_MAX_BATCH_SIZE: 'zero' is not a valid int" in run.stderr
     run = serve("--config", CONFIG, "--max-wait-ms", "-1", env=env)

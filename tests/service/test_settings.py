@@ -25,10 +25,15 @@ def test_flags_override_environment_override_defaults():
     assert parse("--config", "c", "--max-images", "32", "--max-batch-size", "8").max_n == 8
 
 
+def test_config_defaults_to_the_bundled_models():
+    from models.config import DEFAULT_CONFIG
+
+    assert parse(env={}).config == DEFAULT_CONFIG and DEFAULT_CONFIG.is_file()
+
+
 @pytest.mark.parametrize(
     "argv, env, message",
     [
-        ((), {}, "--config (or VARSERVE_CONFIG) is required"),
         (("--config", "c", "--port", "70000"), {}, "--port: 70000 is outside [0, 65535]"),
         (("--config", "c"), {"VARSERVE_TIMEOUT_S": "0"}, "VARSERVE_TIMEOUT_S: 0.0 is not > 0"),
         (("--config", "c", "--log-level", "loud"), {}, "--log-level: 'loud' is not one of"),
