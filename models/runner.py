@@ -153,8 +153,17 @@ class ModelRunner:
         """The image as far as it is generated: (B, 3, H, W) in [0, 1]."""
         with torch.inference_mode():
             if self.family == "var":
-                return self.tokenizer.fhat_to_img(step.f_hat.clone()).add_(1).mul_(0.5).cpu()
-            return llamagen.decode_tokens(self.tokenizer, step.tokens, self.model.config.grid_size).cpu()
+                # rebuilt per image from its tokens, as the engine's final images are, so the last
+                # preview is exactly the finished image
+                sizes = [pn * pn for pn in self.model.cfg.patch_nums[: step.index + 1]]
+                images = [
+                    self.tokenizer.idx_to_img(list(step.history[i : i + 1].split(sizes, dim=1)))
+                    for i in range(step.history.shape[0])
+                ]
+                return torch.cat(images).add_(1).mul_(0.5).cpu()
+            grid = self.model.config.grid_size
+            rows = [llamagen.decode_tokens(self.tokenizer, t.unsqueeze(0), grid) for t in step.tokens]
+            return torch.cat(rows).cpu()
 
 
 def var_params(p: ImageParams) -> var.VARParams:

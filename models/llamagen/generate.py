@@ -104,7 +104,13 @@ def generate(
             step_tokens = torch.cat([step_tokens, step_tokens])
         pos = torch.tensor([c.cls_token_num + i], device=device)
         logits = model.decode_step(step_tokens, pos, cache)
-    images = decode_tokens(vq, tokens, c.grid_size) if decode else tokens.new_zeros(0).float()
+    # One image at a time: a batched decode may differ in the last bit with the batch size, and an
+    # image must not depend on its batch.
+    images = (
+        torch.cat([decode_tokens(vq, tokens[i : i + 1], c.grid_size) for i in range(B)])
+        if decode
+        else tokens.new_zeros(0).float()
+    )
     return LlamaGenOutput(images, tokens, c.block_size, cache.nbytes, transformer_flops(model, cond.shape[0]))
 
 
