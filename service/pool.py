@@ -8,8 +8,8 @@ import time
 from collections.abc import Callable
 
 from models.config import ModelSpec
+from models.runtime import keep_freed_memory
 from service.catalog import Catalog
-from service.host_memory import share_main_malloc_arena
 from service.jobs import Failed, Job
 from service.metrics import Metrics
 from service.scheduler import RequestQueue
@@ -38,7 +38,7 @@ class WorkerPool:
 
     def start(self) -> None:
         if any(w.device == "cpu" for w in self.workers):
-            share_main_malloc_arena()  # before the workers exist: a thread picks its arena at its first malloc
+            keep_freed_memory()  # before the workers exist: a thread picks its arena at its first malloc
         for worker in self.workers:
             worker.start()
 
