@@ -7,7 +7,7 @@
 
 GPT-B shape (12 layers, width 768, 12 heads, vocabulary 16384, 16x16 tokens) with random weights.
 
-    python -m bench.llamagen_engine [--batches 1 4 16] [--repeats 2]
+    python -m bench.llamagen_engine [--batches 1 4 16] [--repeats 2] [--unpacked]
 """
 
 from __future__ import annotations
@@ -18,31 +18,41 @@ import time
 import torch
 
 from bench.measure import matmul_peak, read_bandwidth, timed
+from kernels.linear import pack_linear_weights
 from models.llamagen.generate import LlamaGenParams, generate, transformer_flops
 from models.llamagen.model import GPT, GPTConfig
 from models.runtime import keep_freed_memory
 
 
 @torch.inference_mode()
-def decode_step_time(model: GPT, rows: int, steps: int = 40) -> float:
-    """Best time of one decode step for `rows` sequences, past the middle of an image."""
+def decode_step_and_bandwidth(model: GPT, rows: int, steps: int = 40) -> tuple[float, float]:
+    """Best time of one decode step for `rows` sequences, past the middle of an image, and the best
+    memory read bandwidth (bytes/s) measured between those steps.
+
+    This machine's bandwidth moves with its neighbours' load (29-65 GB/s from run to run), so the
+    two are sampled alternately over the same seconds: their ratio is fair whatever the load."""
     c = model.config
     cache = model.new_kv_cache(rows)
     model.prefill(model.embed_cond(torch.zeros(rows, dtype=torch.long)), cache)
     tokens = torch.zeros(rows, 1, dtype=torch.long)
-    times = []
+    probe = torch.ones(2**26)  # 256 MiB, far beyond the caches
+    step_times, sum_times = [], []
     for i in range(steps):
         pos = torch.tensor([c.cls_token_num + c.block_size // 2 + i])
         t0 = time.perf_counter()
         model.decode_step(tokens, pos, cache)
-        times.append(time.perf_counter() - t0)
-    return min(times[5:])
+        t1 = time.perf_counter()
+        probe.sum()
+        step_times.append(t1 - t0)
+        sum_times.append(time.perf_counter() - t1)
+    return min(step_times[3:]), probe.nbytes / min(sum_times[3:])
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 4, 16])
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--unpacked", action="store_true", help="keep the published weight layout (F.linear)")
     args = ap.parse_args()
 
     keep_freed_memory()
@@ -51,25 +61,37 @@ def main() -> None:
     model = GPT(cfg).eval().requires_grad_(False)
     weight_bytes = sum(p.nbytes for n, p in model.named_parameters() if "cls_embedding" not in n)
     stream_bytes = weight_bytes - model.tok_embeddings.weight.nbytes  # a step reads one embedding row
+    if not args.unpacked:
+        pack_linear_weights(model)  # as models.llamagen.loading does for a checkpoint
     peak, shape = matmul_peak([(2048, 2048, 2048), (32, 768, 2048), (512, 768, 16384)])
     bw = read_bandwidth()
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, linear weights {'un' * args.unpacked}packed"
+    )
     print(f"fp32 matmul peak {peak / 1e9:.1f} GFLOP/s (shape {shape}); memory read {bw / 1e9:.1f} GB/s")
     print(
         f"GPT-B: {weight_bytes / 1e6:.0f} MB of weights, {stream_bytes / 1e6:.0f} MB read per decode step "
         f"-> {1e3 * stream_bytes / bw:.1f} ms to stream once\n"
     )
 
-    print("| decode step | ms | x weight-streaming time |")
-    print("|---|---|---|")
-    stream_ms = 1e3 * stream_bytes / bw
+    print("decode step, timed alternately with a read-bandwidth probe (best of each):\n")
+    print("| decode step | ms | GB/s read meanwhile | ms to stream weights | x weight-streaming time |")
+    print("|---|---|---|---|---|")
+    step_ms = {}
     for label, rows in (
         ("batch 1, cfg (2 rows)", 2),
         ("batch 1, no cfg (1 row)", 1),
         ("batch 16, cfg (32 rows)", 32),
     ):
-        ms = 1e3 * decode_step_time(model, rows)
-        print(f"| {label} | {ms:.1f} | {ms / stream_ms:.2f} |")
+        t, step_bw = decode_step_and_bandwidth(model, rows)
+        step_ms[rows] = 1e3 * t
+        stream_ms = 1e3 * stream_bytes / step_bw
+        print(
+            f"| {label} | {1e3 * t:.1f} | {step_bw / 1e9:.1f} | {stream_ms:.1f} | {1e3 * t / stream_ms:.2f} |"
+        )
+    print(
+        f"\nbatch-16 step / batch-1 step: {step_ms[32] / step_ms[2]:.2f} (per-image speed-up {16 * step_ms[2] / step_ms[32]:.2f}x)"
+    )
 
     print("\nwhole images, cfg 4, top-k 2000, top-p 1.0 (256 tokens each):\n")
     print(

@@ -1,41 +1,101 @@
-"""Linear layers for decode steps, where up to a few hundred rows meet a large weight matrix.
+"""Linear layers for decode steps, where a few rows meet a large weight matrix.
 
-On CPU, `F.linear(x, W)` (x @ W.T) runs a GEMM kernel tuned for many rows: with 2-32 rows it
-reached 8-83 GFLOP/s here, and one row goes to a single-threaded GEMV (13 GB/s of weights). The
-same product computed weight-major, `W @ x.T` with x.T a column-major view, reached 28-126 GFLOP/s
-(28 GB/s of weights at 2 rows, near this machine's read bandwidth) and stays ahead up to ~256
-rows. CUDA and larger row counts keep `F.linear`.
+On CPU, PyTorch's `F.linear` is MKL's SGEMM, which on this (AMD) machine reads the weights at
+6-15 GB/s for one or two rows (a decode step at batch 1) and reaches 70-105 GFLOP/s for 32-64 rows:
+it repacks the weight on every call, and its small-M paths are not tuned for this CPU. oneDNN with
+a pre-reordered weight does better (23 GB/s, 185 GFLOP/s) but still not at the memory bandwidth.
+
+So on CPU the weights are packed once, after loading, into panels of 16 output columns
+(`pack_weight`: (N, K) -> (N / 16, K, 16)) and multiplied by our C kernel (kernels/cpu/linear.c),
+which streams them in address order. On the GPT-B weight set (390 MB, measured beside a 60 GB/s
+read probe): 49-51 GB/s at 1-2 rows, 145 / 187 / 200 GFLOP/s at 8 / 32 / 64 rows. A row's result
+does not depend on the other rows of the call, so batching stays invisible in the numbers.
+
+Models keep their published (N, K) weights until `pack_linear_weights` swaps them for panels in
+place (same memory), and call `linear(x, weight)`, which dispatches on the weight it is given: a
+3-D weight is in panels. CUDA, other dtypes and machines without a C compiler keep `F.linear`.
 """
 
 from __future__ import annotations
 
+import ctypes
+import functools
+
 import torch
 import torch.nn.functional as F
+from torch import nn
 
-WEIGHT_MAJOR_MAX_ROWS = 256
+from kernels import native
+
+PANEL = 16  # output columns per panel: one AVX-512 register of float32
+
+
+@functools.cache
+def _kernel():
+    lib = native.load("linear")
+    if lib is None:
+        return None
+    fn = lib.varserve_linear_panels
+    fn.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_long] * 3
+    fn.restype = None
+    return fn
+
+
+def can_pack(weight: torch.Tensor) -> bool:
+    return (
+        weight.device.type == "cpu"
+        and weight.dtype == torch.float32
+        and weight.dim() == 2
+        and weight.shape[0] % PANEL == 0
+        and native.load("linear") is not None
+    )
+
+
+def is_packed(weight: torch.Tensor) -> bool:
+    return weight.dim() == 3
+
+
+def pack_weight(weight: torch.Tensor) -> torch.Tensor:
+    """(N, K) weight -> (N / 16, K, 16) panels, or the weight itself where packing does not apply."""
+    if not can_pack(weight):
+        return weight
+    N, K = weight.shape
+    return weight.detach().view(N // PANEL, PANEL, K).transpose(1, 2).contiguous()
+
+
+def unpack_weight(panels: torch.Tensor) -> torch.Tensor:
+    """(N / 16, K, 16) panels -> the (N, K) weight."""
+    P, K, _ = panels.shape
+    return panels.transpose(1, 2).reshape(P * PANEL, K)
+
+
+def pack_linear_weights(module: nn.Module) -> int:
+    """Packs the weight of every nn.Linear under `module` in place -> how many were packed.
+
+    Afterwards those layers must be called through `linear(x, layer.weight)`, not `layer(x)`."""
+    packed = 0
+    for layer in module.modules():
+        if isinstance(layer, nn.Linear) and can_pack(layer.weight):
+            layer.weight = nn.Parameter(pack_weight(layer.weight), requires_grad=False)
+            packed += 1
+    return packed
 
 
 def linear_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    return F.linear(x, weight, bias)
-
-
-def weight_major_linear(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
-) -> torch.Tensor:
-    """x: (..., K), weight: (N, K) -> (..., N), as weight @ x.T."""
-    rows = x.reshape(-1, x.shape[-1])
-    m = rows.shape[0]
-    if m == 1:
-        rows = rows.repeat(2, 1)  # a second (ignored) column keeps it off the single-threaded GEMV
-    # rows.T must be a column-major view (not a row-major copy) and the result is made row-major
-    # again: the fast path depends on that layout (6 vs 25 GB/s measured for a (768, 2048) weight).
-    out = (weight @ rows.T)[:, :m].T.contiguous()
-    if bias is not None:
-        out = out + bias
-    return out.reshape(*x.shape[:-1], weight.shape[0])
+    return F.linear(x, unpack_weight(weight) if is_packed(weight) else weight, bias)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    if x.device.type == "cpu" and x.numel() <= WEIGHT_MAJOR_MAX_ROWS * x.shape[-1]:
-        return weight_major_linear(x, weight, bias)
-    return linear_reference(x, weight, bias)
+    """x: (..., K), weight: (N, K) or packed (N / 16, K, 16) -> (..., N)."""
+    if not is_packed(weight):
+        return F.linear(x, weight, bias)
+    P, K, _ = weight.shape
+    rows = x.reshape(-1, K).contiguous()
+    if rows.dtype != torch.float32 or rows.device.type != "cpu":
+        raise TypeError(f"packed linear takes float32 CPU inputs, got {rows.dtype} on {rows.device}")
+    out = torch.empty(rows.shape[0], P * PANEL, dtype=torch.float32)
+    if rows.shape[0]:
+        _kernel()(rows.data_ptr(), weight.data_ptr(), out.data_ptr(), rows.shape[0], P * PANEL, K)
+    if bias is not None:
+        out += bias
+    return out.view(*x.shape[:-1], P * PANEL)

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from kernels.linear import pack_linear_weights
 from models.llamagen.model import GPT, GPTConfig
 from models.llamagen.tokenizer import VQConfig, VQModel
 from models.loading import CheckpointError, count_indexed, load_into, read_state_dict, require
@@ -120,12 +121,15 @@ def load_gpt(
     dtype: torch.dtype = torch.float32,
     downsample: int = 16,
 ) -> GPT:
-    """A LlamaGen c2i or t2i GPT from a checkpoint file (or an already read state dict), in eval mode.
+    """A LlamaGen c2i or t2i GPT from a checkpoint file (or an already read state dict), in eval mode,
+    its linear weights packed for `kernels.linear` (call it, not the nn.Linear modules).
 
     The token grid is image_size // downsample: 16 for the VQ-16 tokenizer all published GPTs use."""
     state, name = _read(path)
     cfg = gpt_config_from_state(state, name, arch, n_head, image_size, downsample)
-    return _build(GPT, cfg, state, name, GPT_IGNORE, device, dtype)
+    model = _build(GPT, cfg, state, name, GPT_IGNORE, device, dtype)
+    pack_linear_weights(model)  # CPU float32: oneDNN's blocked layout, read at memory bandwidth
+    return model
 
 
 def vq_config_from_state(state: dict[str, torch.Tensor], path: str | Path) -> VQConfig:

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kernels.attention import decode_attention
 from kernels.linear import linear
 from models.llamagen.kv_cache import KVCache
 
@@ -73,9 +74,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Normalise in float32 even for bf16 weights, as the published models were trained.
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return xf.type_as(x) * self.weight
+        return F.rms_norm(x.float(), x.shape[-1:], eps=self.eps).type_as(x) * self.weight
 
 
 class FeedForward(nn.Module):
@@ -107,12 +106,11 @@ def rope_2d(pos: torch.Tensor, cfg: GPTConfig) -> torch.Tensor:
 
 
 def apply_rope(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
-    """x: (B, S, H, D), rope: (S, D // 2, 2); rotates interleaved pairs (x[2i], x[2i + 1]) in float32."""
-    xp = x.float().reshape(*x.shape[:-1], -1, 2)
-    cos, sin = rope[None, :, None, :, 0], rope[None, :, None, :, 1]
-    x0, x1 = xp[..., 0], xp[..., 1]
-    out = torch.stack([x0 * cos - x1 * sin, x1 * cos + x0 * sin], dim=-1)
-    return out.flatten(3).type_as(x)
+    """x: (B, S, H, D), rope: (S, D // 2, 2) -> x with each interleaved pair (x[2i], x[2i + 1])
+    rotated in float32: as complex numbers, x * (cos + i sin), a few kernels instead of a dozen."""
+    xc = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))
+    rotated = xc * torch.view_as_complex(rope)[None, :, None]
+    return torch.view_as_real(rotated).flatten(3).type_as(x)
 
 
 class Attention(nn.Module):
@@ -130,22 +128,27 @@ class Attention(nn.Module):
         mask: torch.Tensor | None,
         input_pos: torch.Tensor | None = None,
         kv_cache: KVCache | None = None,
+        n_keys: int | None = None,
     ) -> torch.Tensor:
-        """x: (B, S, dim); mask: None (plain causal) or bool, broadcastable to (B, 1, S, L_k)."""
+        """x: (B, S, dim); mask: bool, broadcastable to (B, 1, S, n_keys), or None: plain causal when
+        S > 1, every key when S == 1 (a decode step); n_keys: cached positions to attend over."""
         B, S, dim = x.shape
-        kv = self.n_kv_head * self.head_dim
-        q, k, v = linear(x, self.wqkv.weight).split([dim, kv, kv], dim=-1)
-        q = apply_rope(q.view(B, S, self.n_head, self.head_dim), rope)
-        k = apply_rope(k.view(B, S, self.n_kv_head, self.head_dim), rope)
-        v = v.view(B, S, self.n_kv_head, self.head_dim)
+        H, H_kv = self.n_head, self.n_kv_head
+        qkv = linear(x, self.wqkv.weight).view(B, S, H + 2 * H_kv, self.head_dim)
+        qk = apply_rope(qkv[:, :, : H + H_kv], rope)  # q and k rotated in one go
+        q, k, v = qk[:, :, :H], qk[:, :, H:], qkv[:, :, H + H_kv :]
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # q: (B, H, S, D), k/v: (B, H_kv, S, D)
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer_idx, input_pos, k, v)  # (B, H_kv, T_max, D)
-            k, v = k[:, :, : mask.shape[-1]], v[:, :, : mask.shape[-1]]  # the keys written so far
-        # Query head h reads KV head h // (H / H_kv), as the official repeat_interleave.
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=self.n_kv_head != self.n_head
-        )
+        if kv_cache is not None and S == 1:
+            y = decode_attention(q, k, v, n_keys, kv_cache.key_valid)  # reads the cache in place
+        else:
+            if kv_cache is not None:
+                k, v = k[:, :, :n_keys], v[:, :, :n_keys]  # the keys written so far
+            # Query head h reads KV head h // (H / H_kv), as the official repeat_interleave.
+            y = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, is_causal=mask is None and S > 1, enable_gqa=H_kv != H
+            )
         return linear(y.transpose(1, 2).reshape(B, S, dim), self.wo.weight)
 
 
@@ -157,8 +160,8 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
 
-    def forward(self, x, rope, mask, input_pos=None, kv_cache=None):
-        h = x + self.attention(self.attention_norm(x), rope, mask, input_pos, kv_cache)
+    def forward(self, x, rope, mask, input_pos=None, kv_cache=None, n_keys=None):
+        h = x + self.attention(self.attention_norm(x), rope, mask, input_pos, kv_cache, n_keys)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -182,7 +185,7 @@ class CaptionMLP(nn.Module):
         self.fc2 = nn.Linear(dim, dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+        return linear(F.gelu(linear(x, self.fc1.weight), approximate="tanh"), self.fc2.weight)
 
 
 class CaptionEmbedder(nn.Module):
@@ -251,7 +254,7 @@ class GPT(nn.Module):
         rope = rope_2d(pos, self.config)
         for layer in self.layers:
             h = layer(h, rope, mask)
-        return self.output(self.norm(h[:, self.config.cls_token_num - 1 :])).float()
+        return linear(self.norm(h[:, self.config.cls_token_num - 1 :]), self.output.weight).float()
 
     # -- cached inference seam --------------------------------------------------------------------
 
@@ -282,17 +285,20 @@ class GPT(nn.Module):
 
     def _cached_forward(self, h: torch.Tensor, input_pos: torch.Tensor, kv_cache: KVCache) -> torch.Tensor:
         """h: (B, S, dim) at positions input_pos (S,) -> logits of the last position, (B, vocab)."""
-        # mask: (B or 1, 1, S, L) over the L = last position + 1 keys written so far: attention reads
-        # no further (at batch 16 the cache, not the weights, is most of a decode step's traffic).
-        keys = torch.arange(int(input_pos.max()) + 1, device=h.device)
-        mask = keys[None, :] <= input_pos[:, None]
-        if kv_cache.key_valid is not None:
-            valid = kv_cache.key_valid[:, : len(keys)]
-            mask = mask & (valid[:, None, :] | (keys[None, :] == input_pos[:, None]))
-        mask = mask.view(-1, 1, *mask.shape[-2:])
+        # Attention reads only the n_keys positions written so far, not the whole buffer: at batch 16
+        # the cache, not the weights, is most of a decode step's traffic.
+        S, n_keys = h.shape[1], int(input_pos[-1]) + 1
+        mask = None  # a decode step sees every key, a prefill from position 0 is plain causal
+        if kv_cache.key_valid is not None or S not in (1, n_keys):
+            keys = torch.arange(n_keys, device=h.device)
+            mask = keys[None, :] <= input_pos[:, None]  # (S, n_keys)
+            if kv_cache.key_valid is not None:
+                valid = kv_cache.key_valid[:, :n_keys]
+                mask = mask & (valid[:, None, :] | (keys[None, :] == input_pos[:, None]))
+            mask = mask.view(-1, 1, S, n_keys)
         rope = rope_2d(input_pos, self.config)
         for layer in self.layers:
-            h = layer(h, rope, mask, input_pos, kv_cache)
+            h = layer(h, rope, mask, input_pos, kv_cache, n_keys)
         return linear(self.norm(h[:, -1]), self.output.weight).float()
 
     def _key_valid(self, cond_mask: torch.Tensor, length: int) -> torch.Tensor:

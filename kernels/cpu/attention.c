@@ -1,0 +1,77 @@
+// Decode-step attention on CPU, float32: one new query per sequence against the keys and values
+// cached so far, read straight from the preallocated cache (no slicing copies, no mask tensor).
+//
+// Why our own: a decode step's attention is a pure stream over the cache (at batch 16 with guidance
+// ~28 MB per layer at mid-image), and PyTorch's CPU flash-attention kernel moved it at ~15 GB/s
+// here, a third of the step. This kernel gives each (sequence, head) one thread-local pass over
+// its keys (scores, then a softmax) and one over its values, both in address order.
+//
+// q: (B, H, D); k, v: (B, H_kv, T_max, D), positions [0, L) valid; key_valid: (B, T_max) bytes, 0
+// for a padded condition token, or NULL; out: (B, H, D). Query head h reads KV head
+// h / (H / H_kv) (grouped-query attention, as the official repeat_interleave).
+
+#include <math.h>
+#include <string.h>
+
+typedef float v16 __attribute__((vector_size(64)));
+#define LANES 16
+
+static inline v16 load16(const float *p) {
+  v16 v;
+  memcpy(&v, p, sizeof v);
+  return v;
+}
+
+static inline float hsum(v16 v) {
+  float s = 0.0f;
+  for (int i = 0; i < LANES; i++) s += v[i];
+  return s;
+}
+
+static float dot(const float *a, const float *b, long D) {
+  v16 acc = {0};
+  long d = 0;
+  for (; d + LANES <= D; d += LANES) acc += load16(a + d) * load16(b + d);
+  float s = hsum(acc);
+  for (; d < D; d++) s += a[d] * b[d];
+  return s;
+}
+
+void varserve_decode_attention(const float *q, const float *k, const float *v,
+                               const unsigned char *key_valid, float *out, long B, long H, long H_kv,
+                               long T_max, long L, long D, float scale) {
+  long group = H / H_kv;
+#pragma omp parallel for schedule(static)
+  for (long bh = 0; bh < B * H; bh++) {
+    long b = bh / H, h = bh % H;
+    const float *qh = q + bh * D;
+    const float *kh = k + (b * H_kv + h / group) * T_max * D;
+    const float *vh = v + (b * H_kv + h / group) * T_max * D;
+    const unsigned char *valid = key_valid ? key_valid + b * T_max : NULL;
+    float p[L];
+    float top = -INFINITY;
+    for (long t = 0; t < L; t++) {
+      p[t] = (valid && !valid[t]) ? -INFINITY : scale * dot(qh, kh + t * D, D);
+      top = p[t] > top ? p[t] : top;
+    }
+    float total = 0.0f;
+    for (long t = 0; t < L; t++) {
+      p[t] = expf(p[t] - top);
+      total += p[t];
+    }
+    float acc[D];
+    memset(acc, 0, sizeof acc);
+    for (long t = 0; t < L; t++) {
+      const float *vt = vh + t * D;
+      float w = p[t];
+      long d = 0;
+      for (; d + LANES <= D; d += LANES) {
+        v16 a = load16(acc + d) + w * load16(vt + d);
+        memcpy(acc + d, &a, sizeof a);
+      }
+      for (; d < D; d++) acc[d] += w * vt[d];
+    }
+    float *oh = out + bh * D;
+    for (long d = 0; d < D; d++) oh[d] = acc[d] / total;
+  }
+}
