@@ -11,6 +11,7 @@ from kernels.linear import (
     pack_linear_weights,
     pack_weight,
     unpack_weight,
+    weight_major_linear,
 )
 
 needs_kernel = pytest.mark.skipif(native.load("linear") is None, reason="no C compiler for the CPU kernels")
@@ -117,3 +118,11 @@ def test_the_build_is_cached_by_source_flags_and_cpu(tmp_path, monkeypatch):
     mtime = first.stat().st_mtime_ns
     assert native.build("linear") == first and first.stat().st_mtime_ns == mtime  # not rebuilt
     assert [p.name for p in tmp_path.iterdir()] == [first.name]  # no temporary files left behind
+
+
+@pytest.mark.parametrize("shape", [(1, 64), (2, 64), (1, 1, 64), (2, 3, 64), (300, 64)])
+def test_unpacked_cpu_weights_take_the_weight_major_path(shape):
+    torch.manual_seed(0)
+    x, w, b = torch.randn(shape), torch.randn(48, 64), torch.randn(48)
+    torch.testing.assert_close(weight_major_linear(x, w, b), x @ w.T + b, atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(linear(x, w, b), x @ w.T + b, atol=1e-4, rtol=1e-5)
