@@ -18,6 +18,7 @@ import time
 import torch
 
 from bench.measure import matmul_peak, read_bandwidth, timed
+from kernels import native
 from kernels.linear import pack_linear_weights
 from models.llamagen.generate import LlamaGenParams, generate, transformer_flops
 from models.llamagen.model import GPT, GPTConfig
@@ -63,10 +64,12 @@ def main() -> None:
     stream_bytes = weight_bytes - model.tok_embeddings.weight.nbytes  # a step reads one embedding row
     if not args.unpacked:
         pack_linear_weights(model)  # as models.llamagen.loading does for a checkpoint
+    kernels = "C kernels" if native.load("linear") and native.load("attention") else "PyTorch ops only"
     peak, shape = matmul_peak([(2048, 2048, 2048), (32, 768, 2048), (512, 768, 16384)])
     bw = read_bandwidth()
     print(
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads, linear weights {'un' * args.unpacked}packed"
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {kernels}, "
+        f"linear weights {'un' * args.unpacked}packed"
     )
     print(f"fp32 matmul peak {peak / 1e9:.1f} GFLOP/s (shape {shape}); memory read {bw / 1e9:.1f} GB/s")
     print(
