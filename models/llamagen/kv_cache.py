@@ -2,9 +2,9 @@
 
 One (B, H_kv, T_max, D) key and value buffer per layer, allocated up front: a step writes its
 positions in place, so nothing is re-concatenated and the memory a request holds is known before
-it starts. `update` returns the whole buffer; the model masks the positions not yet written, which
-keeps shapes static (CUDA graphs / torch.compile friendly) at the cost of attending over T_max keys,
-a small price next to the projections at LlamaGen's T_max (<= 120 + 1024).
+it starts. `update` returns the whole buffer (static shapes: CUDA graphs / torch.compile friendly);
+attention reads only the positions written so far, a decode step straight from this buffer
+(kernels.attention.decode_attention).
 """
 
 from __future__ import annotations
@@ -24,8 +24,8 @@ class KVCache:
         device: torch.device | str = "cpu",
     ):
         shape = (batch, n_kv_head, max_len, head_dim)
-        # Zeros, not empty: masked positions still go through the attention matmul, and garbage there
-        # (NaN/inf) would survive a zero attention weight.
+        # Zeros, not empty: attention never reads past the positions written, but a reference path
+        # that did would turn stale garbage (NaN/inf) into NaN outputs even under a zero weight.
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layer)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layer)]
         # key_valid: (B, T_max) bool, or None when every condition token is valid. Set by the model's
