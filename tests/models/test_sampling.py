@@ -71,3 +71,14 @@ def test_last_bit_logit_noise_rarely_changes_tokens():
     noisy = logits * (1 + 1e-7 * torch.randn_like(logits))
     same = run(logits, 900, 0.95, seeds=[1]) == run(noisy, 900, 0.95, seeds=[1])
     assert same.float().mean() > 0.999
+
+
+def test_unsorted_candidates_give_the_tokens_the_sorted_path_gives():
+    # Same k everywhere and no top-p: candidates are left unsorted. A second row with a smaller k
+    # forces the sorted path for row 0; its tokens must not change.
+    torch.manual_seed(0)
+    logits = torch.randn(1, 64, 1000) * 3
+    unsorted = run(logits, 200, 1.0, seeds=[7])
+    forced = run(torch.cat([logits, logits]), [200, 50], 1.0, seeds=[7, 8])[:1]
+    assert torch.equal(unsorted, forced)
+    assert len(set(unsorted[0].tolist())) > 20  # a real draw, not a constant
