@@ -61,3 +61,16 @@ def test_other_dtypes_take_the_reference_path():
     torch.manual_seed(0)
     q, k, v = (torch.randn(2, 4, *s, dtype=torch.float64) for s in ((1, 16), (30, 16), (30, 16)))
     torch.testing.assert_close(decode_attention(q, k, v, 10), full_attention(q, k, v, 10))
+
+
+@needs_kernel
+def test_without_the_extra_math_library_the_plain_build_is_used(tmp_path, monkeypatch):
+    monkeypatch.setenv("VARSERVE_KERNEL_CACHE", str(tmp_path))
+    monkeypatch.setitem(native.EXTRA, "attention", (["-ffast-math"], ["-lno-such-library"]))
+    native.load.cache_clear()
+    try:
+        lib = native.load("attention")
+        assert lib is not None and hasattr(lib, "varserve_decode_attention")
+        assert [p.name for p in tmp_path.iterdir()] == [native.build("attention", extra=False).name]
+    finally:
+        native.load.cache_clear()
