@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import ctypes
-import functools
 import math
 
 import torch
@@ -51,15 +50,10 @@ def decode_attention_reference(
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
 
 
-@functools.cache
 def _decode_kernel():
-    lib = native.load("attention")
-    if lib is None:
-        return None
-    fn = lib.varserve_decode_attention
-    fn.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_long] * 6 + [ctypes.c_float]
-    fn.restype = None
-    return fn
+    ptr, long = ctypes.c_void_p, ctypes.c_long
+    args = (ptr,) * 5 + (long,) * 6 + (ctypes.c_float,)
+    return native.function("attention", "varserve_decode_attention", *args)
 
 
 def decode_attention(

@@ -20,7 +20,6 @@ weight-major (`weight_major_linear`).
 from __future__ import annotations
 
 import ctypes
-import functools
 
 import torch
 import torch.nn.functional as F
@@ -31,15 +30,9 @@ from kernels import native
 PANEL = 16  # output columns per panel: one AVX-512 register of float32
 
 
-@functools.cache
 def _kernel():
-    lib = native.load("linear")
-    if lib is None:
-        return None
-    fn = lib.varserve_linear_panels
-    fn.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_long] * 3
-    fn.restype = None
-    return fn
+    ptr, long = ctypes.c_void_p, ctypes.c_long
+    return native.function("linear", "varserve_linear_panels", ptr, ptr, ptr, long, long, long)
 
 
 def can_pack(weight: torch.Tensor) -> bool:

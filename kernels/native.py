@@ -91,3 +91,15 @@ def load(name: str) -> ctypes.CDLL | None:
             stacklevel=2,
         )
         return None
+
+
+@functools.cache
+def function(name: str, symbol: str, *argtypes) -> ctypes._CFuncPtr | None:
+    """C function `symbol` of kernels/cpu/{name}.c, returning void and taking `argtypes`, or None
+    where the kernels cannot be built."""
+    lib = load(name)
+    if lib is None:
+        return None
+    fn = getattr(lib, symbol)
+    fn.argtypes, fn.restype = list(argtypes), None
+    return fn

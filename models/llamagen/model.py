@@ -141,12 +141,11 @@ class Attention(nn.Module):
         q, k, v = qk[:, :, :H], qk[:, :, H:], qkv[:, :, H + H_kv :]
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # q: (B, H, S, D), k/v: (B, H_kv, S, D)
         if kv_cache is not None:
-            k, v = kv_cache.update(self.layer_idx, input_pos, k, v)  # (B, H_kv, T_max, D)
+            k_all, v_all = kv_cache.update(self.layer_idx, input_pos, k, v)  # (B, H_kv, T_max, D)
+            k, v = k_all[:, :, :n_keys], v_all[:, :, :n_keys]  # the keys written so far
         if kv_cache is not None and S == 1:
-            y = decode_attention(q, k, v, n_keys, kv_cache.key_valid)  # reads the cache in place
+            y = decode_attention(q, k_all, v_all, n_keys, kv_cache.key_valid)  # reads the cache in place
         else:
-            if kv_cache is not None:
-                k, v = k[:, :, :n_keys], v[:, :, :n_keys]  # the keys written so far
             # Query head h reads KV head h // (H / H_kv), as the official repeat_interleave.
             y = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=mask, is_causal=mask is None and S > 1, enable_gqa=H_kv != H
@@ -290,8 +289,10 @@ class GPT(nn.Module):
         # Attention reads only the n_keys positions written so far, not the whole buffer: at batch 16
         # the cache, not the weights, is most of a decode step's traffic.
         S, n_keys = h.shape[1], int(input_pos[-1]) + 1
-        mask = None  # a decode step sees every key, a prefill from position 0 is plain causal
-        if kv_cache.key_valid is not None or S not in (1, n_keys):
+        # A decode step (S == 1) needs no mask tensor: decode_attention reads key_valid itself. A
+        # prefill from position 0 without padding is plain causal.
+        mask = None
+        if S > 1 and (kv_cache.key_valid is not None or S != n_keys):
             keys = torch.arange(n_keys, device=h.device)
             mask = keys[None, :] <= input_pos[:, None]  # (S, n_keys)
             if kv_cache.key_valid is not None:
