@@ -28,7 +28,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-# The bundled default models (trained on scikit-learn's digits): what runs when no config is given.
+# The bundled default models (trained on drawn coloured shapes): what runs when no config is given.
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "default" / "models.toml"
 FAMILIES = ("var", "llamagen")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -153,21 +153,6 @@ def parse_class_names(names, where: str) -> tuple[str, ...] | None:
     if dup:
         raise ConfigError(f"{where}: class name '{dup}' appears twice in 'class_names'")
     return tuple(names)
-
-
-def class_index(spec: ModelSpec, value: str | int) -> int:
-    """A class prompt -> its index: an index (int or digits) as is, else a name from `class_names`
-    (case-insensitive). Raises ValueError with a message fit for a user."""
-    if isinstance(value, int):
-        return value
-    text = value.strip()
-    if text.lstrip("-").isdigit():
-        return int(text)
-    names = [n.lower() for n in spec.class_names or ()]
-    if text.lower() in names:
-        return names.index(text.lower())
-    known = f"one of {', '.join(spec.class_names)} or an index" if spec.class_names else "a class index"
-    raise ValueError(f"unknown class '{value}' for model '{spec.name}': give {known}")
 
 
 def parse_llamagen(table: dict, base_dir: Path, where: str) -> dict:

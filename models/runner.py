@@ -10,7 +10,8 @@ from dataclasses import dataclass
 
 import torch
 
-from models.config import ModelSpec, SamplingDefaults
+from models.conditions import resolve_condition
+from models.config import ConfigError, ModelSpec, SamplingDefaults
 from models.llamagen import generate as llamagen
 from models.llamagen.loading import load_gpt, load_vq
 from models.loading import CheckpointError
@@ -57,6 +58,7 @@ def image_params(
 @dataclass
 class BatchResult:
     images: torch.Tensor  # (B, 3, H, W) float in [0, 1], on the CPU
+    tokens: torch.Tensor  # (B, L) long, on the CPU: every token of each image (VAR: all scales)
     forward_passes: int  # model forward calls spent on the batch
     kv_bytes: int  # peak KV-cache bytes the batch held
     kv_bytes_full: int  # what an uncompressed cache would have held
@@ -77,13 +79,19 @@ class ModelRunner:
             self.model, self.tokenizer = load_var(spec.weights, spec.tokenizer, spec.device, spec.dtype)
             self.conditioning = "class"
             self.num_classes = self.model.cfg.num_classes
-            self.image_size = self.model.cfg.image_size
+            self.image_size = self.tokenizer.cfg.image_size  # the VQ-VAE's downsampling decides
             self.steps = len(self.model.cfg.patch_nums)
         else:
-            self.model = load_gpt(
-                spec.weights, spec.arch, spec.n_head, spec.image_size, spec.device, spec.dtype
-            )
             self.tokenizer = load_vq(spec.tokenizer, spec.device)
+            self.model = load_gpt(
+                spec.weights,
+                spec.arch,
+                spec.n_head,
+                spec.image_size,
+                spec.device,
+                spec.dtype,
+                downsample=self.tokenizer.config.downsample,  # the token grid: image_size / downsample
+            )
             c = self.model.config
             if self.tokenizer.config.codebook_size != c.vocab_size:
                 raise CheckpointError(
@@ -108,17 +116,34 @@ class ModelRunner:
                         f"{spec.weights} (caption_dim {c.caption_dim})"
                     )
 
-    def check_condition(self, condition: int | str) -> None:
-        """Raise ValueError with a message fit for a user if this model cannot take the condition."""
-        if self.conditioning == "class":
-            if not isinstance(condition, int):
-                raise ValueError(
-                    f"model '{self.spec.name}' is class-conditional: give a class index, not text"
-                )
-            if not 0 <= condition < self.num_classes:
-                raise ValueError(f"class {condition} is out of range 0..{self.num_classes - 1}")
-        elif not isinstance(condition, str):
-            raise ValueError(f"model '{self.spec.name}' is text-conditional: give a text prompt, not a class")
+        self._check_class_names()
+
+    def _check_class_names(self) -> None:
+        names = self.spec.class_names
+        if names is None:
+            return
+        if self.conditioning != "class":
+            raise ConfigError(
+                f"model '{self.spec.name}': 'class_names' given, but {self.spec.weights} is text-conditional"
+            )
+        if len(names) != self.num_classes:
+            raise ConfigError(
+                f"model '{self.spec.name}': 'class_names' lists {len(names)} names, but {self.spec.weights} "
+                f"has {self.num_classes} classes"
+            )
+
+    def engine_rows(self, params: list[ImageParams]) -> int:
+        """Rows the engine runs for these images: guidance doubles them when the family's engine
+        says the batch is guided (its own test, so the two never disagree)."""
+        engine = var if self.family == "var" else llamagen
+        return len(params) * (2 if engine.is_guided(params) else 1)
+
+    def resolve(self, condition: int | str) -> int | str:
+        """A class index or name, or a prompt -> what `generate` takes. Raises ValueError with a
+        message fit for a user (models.conditions: the one check the CLI and the server share)."""
+        return resolve_condition(
+            condition, self.conditioning, self.num_classes, self.spec.class_names, self.spec.name
+        )
 
     def generate(
         self,
@@ -129,14 +154,18 @@ class ModelRunner:
         """conditions: a class index (class models) or a prompt (text models) per image.
         on_step is called after every scale / row with an object that has `index` and `total`
         and that `preview` turns into images."""
-        for condition in conditions:
-            self.check_condition(condition)
+        conditions = [self.resolve(c) for c in conditions]
         if self.family == "var":
             out = var.generate(
                 self.model, self.tokenizer, conditions, [var_params(p) for p in params], on_step
             )
             return BatchResult(
-                out.images.float().cpu(), out.forward_passes, out.kv_bytes, out.kv_bytes, out.flops
+                out.images.float().cpu(),
+                torch.cat(out.tokens, dim=1).cpu(),
+                out.forward_passes,
+                out.kv_bytes,
+                out.kv_bytes,
+                out.flops,
             )
         if self.conditioning == "class":
             cond, mask = torch.tensor(conditions, device=self.spec.device), None
@@ -146,7 +175,12 @@ class ModelRunner:
             self.model, self.tokenizer, cond, [llamagen_params(p) for p in params], mask, on_step
         )
         return BatchResult(
-            out.images.float().cpu(), out.forward_passes, out.kv_bytes, out.kv_bytes, out.flops
+            out.images.float().cpu(),
+            out.tokens.cpu(),
+            out.forward_passes,
+            out.kv_bytes,
+            out.kv_bytes,
+            out.flops,
         )
 
     def preview(self, step: var.ScaleStep | llamagen.RowStep) -> torch.Tensor:

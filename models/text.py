@@ -48,12 +48,19 @@ class HFTextEncoder:
             raise TextEncoderError(
                 f"the {self.name} text encoder needs transformers: pip install 'varserve[text]'"
             ) from None
+        # transformers draws a progress bar on stderr while it loads weights: not from a server
+        # (or a CLI whose stderr shows its own progress).
+        bar_was_on = transformers.utils.logging.is_progress_bar_enabled()
+        transformers.utils.logging.disable_progress_bar()
         try:
             self.tokenizer = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
             model_class = getattr(transformers, self.model_class)
             self.model = model_class.from_pretrained(path, local_files_only=True).to(device).eval()
         except (OSError, ValueError) as e:
             raise TextEncoderError(f"{path}: cannot load a {self.name} encoder ({e})") from None
+        finally:
+            if bar_was_on:
+                transformers.utils.logging.enable_progress_bar()
         self.device, self.max_tokens = device, max_tokens
         self.dim = self.model.config.hidden_size
 

@@ -18,7 +18,7 @@ class ModelInfo:
     num_classes: int
     image_size: int  # pixels, square
     steps: int  # scales or rows: preview events per request
-    check_condition: Callable[[int | str], None]  # raises ValueError with a message for the user
+    resolve_condition: Callable[[int | str], int | str]  # the runner's: ValueError for the user
 
     @property
     def resolution(self) -> str:
@@ -33,7 +33,7 @@ def info_of(runner) -> ModelInfo:
         num_classes=runner.num_classes,
         image_size=runner.image_size,
         steps=runner.steps,
-        check_condition=runner.check_condition,
+        resolve_condition=runner.resolve,
     )
 
 

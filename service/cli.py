@@ -42,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--config",
         type=Path,
         default=DEFAULT_CONFIG,
-        help="model config (TOML; default: the bundled digit models)",
+        help="model config (TOML; default: the bundled shape models)",
     )
     gen.add_argument("--model", help="model name in the config (optional when it lists one model)")
     condition = gen.add_mutually_exclusive_group(required=True)
@@ -78,7 +78,8 @@ def pick_model(specs, name: str | None, parser: argparse.ArgumentParser):
 
 
 def generate_command(args, parser: argparse.ArgumentParser) -> int:
-    from models.config import ConfigError, class_index, load_config
+    from models.conditions import ClassOutOfRange
+    from models.config import ConfigError, load_config
     from models.loading import CheckpointError
     from models.runner import ModelRunner, image_params
     from service.images import to_pil
@@ -93,14 +94,13 @@ def generate_command(args, parser: argparse.ArgumentParser) -> int:
         parser.error(f"'{spec.name}' is class-conditional: use --class, not --prompt")
     if runner.conditioning == "text" and args.prompt is None:
         parser.error(f"'{spec.name}' is text-conditional: use --prompt, not --class")
-    condition = args.prompt
-    if runner.conditioning == "class":
-        try:
-            condition = class_index(spec, args.class_label)
-        except ValueError as e:
-            parser.error(f"--class: {e}")
-        if not 0 <= condition < runner.num_classes:
-            parser.error(f"--class {condition} is out of range 0..{runner.num_classes - 1} for '{spec.name}'")
+    flag = "--class" if args.prompt is None else "--prompt"
+    try:
+        condition = runner.resolve(args.class_label if args.prompt is None else args.prompt)
+    except ClassOutOfRange as e:
+        parser.error(f"--class {e.index} is out of range 0..{e.num_classes - 1} for '{spec.name}'")
+    except ValueError as e:
+        parser.error(f"{flag}: {e}")
     first_seed = args.seed if args.seed is not None else secrets.randbelow(2**31)
     params = image_params(
         spec.defaults, first_seed, args.n, args.cfg, args.top_k, args.top_p, args.temperature

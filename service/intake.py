@@ -7,10 +7,8 @@ import asyncio
 import secrets
 import time
 
-from models.config import ModelSpec
 from models.runner import image_params
 from service.catalog import ModelInfo
-from service.classes import resolve_class
 from service.errors import ApiError
 from service.jobs import Channel, Job
 from service.pool import WorkerPool
@@ -26,7 +24,7 @@ def admit(body: GenerationFields, pool: WorkerPool, request_id: str, stream: boo
         pool.metrics.rejected.labels("draining").inc()
         raise ApiError(503, "the server is shutting down")
     info = _model(body, pool)
-    condition = _condition(body, info, pool.catalog.specs[info.name])
+    condition = _condition(body, info)
     _check_size(body, info)
     settings = pool.settings
     if body.n > settings.max_n:
@@ -85,25 +83,19 @@ def _model(body: GenerationFields, pool: WorkerPool) -> ModelInfo:
     return info
 
 
-def _condition(body: GenerationFields, info: ModelInfo, spec: ModelSpec) -> int | str:
+def _condition(body: GenerationFields, info: ModelInfo) -> int | str:
     if (body.prompt is None) == (body.class_label is None):
         raise ApiError(400, "give exactly one of prompt and class_label", "prompt")
     field = "prompt" if body.class_label is None else "class_label"
     value = body.prompt if body.class_label is None else body.class_label
-    if info.conditioning == "class":
-        try:
-            value = resolve_class(value, info.num_classes, spec)
-        except ValueError as e:
-            raise ApiError(400, f"{field}: {e}", field) from None
-    elif field == "class_label":
-        raise ApiError(400, f"model '{info.name}' is text-conditional: give a text prompt", field)
-    else:
-        value = str(value)
+    if info.conditioning == "text":
+        if field == "class_label":
+            raise ApiError(400, f"model '{info.name}' is text-conditional: give a text prompt", field)
+        value = str(value)  # a JSON number is text to a text model
     try:
-        info.check_condition(value)
+        return info.resolve_condition(value)
     except ValueError as e:
         raise ApiError(400, f"{field}: {e}", field) from None
-    return value
 
 
 def _check_size(body: GenerationFields, info: ModelInfo) -> None:

@@ -72,7 +72,7 @@ def _log_level(text: str) -> str:
 
 # field -> (parser, help)
 OPTIONS: dict[str, tuple[Callable[[str], object], str]] = {
-    "config": (Path, "model config (TOML); default: the bundled digit models"),
+    "config": (Path, "model config (TOML); default: the bundled shape models"),
     "host": (str, "address to listen on (default 127.0.0.1; 0.0.0.0 in the container)"),
     "port": (_port, "port (default 8000)"),
     "max_batch_size": (_positive(int), "images per engine batch (default 16)"),

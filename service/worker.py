@@ -37,11 +37,6 @@ class BatchAbandoned(Exception):
 SPLIT = object()  # the engine ran out of memory: halve the batch and retry
 
 
-def guided_rows(params: list[ImageParams]) -> int:
-    """Rows the engine runs: guidance doubles the batch when any image asks for it."""
-    return len(params) * (2 if any(p.cfg != 0 for p in params) else 1)
-
-
 def is_out_of_memory(error: BaseException) -> bool:
     oom = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
     return isinstance(error, oom) or (isinstance(error, RuntimeError) and "out of memory" in str(error))
@@ -167,7 +162,7 @@ class Worker(threading.Thread):
                 runner.spec.name,
                 elapsed,
             )
-            self._account(runner.spec.name, rows, jobs, result, elapsed)
+            self._account(runner, rows, jobs, result, elapsed)
             self._deliver(jobs, runner.spec.name, step.tokens_per_image)
 
     def _generate(self, runner: ModelRunner, rows: list[Row], jobs: list[Job]):
@@ -176,7 +171,9 @@ class Worker(threading.Thread):
         model = runner.spec.name
         params = [job.params[i] for job, i in rows]
         self.metrics.batch_size.labels(model).observe(len(rows))
-        self.metrics.kv_in_use.labels(model).set(self._kv_bytes_per_row.get(model, 0) * guided_rows(params))
+        self.metrics.kv_in_use.labels(model).set(
+            self._kv_bytes_per_row.get(model, 0) * runner.engine_rows(params)
+        )
         step = StepWatch(self, runner, rows, jobs)
         try:
             return runner.generate([job.conditions[i] for job, i in rows], params, on_step=step), step
@@ -194,10 +191,13 @@ class Worker(threading.Thread):
             return None
 
     def _account(
-        self, model: str, rows: list[Row], jobs: list[Job], result: BatchResult, elapsed: float
+        self, runner: ModelRunner, rows: list[Row], jobs: list[Job], result: BatchResult, elapsed: float
     ) -> None:
+        model = runner.spec.name
         self.queue.record_throughput(elapsed, len(rows))
-        self._kv_bytes_per_row[model] = result.kv_bytes / guided_rows([job.params[i] for job, i in rows])
+        self._kv_bytes_per_row[model] = result.kv_bytes / runner.engine_rows(
+            [job.params[i] for job, i in rows]
+        )
         self._kv_peak[model] = max(self._kv_peak.get(model, 0), result.kv_bytes)
         self.metrics.kv_peak.labels(model).set(self._kv_peak[model])
         self.metrics.forward_passes.labels(model).inc(result.forward_passes)

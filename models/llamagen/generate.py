@@ -44,6 +44,12 @@ class LlamaGenOutput:
     flops: float  # matmul FLOPs of the transformer passes
 
 
+def is_guided(params) -> bool:
+    """Whether a batch runs its null-condition rows: LlamaGen's cfg 1 is no guidance. params: anything
+    with .cfg (the engine's params or the runner's)."""
+    return any(p.cfg != 1.0 for p in params)
+
+
 def guidance_scales(params: list[LlamaGenParams], token: int) -> torch.Tensor:
     """(B,) cfg for image token `token`: 1 (no guidance) past a request's cfg interval."""
     return torch.tensor([p.cfg if p.cfg_interval < 0 or token <= p.cfg_interval else 1.0 for p in params])
@@ -75,7 +81,7 @@ def generate(
     t2i; cond_mask: (B, cls_token_num) bool, False at caption padding, or None."""
     c = model.config
     B, device = len(params), model.tok_embeddings.weight.device
-    guided = any(p.cfg != 1.0 for p in params)
+    guided = is_guided(params)
     if guided:
         cond = torch.cat([cond, model.null_cond(B).to(cond.dtype)])
         if cond_mask is not None:

@@ -1,10 +1,11 @@
-"""Train the default next-token models on the digits: the VQ tokenizer, then a class-conditional
-(c2i) and a caption-conditional (t2i, MiniLM features) GPT over its 4x4 token grid.
+"""Train the default next-token models on the shapes: the VQ tokenizer, then a class-conditional
+(c2i: the shape) and a caption-conditional (t2i, MiniLM features) GPT over its 16x16 token grid.
 
-    python -m models.train.llamagen --out models/default [--seed 0] [--stage all|vq|c2i|t2i]
+    python -m models.train.llamagen [--out models/default] [--seed 0] [--stage all|vq|c2i|t2i]
 
-Writes llamagen_digits_vq.safetensors, llamagen_digits_c2i.safetensors and
-llamagen_digits_t2i.safetensors as plain state dicts in the published key layouts.
+Writes llamagen_shapes_vq.safetensors, llamagen_shapes_c2i.safetensors and
+llamagen_shapes_t2i.safetensors (float16) as plain state dicts in the published key layouts. A
+stopped stage resumes from its checkpoint in --checkpoints when run again with the same arguments.
 """
 
 from __future__ import annotations
@@ -19,31 +20,37 @@ from torch import nn
 from models.llamagen.loading import load_vq
 from models.llamagen.model import GPT, GPTConfig
 from models.llamagen.tokenizer import VQConfig, VQModel
+from models.train import outer_levels
 from models.train.common import half, save, setup, train
-from models.train.data import captions_for, load_digit_images
+from models.train.data import SHAPES, ShapeSet, training_caption, training_set
 from models.train.init import init_transformer
 from models.train.outer_levels import check_equivalent, fix_outer_levels
 from models.train.vq import llamagen_vq_forward, restart_dead_codes
 
+# Three levels (64, 32, 16 px): a VQ-4 where the published tokenizer is a VQ-16 (256 px / 16), so a
+# 64 px image has the published 16x16 grid.
 VQ_CONFIG = VQConfig(
-    codebook_size=256,
+    codebook_size=512,
     codebook_embed_dim=8,
-    z_channels=32,
+    z_channels=64,
     ch=32,
-    encoder_ch_mult=[1, 1, 1, 1, 2],
-    decoder_ch_mult=[1, 1, 1, 1, 2],
+    encoder_ch_mult=[1, 1, 2],
+    decoder_ch_mult=[1, 1, 2],
     encoder_res_blocks=1,
-    decoder_res_blocks=1,
+    decoder_res_blocks=2,
 )
-GRID = 4  # 64 px / 16
+GRID = 16  # 64 px / 4: 256 image tokens
 N_HEAD = 4  # not in the tensors: the default config names it
-GPT_COMMON = dict(dim=128, n_layer=4, n_head=N_HEAD, ffn_hidden=352, vocab_size=256, block_size=GRID * GRID)
-C2I_CONFIG = GPTConfig(**GPT_COMMON, model_type="c2i", num_classes=10, cls_token_num=1)
+GPT_COMMON = dict(dim=128, n_layer=4, n_head=N_HEAD, ffn_hidden=352, vocab_size=512, block_size=GRID * GRID)
+C2I_CONFIG = GPTConfig(**GPT_COMMON, model_type="c2i", num_classes=len(SHAPES), cls_token_num=1)
 T2I_CONFIG = GPTConfig(**GPT_COMMON, model_type="t2i", cls_token_num=16, caption_dim=384)
+CAPTIONS_PER_IMAGE = 2  # training captions drawn per image, each in its own wording
 COND_DROPOUT = 0.1  # class / caption dropout: trains the null condition that cfg contrasts with
 
 
-def train_vq(images: torch.Tensor, gen: torch.Generator, steps: int, batch_size: int) -> VQModel:
+def train_vq(
+    images: torch.Tensor, gen: torch.Generator, steps: int, batch_size: int, ckpt: Path, extend: bool = False
+) -> VQModel:
     vq = VQModel(VQ_CONFIG)
     fix_outer_levels(vq)
     check_equivalent(vq.eval(), images[:4])
@@ -64,42 +71,80 @@ def train_vq(images: torch.Tensor, gen: torch.Generator, steps: int, batch_size:
                 restart_dead_codes(vq.quantize.embedding, hits, last["z"], gen)
             hits.zero_()
 
-    train(vq, loss_fn, len(images), batch_size, steps, 2e-3, gen, "vq", after_step=after_step)
+    train(
+        vq,
+        loss_fn,
+        len(images),
+        batch_size,
+        steps,
+        2e-3,
+        gen,
+        "vq",
+        ckpt / "llamagen_vq.pt",
+        extend=extend,
+        after_step=after_step,
+    )
     return vq.requires_grad_(False)
 
 
 def encode_dataset(vq: VQModel, images: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
-        return torch.cat([vq.encode(x) for x in images.split(256)])  # (N, 16)
+        codes = []
+        for x in images.split(100):  # = vq.encode (check_equivalent), the cheap outer level
+            z = outer_levels.encode(vq, x)
+            codes.append(vq.quantize.nearest(z.permute(0, 2, 3, 1).flatten(0, 2)).view(len(x), -1))
+        return torch.cat(codes)  # (N, 256)
 
 
-def train_c2i(tokens, labels, gen, steps: int, batch_size: int) -> GPT:
+def train_c2i(tokens, labels, gen, steps: int, batch_size: int, ckpt: Path, extend: bool = False) -> GPT:
     model = init_transformer(GPT(C2I_CONFIG))
     null = C2I_CONFIG.num_classes
 
     def loss_fn(idx):
         drop = torch.rand(len(idx), generator=gen) < COND_DROPOUT
         cond = torch.where(drop, null, labels[idx])
-        logits = model(tokens[idx, :-1], cond)  # (B, 16, V): predicts tokens 0..15
+        logits = model(tokens[idx, :-1], cond)  # (B, 256, V): predicts tokens 0..255
         return F.cross_entropy(logits.flatten(0, 1), tokens[idx].flatten()), {}
 
-    train(model, loss_fn, len(tokens), batch_size, steps, 1e-3, gen, "c2i", weight_decay=0.05)
+    train(
+        model,
+        loss_fn,
+        len(tokens),
+        batch_size,
+        steps,
+        1.5e-3,
+        gen,
+        "c2i",
+        ckpt / "c2i.pt",
+        extend=extend,
+        weight_decay=0.05,
+    )
     return model.requires_grad_(False)
 
 
-def caption_bank(max_tokens: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Every training caption encoded once -> features (K, T, 384), masks (K, T), digit (K,)."""
+def caption_bank(data: ShapeSet, seed: int, max_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """CAPTIONS_PER_IMAGE captions of every image, each wording encoded once -> features
+    (N, CAPTIONS_PER_IMAGE, T, 384) float16 and masks (N, CAPTIONS_PER_IMAGE, T) bool."""
+    import numpy as np
+
     from models.text import MiniLMTextEncoder
 
+    rng = np.random.default_rng(seed)
+    texts = [training_caption(data, i, rng) for i in range(len(data)) for _ in range(CAPTIONS_PER_IMAGE)]
+    unique = sorted(set(texts))
     encoder = MiniLMTextEncoder(max_tokens=max_tokens)
-    texts = [(c, d) for d in range(10) for c in captions_for(d)]
-    emb, mask = encoder.encode([c for c, _ in texts])
-    return emb, mask, torch.tensor([d for _, d in texts])
+    emb, mask = zip(*(encoder.encode(unique[i : i + 256]) for i in range(0, len(unique), 256)), strict=True)
+    emb, mask = torch.cat(emb).half(), torch.cat(mask)
+    where = {t: i for i, t in enumerate(unique)}
+    pick = torch.tensor([where[t] for t in texts]).view(len(data), CAPTIONS_PER_IMAGE)
+    print(f"[t2i] {len(unique)} distinct captions of {len(texts)}", flush=True)
+    return emb[pick], mask[pick]
 
 
-def train_t2i(tokens, labels, gen, steps: int, batch_size: int) -> GPT:
-    emb_bank, mask_bank, digit_of = caption_bank(T2I_CONFIG.cls_token_num)
-    by_digit = [(digit_of == d).nonzero().flatten() for d in range(10)]
+def train_t2i(
+    data: ShapeSet, tokens, gen, seed: int, steps: int, batch_size: int, ckpt: Path, extend: bool = False
+) -> GPT:
+    emb_bank, mask_bank = caption_bank(data, seed, T2I_CONFIG.cls_token_num)
     model = init_transformer(GPT(T2I_CONFIG))
     # The null caption is a buffer in the published layout; here it is learned (caption dropout).
     embedder = model.cls_embedding
@@ -107,17 +152,27 @@ def train_t2i(tokens, labels, gen, steps: int, batch_size: int) -> GPT:
     embedder.uncond_embedding = nn.Parameter(0.02 * torch.randn(T2I_CONFIG.cls_token_num, 384, generator=gen))
 
     def loss_fn(idx):
-        digits = labels[idx]
-        pick = torch.stack(
-            [by_digit[d][torch.randint(len(by_digit[d]), (1,), generator=gen)] for d in digits]
-        )
-        caption, mask = emb_bank[pick[:, 0]], mask_bank[pick[:, 0]]
-        drop = (torch.rand(len(idx), generator=gen) < COND_DROPOUT).view(-1, 1, 1)
-        caption = torch.where(drop, embedder.uncond_embedding.expand_as(caption), caption)
+        which = torch.randint(CAPTIONS_PER_IMAGE, (len(idx),), generator=gen)
+        caption, mask = emb_bank[idx, which].float(), mask_bank[idx, which]
+        drop = torch.rand(len(idx), generator=gen) < COND_DROPOUT
+        caption = torch.where(drop.view(-1, 1, 1), embedder.uncond_embedding.expand_as(caption), caption)
+        # The mask stays the caption's: the sampler masks the null half of a guided pair alike.
         logits = model(tokens[idx, :-1], caption, mask)
         return F.cross_entropy(logits.flatten(0, 1), tokens[idx].flatten()), {}
 
-    train(model, loss_fn, len(tokens), batch_size, steps, 1e-3, gen, "t2i", weight_decay=0.05)
+    train(
+        model,
+        loss_fn,
+        len(tokens),
+        batch_size,
+        steps,
+        1.5e-3,
+        gen,
+        "t2i",
+        ckpt / "t2i.pt",
+        extend=extend,
+        weight_decay=0.05,
+    )
     return model.requires_grad_(False)
 
 
@@ -126,25 +181,34 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=Path("models/default"))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--stage", choices=("all", "vq", "c2i", "t2i"), default="all")
-    p.add_argument("--vq-steps", type=int, default=3000)
+    p.add_argument("--checkpoints", type=Path, default=Path(".train-checkpoints"))
+    p.add_argument("--vq-steps", type=int, default=1000)
     p.add_argument("--gpt-steps", type=int, default=1500)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--extend", action="store_true", help="lengthen a stopped stage's run to the given steps")
     args = p.parse_args()
     gen = setup(args.seed, args.threads)
-    images, labels = load_digit_images()
-    vq_path = args.out / "llamagen_digits_vq.safetensors"
+    data = training_set()
+    vq_path = args.out / "llamagen_shapes_vq.safetensors"
     if args.stage in ("all", "vq"):
-        save(half(train_vq(images, gen, args.vq_steps, args.batch_size).state_dict()), vq_path)
+        vq = train_vq(data.images, gen, args.vq_steps, args.batch_size, args.checkpoints, args.extend)
+        save(half(vq.state_dict()), vq_path)
     if args.stage == "vq":
         return
-    tokens = encode_dataset(load_vq(vq_path), images)  # the tokenizer as the server loads it
+    tokens = encode_dataset(load_vq(vq_path), data.images)  # the tokenizer as the server loads it
     if args.stage in ("all", "c2i"):
-        model = train_c2i(tokens, labels, gen, args.gpt_steps, 2 * args.batch_size)
-        save(half(model.state_dict()), args.out / "llamagen_digits_c2i.safetensors")
+        gen = torch.Generator().manual_seed(args.seed + 1)  # the same draws whatever ran before
+        model = train_c2i(
+            tokens, data.shape, gen, args.gpt_steps, args.batch_size, args.checkpoints, args.extend
+        )
+        save(half(model.state_dict()), args.out / "llamagen_shapes_c2i.safetensors")
     if args.stage in ("all", "t2i"):
-        model = train_t2i(tokens, labels, gen, args.gpt_steps, 2 * args.batch_size)
-        save(half(model.state_dict()), args.out / "llamagen_digits_t2i.safetensors")
+        gen = torch.Generator().manual_seed(args.seed + 2)
+        model = train_t2i(
+            data, tokens, gen, args.seed, args.gpt_steps, args.batch_size, args.checkpoints, args.extend
+        )
+        save(half(model.state_dict()), args.out / "llamagen_shapes_t2i.safetensors")
 
 
 if __name__ == "__main__":

@@ -1,9 +1,9 @@
-"""Fixed outer levels for the tokenizers, so that training runs only at 8 and 4 px.
+"""A fixed outer level for the tokenizers, so that training runs only at 32 and 16 px.
 
-The digits are 8x8 images shown at 64 px, yet most of a tokenizer's compute is in its 64, 32 and
-16 px levels. Here those levels are fixed linear maps: their residual blocks are the identity
-(second conv zeroed), the encoder's stride-2 convs average 2x2 pixels, and the decoder's upsample
-convs smooth the nearest-neighbour doubling with [1, 2, 1] x [1, 2, 1] / 16 (= bilinear doubling
+The shapes are drawn at 32 px and shown at 64 px (models/train/data.py), yet most of a tokenizer's
+compute is in its 64 px level. Here that level is a fixed linear map: its residual blocks are the
+identity (second conv zeroed), the encoder's stride-2 conv averages 2x2 pixels, and the decoder's
+upsample conv into it smooths the nearest-neighbour doubling with [1, 2, 1] x [1, 2, 1] / 16 (= bilinear doubling
 away from the borders), per channel. The checkpoint keeps every tensor of the published layout and
 the inference modules run them as usual; training uses `encode` / `decode` below, which compute the
 same function cheaply (average pooling and depthwise smoothing instead of full convolutions), and
@@ -19,7 +19,7 @@ from torch import nn
 from models.llamagen.tokenizer import VQModel
 from models.var.tokenizer import VQVAE
 
-OUTER = 3  # levels at 64, 32 and 16 px are fixed: the learned encoder starts at 8 px
+OUTER = 1  # the level at 64 px is fixed: the learned encoder starts at 32 px
 SMOOTH = torch.tensor([1.0, 2.0, 1.0])
 SMOOTH_2D = torch.outer(SMOOTH, SMOOTH) / 16
 
@@ -84,9 +84,9 @@ def smooth_double(h: torch.Tensor) -> torch.Tensor:
 
 
 def encode(tokenizer: VQModel | VQVAE, images: torch.Tensor) -> torch.Tensor:
-    """= quant_conv(encoder(images)) with fixed outer levels: (B, 3, 64, 64) -> (B, D, 4, 4)."""
+    """= quant_conv(encoder(images)) with fixed outer levels: (B, 3, 64, 64) -> (B, D, 16, 16)."""
     e = tokenizer.encoder
-    h = F.avg_pool2d(e.conv_in(images), 2**OUTER)  # conv_in, identity blocks, three 2x2 averages
+    h = F.avg_pool2d(e.conv_in(images), 2**OUTER)  # conv_in, identity blocks, a 2x2 average
     if isinstance(tokenizer, VQModel):
         for level in e.conv_blocks[OUTER:]:
             h = level(h)
@@ -102,7 +102,7 @@ def encode(tokenizer: VQModel | VQVAE, images: torch.Tensor) -> torch.Tensor:
 
 
 def decode(tokenizer: VQModel | VQVAE, z: torch.Tensor) -> torch.Tensor:
-    """= decoder(post_quant_conv(z)) with fixed outer levels: (B, D, 4, 4) -> (B, 3, 64, 64)."""
+    """= decoder(post_quant_conv(z)) with fixed outer levels: (B, D, 16, 16) -> (B, 3, 64, 64)."""
     d = tokenizer.decoder
     h = d.conv_in(tokenizer.post_quant_conv(z))
     if isinstance(tokenizer, VQModel):

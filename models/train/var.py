@@ -1,9 +1,11 @@
-"""Train the default next-scale model on the digits: the multi-scale VQ-VAE, then the VAR transformer.
+"""Train the default next-scale model on the shapes: the multi-scale VQ-VAE, then the VAR transformer.
 
-    python -m models.train.var --out models/default [--seed 0] [--stage all|vae|var]
+    python -m models.train.var [--out models/default] [--seed 0] [--stage all|vae|var]
 
-Writes var_digits_vae.safetensors and var_digits.safetensors in the published key layouts (with the
-`lvl_1L` and `attn_bias_for_masking` buffers, from which the loader reads patch_nums (1, 2, 3, 4)).
+Writes var_shapes_vae.safetensors and var_shapes.safetensors (float16) in the published key layouts
+(with the `lvl_1L` and `attn_bias_for_masking` buffers, from which the loader reads the published
+patch_nums 1, 2, 3, 4, 5, 6, 8, 10, 13, 16: 680 tokens). A stopped stage resumes from its checkpoint
+in --checkpoints when run again with the same arguments.
 """
 
 from __future__ import annotations
@@ -15,8 +17,9 @@ import torch
 import torch.nn.functional as F
 
 from models.loading import read_state_dict
+from models.train import outer_levels
 from models.train.common import half, save, setup, train
-from models.train.data import load_digit_images
+from models.train.data import SHAPES, training_set
 from models.train.init import init_transformer
 from models.train.outer_levels import check_equivalent, fix_outer_levels
 from models.train.vq import restart_dead_codes, var_vqvae_forward
@@ -24,16 +27,18 @@ from models.var.loading import build_vqvae
 from models.var.model import VAR, VARConfig
 from models.var.tokenizer import VQVAE, VQVAEConfig
 
-PATCH_NUMS = (1, 2, 3, 4)  # 64 px / 16 = a 4x4 finest token map; 30 tokens in all
+PATCH_NUMS = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)  # the published 256 px schedule: 680 tokens
+# Three levels (64, 32, 16 px): 64 px / 4 = the 16x16 finest map. The published VQ-VAE has five
+# levels (256 px / 16); fewer keep the shapes' detail in reach of CPU training.
 VAE_CONFIG = VQVAEConfig(
-    vocab_size=256, vae_dim=16, ch=32, ch_mult=(1, 1, 1, 1, 2), num_res_blocks=1, patch_nums=PATCH_NUMS
+    vocab_size=512, vae_dim=16, ch=32, ch_mult=(1, 1, 2), num_res_blocks=1, patch_nums=PATCH_NUMS
 )
 VAR_CONFIG = VARConfig(
     depth=4,
     embed_dim=128,
     num_heads=4,
-    num_classes=10,
-    vocab_size=256,
+    num_classes=len(SHAPES),
+    vocab_size=512,
     vae_dim=16,
     patch_nums=PATCH_NUMS,
     mlp_hidden=512,
@@ -41,7 +46,9 @@ VAR_CONFIG = VARConfig(
 CLASS_DROPOUT = 0.1
 
 
-def train_vae(images: torch.Tensor, gen: torch.Generator, steps: int, batch_size: int) -> VQVAE:
+def train_vae(
+    images: torch.Tensor, gen: torch.Generator, steps: int, batch_size: int, ckpt: Path, extend: bool = False
+) -> VQVAE:
     vae = VQVAE(VAE_CONFIG)
     fix_outer_levels(vae)
     check_equivalent(vae.eval(), images[:4])
@@ -62,13 +69,29 @@ def train_vae(images: torch.Tensor, gen: torch.Generator, steps: int, batch_size
                 restart_dead_codes(vae.quantize.embedding, hits, last["residuals"], gen)
             hits.zero_()
 
-    train(vae, loss_fn, len(images), batch_size, steps, 2e-3, gen, "vae", after_step=after_step)
+    train(
+        vae,
+        loss_fn,
+        len(images),
+        batch_size,
+        steps,
+        2e-3,
+        gen,
+        "vae",
+        ckpt / "var_vae.pt",
+        extend=extend,
+        after_step=after_step,
+    )
     return vae.requires_grad_(False)
 
 
-def train_var(vae: VQVAE, images, labels, gen, steps: int, batch_size: int) -> VAR:
+def train_var(
+    vae: VQVAE, images, labels, gen, steps: int, batch_size: int, ckpt: Path, extend: bool = False
+) -> VAR:
     with torch.no_grad():
-        tokens = [torch.cat(t) for t in zip(*(vae.img_to_idx(x) for x in images.split(256)), strict=True)]
+        # = vae.img_to_idx (check_equivalent), through the cheap path for the fixed outer level
+        per_chunk = [vae.quantize.quantize(outer_levels.encode(vae, x)) for x in images.split(100)]
+        tokens = [torch.cat(t) for t in zip(*per_chunk, strict=True)]
         inputs = vae.quantize.teacher_inputs(tokens)  # (N, L - 1, Cvae)
     targets = torch.cat(tokens, dim=1)  # (N, L)
     model = init_transformer(VAR(VAR_CONFIG))
@@ -81,7 +104,19 @@ def train_var(vae: VQVAE, images, labels, gen, steps: int, batch_size: int) -> V
         loss = F.cross_entropy(logits.flatten(0, 1), targets[idx].flatten())
         return loss, {}
 
-    train(model, loss_fn, len(images), batch_size, steps, 1e-3, gen, "var", weight_decay=0.05)
+    train(
+        model,
+        loss_fn,
+        len(images),
+        batch_size,
+        steps,
+        1.5e-3,
+        gen,
+        "var",
+        ckpt / "var.pt",
+        extend=extend,
+        weight_decay=0.05,
+    )
     return model.requires_grad_(False)
 
 
@@ -90,21 +125,26 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=Path("models/default"))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--stage", choices=("all", "vae", "var"), default="all")
-    p.add_argument("--vae-steps", type=int, default=3000)
-    p.add_argument("--var-steps", type=int, default=1500)
+    p.add_argument("--checkpoints", type=Path, default=Path(".train-checkpoints"))
+    p.add_argument("--vae-steps", type=int, default=1000)
+    p.add_argument("--var-steps", type=int, default=950)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--extend", action="store_true", help="lengthen a stopped stage's run to the given steps")
     args = p.parse_args()
     gen = setup(args.seed, args.threads)
-    images, labels = load_digit_images()
-    vae_path = args.out / "var_digits_vae.safetensors"
+    data = training_set()
+    vae_path = args.out / "var_shapes_vae.safetensors"
     if args.stage in ("all", "vae"):
-        vae = train_vae(images, gen, args.vae_steps, args.batch_size)
-        save(vae.state_dict(), vae_path)
+        vae = train_vae(data.images, gen, args.vae_steps, args.batch_size, args.checkpoints, args.extend)
+        save(half(vae.state_dict()), vae_path)
     if args.stage in ("all", "var"):
-        vae = build_vqvae(read_state_dict(vae_path), vae_path, PATCH_NUMS)  # as the server will see it
-        model = train_var(vae, images, labels, gen, args.var_steps, 2 * args.batch_size)
-        save(half(model.state_dict()), args.out / "var_digits.safetensors")
+        gen = torch.Generator().manual_seed(args.seed + 1)  # the same draws whether or not vae ran first
+        vae = build_vqvae(read_state_dict(vae_path), vae_path, PATCH_NUMS).float()  # as served
+        model = train_var(
+            vae, data.images, data.shape, gen, args.var_steps, args.batch_size, args.checkpoints, args.extend
+        )
+        save(half(model.state_dict()), args.out / "var_shapes.safetensors")
 
 
 if __name__ == "__main__":

@@ -46,6 +46,12 @@ class VAROutput:
     flops: float = field(default=0.0)  # matmul FLOPs of the transformer passes
 
 
+def is_guided(params) -> bool:
+    """Whether a batch runs its null-class rows: VAR's cfg 0 is no guidance. params: anything with .cfg
+    (the engine's params or the runner's)."""
+    return any(p.cfg != 0 for p in params)
+
+
 def guidance_strength(params: list[VARParams], si: int, n_scales: int) -> torch.Tensor:
     """(B,) t for scale si."""
     ratio = si / (n_scales - 1)
@@ -75,7 +81,7 @@ def generate(
     B, device = len(labels), model.pos_1LC.device
     dtype = model.pos_1LC.dtype
     n_scales = len(cfg.patch_nums)
-    guided = any(p.cfg != 0 for p in params)
+    guided = is_guided(params)
     rows = 2 * B if guided else B
 
     label_rows = torch.tensor(labels + ([cfg.num_classes] * B if guided else []), device=device)

@@ -30,8 +30,8 @@ def build_vqvae(state: dict[str, torch.Tensor], path: str | Path, patch_nums) ->
 def load_var(
     weights: str | Path, tokenizer: str | Path, device: str = "cpu", dtype: torch.dtype = torch.float32
 ) -> tuple[VAR, VQVAE]:
-    """The transformer runs in `dtype`; the VQ-VAE stays float32 (it is a small share of the work
-    and keeps the decoded pixels exact)."""
+    """The transformer runs in `dtype`; the VQ-VAE runs in float32 whatever its file holds (it is a
+    small share of the work and keeps the decoded pixels exact)."""
     var = build_var(read_state_dict(weights), weights)
     vae = build_vqvae(read_state_dict(tokenizer), tokenizer, var.cfg.patch_nums)
     if vae.cfg.vocab_size != var.cfg.vocab_size or vae.cfg.vae_dim != var.cfg.vae_dim:
@@ -39,4 +39,4 @@ def load_var(
             f"{tokenizer}: VQ-VAE (vocab {vae.cfg.vocab_size}, Cvae {vae.cfg.vae_dim}) does not match "
             f"{weights} (vocab {var.cfg.vocab_size}, Cvae {var.cfg.vae_dim})"
         )
-    return var.to(device=device, dtype=dtype), vae.to(device=device)
+    return var.to(device=device, dtype=dtype), vae.to(device=device, dtype=torch.float32)

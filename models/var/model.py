@@ -47,10 +47,6 @@ class VARConfig:
     def head_dim(self) -> int:
         return self.embed_dim // self.num_heads
 
-    @property
-    def image_size(self) -> int:
-        return self.patch_nums[-1] * 16
-
 
 def scale_index(patch_nums: tuple[int, ...]) -> torch.Tensor:
     """(L,) the scale each token position belongs to."""

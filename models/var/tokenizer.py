@@ -28,6 +28,15 @@ class VQVAEConfig:
     phi_ratio: float = 0.5  # quant_resi
     patch_nums: tuple[int, ...] = DEFAULT_PATCH_NUMS
 
+    @property
+    def downsample(self) -> int:
+        """Pixels per side of one finest-scale token: 16 for the published five levels."""
+        return 2 ** (len(self.ch_mult) - 1)
+
+    @property
+    def image_size(self) -> int:
+        return self.patch_nums[-1] * self.downsample
+
 
 def group_norm(channels: int) -> nn.GroupNorm:
     return nn.GroupNorm(32, channels, eps=1e-6)

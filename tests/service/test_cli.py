@@ -44,6 +44,7 @@ def test_generate_writes_pngs_and_prints_their_paths(tmp_path):
 def test_bad_values_exit_non_zero_with_a_message(tmp_path):
     cases = [
         (["--class", 10], "--class 10 is out of range 0..9"),
+        (["--class=-3"], "--class -3 is out of range 0..9"),
         (["--class", 1, "--top-p", 1.5], "argument --top-p: 1.5 is outside [0, 1]"),
         (["--class", 1, "--n", 0], "argument --n: 0 is outside [1, 256]"),
         (["--class", "cat"], "--class: unknown class 'cat' for model 'var-fixture': give a class index"),
@@ -79,3 +80,35 @@ def test_llamagen_class_model_and_condition_mismatch(tmp_path):
     assert "'llamagen-c2i-fixture' is class-conditional: use --class, not --prompt" in run.stderr
     run = varserve("generate", "--config", config, "--class", 1, "--prompt", "a cat")
     assert run.returncode == 2 and "not allowed with argument" in run.stderr
+
+
+def test_without_config_the_bundled_models_generate(tmp_path):
+    run = varserve("generate", "--model", "var-shapes", "--class", "star", "--n", 2, "--out", tmp_path / "v")
+    assert run.returncode == 0, run.stderr
+    assert [Image.open(p).size for p in run.stdout.split()] == [(64, 64), (64, 64)]
+    prompt = "a small red star in the top left corner"
+    run = varserve("generate", "--model", "llamagen-shapes-t2i", "--prompt", prompt, "--out", tmp_path / "t")
+    assert run.returncode == 0, run.stderr
+    assert Image.open(run.stdout.split()[0]).size == (64, 64)
+    assert "Loading weights" not in run.stderr  # the text encoder loads quietly
+
+
+def test_imagenet_class_names_work_on_the_cli_as_on_the_server(tmp_path):
+    """A 1000-class model takes "golden retriever" from `varserve generate` too (one validator)."""
+    import torch
+
+    from models.var.model import VAR, VARConfig
+
+    torch.manual_seed(0)
+    model = VAR(VARConfig(depth=1, embed_dim=64, num_heads=1, num_classes=1000, mlp_hidden=128))
+    torch.save(model.state_dict(), tmp_path / "var1000.pth")
+    vae = REPO.parent / "shared" / "fixtures" / "reference" / "var_vae.pth"
+    config = tmp_path / "m.toml"
+    config.write_text(
+        f'[[model]]\nname = "in1k"\nfamily = "var"\nweights = "var1000.pth"\ntokenizer = "{vae}"\n'
+    )
+    run = varserve("generate", "--config", config, "--class", "golden retriever", "--out", tmp_path / "o")
+    assert run.returncode == 0, run.stderr
+    assert "in1k: class 207" in run.stderr
+    run = varserve("generate", "--config", config, "--class", "crane", "--out", tmp_path / "o")
+    assert run.returncode == 2 and "'crane' names several ImageNet classes" in run.stderr

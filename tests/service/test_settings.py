@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from models.conditions import resolve_condition
 from models.config import ModelSpec
-from service.classes import resolve_class
 from service.settings import Settings, add_serve_arguments, settings_from
 
 
@@ -45,6 +45,10 @@ def test_bad_settings_name_the_flag_or_variable(argv, env, message):
 
 
 def test_class_names_come_from_the_config_or_imagenet():
+    def resolve_class(value, num_classes, spec=None):
+        names = spec.class_names if spec is not None else None
+        return resolve_condition(value, "class", num_classes, names, "m")
+
     spec = ModelSpec("digits", "var", Path("w"), Path("t"), class_names=("zero", "one", "two"))
     assert resolve_class("Two", 3, spec) == resolve_class("2", 3, spec) == 2
     with pytest.raises(ValueError, match="give one of zero, one, two or an index"):
@@ -60,3 +64,20 @@ def test_class_names_come_from_the_config_or_imagenet():
         resolve_class("unicorn", 1000)
     with pytest.raises(ValueError, match="this model has 10 classes: give an index 0..9"):
         resolve_class("goldfish", 10)
+
+
+def test_one_validator_for_every_condition():
+    from models.conditions import ClassOutOfRange
+
+    assert resolve_condition(" 7 ", "class", 10) == 7
+    for bad in (-3, "-3", 10, "10"):
+        with pytest.raises(ClassOutOfRange, match=r"class -?\d+ is out of range 0..9"):
+            resolve_condition(bad, "class", 10)
+    for bad in ("--3", "3-", "1.5", ""):
+        with pytest.raises(ValueError, match="unknown class"):
+            resolve_condition(bad, "class", 10)
+    with pytest.raises(ValueError, match="a class is an index or a name, not bool"):
+        resolve_condition(True, "class", 10)
+    assert resolve_condition("a red star", "text") == "a red star"
+    with pytest.raises(ValueError, match="model 'x' is text-conditional: give a text prompt, not a class"):
+        resolve_condition(3, "text", model="x")

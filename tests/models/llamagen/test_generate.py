@@ -124,3 +124,20 @@ def test_runner_configuration_errors(tmp_path):
     assert (runner.conditioning, runner.num_classes) == ("class", 10)
     with pytest.raises(ValueError, match="class 10 is out of range 0..9"):
         runner.generate([10], [ImageParams(0, 4.0, 1, 1.0, 1.0)])
+
+
+def test_engine_rows_follow_each_familys_guidance_rule():
+    """LlamaGen guides when cfg != 1, VAR when cfg != 0: the rows the service accounts KV bytes by
+    are the rows the engine runs."""
+    runner = ModelRunner(dataclasses.replace(spec(), weights=REFERENCE / "llamagen_c2i.pt"))
+
+    def params(cfg):
+        return [ImageParams(s, cfg, 1, 1.0, 1.0) for s in range(4)]
+
+    assert runner.engine_rows(params(1.0)) == 4 and runner.engine_rows(params(0.0)) == 8
+    assert runner.engine_rows(params(4.0)) == 8
+    plain, zero = runner.generate([1] * 4, params(1.0)), runner.generate([1] * 4, params(0.0))
+    assert zero.kv_bytes == 2 * plain.kv_bytes  # cfg 0 runs the null rows, cfg 1 does not
+
+    var_runner = ModelRunner(ModelSpec("v", "var", REFERENCE / "var_model.pth", REFERENCE / "var_vae.pth"))
+    assert var_runner.engine_rows(params(0.0)) == 4 and var_runner.engine_rows(params(1.0)) == 8
