@@ -20,9 +20,10 @@ import torch
 from bench.measure import matmul_peak, read_bandwidth, timed
 from kernels import native
 from kernels.linear import pack_linear_weights
-from models.llamagen.generate import LlamaGenParams, generate, transformer_flops
+from models.llamagen.generate import generate, transformer_flops
 from models.llamagen.model import GPT, GPTConfig
 from models.runtime import keep_freed_memory
+from models.settings import ImageSettings
 
 
 @torch.inference_mode()
@@ -104,7 +105,7 @@ def main() -> None:
     base = None
     for B in args.batches:
         labels = torch.arange(B) % cfg.num_classes
-        params = [LlamaGenParams(cfg=4.0, top_k=2000, top_p=1.0, seed=i) for i in range(B)]
+        params = [ImageSettings(cfg=4.0, top_k=2000, top_p=1.0, seed=i) for i in range(B)]
         t = timed(lambda: generate(model, None, labels, params, decode=False), args.repeats)  # noqa: B023
         ips = B / t
         base = base or ips

@@ -25,7 +25,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.config import DEFAULT_CONFIG, ModelSpec, load_config
-from models.runner import ImageParams, ModelRunner
+from models.runner import Runner, load_runner
+from models.settings import ImageSettings
 from models.train import data as shapes
 
 ATTRIBUTES = {
@@ -108,7 +109,7 @@ def predict(clf: ShapeClassifier, images: torch.Tensor) -> dict[str, np.ndarray]
     return {k: torch.cat(v).numpy() for k, v in out.items()}
 
 
-def conditions_for(runner: ModelRunner, per_class: int, seed: int = 0) -> tuple[list, dict[str, np.ndarray]]:
+def conditions_for(runner: Runner, per_class: int, seed: int = 0) -> tuple[list, dict[str, np.ndarray]]:
     """-> (a condition per image, {attribute: (N,) what the image should show, -1 where the condition
     leaves it open}), per_class images of each shape, shape by shape."""
     rng = np.random.default_rng(seed)
@@ -135,12 +136,12 @@ def conditions_for(runner: ModelRunner, per_class: int, seed: int = 0) -> tuple[
     return conditions, {k: np.array(v) for k, v in want.items()}
 
 
-def params_for(spec: ModelSpec, seeds: list[int]) -> list[ImageParams]:
+def params_for(spec: ModelSpec, seeds: list[int]) -> list[ImageSettings]:
     d = spec.defaults
-    return [ImageParams(s, d.cfg, d.top_k, d.top_p, d.temperature) for s in seeds]
+    return [ImageSettings(s, d.cfg, d.top_k, d.top_p, d.temperature) for s in seeds]
 
 
-def generate(runner: ModelRunner, conditions: list, seed: int, batch_size: int = 50):
+def generate(runner: Runner, conditions: list, seed: int, batch_size: int = 50):
     """Image i uses seed + i. -> images (N, 3, H, W) in [0, 1], tokens (N, L) long."""
     images, tokens = [], []
     for start in range(0, len(conditions), batch_size):
@@ -189,7 +190,7 @@ def nearest_distance(images: torch.Tensor, reference: torch.Tensor) -> np.ndarra
     return (best / 2 / q.shape[1] ** 0.5).numpy()  # [-1, 1] -> [0, 1] pixels, per-value RMS
 
 
-def images_per_second(runner: ModelRunner, batch: int, repeats: int = 3) -> tuple[float, object]:
+def images_per_second(runner: Runner, batch: int, repeats: int = 3) -> tuple[float, object]:
     """Best of `repeats` timed batches after a warm-up (the machine is shared) -> (images/s, result)."""
     conditions, _ = conditions_for(runner, 1)
     conditions = (conditions * batch)[:batch]
@@ -248,7 +249,7 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(min(2, torch.get_num_threads()))
     specs = [s for s in load_config(args.config) if args.model is None or s.name in args.model]
-    runners = {spec.name: ModelRunner(spec) for spec in specs}
+    runners = {spec.name: load_runner(spec) for spec in specs}
     summary = {}
     if not args.no_quality:
         clf, held_out = train_classifier()

@@ -55,12 +55,13 @@ class Offline:
 
     def __init__(self, config: Path, batch: int):
         from models.config import load_config
-        from models.runner import ImageParams, ModelRunner
+        from models.runner import load_runner
+        from models.settings import ImageSettings
 
         spec = load_config(config)[0]
-        self.runner, self.batch = ModelRunner(spec), batch
+        self.runner, self.batch = load_runner(spec), batch
         d = spec.defaults
-        self.params = [ImageParams(i, d.cfg, d.top_k, d.top_p, d.temperature) for i in range(batch)]
+        self.params = [ImageSettings(i, d.cfg, d.top_k, d.top_p, d.temperature) for i in range(batch)]
         self.conditions = (
             [i % self.runner.num_classes for i in range(batch)]
             if self.runner.conditioning == "class"

@@ -22,7 +22,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from bench.measure import matmul_peak, timed
 from models.runtime import keep_freed_memory
-from models.var.generate import VARParams, generate, transformer_flops
+from models.settings import ImageSettings
+from models.var.generate import generate, transformer_flops
 from models.var.model import VAR, VARConfig
 from models.var.tokenizer import VQVAE, VQVAEConfig
 
@@ -113,7 +114,7 @@ def main() -> None:
     base = None
     for B in args.batches:
         labels = [i % cfg.num_classes for i in range(B)]
-        params = [VARParams(cfg=4.0, top_k=900, top_p=0.95, seed=i) for i in range(B)]
+        params = [ImageSettings(cfg=4.0, top_k=900, top_p=0.95, seed=i) for i in range(B)]
         out = generate(var, vae, labels, params, decode=False)
         t = timed(lambda: generate(var, vae, labels, params, decode=False), args.repeats)  # noqa: B023
         flops = transformer_flops(var, 2 * B)

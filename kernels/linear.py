@@ -12,8 +12,10 @@ read probe): 49-51 GB/s at 1-2 rows, 145 / 187 / 200 GFLOP/s at 8 / 32 / 64 rows
 does not depend on the other rows of the call, so batching stays invisible in the numbers.
 
 Models keep their published (N, K) weights until `pack_linear_weights` swaps them for panels in
-place (same memory), and call `linear(x, weight)`, which dispatches on the weight it is given: a
-3-D weight is in panels. CUDA and other dtypes keep `F.linear`; CPU without a C compiler computes
+place (same memory). `linear(x, weight)` dispatches on the weight it is given (a 3-D weight is in
+panels), and our `Linear` module calls it, so a layer works before and after packing;
+`pack_linear_weights` swaps any plain nn.Linear it packs for one (as gpt-fast's quantizer swaps
+modules), so no module is left whose own forward fails. CUDA and other dtypes keep `F.linear`; CPU without a C compiler computes
 weight-major (`weight_major_linear`).
 """
 
@@ -63,16 +65,33 @@ def unpack_weight(panels: torch.Tensor) -> torch.Tensor:
     return panels.transpose(1, 2).reshape(P * PANEL, K)
 
 
-def pack_linear_weights(module: nn.Module) -> int:
-    """Packs the weight of every nn.Linear under `module` in place -> how many were packed.
+class Linear(nn.Linear):
+    """nn.Linear (same parameters, same state-dict keys) whose forward is `linear`, so it runs with
+    its weight as published or packed into panels."""
 
-    Afterwards those layers must be called through `linear(x, layer.weight)`, not `layer(x)`."""
-    packed = 0
-    for layer in module.modules():
-        if isinstance(layer, nn.Linear) and can_pack(layer.weight):
-            layer.weight = nn.Parameter(pack_weight(layer.weight), requires_grad=False)
-            packed += 1
-    return packed
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias)
+
+
+def pack_linear_weights(module: nn.Module) -> int:
+    """Packs the weight of every nn.Linear under `module` where packing applies -> how many.
+
+    A plain nn.Linear is swapped for our `Linear` holding the same parameters, so `layer(x)` keeps
+    working with the packed weight."""
+    targets = [
+        (parent, name, child)
+        for parent in module.modules()
+        for name, child in parent.named_children()
+        if isinstance(child, nn.Linear) and can_pack(child.weight)
+    ]
+    for parent, name, child in targets:
+        weight = nn.Parameter(pack_weight(child.weight), requires_grad=False)
+        if type(child) is not Linear:
+            child = Linear(child.in_features, child.out_features, bias=child.bias is not None, device="meta")
+            child.bias = getattr(parent, name).bias
+            setattr(parent, name, child)
+        child.weight = weight
+    return len(targets)
 
 
 def linear_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

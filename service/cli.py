@@ -81,12 +81,13 @@ def generate_command(args, parser: argparse.ArgumentParser) -> int:
     from models.conditions import ClassOutOfRange
     from models.config import ConfigError, load_config
     from models.loading import CheckpointError
-    from models.runner import ModelRunner, image_params
+    from models.runner import load_runner
+    from models.settings import settings_for
     from service.images import to_pil
 
     try:
         spec = pick_model(load_config(args.config), args.model, parser)
-        runner = ModelRunner(spec)
+        runner = load_runner(spec)
     except (ConfigError, CheckpointError, ValueError) as e:
         print(f"varserve: error: {e}", file=sys.stderr)
         return 1
@@ -102,7 +103,7 @@ def generate_command(args, parser: argparse.ArgumentParser) -> int:
     except ValueError as e:
         parser.error(f"{flag}: {e}")
     first_seed = args.seed if args.seed is not None else secrets.randbelow(2**31)
-    params = image_params(
+    params = settings_for(
         spec.defaults, first_seed, args.n, args.cfg, args.top_k, args.top_p, args.temperature
     )
     args.out.mkdir(parents=True, exist_ok=True)

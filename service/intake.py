@@ -7,12 +7,12 @@ import asyncio
 import secrets
 import time
 
-from models.runner import image_params
+from models.settings import settings_for
 from service.catalog import ModelInfo
 from service.errors import ApiError
 from service.jobs import Channel, Job
 from service.pool import WorkerPool
-from service.scheduler import QueueFull
+from service.queue import QueueFull
 from service.schemas import MAX_SEED, GenerationFields
 
 NOT_READY_RETRY_S = 5
@@ -37,7 +37,7 @@ def admit(body: GenerationFields, pool: WorkerPool, request_id: str, stream: boo
     timeout_s = settings.timeout_s if body.timeout_s is None else body.timeout_s
     if timeout_s > settings.timeout_s:
         raise ApiError(400, f"timeout_s may be at most {settings.timeout_s:g} on this server", "timeout_s")
-    params = image_params(
+    params = settings_for(
         pool.catalog.specs[info.name].defaults,
         first_seed,
         body.n,

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from models.runner import ImageParams
+from models.settings import ImageSettings
 
 
 @dataclass
@@ -56,7 +56,7 @@ class Job:
     id: str
     model: str
     conditions: list[int | str]  # one per image
-    params: list[ImageParams]  # one per image
+    params: list[ImageSettings]  # one per image
     stream: bool
     channel: Channel
     deadline: float  # time.monotonic()

@@ -60,7 +60,7 @@ class Metrics:
         )
         self.forward_passes = Counter(
             "varserve_forward_passes",
-            "Model forward calls (one per scale or row of a batch).",
+            "Model forward calls (one per scale of a VAR batch, one per token of a LlamaGen batch).",
             ["model"],
             registry=r,
         )

@@ -12,7 +12,7 @@ from models.runtime import keep_freed_memory
 from service.catalog import Catalog
 from service.jobs import Failed, Job
 from service.metrics import Metrics
-from service.scheduler import RequestQueue
+from service.queue import RequestQueue
 from service.settings import Settings
 from service.worker import Worker
 

@@ -8,7 +8,6 @@ stopped at the next step.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import threading
 import time
@@ -18,11 +17,12 @@ import torch
 
 from models.config import ConfigError, ModelSpec
 from models.loading import CheckpointError
-from models.runner import BatchResult, ImageParams, ModelRunner
+from models.runner import BatchResult, Runner, load_runner
+from models.settings import settings_for
 from service.catalog import Catalog, info_of
 from service.jobs import Done, Failed, Job, Preview
 from service.metrics import Metrics
-from service.scheduler import RequestQueue
+from service.queue import RequestQueue
 from service.settings import Settings
 
 log = logging.getLogger("varserve.worker")
@@ -49,26 +49,6 @@ def split_point(rows: list[Row]) -> int:
     return min(boundaries, key=lambda i: abs(i - middle)) if boundaries else middle
 
 
-def select_rows(step, rows: list[int], batch: int):
-    """The step object restricted to some images of the batch, so previews decode only those.
-    Works on any dataclass step whose per-image tensors lead with the batch dimension."""
-    index = torch.tensor(rows)
-    changes = {}
-    for f in dataclasses.fields(step):
-        value = getattr(step, f.name)
-        if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == batch:
-            changes[f.name] = value.index_select(0, index.to(value.device))
-    return dataclasses.replace(step, **changes)
-
-
-def tokens_so_far(family: str, step, before: int) -> int:
-    """Tokens per image sampled up to this step: VAR hands each scale's map, LlamaGen the grid so far."""
-    tokens = getattr(step, "tokens", None)
-    if tokens is None:
-        return before
-    return before + tokens.shape[1] if family == "var" else tokens.shape[1]
-
-
 class Worker(threading.Thread):
     def __init__(
         self,
@@ -84,7 +64,7 @@ class Worker(threading.Thread):
         self.device, self.specs = device, specs
         self.queue, self.catalog, self.metrics, self.settings = queue, catalog, metrics, settings
         self.on_fatal = on_fatal
-        self.runners: dict[str, ModelRunner] = {}
+        self.runners: dict[str, Runner] = {}
         self.ready = threading.Event()
         self.stopping = threading.Event()
         self._kv_bytes_per_row: dict[str, float] = {}
@@ -119,11 +99,13 @@ class Worker(threading.Thread):
 
     def _load(self, spec: ModelSpec) -> None:
         t0 = time.monotonic()
-        runner = ModelRunner(spec)
+        runner = load_runner(spec)
         # one image first: warms the allocator and kernels, so the first request is not slower
         warm = 0 if runner.conditioning == "class" else "a photo"
-        d = spec.defaults
-        runner.generate([warm], [ImageParams(0, d.cfg, d.top_k, d.top_p, d.temperature)])
+        settings = settings_for(spec.defaults, 0, 1)
+        result = runner.generate([warm], settings)
+        # so the KV-in-use gauge of the first batch is an estimate too, not 0
+        self._kv_bytes_per_row[spec.name] = result.kv_bytes / runner.engine_rows(settings)
         self.runners[spec.name] = runner
         self.catalog.publish(info_of(runner))
         self.metrics.model_loaded.labels(spec.name).set(1)
@@ -143,7 +125,7 @@ class Worker(threading.Thread):
             self.metrics.running.set(0)
             self.metrics.kv_in_use.labels(model).set(0)
 
-    def _execute(self, runner: ModelRunner, rows: list[Row]) -> None:
+    def _execute(self, runner: Runner, rows: list[Row]) -> None:
         rows = [(job, i) for job, i in rows if job.live(time.monotonic())]
         if not rows:
             return
@@ -163,9 +145,11 @@ class Worker(threading.Thread):
                 elapsed,
             )
             self._account(runner, rows, jobs, result, elapsed)
+            self.metrics.kv_in_use.labels(runner.spec.name).set(0)  # before answering: a client that
+            # reads /metrics right after its response sees the batch as done
             self._deliver(jobs, runner.spec.name, step.tokens_per_image)
 
-    def _generate(self, runner: ModelRunner, rows: list[Row], jobs: list[Job]):
+    def _generate(self, runner: Runner, rows: list[Row], jobs: list[Job]):
         """The engine call: (result, step watch), SPLIT after an out-of-memory error, or None when
         the batch ended without images (abandoned, or failed and its requests told)."""
         model = runner.spec.name
@@ -191,7 +175,7 @@ class Worker(threading.Thread):
             return None
 
     def _account(
-        self, runner: ModelRunner, rows: list[Row], jobs: list[Job], result: BatchResult, elapsed: float
+        self, runner: Runner, rows: list[Row], jobs: list[Job], result: BatchResult, elapsed: float
     ) -> None:
         model = runner.spec.name
         self.queue.record_throughput(elapsed, len(rows))
@@ -216,11 +200,12 @@ class Worker(threading.Thread):
             if not job.live(now) or any(image is None for image in job.images):
                 continue
             job.finished = True
-            job.channel.send(Done(torch.stack(job.images)))
-            job.images = []
+            # counted before the answer goes out, so /metrics read after a response includes it
             self.metrics.images.labels(model).inc(job.n)
             self.metrics.tokens.labels(model).inc(job.n * tokens_per_image)
             self.metrics.inference_time.labels(model).observe(job.inference_s)
+            job.channel.send(Done(torch.stack(job.images)))
+            job.images = []
 
     def _fail(self, jobs: list[Job], status: int, message: str) -> None:
         for job in jobs:
@@ -228,7 +213,7 @@ class Worker(threading.Thread):
                 job.finished = True
                 job.channel.send(Failed(status, message))
 
-    def _split_and_retry(self, runner: ModelRunner, rows: list[Row]) -> None:
+    def _split_and_retry(self, runner: Runner, rows: list[Row]) -> None:
         self.metrics.oom_splits.inc()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
@@ -248,7 +233,7 @@ class StepWatch:
     """The engine's per-step callback for one batch: times steps, counts tokens, stops the batch
     when nobody waits for it, and sends previews to the requests that stream."""
 
-    def __init__(self, worker: Worker, runner: ModelRunner, rows: list[Row], jobs: list[Job]):
+    def __init__(self, worker: Worker, runner: Runner, rows: list[Row], jobs: list[Job]):
         self.worker, self.runner, self.rows, self.jobs = worker, runner, rows, jobs
         self.step_time = worker.metrics.step_time.labels(runner.spec.name)
         self.tokens_per_image = 0
@@ -257,7 +242,7 @@ class StepWatch:
     def __call__(self, step) -> None:
         now = time.monotonic()
         self.step_time.observe(now - self.last)
-        self.tokens_per_image = tokens_so_far(self.runner.family, step, self.tokens_per_image)
+        self.tokens_per_image = step.tokens_per_image
         live = [job for job in self.jobs if job.live(now)]
         if not live or self.worker.stopping.is_set():
             raise BatchAbandoned
@@ -273,7 +258,7 @@ class StepWatch:
     def _send_previews(self, step, jobs: list[Job]) -> None:
         positions = [p for p, (job, _) in enumerate(self.rows) if job in jobs]
         # (len(positions), 3, H, W): decoding only the streaming requests' images
-        images = self.runner.preview(select_rows(step, positions, len(self.rows)))
+        images = self.runner.preview(step.select(positions))
         start = 0
         for job in jobs:  # positions are grouped by job, in the order of `jobs`
             job.channel.send(Preview(step.index, step.total, images[start : start + job.n]))

@@ -6,8 +6,9 @@
 // here, a third of the step. This kernel gives each (sequence, head) one thread-local pass over
 // its keys (scores, then a softmax) and one over its values, both in address order.
 //
-// q: (B, H, D); k, v: (B, H_kv, T_max, D), positions [0, L) valid; key_valid: (B, T_max) bytes, 0
-// for a padded condition token, or NULL; out: (B, H, D). Query head h reads KV head
+// q: (B, H, D); k, v: (B, H_kv, T_max, D), row b's positions [0, lengths[b]) valid (each row its own
+// length, read from memory, so the caller never copies a length to the host); key_valid: (B, T_max)
+// bytes, 0 for a padded condition token, or NULL; out: (B, H, D). Query head h reads KV head
 // h / (H / H_kv) (grouped-query attention, as the official repeat_interleave).
 
 #include <math.h>
@@ -39,7 +40,8 @@ static float dot(const float *a, const float *b, long D) {
 
 void varserve_decode_attention(const float *q, const float *k, const float *v,
                                const unsigned char *key_valid, float *out, long B, long H, long H_kv,
-                               long T_max, long L, long D, float scale) {
+                               long T_max, const long *lengths, long D,
+                               float scale) {
   long group = H / H_kv;
 #pragma omp parallel for schedule(static)
   for (long bh = 0; bh < B * H; bh++) {
@@ -48,10 +50,12 @@ void varserve_decode_attention(const float *q, const float *k, const float *v,
     const float *kh = k + (b * H_kv + h / group) * T_max * D;
     const float *vh = v + (b * H_kv + h / group) * T_max * D;
     const unsigned char *valid = key_valid ? key_valid + b * T_max : NULL;
-    float p[L];
+    long L = lengths[b];
+    float p[L > 0 ? L : 1];
     float top = -INFINITY;
     for (long t = 0; t < L; t++) {
-      p[t] = (valid && !valid[t]) ? -INFINITY : scale * dot(qh, kh + t * D, D);
+      // the query's own key (the last) always counts, as in the reference
+      p[t] = (valid && !valid[t] && t != L - 1) ? -INFINITY : scale * dot(qh, kh + t * D, D);
       top = p[t] > top ? p[t] : top;
     }
     float total = 0.0f;

@@ -1,9 +1,15 @@
-"""Batched next-token generation: one prefill of the condition tokens, then one decode step per image
-token over a preallocated KV cache, in raster order.
+"""Next-token generation as a step engine: each image is a `Sequence` that carries its condition,
+settings, random state, position and guidance partner, and `Engine.step()` advances every
+sequence of a batch by one forward pass (the prefill of the condition tokens first, then one image
+token per step, in raster order). `generate` is a thin loop over `step()`.
 
-Every image carries its own condition, guidance scale, sampling settings and seed. Guidance runs on
-a doubled batch (conditional rows, then null-condition rows) only when some image asks for it:
-logits = uncond + cfg * (cond - uncond), so cfg = 1 is plain conditional sampling.
+Guidance is per sequence: a guided image (cfg != 1) runs a null-condition row beside its own, and
+logits = uncond + cfg * (cond - uncond). Rows are laid out as every sequence's own row, then the
+null rows of the guided ones; `null_of` pairs them explicitly.
+
+The store is dense and sized for the batch at its start, so today's batches are static (every
+image has the same length); the paged store of continuous batching lets sequences join and leave
+between steps through the same `Sequence` and `step()`.
 """
 
 from __future__ import annotations
@@ -15,15 +21,34 @@ import torch
 
 from models.llamagen.model import GPT
 from models.llamagen.tokenizer import VQModel
-from models.sampling import SamplingParams, make_generators, sample
+from models.sampling import SamplerRows, make_generators
+from models.settings import ImageSettings
 
 
-@dataclass(frozen=True)
-class LlamaGenParams(SamplingParams):
-    """cfg_interval: guidance only for image tokens 0..cfg_interval (-1: all), as the official sampler."""
+def is_guided(settings: ImageSettings) -> bool:
+    """Whether an image runs a null-condition row: LlamaGen's cfg 1 is no guidance."""
+    return settings.cfg != 1.0
 
-    cfg: float = 4.0
-    cfg_interval: int = -1
+
+def engine_rows(settings: list[ImageSettings]) -> int:
+    """Rows a batch of these images runs: its own row each, plus a null row per guided image."""
+    return len(settings) + sum(is_guided(s) for s in settings)
+
+
+@dataclass
+class Sequence:
+    """One image being generated. Its generator is made from its seed once and kept across steps,
+    so its draws do not depend on when it started or what runs beside it."""
+
+    condition: torch.Tensor  # () long class label (c2i) or (cls_token_num, caption_dim) caption (t2i)
+    settings: ImageSettings
+    cond_mask: torch.Tensor | None = None  # (cls_token_num,) bool, False at caption padding
+    generator: torch.Generator | None = None
+    num_tokens: int = 0  # image tokens sampled so far
+
+    @property
+    def guided(self) -> bool:
+        return is_guided(self.settings)
 
 
 @dataclass
@@ -34,25 +59,23 @@ class RowStep:
     total: int  # rows in the grid
     tokens: torch.Tensor  # (B, (index + 1) * grid) the image tokens so far
 
+    @property
+    def tokens_per_image(self) -> int:
+        return self.tokens.shape[1]
+
+    def select(self, images: list[int]) -> RowStep:
+        """The step of some of the batch's images only (a preview of those)."""
+        index = torch.tensor(images, device=self.tokens.device)
+        return RowStep(self.index, self.total, self.tokens.index_select(0, index))
+
 
 @dataclass
 class LlamaGenOutput:
     images: torch.Tensor  # (B, 3, H, W) float in [0, 1] (empty when not decoded)
     tokens: torch.Tensor  # (B, grid * grid)
     forward_passes: int
-    kv_bytes: int  # KV-cache bytes held by the batch
+    kv_bytes: int  # KV-store bytes held by the batch
     flops: float  # matmul FLOPs of the transformer passes
-
-
-def is_guided(params) -> bool:
-    """Whether a batch runs its null-condition rows: LlamaGen's cfg 1 is no guidance. params: anything
-    with .cfg (the engine's params or the runner's)."""
-    return any(p.cfg != 1.0 for p in params)
-
-
-def guidance_scales(params: list[LlamaGenParams], token: int) -> torch.Tensor:
-    """(B,) cfg for image token `token`: 1 (no guidance) past a request's cfg interval."""
-    return torch.tensor([p.cfg if p.cfg_interval < 0 or token <= p.cfg_interval else 1.0 for p in params])
 
 
 def transformer_flops(model: GPT, rows: int) -> float:
@@ -67,12 +90,87 @@ def transformer_flops(model: GPT, rows: int) -> float:
     return 2.0 * rows * (positions * per_token + head_tokens * c.dim * c.vocab_size + attn)
 
 
+class Engine:
+    """A batch of sequences and the state their steps share, built once: the store, each row's
+    next position, the guidance table and the sampler tensors. A step reads no value back from the
+    device, so on a GPU the host can queue the next step while this one runs."""
+
+    def __init__(self, model: GPT, seqs: list[Sequence]):
+        self.model, self.seqs, self.steps_done = model, seqs, 0
+        c, device = model.config, model.tok_embeddings.weight.device
+        B = len(seqs)
+        for s in self.seqs:
+            if s.generator is None:
+                s.generator = make_generators([s.settings.seed], device)[0]
+        guided = [i for i, s in enumerate(self.seqs) if s.guided]
+        self.null_of = torch.tensor(
+            guided, dtype=torch.long, device=device
+        )  # row B + j pairs seqs[guided[j]]
+        self.rows = B + len(guided)
+        self.store = self.model.new_kv_store(self.rows)
+        self.tokens = torch.empty(B, c.block_size, dtype=torch.long, device=device)  # left to right
+        self.sampler = SamplerRows.of(
+            [s.settings for s in self.seqs], device, [s.generator for s in self.seqs]
+        )
+        # (G, block_size): each guided image's cfg per image token, 1 (none) past its interval
+        self.cfg_table = torch.tensor(
+            [[_cfg_at(self.seqs[i].settings, t) for t in range(c.block_size)] for i in guided],
+            device=device,
+        )
+        masks = [s.cond_mask for s in self.seqs]
+        self.key_valid = None
+        if any(m is not None for m in masks):
+            full = torch.ones(c.cls_token_num, dtype=torch.bool, device=device)
+            cond_mask = torch.stack([full if m is None else m.to(device) for m in masks])
+            # the official sampler masks a guided image's null row as its own row
+            self.key_valid = self.model.key_valid(torch.cat([cond_mask, cond_mask[self.null_of]]))
+        self.positions = torch.full((self.rows, 1), c.cls_token_num, dtype=torch.long, device=device)
+
+    @property
+    def done(self) -> bool:
+        return self.steps_done == self.model.config.block_size
+
+    def step(self) -> None:
+        """One forward pass for every row, then one image token sampled per sequence."""
+        i, B = self.steps_done, len(self.seqs)
+        logits = self._prefill() if i == 0 else self._decode(self.tokens[:, i - 1])  # (rows, V)
+        cond = logits[:B]
+        if len(self.null_of):
+            scale = self.cfg_table[:, i : i + 1]  # (G, 1)
+            cond = cond.index_copy(0, self.null_of, torch.lerp(logits[B:], cond[self.null_of], scale))
+        self.tokens[:, i] = self.sampler.sample(cond.unsqueeze(1))[:, 0]
+        for s in self.seqs:
+            s.num_tokens += 1
+        self.steps_done += 1
+
+    def _prefill(self) -> torch.Tensor:
+        device = self.tokens.device
+        dtype = self.model.tok_embeddings.weight.dtype
+        cond = torch.stack([s.condition.to(device) for s in self.seqs])
+        if len(self.null_of):
+            cond = torch.cat([cond, self.model.null_cond(len(self.null_of)).to(cond.dtype)])
+        if cond.is_floating_point():
+            cond = cond.to(dtype)
+        return self.model.prefill(self.model.embed_cond(cond), self.store, self.key_valid)
+
+    def _decode(self, last: torch.Tensor) -> torch.Tensor:
+        """last: (B,) each sequence's newest token -> logits (rows, V) for the next one."""
+        step_tokens = torch.cat([last, last[self.null_of]])[:, None]  # null rows feed their partner's
+        logits = self.model.decode_step(step_tokens, self.positions, self.store, self.key_valid)[:, -1]
+        self.positions += 1
+        return logits
+
+
+def _cfg_at(settings: ImageSettings, token: int) -> float:
+    return settings.cfg if settings.cfg_interval < 0 or token <= settings.cfg_interval else 1.0
+
+
 @torch.inference_mode()
 def generate(
     model: GPT,
     vq: VQModel,
     cond: torch.Tensor,
-    params: list[LlamaGenParams],
+    settings: list[ImageSettings],
     cond_mask: torch.Tensor | None = None,
     on_row: Callable[[RowStep], None] | None = None,
     decode: bool = True,
@@ -80,44 +178,25 @@ def generate(
     """cond: class labels (B,) long for c2i, caption embeddings (B, cls_token_num, caption_dim) for
     t2i; cond_mask: (B, cls_token_num) bool, False at caption padding, or None."""
     c = model.config
-    B, device = len(params), model.tok_embeddings.weight.device
-    guided = is_guided(params)
-    if guided:
-        cond = torch.cat([cond, model.null_cond(B).to(cond.dtype)])
-        if cond_mask is not None:
-            cond_mask = torch.cat([cond_mask, cond_mask])  # the official sampler masks both halves alike
-    top_k = torch.tensor([p.top_k for p in params], device=device)
-    top_p = torch.tensor([p.top_p for p in params], device=device, dtype=torch.float32)
-    temperature = torch.tensor([p.temperature for p in params], device=device, dtype=torch.float32)
-    generators = make_generators([p.seed for p in params], device)
-
-    dtype = model.tok_embeddings.weight.dtype
-    cond = cond.to(device=device, dtype=dtype if cond.is_floating_point() else cond.dtype)
-    cache = model.new_kv_cache(cond.shape[0])
-    logits = model.prefill(model.embed_cond(cond), cache, cond_mask)  # (rows, V)
-    tokens = torch.empty(B, c.block_size, dtype=torch.long, device=device)
-    for i in range(c.block_size):
-        if guided:
-            scale = guidance_scales(params, i).to(device).view(B, 1)
-            logits = torch.lerp(logits[B:], logits[:B], scale)  # = uncond + cfg * (cond - uncond)
-        tokens[:, i] = sample(logits.unsqueeze(1), top_k, top_p, temperature, generators)[:, 0]
-        if on_row is not None and (i + 1) % c.grid_size == 0:
-            on_row(RowStep((i + 1) // c.grid_size - 1, c.grid_size, tokens[:, : i + 1]))
-        if i + 1 == c.block_size:
-            break
-        step_tokens = tokens[:, i : i + 1]
-        if guided:
-            step_tokens = torch.cat([step_tokens, step_tokens])
-        pos = torch.tensor([c.cls_token_num + i], device=device)
-        logits = model.decode_step(step_tokens, pos, cache)
+    masks = [None] * len(settings) if cond_mask is None else list(cond_mask)
+    seqs = [Sequence(cond[i], s, masks[i]) for i, s in enumerate(settings)]
+    engine = Engine(model, seqs)
+    while not engine.done:
+        engine.step()
+        n = engine.steps_done
+        if on_row is not None and n % c.grid_size == 0:
+            on_row(RowStep(n // c.grid_size - 1, c.grid_size, engine.tokens[:, :n]))
+    tokens = engine.tokens
     # One image at a time: a batched decode may differ in the last bit with the batch size, and an
     # image must not depend on its batch.
     images = (
-        torch.cat([decode_tokens(vq, tokens[i : i + 1], c.grid_size) for i in range(B)])
+        torch.cat([decode_tokens(vq, tokens[i : i + 1], c.grid_size) for i in range(len(seqs))])
         if decode
         else tokens.new_zeros(0).float()
     )
-    return LlamaGenOutput(images, tokens, c.block_size, cache.nbytes, transformer_flops(model, cond.shape[0]))
+    return LlamaGenOutput(
+        images, tokens, c.block_size, engine.store.nbytes, transformer_flops(model, engine.rows)
+    )
 
 
 def decode_tokens(vq: VQModel, tokens: torch.Tensor, grid: int) -> torch.Tensor:
@@ -133,10 +212,10 @@ def decode_tokens(vq: VQModel, tokens: torch.Tensor, grid: int) -> torch.Tensor:
     return images
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def greedy_generate(
     model: GPT, cond: torch.Tensor, cfg_scale: float = 1.0, cond_mask: torch.Tensor | None = None
 ) -> torch.Tensor:
     """Argmax tokens (B, block_size), i.e. the official sampler with top_k = 1: a parity check."""
-    params = [LlamaGenParams(top_k=1, cfg=cfg_scale)] * cond.shape[0]
-    return generate(model, None, cond, params, cond_mask=cond_mask, decode=False).tokens
+    settings = [ImageSettings(top_k=1, cfg=cfg_scale)] * cond.shape[0]
+    return generate(model, None, cond, settings, cond_mask=cond_mask, decode=False).tokens

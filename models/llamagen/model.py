@@ -7,8 +7,9 @@ follow the published state dicts (`c2i_*.pt`, `t2i_*.pt`, key "model"), so they 
 
 Three entry points share the same layers:
 - `forward(idx, cond)`: teacher-forced logits, as the official training forward.
-- `prefill(cond_embeddings, kv_cache)`: writes the condition tokens into the cache.
-- `decode_step(tokens, input_pos, kv_cache)`: one image token per sequence.
+- `prefill(cond_embeddings, store)`: writes the condition tokens into a KV store.
+- `decode_step(tokens, positions, store)`: new image tokens, each row at its own positions (one per
+  row for a decode step, several for a verify window), with the logits of every new position.
 Sampling (cfg, top-k, ...) is left to the caller.
 """
 
@@ -20,9 +21,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels.attention import decode_attention
-from kernels.linear import linear
-from models.llamagen.kv_cache import KVCache
+from kernels.linear import Linear
+from models.kv.dense import DenseTokenStore
+from models.kv.store import KVStore, TokenSpan
 
 
 @dataclass
@@ -82,12 +83,12 @@ class RMSNorm(nn.Module):
 class FeedForward(nn.Module):
     def __init__(self, dim: int, hidden: int):
         super().__init__()
-        self.w1 = nn.Linear(dim, hidden, bias=False)
-        self.w3 = nn.Linear(dim, hidden, bias=False)
-        self.w2 = nn.Linear(hidden, dim, bias=False)
+        self.w1 = Linear(dim, hidden, bias=False)
+        self.w3 = Linear(dim, hidden, bias=False)
+        self.w2 = Linear(hidden, dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(F.silu(linear(x, self.w1.weight)) * linear(x, self.w3.weight), self.w2.weight)
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
 def rope_2d(pos: torch.Tensor, cfg: GPTConfig) -> torch.Tensor:
@@ -95,8 +96,7 @@ def rope_2d(pos: torch.Tensor, cfg: GPTConfig) -> torch.Tensor:
 
     The first half of the pairs rotates with the token's grid row, the second half with its column.
     Condition positions get cos = sin = 0, i.e. their queries and keys are zeroed (not left
-    unrotated): that is what the official table does and what the published weights were trained with.
-    Computed per call from the positions: a few hundred cos/sin, and no buffer to keep in float32."""
+    unrotated): that is what the official table does and what the published weights were trained with."""
     half = cfg.head_dim // 2
     freqs = 1.0 / (cfg.rope_base ** (torch.arange(0, half, 2, device=pos.device)[: half // 2].float() / half))
     p = pos - cfg.cls_token_num
@@ -108,10 +108,10 @@ def rope_2d(pos: torch.Tensor, cfg: GPTConfig) -> torch.Tensor:
 
 
 def apply_rope(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
-    """x: (B, S, H, D), rope: (S, D // 2, 2) -> x with each interleaved pair (x[2i], x[2i + 1])
+    """x: (B, S, H, D), rope: (B or 1, S, D // 2, 2) -> x with each interleaved pair (x[2i], x[2i + 1])
     rotated in float32: as complex numbers, x * (cos + i sin), a few kernels instead of a dozen."""
     xc = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))
-    rotated = xc * torch.view_as_complex(rope)[None, :, None]
+    rotated = xc * torch.view_as_complex(rope)[:, :, None]
     return torch.view_as_real(rotated).flatten(3).type_as(x)
 
 
@@ -120,37 +120,35 @@ class Attention(nn.Module):
         super().__init__()
         self.layer_idx = layer_idx
         self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head, cfg.head_dim
-        self.wqkv = nn.Linear(cfg.dim, (cfg.n_head + 2 * cfg.n_kv_head) * cfg.head_dim, bias=False)
-        self.wo = nn.Linear(cfg.dim, cfg.dim, bias=False)
+        self.wqkv = Linear(cfg.dim, (cfg.n_head + 2 * cfg.n_kv_head) * cfg.head_dim, bias=False)
+        self.wo = Linear(cfg.dim, cfg.dim, bias=False)
 
     def forward(
         self,
         x: torch.Tensor,
         rope: torch.Tensor,
         mask: torch.Tensor | None,
-        input_pos: torch.Tensor | None = None,
-        kv_cache: KVCache | None = None,
-        n_keys: int | None = None,
+        store: KVStore | None = None,
+        at: TokenSpan | None = None,
     ) -> torch.Tensor:
-        """x: (B, S, dim); mask: bool, broadcastable to (B, 1, S, n_keys), or None: plain causal when
-        S > 1, every key when S == 1 (a decode step); n_keys: cached positions to attend over."""
+        """x: (B, S, dim); rope: (B or 1, S, head_dim // 2, 2). Without a store: mask bool,
+        broadcastable to (B, 1, S, S), or None for plain causal. With one: the new keys go to the
+        store and the queries read it (causality and padding come from `at`)."""
         B, S, dim = x.shape
         H, H_kv = self.n_head, self.n_kv_head
-        qkv = linear(x, self.wqkv.weight).view(B, S, H + 2 * H_kv, self.head_dim)
+        qkv = self.wqkv(x).view(B, S, H + 2 * H_kv, self.head_dim)
         qk = apply_rope(qkv[:, :, : H + H_kv], rope)  # q and k rotated in one go
         q, k, v = qk[:, :, :H], qk[:, :, H:], qkv[:, :, H + H_kv :]
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # q: (B, H, S, D), k/v: (B, H_kv, S, D)
-        if kv_cache is not None:
-            k_all, v_all = kv_cache.update(self.layer_idx, input_pos, k, v)  # (B, H_kv, T_max, D)
-            k, v = k_all[:, :, :n_keys], v_all[:, :, :n_keys]  # the keys written so far
-        if kv_cache is not None and S == 1:
-            y = decode_attention(q, k_all, v_all, n_keys, kv_cache.key_valid)  # reads the cache in place
+        if store is not None:
+            store.write(self.layer_idx, k, v, at)
+            y = store.attend(self.layer_idx, q, at)  # reads the store in its own layout
         else:
             # Query head h reads KV head h // (H / H_kv), as the official repeat_interleave.
             y = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=mask, is_causal=mask is None and S > 1, enable_gqa=H_kv != H
             )
-        return linear(y.transpose(1, 2).reshape(B, S, dim), self.wo.weight)
+        return self.wo(y.transpose(1, 2).reshape(B, S, dim))
 
 
 class TransformerBlock(nn.Module):
@@ -161,8 +159,8 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
 
-    def forward(self, x, rope, mask, input_pos=None, kv_cache=None, n_keys=None):
-        h = x + self.attention(self.attention_norm(x), rope, mask, input_pos, kv_cache, n_keys)
+    def forward(self, x, rope, mask, store=None, at=None):
+        h = x + self.attention(self.attention_norm(x), rope, mask, store, at)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -182,11 +180,11 @@ class LabelEmbedder(nn.Module):
 class CaptionMLP(nn.Module):
     def __init__(self, in_dim: int, dim: int):
         super().__init__()
-        self.fc1 = nn.Linear(in_dim, dim, bias=False)
-        self.fc2 = nn.Linear(dim, dim, bias=False)
+        self.fc1 = Linear(in_dim, dim, bias=False)
+        self.fc2 = Linear(dim, dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(F.gelu(linear(x, self.fc1.weight), approximate="tanh"), self.fc2.weight)
+        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
 
 
 class CaptionEmbedder(nn.Module):
@@ -213,7 +211,8 @@ class GPT(nn.Module):
         self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.layers = nn.ModuleList(TransformerBlock(cfg, i) for i in range(cfg.n_layer))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self.output = Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self._rope_table: torch.Tensor | None = None  # float32 whatever the weights: not a buffer
 
     # -- conditions -------------------------------------------------------------------------------
 
@@ -251,61 +250,72 @@ class GPT(nn.Module):
             causal = pos[None, :] <= pos[:, None]  # (L, L): query row, key column
             # A padded caption token still sees itself, so no softmax row is empty (official sampler).
             diag = pos[None, :] == pos[:, None]
-            mask = ((causal & self._key_valid(cond_mask, L)[:, None, :]) | diag)[:, None]  # (B, 1, L, L)
-        rope = rope_2d(pos, self.config)
+            mask = ((causal & self.key_valid(cond_mask, L)[:, None, :]) | diag)[:, None]  # (B, 1, L, L)
+        rope = rope_2d(pos, self.config)[None]
         for layer in self.layers:
             h = layer(h, rope, mask)
-        return linear(self.norm(h[:, self.config.cls_token_num - 1 :]), self.output.weight).float()
+        return self.output(self.norm(h[:, self.config.cls_token_num - 1 :])).float()
 
     # -- cached inference seam --------------------------------------------------------------------
 
-    def new_kv_cache(self, batch: int, max_len: int | None = None) -> KVCache:
-        """An empty cache on the model's device and dtype; max_len defaults to the longest sequence."""
+    def new_kv_store(self, rows: int, max_len: int | None = None) -> DenseTokenStore:
+        """An empty store on the model's device and dtype; max_len defaults to the longest sequence."""
         c, w = self.config, self.tok_embeddings.weight
-        return KVCache(c.n_layer, batch, c.n_kv_head, max_len or c.max_seq_len, c.head_dim, w.dtype, w.device)
+        return DenseTokenStore(
+            c.n_layer, rows, c.n_kv_head, max_len or c.max_seq_len, c.head_dim, w.dtype, w.device
+        )
 
-    def prefill(
-        self, cond_embeddings: torch.Tensor, kv_cache: KVCache, cond_mask: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        """cond_embeddings: (B, C, dim) from `embed_cond` (cfg callers stack cond and null halves);
-        cond_mask: (B, C) bool, False for padded caption tokens (the official t2i sampler applies the
-        same mask to both cfg halves), or None.
-
-        Writes positions 0..C-1 of the cache -> logits (B, vocab) float32 for image token 0."""
-        C = cond_embeddings.shape[1]
-        kv_cache.key_valid = None if cond_mask is None else self._key_valid(cond_mask, kv_cache.max_len)
-        input_pos = torch.arange(C, device=cond_embeddings.device)
-        return self._cached_forward(cond_embeddings, input_pos, kv_cache)
-
-    def decode_step(self, tokens: torch.Tensor, input_pos: torch.Tensor, kv_cache: KVCache) -> torch.Tensor:
-        """tokens: (B, 1) long, image token i of each sequence; input_pos: (1,) long, its absolute
-        position cls_token_num + i (the same for the whole batch).
-
-        -> logits (B, vocab) float32 for image token i + 1."""
-        return self._cached_forward(self.tok_embeddings(tokens), input_pos, kv_cache)
-
-    def _cached_forward(self, h: torch.Tensor, input_pos: torch.Tensor, kv_cache: KVCache) -> torch.Tensor:
-        """h: (B, S, dim) at positions input_pos (S,) -> logits of the last position, (B, vocab)."""
-        # Attention reads only the n_keys positions written so far, not the whole buffer: at batch 16
-        # the cache, not the weights, is most of a decode step's traffic.
-        S, n_keys = h.shape[1], int(input_pos[-1]) + 1
-        # A decode step (S == 1) needs no mask tensor: decode_attention reads key_valid itself. A
-        # prefill from position 0 without padding is plain causal.
-        mask = None
-        if S > 1 and (kv_cache.key_valid is not None or S != n_keys):
-            keys = torch.arange(n_keys, device=h.device)
-            mask = keys[None, :] <= input_pos[:, None]  # (S, n_keys)
-            if kv_cache.key_valid is not None:
-                valid = kv_cache.key_valid[:, :n_keys]
-                mask = mask & (valid[:, None, :] | (keys[None, :] == input_pos[:, None]))
-            mask = mask.view(-1, 1, S, n_keys)
-        rope = rope_2d(input_pos, self.config)
-        for layer in self.layers:
-            h = layer(h, rope, mask, input_pos, kv_cache, n_keys)
-        return linear(self.norm(h[:, -1]), self.output.weight).float()
-
-    def _key_valid(self, cond_mask: torch.Tensor, length: int) -> torch.Tensor:
-        """cond_mask (B, C) -> (B, length) bool: which key positions may be attended to."""
-        valid = torch.ones(cond_mask.shape[0], length, dtype=torch.bool, device=cond_mask.device)
+    def key_valid(self, cond_mask: torch.Tensor | None, length: int | None = None) -> torch.Tensor | None:
+        """cond_mask (B, C) bool, False at caption padding -> (B, length) bool: which key positions
+        may be attended to (None stays None: nothing is padded)."""
+        if cond_mask is None:
+            return None
+        valid = torch.ones(
+            cond_mask.shape[0], length or self.config.max_seq_len, dtype=torch.bool, device=cond_mask.device
+        )
         valid[:, : cond_mask.shape[1]] = cond_mask.bool()
         return valid
+
+    def prefill(
+        self, cond_embeddings: torch.Tensor, store: KVStore, key_valid: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """cond_embeddings: (R, C, dim) from `embed_cond` (guided callers add the null rows);
+        key_valid: from `key_valid` (the official t2i sampler masks both guidance halves alike).
+
+        Writes positions 0..C-1 of the store -> logits (R, vocab) float32 for image token 0."""
+        R, C = cond_embeddings.shape[:2]
+        positions = torch.arange(C, device=cond_embeddings.device).expand(R, C)
+        return self._cached_forward(cond_embeddings, TokenSpan(positions, key_valid), store, every=False)[
+            :, -1
+        ]
+
+    def decode_step(
+        self,
+        tokens: torch.Tensor,
+        positions: torch.Tensor,
+        store: KVStore,
+        key_valid: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """tokens: (R, S) long image tokens at absolute positions `positions` (R, S) long (image token
+        i sits at cls_token_num + i), consecutive per row, each row at its own place.
+
+        -> logits (R, S, vocab) float32: at column j, for the image token after tokens[:, j]."""
+        return self._cached_forward(self.tok_embeddings(tokens), TokenSpan(positions, key_valid), store)
+
+    def _cached_forward(
+        self, h: torch.Tensor, at: TokenSpan, store: KVStore, every: bool = True
+    ) -> torch.Tensor:
+        """h: (R, S, dim) at positions at.positions -> logits (R, S, vocab) float32, or (R, 1, vocab)
+        of the last position only when not `every` (a prefill samples one token)."""
+        rope = self._rope(at.positions)
+        for layer in self.layers:
+            h = layer(h, rope, None, store, at)
+        return self.output(self.norm(h if every else h[:, -1:])).float()
+
+    def _rope(self, positions: torch.Tensor) -> torch.Tensor:
+        """positions (R, S) -> (R, S, head_dim // 2, 2), gathered from a table built once (no host
+        value is read, so a step never waits for the device)."""
+        if self._rope_table is None or self._rope_table.device != positions.device:
+            all_positions = torch.arange(self.config.max_seq_len + 1, device=positions.device)
+            self._rope_table = rope_2d(all_positions, self.config)
+        return self._rope_table[positions]

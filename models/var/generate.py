@@ -11,19 +11,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from models.kv.cache import DenseKVCache
-from models.sampling import SamplingParams, make_generators, sample
+from models.kv.dense import DenseScaleStore
+from models.sampling import SamplerRows
+from models.settings import ImageSettings
 from models.var.model import GROUP_TOKENS, VAR
 from models.var.tokenizer import VQVAE
-
-
-@dataclass(frozen=True)
-class VARParams(SamplingParams):
-    """cfg is VAR's guidance strength: logits = (1 + t) * cond - t * uncond, with t = cfg * si / (S - 1)
-    ramped over the scales (the official schedule) or t = cfg at every scale ("constant")."""
-
-    cfg: float = 1.5
-    cfg_schedule: str = "linear"
 
 
 @dataclass
@@ -36,6 +28,16 @@ class ScaleStep:
     tokens: torch.Tensor  # (B, pn*pn) this scale's token map
     history: torch.Tensor  # (B, tokens so far) every scale's map up to this one, concatenated
 
+    @property
+    def tokens_per_image(self) -> int:
+        return self.history.shape[1]
+
+    def select(self, images: list[int]) -> ScaleStep:
+        """The step of some of the batch's images only (a preview of those)."""
+        index = torch.tensor(images, device=self.history.device)
+        pick = [t.index_select(0, index) for t in (self.f_hat, self.tokens, self.history)]
+        return ScaleStep(self.index, self.total, *pick)
+
 
 @dataclass
 class VAROutput:
@@ -46,16 +48,22 @@ class VAROutput:
     flops: float = field(default=0.0)  # matmul FLOPs of the transformer passes
 
 
-def is_guided(params) -> bool:
-    """Whether a batch runs its null-class rows: VAR's cfg 0 is no guidance. params: anything with .cfg
-    (the engine's params or the runner's)."""
-    return any(p.cfg != 0 for p in params)
+def is_guided(settings: list[ImageSettings]) -> bool:
+    """Whether a batch runs its null-class rows: VAR's cfg 0 is no guidance, and the batch's rows
+    are guided together (the null rows follow all conditional ones)."""
+    return any(s.cfg != 0 for s in settings)
 
 
-def guidance_strength(params: list[VARParams], si: int, n_scales: int) -> torch.Tensor:
-    """(B,) t for scale si."""
+def engine_rows(settings: list[ImageSettings]) -> int:
+    """Rows a batch of these images runs."""
+    return len(settings) * (2 if is_guided(settings) else 1)
+
+
+def guidance_strength(settings: list[ImageSettings], si: int, n_scales: int) -> torch.Tensor:
+    """(B,) t for scale si: (1 + t) * cond - t * uncond, t = cfg * si / (S - 1) ramped over the
+    scales (the official schedule) or t = cfg at every scale ("constant")."""
     ratio = si / (n_scales - 1)
-    return torch.tensor([p.cfg * (ratio if p.cfg_schedule == "linear" else 1.0) for p in params])
+    return torch.tensor([s.cfg * (ratio if s.cfg_schedule == "linear" else 1.0) for s in settings])
 
 
 def transformer_flops(model: VAR, rows: int) -> float:
@@ -72,52 +80,49 @@ def generate(
     model: VAR,
     vae: VQVAE,
     labels: list[int],
-    params: list[VARParams],
+    settings: list[ImageSettings],
     on_scale: Callable[[ScaleStep], None] | None = None,
     decode: bool = True,
 ) -> VAROutput:
-    """labels: one class index per image; params: one VARParams per image."""
-    cfg = model.cfg
+    """labels: one class index per image; settings: one per image."""
+    c = model.cfg
     B, device = len(labels), model.pos_1LC.device
     dtype = model.pos_1LC.dtype
-    n_scales = len(cfg.patch_nums)
-    guided = is_guided(params)
+    n_scales = len(c.patch_nums)
+    guided = is_guided(settings)
     rows = 2 * B if guided else B
 
-    label_rows = torch.tensor(labels + ([cfg.num_classes] * B if guided else []), device=device)
+    label_rows = torch.tensor(labels + ([c.num_classes] * B if guided else []), device=device)
     cond = model.class_emb(label_rows)  # (rows, C)
     mods = model.modulations(cond)
     pos = model.position_embedding()  # (1, L, C)
-    top_k = torch.tensor([p.top_k for p in params], device=device)
-    top_p = torch.tensor([p.top_p for p in params], device=device, dtype=torch.float32)
-    temperature = torch.tensor([p.temperature for p in params], device=device, dtype=torch.float32)
-    generators = make_generators([p.seed for p in params], device)
+    sampler = SamplerRows.of(settings, device)
 
-    cache = DenseKVCache(cfg.depth, rows, cfg.num_heads, cfg.seq_len, cfg.head_dim, dtype, device)
-    f_hat = torch.zeros(B, cfg.vae_dim, cfg.patch_nums[-1], cfg.patch_nums[-1], device=device)
+    store = DenseScaleStore(c.depth, rows, c.num_heads, c.seq_len, c.head_dim, dtype, device)
+    f_hat = torch.zeros(B, c.vae_dim, c.patch_nums[-1], c.patch_nums[-1], device=device)
     x = model.start_tokens(cond)  # (rows, first_len, C)
     tokens, start = [], 0
-    for si, pn in enumerate(cfg.patch_nums):
-        h = model.blocks_forward(x, mods, cache=cache, start=start)  # (rows, pn*pn, C)
-        t = guidance_strength(params, si, n_scales).to(device).view(B, 1, 1)
+    for si, pn in enumerate(c.patch_nums):
+        h = model.blocks_forward(x, mods, store=store, start=start)  # (rows, pn*pn, C)
+        t = guidance_strength(settings, si, n_scales).to(device).view(B, 1, 1)
         idx = torch.empty(B, pn * pn, dtype=torch.long, device=device)
         # (rows, pn*pn, V) logits of a large batch would not fit in cache: head, guidance and
         # sampling run on groups of images, each with its conditional and null-class rows.
-        per = max(1, GROUP_TOKENS // (pn * pn * (2 if guided else 1)))
-        for i in range(0, B, per):
-            g = slice(i, min(i + per, B))
+        images_per_group = max(1, GROUP_TOKENS // (pn * pn * (2 if guided else 1)))
+        for i in range(0, B, images_per_group):
+            g = slice(i, min(i + images_per_group, B))
             logits = model.logits(h[g], cond[g])  # (b, pn*pn, V)
             if guided:
                 uncond = model.logits(h[B + g.start : B + g.stop], cond[B + g.start : B + g.stop])
                 logits = torch.lerp(uncond, logits, 1 + t[g])  # = (1 + t) * cond - t * uncond
-            idx[g] = sample(logits, top_k[g], top_p[g], temperature[g], generators[g])
+            idx[g] = sampler[g].sample(logits)
         tokens.append(idx)
         next_in = vae.quantize.next_input(si, f_hat, idx)
         if on_scale is not None:
             on_scale(ScaleStep(si, n_scales, f_hat, idx, torch.cat(tokens, dim=1)))
         start += pn * pn
         if next_in is not None:
-            pn_next = cfg.patch_nums[si + 1]
+            pn_next = c.patch_nums[si + 1]
             x = model.word_embed(next_in.to(dtype)) + pos[:, start : start + pn_next * pn_next]
             if guided:
                 x = torch.cat((x, x))
@@ -129,4 +134,4 @@ def generate(
         if decode
         else f_hat.new_zeros(0)
     )
-    return VAROutput(images, tokens, n_scales, cache.nbytes, transformer_flops(model, rows))
+    return VAROutput(images, tokens, n_scales, store.nbytes, transformer_flops(model, rows))

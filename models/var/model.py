@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kernels.attention import attention
-from models.kv.cache import DenseKVCache
+from models.kv.store import KVStore, ScaleSpan
 
 DEFAULT_PATCH_NUMS = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
 # Rows of a batch go through the blocks in groups of about this many tokens, so activations (the
@@ -79,22 +79,25 @@ class SelfAttention(nn.Module):
         self,
         x: torch.Tensor,
         bias: torch.Tensor | None,
-        cache: DenseKVCache | None,
+        store: KVStore | None,
         layer: int,
-        rows: slice,
-        start: int,
+        at: ScaleSpan | None,
     ) -> torch.Tensor:
-        """x: (b, l, C) -> (b, l, C). With a cache, the keys of these batch `rows` are stored at
-        positions start..start+l and the queries attend to everything cached up to there."""
+        """x: (b, l, C) -> (b, l, C). Without a store: attention over x itself under `bias`. With
+        one: the new keys of span `at` go to the store and the queries read it (every coarser scale
+        and their own)."""
         B, L, C = x.shape
         qkv_bias = torch.cat((self.q_bias, self.zero_k_bias, self.v_bias))
         qkv = F.linear(x, self.mat_qkv.weight, qkv_bias).view(B, L, 3, self.num_heads, self.head_dim)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, L, D)
         q = F.normalize(q, dim=-1) * self.scale_mul_1H11.clamp_max(self.max_scale_log).exp()
         k = F.normalize(k, dim=-1)
-        if cache is not None:
-            k, v = cache.write(layer, rows, start, k, v)
-        out = attention(q, k, v, bias, scale=1.0)  # (B, H, L, D); l2-norm makes the 1/sqrt(D) scale moot
+        # l2-norm makes the 1/sqrt(D) scale moot: scale 1
+        if store is None:
+            out = attention(q, k, v, bias, scale=1.0)  # (B, H, L, D)
+        else:
+            store.write(layer, k, v, at)
+            out = store.attend(layer, q, at, scale=1.0)
         return self.proj(out.transpose(1, 2).reshape(B, L, C))
 
 
@@ -126,15 +129,14 @@ class AdaLNBlock(nn.Module):
         x: torch.Tensor,
         mod: torch.Tensor,
         bias: torch.Tensor | None,
-        cache: DenseKVCache | None,
-        rows: slice,
-        start: int,
+        store: KVStore | None,
+        at: ScaleSpan | None,
     ) -> torch.Tensor:
         """x: (b, l, C), mod: (b, 6, C) from `modulation` -> (b, l, C)."""
         C = x.shape[-1]
         gamma1, gamma2, scale1, scale2, shift1, shift2 = mod.unsqueeze(1).unbind(2)
         h = F.layer_norm(x, (C,), eps=self.eps) * (scale1 + 1) + shift1
-        x = x + self.attn(h, bias, cache, self.layer, rows, start) * gamma1
+        x = x + self.attn(h, bias, store, self.layer, at) * gamma1
         h = F.layer_norm(x, (C,), eps=self.eps) * (scale2 + 1) + shift2
         return x + self.ffn(h) * gamma2
 
@@ -186,18 +188,19 @@ class VAR(nn.Module):
         x: torch.Tensor,
         mods: list[torch.Tensor],
         bias: torch.Tensor | None = None,
-        cache: DenseKVCache | None = None,
+        store: KVStore | None = None,
         start: int = 0,
     ) -> torch.Tensor:
         """x: (B, l, C) tokens at positions start..start+l, mods: from `modulations` -> (B, l, C)."""
         B, l = x.shape[:2]
-        per = max(1, GROUP_TOKENS // l)
+        rows_per_group = max(1, GROUP_TOKENS // l)
         out = torch.empty_like(x)
-        for i in range(0, B, per):
-            rows = slice(i, min(i + per, B))
+        for i in range(0, B, rows_per_group):
+            rows = slice(i, min(i + rows_per_group, B))
+            at = ScaleSpan(rows, start, start + l) if store is not None else None
             h = x[rows]
             for block, mod in zip(self.blocks, mods, strict=True):
-                h = block(h, mod[rows], bias, cache, rows, start)
+                h = block(h, mod[rows], bias, store, at)
             out[rows] = h
         return out
 

@@ -2,11 +2,24 @@ import pytest
 import torch
 
 from kernels import native
-from kernels.attention import decode_attention, decode_attention_reference
+from kernels.attention import cached_attention, cached_attention_reference
 
 needs_kernel = pytest.mark.skipif(
     native.load("attention") is None, reason="no C compiler for the CPU kernels"
 )
+
+
+def last(B: int, n_keys: int) -> torch.Tensor:
+    """(B, 1) positions of a decode step that reads keys 0..n_keys-1."""
+    return torch.full((B, 1), n_keys - 1)
+
+
+def decode_attention(q, k, v, n_keys, key_valid=None):
+    return cached_attention(q, k, v, last(q.shape[0], n_keys), key_valid)
+
+
+def decode_attention_reference(q, k, v, n_keys, key_valid=None):
+    return cached_attention_reference(q, k, v, last(q.shape[0], n_keys), key_valid)
 
 
 def full_attention(q, k, v, n_keys, key_valid=None):
@@ -74,3 +87,42 @@ def test_without_the_extra_math_library_the_plain_build_is_used(tmp_path, monkey
         assert [p.name for p in tmp_path.iterdir()] == [native.build("attention", extra=False).name]
     finally:
         native.load.cache_clear()
+
+
+@needs_kernel
+def test_each_row_reads_its_own_length():
+    torch.manual_seed(0)
+    q, k, v = torch.randn(3, 4, 1, 32), torch.randn(3, 4, 60, 32), torch.randn(3, 4, 60, 32)
+    lengths = [1, 33, 60]
+    out = cached_attention(q, k, v, torch.tensor(lengths)[:, None] - 1)
+    for b, n in enumerate(lengths):
+        torch.testing.assert_close(
+            out[b : b + 1], full_attention(q[b : b + 1], k[b : b + 1], v[b : b + 1], n)
+        )
+
+
+@pytest.mark.parametrize("window", [1, 2, 5, 16])
+@pytest.mark.parametrize("masked", [False, True])
+def test_a_window_of_new_tokens_is_causal_inside_the_window(window, masked):
+    """Several new tokens per row (a prefill tail or a verify window), rows at different lengths:
+    query i of row b at position p reads keys 0..p, as full attention over that prefix."""
+    torch.manual_seed(0)
+    B, H, H_kv, D, T_max = 3, 4, 2, 16, 40
+    q = torch.randn(B, H, window, D)
+    k, v = torch.randn(B, H_kv, T_max, D), torch.randn(B, H_kv, T_max, D)
+    first = torch.tensor([3, 10, 40 - window])  # each row's first new position
+    positions = first[:, None] + torch.arange(window)
+    key_valid = None
+    if masked:
+        key_valid = torch.rand(B, T_max) > 0.3
+        key_valid[:, :1] = True
+    out = cached_attention(q, k, v, positions, key_valid)
+    for b in range(B):
+        for i in range(window):
+            p = int(positions[b, i])
+            valid = None
+            if key_valid is not None:
+                valid = key_valid[b : b + 1].clone()
+                valid[0, p] = True  # a query always sees its own key
+            expected = full_attention(q[b : b + 1, :, i : i + 1], k[b : b + 1], v[b : b + 1], p + 1, valid)
+            torch.testing.assert_close(out[b : b + 1, :, i : i + 1], expected, atol=2e-6, rtol=1e-5)

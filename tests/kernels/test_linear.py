@@ -4,6 +4,7 @@ from torch import nn
 
 from kernels import native
 from kernels.linear import (
+    Linear,
     can_pack,
     is_packed,
     linear,
@@ -97,6 +98,10 @@ def test_pack_linear_weights_swaps_every_linear_in_place():
     assert is_packed(net[0].weight) and is_packed(net[2].weight) and not is_packed(net[3].weight)
     h = linear(torch.nn.functional.gelu(linear(x, net[0].weight)), net[2].weight, net[2].bias)
     torch.testing.assert_close(linear(h, net[3].weight, net[3].bias), expected, atol=1e-5, rtol=1e-5)
+    # the packed layers were swapped for modules whose own forward reads panels
+    assert isinstance(net[0], Linear) and isinstance(net[2], Linear) and type(net[3]) is nn.Linear
+    torch.testing.assert_close(net(x), expected, atol=1e-5, rtol=1e-5)
+    assert set(net.state_dict()) == {"0.weight", "2.weight", "2.bias", "3.weight", "3.bias"}
 
 
 def test_without_a_compiler_the_kernels_are_skipped_with_a_warning(tmp_path, monkeypatch):

@@ -8,7 +8,7 @@ import torch
 from bench.quality import accuracy, conditions_for, generate, predict, train_classifier
 from models.conditions import resolve_condition
 from models.config import DEFAULT_CONFIG, ConfigError, load_config
-from models.runner import ModelRunner
+from models.runner import load_runner
 from models.train.data import SHAPES
 
 PUBLISHED_PATCH_NUMS = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
@@ -21,7 +21,7 @@ def specs():
 
 @pytest.fixture(scope="module")
 def runners(specs):
-    return {name: ModelRunner(spec) for name, spec in specs.items()}
+    return {name: load_runner(spec) for name, spec in specs.items()}
 
 
 @pytest.fixture(scope="module")
@@ -129,7 +129,7 @@ def test_class_names_must_match_the_models_class_count(tmp_path, specs):
     with pytest.raises(
         ConfigError, match=r"'class_names' lists 3 names, but .*var_shapes.safetensors has 8 classes"
     ):
-        ModelRunner(load_config(path)[0])
+        load_runner(load_config(path)[0])
 
 
 @pytest.mark.parametrize(

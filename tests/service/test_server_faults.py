@@ -210,13 +210,13 @@ def test_requests_for_different_models_never_share_a_batch(tmp_path):
 
 def test_503_while_loading_and_while_draining(monkeypatch):
     loading = threading.Event()
-    real = service.worker.ModelRunner
+    real = service.worker.load_runner
 
     def slow_runner(spec):
         loading.wait(TIMEOUT_S)
         return real(spec)
 
-    monkeypatch.setattr(service.worker, "ModelRunner", slow_runner)
+    monkeypatch.setattr(service.worker, "load_runner", slow_runner)
     with ThreadServer(wait_ready=False) as s:
         assert s.client.get("/health").status_code == 200  # alive while loading
         not_ready = s.client.get("/ready")

@@ -6,11 +6,12 @@ import dataclasses
 import pytest
 import torch
 
-from models.config import ModelSpec, SamplingDefaults
-from models.llamagen.generate import LlamaGenParams, decode_tokens, generate, greedy_generate
+from models.config import ModelSpec
+from models.llamagen.generate import decode_tokens, generate, greedy_generate
 from models.llamagen.loading import load_gpt, load_vq
 from models.loading import CheckpointError
-from models.runner import ImageParams, ModelRunner
+from models.runner import load_runner
+from models.settings import ImageSettings, SamplingDefaults
 from tests.conftest import REFERENCE
 from tests.models.test_text import make_tiny_t5
 
@@ -28,7 +29,7 @@ def vq():
 def test_image_does_not_depend_on_its_batch(c2i, vq):
     labels = torch.tensor([i % 10 for i in range(8)])
     params = [
-        LlamaGenParams(
+        ImageSettings(
             top_k=[0, 100, 2000][i % 3], top_p=[1.0, 0.9][i % 2], cfg=[4.0, 1.0, 2.0][i % 3], seed=i
         )
         for i in range(8)
@@ -46,25 +47,25 @@ def test_top_k_one_is_greedy_and_seeds_matter_otherwise(c2i, vq):
     labels = torch.tensor([3, 3])
     greedy = greedy_generate(c2i, labels, cfg_scale=4.0)
     sampled = generate(
-        c2i, vq, labels, [LlamaGenParams(top_k=1, cfg=4.0, seed=s) for s in (1, 2)], decode=False
+        c2i, vq, labels, [ImageSettings(top_k=1, cfg=4.0, seed=s) for s in (1, 2)], decode=False
     )
     assert torch.equal(sampled.tokens, greedy)
-    free = generate(c2i, vq, labels, [LlamaGenParams(cfg=4.0, seed=s) for s in (1, 2)], decode=False)
+    free = generate(c2i, vq, labels, [ImageSettings(cfg=4.0, seed=s) for s in (1, 2)], decode=False)
     assert not torch.equal(free.tokens[0], free.tokens[1])
 
 
 def test_guidance_scale_one_in_a_guided_batch_is_plain_conditional(c2i, vq):
     plain = greedy_generate(c2i, torch.tensor([5]), cfg_scale=1.0)
     mixed = generate(
-        c2i, vq, torch.tensor([5, 6]), [LlamaGenParams(top_k=1, cfg=c) for c in (1.0, 4.0)], decode=False
+        c2i, vq, torch.tensor([5, 6]), [ImageSettings(top_k=1, cfg=c) for c in (1.0, 4.0)], decode=False
     )
     assert (mixed.tokens[0] == plain[0]).float().mean() >= 0.99
 
 
 def test_cfg_interval_stops_guidance_after_its_token(c2i, vq):
-    full = generate(c2i, vq, torch.tensor([2]), [LlamaGenParams(top_k=1, cfg=4.0)], decode=False)
+    full = generate(c2i, vq, torch.tensor([2]), [ImageSettings(top_k=1, cfg=4.0)], decode=False)
     early = generate(
-        c2i, vq, torch.tensor([2]), [LlamaGenParams(top_k=1, cfg=4.0, cfg_interval=3)], decode=False
+        c2i, vq, torch.tensor([2]), [ImageSettings(top_k=1, cfg=4.0, cfg_interval=3)], decode=False
     )
     assert torch.equal(full.tokens[0, :4], early.tokens[0, :4])
     assert not torch.equal(full.tokens, early.tokens)
@@ -72,7 +73,7 @@ def test_cfg_interval_stops_guidance_after_its_token(c2i, vq):
 
 def test_rows_are_reported_and_previews_grey_out_the_rest(c2i, vq):
     steps = []
-    out = generate(c2i, vq, torch.tensor([1]), [LlamaGenParams(seed=3)], on_row=steps.append)
+    out = generate(c2i, vq, torch.tensor([1]), [ImageSettings(seed=3, cfg=4.0)], on_row=steps.append)
     assert [s.index for s in steps] == list(range(16)) and {s.total for s in steps} == {16}
     assert [s.tokens.shape[1] for s in steps] == [16 * (i + 1) for i in range(16)]
     preview = decode_tokens(vq, steps[3].tokens, 16)  # 4 of 16 rows done
@@ -82,7 +83,7 @@ def test_rows_are_reported_and_previews_grey_out_the_rest(c2i, vq):
 
 def test_kv_cache_bytes_and_passes(c2i, vq):
     c = c2i.config
-    out = generate(c2i, vq, torch.tensor([1, 2]), [LlamaGenParams(cfg=4.0)] * 2, decode=False)
+    out = generate(c2i, vq, torch.tensor([1, 2]), [ImageSettings(cfg=4.0)] * 2, decode=False)
     assert out.kv_bytes == 2 * c.n_layer * 4 * c.n_kv_head * c.max_seq_len * c.head_dim * 4
     assert out.forward_passes == c.block_size
 
@@ -101,9 +102,9 @@ def spec(name="m", **kw):
 
 
 def test_text_prompts_through_the_runner(tmp_path):
-    runner = ModelRunner(spec(text_encoder=make_tiny_t5(tmp_path)))
+    runner = load_runner(spec(text_encoder=make_tiny_t5(tmp_path)))
     assert (runner.conditioning, runner.image_size, runner.steps) == ("text", 256, 16)
-    p = [ImageParams(seed=s, cfg=4.0, top_k=100, top_p=1.0, temperature=1.0) for s in (0, 1)]
+    p = [ImageSettings(seed=s, cfg=4.0, top_k=100, top_p=1.0, temperature=1.0) for s in (0, 1)]
     both = runner.generate(["a handwritten seven", "the cat on the mat"], p)
     alone = runner.generate(["the cat on the mat"], p[1:])
     assert both.images.shape == (2, 3, 256, 256)
@@ -116,28 +117,28 @@ def test_text_prompts_through_the_runner(tmp_path):
 
 def test_runner_configuration_errors(tmp_path):
     with pytest.raises(CheckpointError, match="needs 'text_encoder'"):
-        ModelRunner(spec())
+        load_runner(spec())
     with pytest.raises(CheckpointError, match="text encoder width 32 does not match"):
-        ModelRunner(spec(text_encoder=make_tiny_t5(tmp_path, d_model=32)))
+        load_runner(spec(text_encoder=make_tiny_t5(tmp_path, d_model=32)))
     c2i_spec = dataclasses.replace(spec(), weights=REFERENCE / "llamagen_c2i.pt")
-    runner = ModelRunner(c2i_spec)
+    runner = load_runner(c2i_spec)
     assert (runner.conditioning, runner.num_classes) == ("class", 10)
     with pytest.raises(ValueError, match="class 10 is out of range 0..9"):
-        runner.generate([10], [ImageParams(0, 4.0, 1, 1.0, 1.0)])
+        runner.generate([10], [ImageSettings(0, 4.0, 1, 1.0, 1.0)])
 
 
 def test_engine_rows_follow_each_familys_guidance_rule():
     """LlamaGen guides when cfg != 1, VAR when cfg != 0: the rows the service accounts KV bytes by
     are the rows the engine runs."""
-    runner = ModelRunner(dataclasses.replace(spec(), weights=REFERENCE / "llamagen_c2i.pt"))
+    runner = load_runner(dataclasses.replace(spec(), weights=REFERENCE / "llamagen_c2i.pt"))
 
     def params(cfg):
-        return [ImageParams(s, cfg, 1, 1.0, 1.0) for s in range(4)]
+        return [ImageSettings(s, cfg, 1, 1.0, 1.0) for s in range(4)]
 
     assert runner.engine_rows(params(1.0)) == 4 and runner.engine_rows(params(0.0)) == 8
     assert runner.engine_rows(params(4.0)) == 8
     plain, zero = runner.generate([1] * 4, params(1.0)), runner.generate([1] * 4, params(0.0))
     assert zero.kv_bytes == 2 * plain.kv_bytes  # cfg 0 runs the null rows, cfg 1 does not
 
-    var_runner = ModelRunner(ModelSpec("v", "var", REFERENCE / "var_model.pth", REFERENCE / "var_vae.pth"))
+    var_runner = load_runner(ModelSpec("v", "var", REFERENCE / "var_model.pth", REFERENCE / "var_vae.pth"))
     assert var_runner.engine_rows(params(0.0)) == 4 and var_runner.engine_rows(params(1.0)) == 8

@@ -63,17 +63,38 @@ def test_teacher_forced_logits(gpts, ref, model_type):
     assert (logits.argmax(-1) == r["logits_argmax"]).float().mean() >= 0.999
 
 
-# -- the KV-cache seam ------------------------------------------------------------------------------
+# -- the KV-store seam ------------------------------------------------------------------------------
 
 
 def cached_teacher_forced(model: GPT, cond, idx, cond_mask=None) -> torch.Tensor:
     """Feed idx (B, T) through prefill + decode_step -> logits (B, T + 1, vocab), like `forward`."""
-    cache = model.new_kv_cache(idx.shape[0])
-    out = [model.prefill(model.embed_cond(cond), cache, cond_mask)]
+    B = idx.shape[0]
+    store, key_valid = model.new_kv_store(B), model.key_valid(cond_mask)
+    out = [model.prefill(model.embed_cond(cond), store, key_valid)]
     for i in range(idx.shape[1]):
-        pos = torch.tensor([model.config.cls_token_num + i])
-        out.append(model.decode_step(idx[:, i : i + 1], pos, cache))
+        pos = torch.full((B, 1), model.config.cls_token_num + i)
+        out.append(model.decode_step(idx[:, i : i + 1], pos, store, key_valid)[:, 0])
     return torch.stack(out, dim=1)
+
+
+def test_a_window_of_tokens_gives_the_logits_of_one_token_steps(gpts, ref):
+    """decode_step over several new tokens per row (a verify window), rows at their own positions,
+    gives each position the logits that one-token steps give."""
+    model, r = gpts["c2i"], ref["c2i"]
+    idx, C = r["idx"][:, :12], model.config.cls_token_num
+    with torch.no_grad():
+        steps = cached_teacher_forced(model, r["cond"], idx)  # (2, 13, V)
+        store = model.new_kv_store(2)
+        model.prefill(model.embed_cond(r["cond"]), store)
+        first = model.decode_step(idx[:, :4], C + torch.arange(4).expand(2, 4), store)
+        # then row 0 goes on at token 4 while row 1 re-feeds from token 2 (rewriting equal keys):
+        # one call, each row at its own positions
+        start = torch.tensor([[4], [2]])
+        window = torch.stack([idx[0, 4:12], idx[1, 2:10]])
+        second = model.decode_step(window, C + start + torch.arange(8), store)
+    torch.testing.assert_close(first, steps[:, 1:5], atol=1e-4, rtol=0)
+    torch.testing.assert_close(second[0], steps[0, 5:13], atol=1e-4, rtol=0)
+    torch.testing.assert_close(second[1], steps[1, 3:11], atol=1e-4, rtol=0)
 
 
 @pytest.mark.parametrize("model_type", ["c2i", "t2i"])
@@ -96,9 +117,9 @@ def test_cached_decode_gqa_and_caption_mask():
     model = GPT(cfg).eval()
     cond, idx = torch.randn(2, 6, 16), torch.randint(0, 64, (2, 15))
     cond_mask = torch.tensor([[False, False, True, True, True, True], [True] * 6])  # left-padded caption
-    cache = model.new_kv_cache(2)
-    assert cache.k[0].shape == (2, 2, 6 + 15, 16)
-    assert cache.nbytes == 2 * 2 * (2 * 2 * 21 * 16) * 4
+    store = model.new_kv_store(2)
+    assert store.k[0].shape == (2, 2, 6 + 15, 16)
+    assert store.nbytes == 2 * 2 * (2 * 2 * 21 * 16) * 4
     with torch.no_grad():
         full = model(idx, cond, cond_mask)
         cached = cached_teacher_forced(model, cond, idx, cond_mask)

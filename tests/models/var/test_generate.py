@@ -2,13 +2,14 @@
 
 import torch
 
-from models.var.generate import VARParams, generate
+from models.settings import ImageSettings
+from models.var.generate import generate
 
 
 def test_image_does_not_depend_on_its_batch(var_pair):
     var, vae = var_pair
     labels = [i % 10 for i in range(16)]
-    params = [VARParams(top_k=900, top_p=0.96, cfg=1.5 + 0.25 * (i % 3), seed=100 + i) for i in range(16)]
+    params = [ImageSettings(top_k=900, top_p=0.96, cfg=1.5 + 0.25 * (i % 3), seed=100 + i) for i in range(16)]
     batch = generate(var, vae, labels, params)
     for i in (0, 6, 15):
         alone = generate(var, vae, [labels[i]], [params[i]])
@@ -19,9 +20,9 @@ def test_image_does_not_depend_on_its_batch(var_pair):
 
 def test_same_seed_same_image_other_seed_other_image(var_pair):
     var, vae = var_pair
-    p = VARParams(top_k=900, top_p=0.96, cfg=1.5)
+    p = ImageSettings(top_k=900, top_p=0.96, cfg=1.5)
     out = generate(
-        var, vae, [4, 4, 4], [p, p, VARParams(top_k=900, top_p=0.96, cfg=1.5, seed=1)], decode=False
+        var, vae, [4, 4, 4], [p, p, ImageSettings(top_k=900, top_p=0.96, cfg=1.5, seed=1)], decode=False
     )
     assert torch.equal(out.tokens[-1][0], out.tokens[-1][1])
     assert not torch.equal(out.tokens[-1][0], out.tokens[-1][2])
@@ -30,10 +31,10 @@ def test_same_seed_same_image_other_seed_other_image(var_pair):
 def test_kv_cache_is_preallocated_for_all_scales(var_pair):
     var, vae = var_pair
     c = var.cfg
-    guided = generate(var, vae, [1, 2], [VARParams(cfg=1.5, top_k=1)] * 2, decode=False)
+    guided = generate(var, vae, [1, 2], [ImageSettings(cfg=1.5, top_k=1)] * 2, decode=False)
     # K and V, every layer, both CFG halves, every token position, fp32
     assert guided.kv_bytes == 2 * c.depth * 4 * c.num_heads * c.seq_len * c.head_dim * 4
-    unguided = generate(var, vae, [1, 2], [VARParams(cfg=0.0, top_k=1)] * 2, decode=False)
+    unguided = generate(var, vae, [1, 2], [ImageSettings(cfg=0.0, top_k=1)] * 2, decode=False)
     assert unguided.kv_bytes == guided.kv_bytes // 2
     assert guided.forward_passes == len(c.patch_nums)
 
@@ -41,9 +42,9 @@ def test_kv_cache_is_preallocated_for_all_scales(var_pair):
 def test_unguided_rows_ignore_the_null_class(var_pair):
     """cfg = 0 must give the conditional model's argmax, whether or not the batch is doubled."""
     var, vae = var_pair
-    alone = generate(var, vae, [5], [VARParams(cfg=0.0, top_k=1)], decode=False)
+    alone = generate(var, vae, [5], [ImageSettings(cfg=0.0, top_k=1)], decode=False)
     mixed = generate(
-        var, vae, [5, 6], [VARParams(cfg=0.0, top_k=1), VARParams(cfg=3.0, top_k=1)], decode=False
+        var, vae, [5, 6], [ImageSettings(cfg=0.0, top_k=1), ImageSettings(cfg=3.0, top_k=1)], decode=False
     )
     for a, b in zip(alone.tokens, mixed.tokens, strict=True):
         assert (a[0] == b[0]).float().mean() >= 0.99
@@ -51,9 +52,9 @@ def test_unguided_rows_ignore_the_null_class(var_pair):
 
 def test_constant_schedule_differs_from_ramp(var_pair):
     var, vae = var_pair
-    ramp = generate(var, vae, [2], [VARParams(cfg=3.0, top_k=1)], decode=False)
-    const = generate(var, vae, [2], [VARParams(cfg=3.0, top_k=1, cfg_schedule="constant")], decode=False)
-    plain = generate(var, vae, [2], [VARParams(cfg=0.0, top_k=1)], decode=False)
+    ramp = generate(var, vae, [2], [ImageSettings(cfg=3.0, top_k=1)], decode=False)
+    const = generate(var, vae, [2], [ImageSettings(cfg=3.0, top_k=1, cfg_schedule="constant")], decode=False)
+    plain = generate(var, vae, [2], [ImageSettings(cfg=0.0, top_k=1)], decode=False)
     assert torch.equal(ramp.tokens[0], plain.tokens[0])  # the ramp starts at t = 0
     assert any(not torch.equal(a, b) for a, b in zip(ramp.tokens, const.tokens, strict=True))
 
@@ -65,7 +66,7 @@ def test_on_scale_reports_every_scale_with_growing_f_hat(var_pair):
         var,
         vae,
         [3],
-        [VARParams(top_k=1)],
+        [ImageSettings(top_k=1, cfg=1.5)],
         on_scale=lambda s: steps.append((s.index, s.tokens.shape, s.f_hat.norm().item())),
     )
     assert [s[0] for s in steps] == list(range(10))

@@ -2,7 +2,8 @@
 
 import torch
 
-from models.var.generate import VARParams, generate
+from models.settings import ImageSettings
+from models.var.generate import generate
 
 
 def test_teacher_forced_logits_match_reference(var_pair, var_reference):
@@ -34,7 +35,7 @@ def test_vqvae_multiscale_encode_matches_reference(var_pair, var_reference):
 
 def test_greedy_generation_gives_reference_image(var_pair, var_reference):
     var, vae = var_pair
-    out = generate(var, vae, [3, 7], [VARParams(top_k=1, cfg=1.5, cfg_schedule="linear")] * 2)
+    out = generate(var, vae, [3, 7], [ImageSettings(top_k=1, cfg=1.5, cfg_schedule="linear")] * 2)
     ref = var_reference["greedy_cfg15_img"]
     assert out.images.shape == ref.shape == (2, 3, 256, 256)
     close = (out.images - ref).abs() <= 1 / 255
@@ -46,7 +47,7 @@ def test_cached_generation_agrees_with_teacher_forced_pass(var_pair):
     the greedy tokens, fed back with teacher forcing, are the argmax of the guided logits."""
     var, vae = var_pair
     labels = [1, 8]
-    out = generate(var, vae, labels, [VARParams(top_k=1, cfg=2.0)] * 2, decode=False)
+    out = generate(var, vae, labels, [ImageSettings(top_k=1, cfg=2.0)] * 2, decode=False)
     with torch.inference_mode():
         inputs = vae.quantize.teacher_inputs(out.tokens)
         cond = var(torch.tensor(labels), inputs)

@@ -6,15 +6,15 @@ import time
 
 import pytest
 
-from models.runner import ImageParams
+from models.settings import ImageSettings
 from service.jobs import Channel, Job
-from service.scheduler import QueueFull, RequestQueue
+from service.queue import QueueFull, RequestQueue
 
 NEVER = threading.Event()
 
 
 def job(model="a", n=1, deadline_s=60.0) -> Job:
-    params = [ImageParams(seed=i, cfg=1.0, top_k=0, top_p=0.0, temperature=1.0) for i in range(n)]
+    params = [ImageSettings(seed=i, cfg=1.0, top_k=0, top_p=0.0, temperature=1.0) for i in range(n)]
     return Job(
         id=f"{model}{n}",
         model=model,

@@ -1,0 +1,53 @@
+"""The contract between a model's attention layers and a KV store.
+
+A layer computes the keys and values of its new tokens and hands them to the store
+(`store.write(layer, k, v, at)`); its queries then read the store through `store.attend(layer, q,
+at)`, which calls an entry point of kernels/attention.py on the store's own buffers. The model
+never sees cached keys as a dense tensor, so a store whose layout is not a dense prefix (per-head
+budgets in a ragged slab, blocks of a paged pool) replaces the dense one without a gather and
+without touching the model. `at` is the step's metadata, passed explicitly (no global context):
+
+- next-scale (VAR): `ScaleSpan`, the batch rows and positions of the scale being computed;
+- next-token (LlamaGen): `TokenSpan`, each row's absolute positions and its condition padding.
+
+Every store reports `nbytes`, the bytes of its own buffers (never allocator statistics).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+
+@dataclass(frozen=True)
+class ScaleSpan:
+    """A next-scale step of some batch rows: their new tokens sit at positions start..end."""
+
+    rows: slice
+    start: int
+    end: int
+
+
+@dataclass(frozen=True)
+class TokenSpan:
+    """A next-token step: S new tokens per row at absolute positions `positions` (R, S) long,
+    consecutive per row (a decode step has S = 1, a prefill or a verify window more). Query at
+    position p reads keys 0..p of its row. key_valid (R, T_max) bool, False at caption padding (a
+    per-sequence property, so it travels with the step, not with the store), or None."""
+
+    positions: torch.Tensor
+    key_valid: torch.Tensor | None = None
+
+
+class KVStore(Protocol):
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, at) -> None:
+        """k, v: (rows, H_kv, S, D), the new tokens of span `at`."""
+
+    def attend(self, layer: int, q: torch.Tensor, at, **kernel_args) -> torch.Tensor:
+        """q: (rows, H, S, D) -> (rows, H, S, D): attention over what the store holds for `at`."""
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the store's buffers."""

@@ -1,0 +1,63 @@
+"""One image's generation settings: the one type between the edges (HTTP, CLI) and the engines.
+
+The edge fills it once, from the request and the model's defaults (`settings_for`); the engines
+read it as it is. A new per-request knob (the KV policy and budget of a compressed cache, a
+speculative method) is a field here plus the line of the edge that fills it, nothing in between.
+Plain data with no torch import, so the HTTP side can carry it without loading the engine stack.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class ImageSettings:
+    """top_k = 0 and top_p = 0 (or 1) switch those filters off.
+
+    cfg is the family's own guidance scale: VAR mixes (1 + t) * cond - t * uncond with t = cfg at
+    the last scale (cfg 0: no guidance), LlamaGen uncond + cfg * (cond - uncond) (cfg 1: none)."""
+
+    seed: int = 0
+    cfg: float = 1.0
+    top_k: int = 0
+    top_p: float = 0.0
+    temperature: float = 1.0
+    # VAR: t ramps as cfg * si / (S - 1) over the scales ("linear", the official schedule) or stays
+    # cfg at every scale ("constant").
+    cfg_schedule: str = "linear"
+    # LlamaGen: guidance only for image tokens 0..cfg_interval (-1: all), as the official sampler.
+    cfg_interval: int = -1
+
+
+@dataclass(frozen=True)
+class SamplingDefaults:
+    """A model's defaults for what a request may leave out (the config's `[model.defaults]`)."""
+
+    cfg: float
+    top_k: int
+    top_p: float
+    temperature: float = 1.0
+
+
+def settings_for(
+    defaults: SamplingDefaults,
+    first_seed: int,
+    n: int,
+    cfg: float | None = None,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    temperature: float | None = None,
+) -> list[ImageSettings]:
+    """The settings of a request's n images: what it gave, else the model's defaults. Image i has
+    seed first_seed + i, so each image can be regenerated alone."""
+    return [
+        ImageSettings(
+            seed=first_seed + i,
+            cfg=defaults.cfg if cfg is None else cfg,
+            top_k=defaults.top_k if top_k is None else top_k,
+            top_p=defaults.top_p if top_p is None else top_p,
+            temperature=defaults.temperature if temperature is None else temperature,
+        )
+        for i in range(n)
+    ]

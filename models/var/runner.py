@@ -1,0 +1,57 @@
+"""The next-scale runner: a VAR and its VQ-VAE behind the interface of models/runner.py."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from models.conditions import Conditions
+from models.config import ModelSpec
+from models.runner import BatchResult
+from models.settings import ImageSettings
+from models.var import generate as engine
+from models.var.loading import load_var
+
+
+class VARRunner:
+    family = "var"
+
+    def __init__(self, spec: ModelSpec):
+        self.spec = spec
+        self.model, self.tokenizer = load_var(spec.weights, spec.tokenizer, spec.device, spec.dtype)
+        c = self.model.cfg
+        self.conditions = Conditions("class", c.num_classes, spec.class_names, spec.name, str(spec.weights))
+        self.conditioning, self.num_classes = self.conditions.kind, self.conditions.num_classes
+        self.image_size = self.tokenizer.cfg.image_size  # the VQ-VAE's downsampling decides
+        self.steps = len(c.patch_nums)
+
+    def resolve(self, condition: int | str) -> int | str:
+        return self.conditions.resolve(condition)
+
+    def engine_rows(self, settings: list[ImageSettings]) -> int:
+        return engine.engine_rows(settings)
+
+    def generate(
+        self,
+        conditions: list[int | str],
+        settings: list[ImageSettings],
+        on_step: Callable[[engine.ScaleStep], None] | None = None,
+    ) -> BatchResult:
+        labels = [self.resolve(c) for c in conditions]
+        out = engine.generate(self.model, self.tokenizer, labels, settings, on_step)
+        tokens = torch.cat(out.tokens, dim=1).cpu()
+        return BatchResult(
+            out.images.float().cpu(), tokens, out.forward_passes, out.kv_bytes, out.kv_bytes, out.flops
+        )
+
+    @torch.inference_mode()
+    def preview(self, step: engine.ScaleStep) -> torch.Tensor:
+        # rebuilt per image from its tokens, as the engine's final images are, so the last preview
+        # is exactly the finished image
+        sizes = [pn * pn for pn in self.model.cfg.patch_nums[: step.index + 1]]
+        images = [
+            self.tokenizer.idx_to_img(list(step.history[i : i + 1].split(sizes, dim=1)))
+            for i in range(step.history.shape[0])
+        ]
+        return torch.cat(images).add_(1).mul_(0.5).cpu()
