@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models.vq_blocks import Downsample, ResnetBlock, Upsample, group_norm
+
 
 @dataclass
 class VQConfig:
@@ -30,31 +32,12 @@ class VQConfig:
         return 2 ** (len(self.encoder_ch_mult) - 1)
 
 
-def _norm(channels: int) -> nn.GroupNorm:
-    return nn.GroupNorm(32, channels, eps=1e-6)
-
-
-class ResnetBlock(nn.Module):
-    def __init__(self, c_in: int, c_out: int):
-        super().__init__()
-        self.norm1 = _norm(c_in)
-        self.conv1 = nn.Conv2d(c_in, c_out, 3, padding=1)
-        self.norm2 = _norm(c_out)
-        self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1)
-        self.nin_shortcut = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.conv1(F.silu(self.norm1(x)))
-        h = self.conv2(F.silu(self.norm2(h)))
-        return (x if self.nin_shortcut is None else self.nin_shortcut(x)) + h
-
-
 class AttnBlock(nn.Module):
     """Single-head self-attention over the H*W positions, channels as the head dim."""
 
     def __init__(self, c: int):
         super().__init__()
-        self.norm = _norm(c)
+        self.norm = group_norm(c)
         self.q = nn.Conv2d(c, c, 1)
         self.k = nn.Conv2d(c, c, 1)
         self.v = nn.Conv2d(c, c, 1)
@@ -67,25 +50,6 @@ class AttnBlock(nn.Module):
         q, k, v = (conv(h).flatten(2).transpose(1, 2)[:, None] for conv in (self.q, self.k, self.v))
         y = F.scaled_dot_product_attention(q, k, v)[:, 0]  # (B, HW, C)
         return x + self.proj_out(y.transpose(1, 2).reshape(B, C, H, W))
-
-
-class Downsample(nn.Module):
-    def __init__(self, c: int):
-        super().__init__()
-        self.conv = nn.Conv2d(c, c, 3, stride=2)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Pad right/bottom only, as taming's VQGAN (torch convs only pad symmetrically).
-        return self.conv(F.pad(x, (0, 1, 0, 1)))
-
-
-class Upsample(nn.Module):
-    def __init__(self, c: int):
-        super().__init__()
-        self.conv = nn.Conv2d(c, c, 3, padding=1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
 class Level(nn.Module):
@@ -133,7 +97,7 @@ class Encoder(nn.Module):
             for i, c in enumerate(chans)
         )
         self.mid = _mid(chans[-1])
-        self.norm_out = _norm(chans[-1])
+        self.norm_out = group_norm(chans[-1])
         self.conv_out = nn.Conv2d(chans[-1], cfg.z_channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -161,7 +125,7 @@ class Decoder(nn.Module):
             )
             for i, c in enumerate(chans)
         )
-        self.norm_out = _norm(chans[-1])
+        self.norm_out = group_norm(chans[-1])
         self.conv_out = nn.Conv2d(chans[-1], 3, 3, padding=1)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:

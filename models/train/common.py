@@ -1,14 +1,20 @@
-"""Shared training plumbing: seeding, batches, the optimiser loop with progress logs, saving."""
+"""Shared training plumbing: seeding, batches, the optimiser loop with progress logs, a stage's run
+settings, the one recipe both tokenizers train by, saving."""
 
 from __future__ import annotations
 
 import math
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+
+from models.train.outer_levels import check_equivalent, fix_outer_levels
+from models.train.vq import restart_dead_codes
 
 
 def setup(seed: int, threads: int = 1) -> torch.Generator:
@@ -111,6 +117,86 @@ def train(
             checkpoint.with_suffix(".tmp").replace(checkpoint)  # atomic: a kill never leaves half a file
     print(f"[{name}] trained {steps} steps in {time.perf_counter() - start:.0f}s", flush=True)
     model.eval()
+
+
+@dataclass(frozen=True)
+class Run:
+    """What the command line sets for one stage's train() call, so a stage takes one value."""
+
+    steps: int
+    batch_size: int
+    checkpoints: Path  # the folder; each stage names its own file in it
+    extend: bool = False
+    save_every: int = 50
+
+    def train(
+        self,
+        model: nn.Module,
+        loss_fn: Callable[[torch.Tensor], tuple[torch.Tensor, dict[str, float]]],
+        n: int,
+        gen: torch.Generator,
+        name: str,
+        checkpoint: str,
+        lr: float,
+        weight_decay: float = 0.0,
+        after_step: Callable[[int], None] | None = None,
+    ) -> None:
+        """train() over n examples with this run's settings, checkpointing to checkpoints/checkpoint."""
+        train(
+            model,
+            loss_fn,
+            n,
+            self.batch_size,
+            self.steps,
+            lr,
+            gen,
+            name,
+            self.checkpoints / checkpoint,
+            weight_decay=weight_decay,
+            after_step=after_step,
+            save_every=self.save_every,
+            extend=self.extend,
+        )
+
+
+def train_tokenizer(
+    tokenizer: nn.Module,
+    forward: Callable[[nn.Module, torch.Tensor], tuple[torch.Tensor, ...]],
+    images: torch.Tensor,
+    gen: torch.Generator,
+    run: Run,
+    name: str,
+    checkpoint: str,
+) -> nn.Module:
+    """Train either family's freshly built tokenizer on images the one way both are trained: the
+    fixed outer level, reconstruction (MSE + L1) plus the quantiser's VQ loss, and dead-code restarts.
+
+    forward: (tokenizer, images) -> (reconstruction, vq loss, codes used (N,) long, the encoder
+    features they coded (N, D)), one of models.train.vq's. -> the tokenizer, frozen."""
+    fix_outer_levels(tokenizer)
+    check_equivalent(tokenizer.eval(), images[:4])
+    embedding = tokenizer.quantize.embedding
+    hits = torch.zeros(embedding.num_embeddings)
+    last: dict[str, torch.Tensor] = {}
+
+    def loss_fn(idx):
+        x = images[idx]
+        recon, vq_loss, used, features = forward(tokenizer, x)
+        hits.add_(torch.bincount(used, minlength=len(hits)))
+        last["features"] = features.detach()
+        rec = F.mse_loss(recon, x) + F.l1_loss(recon, x)
+        return rec + vq_loss, {"rec": rec.item(), "vq": vq_loss.item(), "codes": (hits > 0).sum().item()}
+
+    def after_step(step):
+        # Codes are counted over one save interval: the counts are not checkpointed, so this way a
+        # resumed run counts (and restarts) as the uninterrupted one.
+        if (step + 1) % run.save_every == 0:
+            if step < run.steps * 3 // 4:  # let the codebook settle before the end
+                restart_dead_codes(embedding, hits, last["features"], gen)
+            hits.zero_()
+
+    run.train(tokenizer, loss_fn, len(images), gen, name, checkpoint, lr=2e-3, after_step=after_step)
+    return tokenizer.requires_grad_(False)
 
 
 def half(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

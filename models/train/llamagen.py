@@ -11,6 +11,7 @@ stopped stage resumes from its checkpoint in --checkpoints when run again with t
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -21,11 +22,10 @@ from models.llamagen.loading import load_vq
 from models.llamagen.model import GPT, GPTConfig
 from models.llamagen.tokenizer import VQConfig, VQModel
 from models.train import outer_levels
-from models.train.common import half, save, setup, train
+from models.train.common import Run, half, save, setup, train_tokenizer
 from models.train.data import SHAPES, ShapeSet, training_caption, training_set
 from models.train.init import init_transformer
-from models.train.outer_levels import check_equivalent, fix_outer_levels
-from models.train.vq import llamagen_vq_forward, restart_dead_codes
+from models.train.vq import llamagen_vq_forward
 
 # Three levels (64, 32, 16 px): a VQ-4 where the published tokenizer is a VQ-16 (256 px / 16), so a
 # 64 px image has the published 16x16 grid.
@@ -48,45 +48,6 @@ CAPTIONS_PER_IMAGE = 2  # training captions drawn per image, each in its own wor
 COND_DROPOUT = 0.1  # class / caption dropout: trains the null condition that cfg contrasts with
 
 
-def train_vq(
-    images: torch.Tensor, gen: torch.Generator, steps: int, batch_size: int, ckpt: Path, extend: bool = False
-) -> VQModel:
-    vq = VQModel(VQ_CONFIG)
-    fix_outer_levels(vq)
-    check_equivalent(vq.eval(), images[:4])
-    hits = torch.zeros(VQ_CONFIG.codebook_size)
-    last: dict[str, torch.Tensor] = {}
-
-    def loss_fn(idx):
-        x = images[idx]
-        recon, vq_loss, used, z = llamagen_vq_forward(vq, x)
-        hits.add_(torch.bincount(used, minlength=len(hits)))
-        last["z"] = z
-        rec = F.mse_loss(recon, x) + F.l1_loss(recon, x)
-        return rec + vq_loss, {"rec": rec.item(), "vq": vq_loss.item(), "codes": (hits > 0).sum().item()}
-
-    def after_step(step):
-        if step % 50 == 49:
-            if step < steps * 3 // 4:
-                restart_dead_codes(vq.quantize.embedding, hits, last["z"], gen)
-            hits.zero_()
-
-    train(
-        vq,
-        loss_fn,
-        len(images),
-        batch_size,
-        steps,
-        2e-3,
-        gen,
-        "vq",
-        ckpt / "llamagen_vq.pt",
-        extend=extend,
-        after_step=after_step,
-    )
-    return vq.requires_grad_(False)
-
-
 def encode_dataset(vq: VQModel, images: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
         codes = []
@@ -96,7 +57,7 @@ def encode_dataset(vq: VQModel, images: torch.Tensor) -> torch.Tensor:
         return torch.cat(codes)  # (N, 256)
 
 
-def train_c2i(tokens, labels, gen, steps: int, batch_size: int, ckpt: Path, extend: bool = False) -> GPT:
+def train_c2i(tokens, labels, gen, run: Run) -> GPT:
     model = init_transformer(GPT(C2I_CONFIG))
     null = C2I_CONFIG.num_classes
 
@@ -106,19 +67,7 @@ def train_c2i(tokens, labels, gen, steps: int, batch_size: int, ckpt: Path, exte
         logits = model(tokens[idx, :-1], cond)  # (B, 256, V): predicts tokens 0..255
         return F.cross_entropy(logits.flatten(0, 1), tokens[idx].flatten()), {}
 
-    train(
-        model,
-        loss_fn,
-        len(tokens),
-        batch_size,
-        steps,
-        1.5e-3,
-        gen,
-        "c2i",
-        ckpt / "c2i.pt",
-        extend=extend,
-        weight_decay=0.05,
-    )
+    run.train(model, loss_fn, len(tokens), gen, "c2i", "c2i.pt", lr=1.5e-3, weight_decay=0.05)
     return model.requires_grad_(False)
 
 
@@ -141,9 +90,7 @@ def caption_bank(data: ShapeSet, seed: int, max_tokens: int) -> tuple[torch.Tens
     return emb[pick], mask[pick]
 
 
-def train_t2i(
-    data: ShapeSet, tokens, gen, seed: int, steps: int, batch_size: int, ckpt: Path, extend: bool = False
-) -> GPT:
+def train_t2i(data: ShapeSet, tokens, gen, seed: int, run: Run) -> GPT:
     emb_bank, mask_bank = caption_bank(data, seed, T2I_CONFIG.cls_token_num)
     model = init_transformer(GPT(T2I_CONFIG))
     # The null caption is a buffer in the published layout; here it is learned (caption dropout).
@@ -160,19 +107,7 @@ def train_t2i(
         logits = model(tokens[idx, :-1], caption, mask)
         return F.cross_entropy(logits.flatten(0, 1), tokens[idx].flatten()), {}
 
-    train(
-        model,
-        loss_fn,
-        len(tokens),
-        batch_size,
-        steps,
-        1.5e-3,
-        gen,
-        "t2i",
-        ckpt / "t2i.pt",
-        extend=extend,
-        weight_decay=0.05,
-    )
+    run.train(model, loss_fn, len(tokens), gen, "t2i", "t2i.pt", lr=1.5e-3, weight_decay=0.05)
     return model.requires_grad_(False)
 
 
@@ -190,24 +125,24 @@ def main() -> None:
     args = p.parse_args()
     gen = setup(args.seed, args.threads)
     data = training_set()
+    run = Run(args.vq_steps, args.batch_size, args.checkpoints, args.extend)
     vq_path = args.out / "llamagen_shapes_vq.safetensors"
     if args.stage in ("all", "vq"):
-        vq = train_vq(data.images, gen, args.vq_steps, args.batch_size, args.checkpoints, args.extend)
+        vq = train_tokenizer(
+            VQModel(VQ_CONFIG), llamagen_vq_forward, data.images, gen, run, "vq", "llamagen_vq.pt"
+        )
         save(half(vq.state_dict()), vq_path)
     if args.stage == "vq":
         return
     tokens = encode_dataset(load_vq(vq_path), data.images)  # the tokenizer as the server loads it
+    gpt_run = replace(run, steps=args.gpt_steps)  # c2i and t2i alike
     if args.stage in ("all", "c2i"):
         gen = torch.Generator().manual_seed(args.seed + 1)  # the same draws whatever ran before
-        model = train_c2i(
-            tokens, data.shape, gen, args.gpt_steps, args.batch_size, args.checkpoints, args.extend
-        )
+        model = train_c2i(tokens, data.shape, gen, gpt_run)
         save(half(model.state_dict()), args.out / "llamagen_shapes_c2i.safetensors")
     if args.stage in ("all", "t2i"):
         gen = torch.Generator().manual_seed(args.seed + 2)
-        model = train_t2i(
-            data, tokens, gen, args.seed, args.gpt_steps, args.batch_size, args.checkpoints, args.extend
-        )
+        model = train_t2i(data, tokens, gen, args.seed, gpt_run)
         save(half(model.state_dict()), args.out / "llamagen_shapes_t2i.safetensors")
 
 

@@ -11,6 +11,7 @@ in --checkpoints when run again with the same arguments.
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -18,11 +19,10 @@ import torch.nn.functional as F
 
 from models.loading import read_state_dict
 from models.train import outer_levels
-from models.train.common import half, save, setup, train
+from models.train.common import Run, half, save, setup, train_tokenizer
 from models.train.data import SHAPES, training_set
 from models.train.init import init_transformer
-from models.train.outer_levels import check_equivalent, fix_outer_levels
-from models.train.vq import restart_dead_codes, var_vqvae_forward
+from models.train.vq import var_vqvae_forward
 from models.var.loading import build_vqvae
 from models.var.model import VAR, VARConfig
 from models.var.tokenizer import VQVAE, VQVAEConfig
@@ -46,48 +46,7 @@ VAR_CONFIG = VARConfig(
 CLASS_DROPOUT = 0.1
 
 
-def train_vae(
-    images: torch.Tensor, gen: torch.Generator, steps: int, batch_size: int, ckpt: Path, extend: bool = False
-) -> VQVAE:
-    vae = VQVAE(VAE_CONFIG)
-    fix_outer_levels(vae)
-    check_equivalent(vae.eval(), images[:4])
-    hits = torch.zeros(VAE_CONFIG.vocab_size)
-    last: dict[str, torch.Tensor] = {}
-
-    def loss_fn(idx):
-        x = images[idx]
-        recon, vq_loss, used, residuals = var_vqvae_forward(vae, x)
-        hits.add_(torch.bincount(used, minlength=len(hits)))
-        last["residuals"] = residuals.detach()
-        rec = F.mse_loss(recon, x) + F.l1_loss(recon, x)
-        return rec + vq_loss, {"rec": rec.item(), "vq": vq_loss.item(), "codes": (hits > 0).sum().item()}
-
-    def after_step(step):
-        if step % 50 == 49:
-            if step < steps * 3 // 4:  # let the codebook settle before the end
-                restart_dead_codes(vae.quantize.embedding, hits, last["residuals"], gen)
-            hits.zero_()
-
-    train(
-        vae,
-        loss_fn,
-        len(images),
-        batch_size,
-        steps,
-        2e-3,
-        gen,
-        "vae",
-        ckpt / "var_vae.pt",
-        extend=extend,
-        after_step=after_step,
-    )
-    return vae.requires_grad_(False)
-
-
-def train_var(
-    vae: VQVAE, images, labels, gen, steps: int, batch_size: int, ckpt: Path, extend: bool = False
-) -> VAR:
+def train_var(vae: VQVAE, images, labels, gen, run: Run) -> VAR:
     with torch.no_grad():
         # = vae.img_to_idx (check_equivalent), through the cheap path for the fixed outer level
         per_chunk = [vae.quantize.quantize(outer_levels.encode(vae, x)) for x in images.split(100)]
@@ -104,19 +63,7 @@ def train_var(
         loss = F.cross_entropy(logits.flatten(0, 1), targets[idx].flatten())
         return loss, {}
 
-    train(
-        model,
-        loss_fn,
-        len(images),
-        batch_size,
-        steps,
-        1.5e-3,
-        gen,
-        "var",
-        ckpt / "var.pt",
-        extend=extend,
-        weight_decay=0.05,
-    )
+    run.train(model, loss_fn, len(images), gen, "var", "var.pt", lr=1.5e-3, weight_decay=0.05)
     return model.requires_grad_(False)
 
 
@@ -134,16 +81,17 @@ def main() -> None:
     args = p.parse_args()
     gen = setup(args.seed, args.threads)
     data = training_set()
+    run = Run(args.vae_steps, args.batch_size, args.checkpoints, args.extend)
     vae_path = args.out / "var_shapes_vae.safetensors"
     if args.stage in ("all", "vae"):
-        vae = train_vae(data.images, gen, args.vae_steps, args.batch_size, args.checkpoints, args.extend)
+        vae = train_tokenizer(
+            VQVAE(VAE_CONFIG), var_vqvae_forward, data.images, gen, run, "vae", "var_vae.pt"
+        )
         save(half(vae.state_dict()), vae_path)
     if args.stage in ("all", "var"):
         gen = torch.Generator().manual_seed(args.seed + 1)  # the same draws whether or not vae ran first
         vae = build_vqvae(read_state_dict(vae_path), vae_path, PATCH_NUMS).float()  # as served
-        model = train_var(
-            vae, data.images, data.shape, gen, args.var_steps, args.batch_size, args.checkpoints, args.extend
-        )
+        model = train_var(vae, data.images, data.shape, gen, replace(run, steps=args.var_steps))
         save(half(model.state_dict()), args.out / "var_shapes.safetensors")
 
 
