@@ -82,3 +82,31 @@ def test_unsorted_candidates_give_the_tokens_the_sorted_path_gives():
     forced = run(torch.cat([logits, logits]), [200, 50], 1.0, seeds=[7, 8])[:1]
     assert torch.equal(unsorted, forced)
     assert len(set(unsorted[0].tolist())) > 20  # a real draw, not a constant
+
+
+def test_sampler_rows_decide_on_the_host_what_sample_reads_from_the_tensors():
+    """SamplerRows passes top-k / top-p facts known from the settings (no device read per step);
+    the tokens are those of `sample` reading them from the tensors, group slices included."""
+    from models.sampling import SamplerRows
+    from models.settings import ImageSettings
+
+    logits = torch.randn(6, 3, 300)
+    settings = [
+        ImageSettings(seed=i, top_k=k, top_p=p, temperature=t)
+        for i, (k, p, t) in enumerate(
+            [(0, 0.0, 1.0), (5, 0.0, 1.0), (400, 0.9, 0.7), (1, 0.0, 1.0), (50, 1.0, 2.0), (50, 0.5, 1.0)]
+        )
+    ]
+    rows = SamplerRows.of(settings, "cpu")
+    temps = torch.tensor([s.temperature for s in settings])
+    expected = sample(logits, rows.top_k, rows.top_p, temps, make_generators(list(range(6)), "cpu"))
+    assert torch.equal(rows.sample(logits), expected)
+    uniform = SamplerRows.of(settings[1:2] * 3, "cpu")  # one k for all rows, no top-p: unordered path
+    assert torch.equal(
+        uniform.sample(logits[:3]),
+        sample(
+            logits[:3], uniform.top_k, uniform.top_p, uniform.temperature, make_generators([1] * 3, "cpu")
+        ),
+    )
+    group = SamplerRows.of(settings, "cpu")[2:5]
+    assert group.top_k_values == (400, 1, 50) and len(group.generators) == 3
