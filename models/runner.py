@@ -24,8 +24,9 @@ class BatchResult:
     images: torch.Tensor  # (B, 3, H, W) float in [0, 1], on the CPU
     tokens: torch.Tensor  # (B, L) long, on the CPU: every token of each image (VAR: all scales)
     forward_passes: int  # model forward calls spent on the batch
-    kv_bytes: int  # peak KV-store bytes the batch held
-    kv_bytes_full: int  # what an uncompressed store would have held
+    kv_bytes: int  # peak stored KV bytes of the batch (models/kv/store.py says what counts)
+    kv_bytes_full: int  # the same for an uncompressed store
+    kv_bytes_working: int  # peak with the step being computed
     flops: float
 
 

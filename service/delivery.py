@@ -94,6 +94,7 @@ async def final_response(job: Job, event: Done | Failed, pool: WorkerPool) -> Im
             forward_passes=job.forward_passes,
             kv_bytes=job.kv_bytes,
             kv_bytes_full=job.kv_bytes_full,
+            kv_bytes_working=job.kv_bytes_working,
             batch_images=job.batch_images,
         ),
     )

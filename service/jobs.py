@@ -69,6 +69,7 @@ class Job:
     forward_passes: int = 0
     kv_bytes: int = 0
     kv_bytes_full: int = 0
+    kv_bytes_working: int = 0
     batch_images: int = 0
     images: list[torch.Tensor | None] = field(default_factory=list)
     finished: bool = False

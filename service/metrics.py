@@ -73,12 +73,28 @@ class Metrics:
         )
         self.kv_in_use = Gauge(
             "varserve_kv_cache_usage_bytes",
-            "KV-cache bytes of the running batch (estimated from the last batch's bytes per row).",
+            "KV-cache bytes the running batch holds, working memory included (estimated from the last "
+            "batch's bytes per row).",
             ["model"],
             registry=r,
         )
         self.kv_peak = Gauge(
-            "varserve_kv_cache_peak_bytes", "Largest KV cache of any batch so far.", ["model"], registry=r
+            "varserve_kv_cache_peak_bytes",
+            "Largest stored KV cache of any batch so far.",
+            ["model"],
+            registry=r,
+        )
+        self.kv_peak_full = Gauge(
+            "varserve_kv_cache_peak_full_bytes",
+            "What the largest batch's KV cache would have stored uncompressed.",
+            ["model"],
+            registry=r,
+        )
+        self.kv_peak_working = Gauge(
+            "varserve_kv_cache_peak_working_bytes",
+            "Largest KV bytes of any batch, the scale or token being computed included.",
+            ["model"],
+            registry=r,
         )
         self.model_loaded = Gauge(
             "varserve_model_loaded",

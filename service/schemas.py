@@ -52,8 +52,12 @@ class Usage(BaseModel):
     queue_ms: float = Field(description="arrival to the start of the request's first batch")
     inference_ms: float = Field(description="engine time of the request's batches")
     forward_passes: int = Field(description="model forward calls spent on the request's batches")
-    kv_bytes: int = Field(description="peak KV-cache bytes of the request's batches")
-    kv_bytes_full: int = Field(description="what an uncompressed KV cache would have held")
+    kv_bytes: int = Field(
+        description="peak stored KV-cache bytes of the request's batches: what carries earlier scales or "
+        "tokens forward (VAR: the prefix the last scale reads)"
+    )
+    kv_bytes_full: int = Field(description="the same for an uncompressed KV cache")
+    kv_bytes_working: int = Field(description="peak KV bytes including the scale or token being computed")
     batch_images: int = Field(description="images in the (largest) batch the request ran in")
 
 

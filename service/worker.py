@@ -68,7 +68,7 @@ class Worker(threading.Thread):
         self.ready = threading.Event()
         self.stopping = threading.Event()
         self._kv_bytes_per_row: dict[str, float] = {}
-        self._kv_peak: dict[str, int] = {}
+        self._kv_peak: dict[tuple[str, str], int] = {}  # (stored | full | working, model) -> largest
 
     def run(self) -> None:
         try:
@@ -105,7 +105,7 @@ class Worker(threading.Thread):
         settings = settings_for(spec.defaults, 0, 1)
         result = runner.generate([warm], settings)
         # so the KV-in-use gauge of the first batch is an estimate too, not 0
-        self._kv_bytes_per_row[spec.name] = result.kv_bytes / runner.engine_rows(settings)
+        self._kv_bytes_per_row[spec.name] = result.kv_bytes_working / runner.engine_rows(settings)
         self.runners[spec.name] = runner
         self.catalog.publish(info_of(runner))
         self.metrics.model_loaded.labels(spec.name).set(1)
@@ -179,17 +179,23 @@ class Worker(threading.Thread):
     ) -> None:
         model = runner.spec.name
         self.queue.record_throughput(elapsed, len(rows))
-        self._kv_bytes_per_row[model] = result.kv_bytes / runner.engine_rows(
+        self._kv_bytes_per_row[model] = result.kv_bytes_working / runner.engine_rows(
             [job.params[i] for job, i in rows]
         )
-        self._kv_peak[model] = max(self._kv_peak.get(model, 0), result.kv_bytes)
-        self.metrics.kv_peak.labels(model).set(self._kv_peak[model])
+        for name, gauge, value in (
+            ("stored", self.metrics.kv_peak, result.kv_bytes),
+            ("full", self.metrics.kv_peak_full, result.kv_bytes_full),
+            ("working", self.metrics.kv_peak_working, result.kv_bytes_working),
+        ):
+            self._kv_peak[name, model] = max(self._kv_peak.get((name, model), 0), value)
+            gauge.labels(model).set(self._kv_peak[name, model])
         self.metrics.forward_passes.labels(model).inc(result.forward_passes)
         for job in jobs:
             job.inference_s += elapsed
             job.forward_passes += result.forward_passes
             job.kv_bytes = max(job.kv_bytes, result.kv_bytes)
             job.kv_bytes_full = max(job.kv_bytes_full, result.kv_bytes_full)
+            job.kv_bytes_working = max(job.kv_bytes_working, result.kv_bytes_working)
             job.batch_images = max(job.batch_images, len(rows))
         for (job, i), image in zip(rows, result.images, strict=True):  # image: (3, H, W)
             job.images[i] = image

@@ -15,12 +15,28 @@ from models.kv.store import ScaleSpan, TokenSpan
 
 class DenseScaleStore:
     """Next-scale keys and values: (n_layers, B, H, L_max, D) each. A scale's queries read the
-    contiguous prefix 0..end of their rows: all coarser scales and their own."""
+    contiguous prefix 0..end of their rows: all coarser scales and their own.
 
-    def __init__(self, n_layers: int, batch: int, n_heads: int, max_len: int, head_dim: int, dtype, device):
+    Positions 0..stored_len hold the scales that later scales read (the 424-token prefix at 256 px);
+    the rest is working memory for the last scale, whose keys only its own queries read. One
+    allocation keeps the last scale's attention over one contiguous prefix (no gather), and the
+    accounting counts the two regions of it apart."""
+
+    def __init__(
+        self,
+        n_layers: int,
+        batch: int,
+        n_heads: int,
+        max_len: int,
+        head_dim: int,
+        dtype,
+        device,
+        stored_len: int,
+    ):
         shape = (n_layers, batch, n_heads, max_len, head_dim)
         self.k = torch.empty(shape, dtype=dtype, device=device)
         self.v = torch.empty(shape, dtype=dtype, device=device)
+        self.stored_len = stored_len
 
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, at: ScaleSpan) -> None:
         """k, v: (b, H, end - start, D) of batch rows `at.rows`."""
@@ -34,6 +50,12 @@ class DenseScaleStore:
 
     @property
     def nbytes(self) -> int:
+        return (
+            self.k[:, :, :, : self.stored_len].numel() + self.v[:, :, :, : self.stored_len].numel()
+        ) * self.k.element_size()
+
+    @property
+    def working_nbytes(self) -> int:
         return self.k.nbytes + self.v.nbytes
 
 
@@ -78,4 +100,9 @@ class DenseTokenStore:
 
     @property
     def nbytes(self) -> int:
+        """Every position is read again by every later token: all of it is stored cache."""
         return sum(t.nbytes for t in self.k) + sum(t.nbytes for t in self.v)
+
+    @property
+    def working_nbytes(self) -> int:
+        return self.nbytes

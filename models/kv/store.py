@@ -10,7 +10,11 @@ without touching the model. `at` is the step's metadata, passed explicitly (no g
 - next-scale (VAR): `ScaleSpan`, the batch rows and positions of the scale being computed;
 - next-token (LlamaGen): `TokenSpan`, each row's absolute positions and its condition padding.
 
-Every store reports `nbytes`, the bytes of its own buffers (never allocator statistics).
+Every store reports its bytes from its own buffers (never allocator statistics):
+- `nbytes`: the stored cache, what carries earlier tokens forward to later steps, at its largest;
+- `working_nbytes`: that plus the working memory of the step being computed (VAR's current scale:
+  its own keys are read by its own queries, and the last scale's are never read again, so no
+  policy stores them).
 """
 
 from __future__ import annotations
@@ -50,4 +54,8 @@ class KVStore(Protocol):
 
     @property
     def nbytes(self) -> int:
-        """Bytes of the store's buffers."""
+        """Bytes of the stored cache at its largest."""
+
+    @property
+    def working_nbytes(self) -> int:
+        """Bytes at the peak, the step being computed included."""

@@ -74,7 +74,7 @@ class LlamaGenOutput:
     images: torch.Tensor  # (B, 3, H, W) float in [0, 1] (empty when not decoded)
     tokens: torch.Tensor  # (B, grid * grid)
     forward_passes: int
-    kv_bytes: int  # KV-store bytes held by the batch
+    kv_bytes: int  # KV-store bytes held by the batch (stored = full = working for a dense store)
     flops: float  # matmul FLOPs of the transformer passes
 
 

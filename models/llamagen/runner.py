@@ -83,6 +83,7 @@ class LlamaGenRunner:
             out.forward_passes,
             out.kv_bytes,
             out.kv_bytes,
+            out.kv_bytes,
             out.flops,
         )
 

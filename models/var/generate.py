@@ -44,7 +44,9 @@ class VAROutput:
     images: torch.Tensor  # (B, 3, H, W) float in [0, 1]
     tokens: list[torch.Tensor]  # per scale (B, pn*pn)
     forward_passes: int
-    kv_bytes: int  # peak KV-cache bytes held by the batch
+    kv_bytes: int  # peak stored KV bytes of the batch (the prefix later scales read)
+    kv_bytes_full: int  # the same for the uncompressed store
+    kv_bytes_working: int  # peak with the scale being computed
     flops: float = field(default=0.0)  # matmul FLOPs of the transformer passes
 
 
@@ -98,7 +100,8 @@ def generate(
     pos = model.position_embedding()  # (1, L, C)
     sampler = SamplerRows.of(settings, device)
 
-    store = DenseScaleStore(c.depth, rows, c.num_heads, c.seq_len, c.head_dim, dtype, device)
+    stored_len = c.seq_len - c.patch_nums[-1] ** 2  # the last scale is never read again
+    store = DenseScaleStore(c.depth, rows, c.num_heads, c.seq_len, c.head_dim, dtype, device, stored_len)
     f_hat = torch.zeros(B, c.vae_dim, c.patch_nums[-1], c.patch_nums[-1], device=device)
     x = model.start_tokens(cond)  # (rows, first_len, C)
     tokens, start = [], 0
@@ -134,4 +137,12 @@ def generate(
         if decode
         else f_hat.new_zeros(0)
     )
-    return VAROutput(images, tokens, n_scales, store.nbytes, transformer_flops(model, rows))
+    return VAROutput(
+        images,
+        tokens,
+        n_scales,
+        store.nbytes,
+        store.nbytes,  # the dense store is the uncompressed one
+        store.working_nbytes,
+        transformer_flops(model, rows),
+    )

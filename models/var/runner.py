@@ -42,7 +42,13 @@ class VARRunner:
         out = engine.generate(self.model, self.tokenizer, labels, settings, on_step)
         tokens = torch.cat(out.tokens, dim=1).cpu()
         return BatchResult(
-            out.images.float().cpu(), tokens, out.forward_passes, out.kv_bytes, out.kv_bytes, out.flops
+            out.images.float().cpu(),
+            tokens,
+            out.forward_passes,
+            out.kv_bytes,
+            out.kv_bytes_full,
+            out.kv_bytes_working,
+            out.flops,
         )
 
     @torch.inference_mode()

@@ -156,9 +156,15 @@ def test_stream_reports_errors_as_events(server):
 
 def test_metrics_text_parses_and_counts_what_happened(server):
     before = server.metrics()
-    assert server.post({"prompt": 2, "n": 3, "seed": 5}).status_code == 200
+    ok = server.post({"prompt": 2, "n": 3, "seed": 5})
+    assert ok.status_code == 200
     assert server.post({"prompt": 2, "n": 9}).status_code == 400
     m = server.metrics()
+    # the fixture VAR (depth 4, width 128, fp32), 3 guided images = 6 rows: stored are the 424
+    # positions the last scale reads, working all 680
+    usage, per_position = ok.json()["usage"], 2 * 4 * 6 * 128 * 4
+    assert usage["kv_bytes"] == usage["kv_bytes_full"] == 424 * per_position
+    assert usage["kv_bytes_working"] == 680 * per_position
 
     def delta(name, **labels):
         return metric(m, name, **labels) - metric(before, name, **labels)
@@ -173,7 +179,11 @@ def test_metrics_text_parses_and_counts_what_happened(server):
     for histogram in ("e2e_request_latency", "request_queue_time", "request_inference_time"):
         assert delta(f"varserve_{histogram}_seconds_count", model="var-fixture") == 1
     assert metric(m, "varserve_model_loaded", model="var-fixture") == 1
-    assert metric(m, "varserve_kv_cache_peak_bytes", model="var-fixture") > 0
+    assert metric(m, "varserve_kv_cache_peak_bytes", model="var-fixture") >= usage["kv_bytes"]
+    peaks = [
+        metric(m, f"varserve_kv_cache_peak{k}_bytes", model="var-fixture") for k in ("", "_full", "_working")
+    ]
+    assert peaks[0] == peaks[1] and peaks[2] == peaks[0] * 680 // 424  # dense: every batch 680 / 424
     assert metric(m, "varserve_kv_cache_usage_bytes", model="var-fixture") == 0  # nothing runs now
     assert metric(m, "varserve_num_requests_waiting") == metric(m, "varserve_num_requests_running") == 0
     server.client.get("/wp-login.php")

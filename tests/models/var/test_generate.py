@@ -28,12 +28,16 @@ def test_same_seed_same_image_other_seed_other_image(var_pair):
     assert not torch.equal(out.tokens[-1][0], out.tokens[-1][2])
 
 
-def test_kv_cache_is_preallocated_for_all_scales(var_pair):
+def test_kv_bytes_count_the_prefix_the_last_scale_reads_as_stored(var_pair):
     var, vae = var_pair
     c = var.cfg
     guided = generate(var, vae, [1, 2], [ImageSettings(cfg=1.5, top_k=1)] * 2, decode=False)
-    # K and V, every layer, both CFG halves, every token position, fp32
-    assert guided.kv_bytes == 2 * c.depth * 4 * c.num_heads * c.seq_len * c.head_dim * 4
+    # K and V, every layer, both CFG halves, fp32: stored are the 424 positions of the scales before
+    # the last (the paper's accounting); working adds the last scale's 256
+    per_position = 2 * c.depth * 4 * c.num_heads * c.head_dim * 4
+    assert c.seq_len - c.patch_nums[-1] ** 2 == 424
+    assert guided.kv_bytes == guided.kv_bytes_full == per_position * 424
+    assert guided.kv_bytes_working == per_position * c.seq_len
     unguided = generate(var, vae, [1, 2], [ImageSettings(cfg=0.0, top_k=1)] * 2, decode=False)
     assert unguided.kv_bytes == guided.kv_bytes // 2
     assert guided.forward_passes == len(c.patch_nums)
