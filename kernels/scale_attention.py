@@ -1,0 +1,425 @@
+"""Attention of one scale over a compressed, per-(row, head) ragged KV cache: kernels, wrappers and
+their PyTorch references in one file (docs/kv-compression.md §5).
+
+Layout, per layer:
+
+- `k_slab`, `v_slab`: (S, D), S = total slots. Segment i = b * H + h (batch row b, head h; a
+  guidance row is a row of its own) owns slots [offsets[i], offsets[i] + lengths[i]): each
+  (row, head) keeps its own number of tokens, possibly 0 or 1. Segments do not overlap; slots no
+  segment owns are never read.
+- `offsets`, `lengths`: int32 or int64, shape (B * H,), on the slabs' device.
+- `q`: (B, H, Lq, D), the current scale's queries; `k_cur`, `v_cur`: (B, H, Lc, D), the current
+  scale's own keys and values (Lc = Lq for a scale; `q` may also be a subset of a scale's
+  queries, such as the observed queries of a compression step). Any strides.
+
+Every query of segment i attends to the segment's stored keys plus all Lc current keys, with no
+mask inside a scale (VAR's block-causal mask seen from the scale being computed). The caller has
+already l2-normalised q and k and folded VAR's per-head temperature into q, so `scale` defaults to
+1; logits can still reach +-100, so the softmax state, the LSE and the mass are fp32.
+
+Entry points (each dispatches by input: Triton when the tensors are on CUDA and triton imports,
+else the vectorised CPU path; the `*_reference` functions are plain per-(b, h) loops):
+
+- `scale_attention(q, k_cur, v_cur, k_slab, v_slab, offsets, lengths, scale=1.0,
+  return_lse=False, out=None)` -> out (B, H, Lq, D) in q's dtype [, lse (B, H, Lq) fp32, the
+  natural-log sum of exp of each query's logits].
+- `attention_mass(q, k_cur, k_slab, offsets, lengths, scale=1.0, lse=None, max_len=None)` ->
+  (mass_slab (S,) fp32, 0 in unused slots; mass_cur (B, H, Lc) fp32): the softmax weight each
+  candidate key received, summed over the given queries. Per (b, h), mass sums to Lq. Compression
+  policies rank keys by it, without a separate attention pass.
+
+Triton kernels: `_fwd_kernel` on a grid (ceil(Lq / BLOCK_M), B * H) walks [off, off + len) in
+BLOCK_N tiles (masked ragged tail), then the Lc current keys (masked tail), with online softmax
+(m_i, l_i, acc in fp32), and writes out and lse. `_mass_kernel` is shaped like flash attention's
+backward: a grid over (key tiles of [stored | current], B * H); each program loops over the query
+tiles and sums exp(q.k * scale - lse) for its keys, so it needs the forward's lse. Its grid needs
+a bound on the stored lengths: `max_len` (e.g. the planned cap), else lengths.max() is read (one
+host sync). The wrapper asserts what the kernels assume: BLOCK_M, BLOCK_N >= 16 and D a power of
+two >= 16.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # the CPU path needs no triton
+    triton = None
+
+__all__ = [
+    "attention_mass",
+    "attention_mass_reference",
+    "scale_attention",
+    "scale_attention_reference",
+    "scale_attention_triton",
+    "attention_mass_triton",
+]
+
+
+def _check(q, k_cur, v_cur, k_slab, v_slab, offsets, lengths):
+    B, H, Lq, D = q.shape
+    assert k_cur.dim() == 4 and k_cur.shape[:2] == (B, H) and k_cur.shape[3] == D, (q.shape, k_cur.shape)
+    assert v_cur is None or v_cur.shape == k_cur.shape, (k_cur.shape, v_cur.shape)
+    assert k_cur.shape[2] >= 1, "a scale has at least one current key"
+    assert k_slab.dim() == 2 and k_slab.shape[1] == D, (k_slab.shape, D)
+    assert v_slab is None or v_slab.shape == k_slab.shape, (k_slab.shape, v_slab.shape)
+    assert offsets.shape == lengths.shape == (B * H,), (offsets.shape, lengths.shape, B * H)
+    assert not offsets.is_floating_point() and not lengths.is_floating_point()
+
+
+# --------------------------------------------------------------------------------------------
+# References: a plain loop over (b, h), fp32 softmax
+
+
+def _segment(q, k_cur, k_slab, offsets, lengths, scale, b, h):
+    """(probabilities (Lq, n + Lc) fp32, slot range) of segment b * H + h."""
+    H = q.shape[1]
+    off, n = int(offsets[b * H + h]), int(lengths[b * H + h])
+    k = torch.cat([k_slab[off : off + n], k_cur[b, h]]).float()
+    logits = (q[b, h].float() @ k.T) * scale
+    return logits.softmax(-1), off, n
+
+
+def scale_attention_reference(q, k_cur, v_cur, k_slab, v_slab, offsets, lengths, scale=1.0):
+    """See the module docstring. -> (B, H, Lq, D) in q's dtype."""
+    _check(q, k_cur, v_cur, k_slab, v_slab, offsets, lengths)
+    B, H = q.shape[:2]
+    out = torch.empty_like(q)
+    for b in range(B):
+        for h in range(H):
+            p, off, n = _segment(q, k_cur, k_slab, offsets, lengths, scale, b, h)
+            v = torch.cat([v_slab[off : off + n], v_cur[b, h]]).float()
+            out[b, h] = (p @ v).to(q.dtype)
+    return out
+
+
+def attention_mass_reference(q, k_cur, k_slab, offsets, lengths, scale=1.0):
+    """-> (mass_slab (S,) fp32, mass_cur (B, H, Lc) fp32): each key's softmax weight summed over the
+    queries; 0 in slots no segment owns."""
+    _check(q, k_cur, None, k_slab, None, offsets, lengths)
+    B, H = q.shape[:2]
+    mass_slab = torch.zeros(k_slab.shape[0], dtype=torch.float32, device=q.device)
+    mass_cur = torch.zeros(B, H, k_cur.shape[2], dtype=torch.float32, device=q.device)
+    for b in range(B):
+        for h in range(H):
+            p, off, n = _segment(q, k_cur, k_slab, offsets, lengths, scale, b, h)
+            mass = p.sum(0)
+            mass_slab[off : off + n] = mass[:n]
+            mass_cur[b, h] = mass[n:]
+    return mass_slab, mass_cur
+
+
+# --------------------------------------------------------------------------------------------
+# CPU path: gather every segment into one padded (B, H, Lc + max_len, D) block, one SDPA
+
+
+def _gather(k_cur, k_slab, offsets, lengths, max_len):
+    """[current | stored, padded to max_len] -> (B, H, Lc + max_len, D), and the key mask
+    (B, H, 1, Lc + max_len) bool or None when no segment is padded. Current keys first, so the
+    padded tail is the stored part's."""
+    B, H, Lc, D = k_cur.shape
+    out = k_slab.new_empty(B * H, Lc + max_len, D, dtype=k_cur.dtype)
+    out[:, :Lc] = k_cur.reshape(B * H, Lc, D)
+    if max_len == 0:
+        return out.view(B, H, Lc, D), None
+    cols = torch.arange(max_len, device=k_slab.device)
+    valid = cols[None, :] < lengths[:, None]  # (BH, max_len)
+    idx = torch.where(valid, offsets[:, None].long() + cols[None, :], 0)
+    stored = k_slab[idx.reshape(-1)].view(B * H, max_len, D)
+    out[:, Lc:] = stored.masked_fill(~valid[..., None], 0)  # padding reads slot 0: may be anything
+    if bool(valid.all()):
+        return out.view(B, H, Lc + max_len, D), None
+    mask = torch.cat([valid.new_ones(B * H, Lc), valid], 1)
+    return out.view(B, H, Lc + max_len, D), mask.view(B, H, 1, Lc + max_len)
+
+
+def _max_len(lengths, max_len):
+    return int(lengths.max()) if max_len is None and lengths.numel() else int(max_len or 0)
+
+
+def scale_attention_cpu(q, k_cur, v_cur, k_slab, v_slab, offsets, lengths, scale=1.0, return_lse=False):
+    """The vectorised path (any device; the server's on CPU). lse, when asked for, is computed
+    from the logits (one extra QK^T)."""
+    _check(q, k_cur, v_cur, k_slab, v_slab, offsets, lengths)
+    max_len = _max_len(lengths, None)
+    k, mask = _gather(k_cur, k_slab, offsets, lengths, max_len)
+    v, _ = _gather(v_cur, v_slab, offsets, lengths, max_len)
+    out = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask, scale=scale)
+    if not return_lse:
+        return out
+    return out, _logits(q, k, mask, scale).logsumexp(-1)
+
+
+def _logits(q, k, mask, scale):
+    logits = (q.float() @ k.float().transpose(-1, -2)) * scale
+    return logits if mask is None else logits.masked_fill(~mask, -torch.inf)
+
+
+def attention_mass_cpu(q, k_cur, k_slab, offsets, lengths, scale=1.0, max_len=None, chunk=1 << 24):
+    """The vectorised mass: softmax over [current | stored] in fp32, summed over queries, in chunks
+    of segments of at most `chunk` logits each."""
+    _check(q, k_cur, None, k_slab, None, offsets, lengths)
+    B, H, Lq, D = q.shape
+    Lc = k_cur.shape[2]
+    max_len = _max_len(lengths, max_len)
+    BH, T = B * H, Lc + max_len
+    qf, kc = q.reshape(BH, 1, Lq, D), k_cur.reshape(BH, 1, Lc, D)
+    mass = torch.empty(BH, T, dtype=torch.float32, device=q.device)
+    step = max(1, chunk // max(1, Lq * T))
+    for s in range(0, BH, step):
+        e = min(BH, s + step)
+        k, mask = _gather(kc[s:e], k_slab, offsets[s:e], lengths[s:e], max_len)
+        mass[s:e] = _logits(qf[s:e], k, mask, scale).softmax(-1).sum(-2).view(e - s, T)
+    mass_slab = torch.zeros(k_slab.shape[0], dtype=torch.float32, device=q.device)
+    if max_len:
+        cols = torch.arange(max_len, device=q.device)
+        valid = cols[None, :] < lengths[:, None]
+        slots = offsets[:, None].long() + cols[None, :]
+        mass_slab[slots[valid]] = mass[:, Lc:][valid]
+    return mass_slab, mass[:, :Lc].reshape(B, H, Lc)
+
+
+# --------------------------------------------------------------------------------------------
+# Triton kernels
+
+if triton is not None:
+
+    @triton.jit
+    def _fwd_kernel(
+        Q, Kc, Vc, Ks, Vs, Off, Len, Out, Lse,
+        sqb, sqh, sqm, sqd,
+        skb, skh, skn, skd,
+        svb, svh, svn, svd,
+        sks, sksd, svs, svsd,
+        sob, soh, som, sod,
+        H, Lq, Lc, qk_scale,
+        HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        PRECISION: tl.constexpr,
+    ):  # fmt: skip
+        pid_m = tl.program_id(0)
+        seg = tl.program_id(1)
+        b = seg // H
+        h = seg % H
+        off = tl.load(Off + seg).to(tl.int64)
+        n = tl.load(Len + seg).to(tl.int32)
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, HEAD_DIM)
+        row_ok = offs_m < Lq
+        q = tl.load(
+            Q + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :] * sqd,
+            mask=row_ok[:, None],
+            other=0.0,
+        )
+        m_i = tl.full([BLOCK_M], -float("inf"), dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+        # the segment's stored keys, [off, off + n), masked ragged tail
+        for start in range(0, n, BLOCK_N):
+            cols = start + offs_n
+            col_ok = cols < n
+            slots = off + cols
+            k = tl.load(
+                Ks + slots[None, :] * sks + offs_d[:, None] * sksd, mask=col_ok[None, :], other=0.0
+            )  # (HEAD_DIM, BLOCK_N)
+            s = tl.dot(q, k.to(q.dtype), input_precision=PRECISION) * qk_scale
+            s = tl.where(col_ok[None, :], s, -float("inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            alpha = tl.math.exp2(m_i - m_new)
+            p = tl.math.exp2(s - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            v = tl.load(
+                Vs + slots[:, None] * svs + offs_d[None, :] * svsd, mask=col_ok[:, None], other=0.0
+            )  # (BLOCK_N, HEAD_DIM)
+            acc = tl.dot(p.to(q.dtype), v.to(q.dtype), acc * alpha[:, None], input_precision=PRECISION)
+            m_i = m_new
+        # the scale's own Lc keys, masked tail of the last tile
+        for start in range(0, Lc, BLOCK_N):
+            cols = start + offs_n
+            col_ok = cols < Lc
+            k = tl.load(
+                Kc + b * skb + h * skh + cols[None, :] * skn + offs_d[:, None] * skd,
+                mask=col_ok[None, :],
+                other=0.0,
+            )
+            s = tl.dot(q, k.to(q.dtype), input_precision=PRECISION) * qk_scale
+            s = tl.where(col_ok[None, :], s, -float("inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            alpha = tl.math.exp2(m_i - m_new)
+            p = tl.math.exp2(s - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            v = tl.load(
+                Vc + b * svb + h * svh + cols[:, None] * svn + offs_d[None, :] * svd,
+                mask=col_ok[:, None],
+                other=0.0,
+            )
+            acc = tl.dot(p.to(q.dtype), v.to(q.dtype), acc * alpha[:, None], input_precision=PRECISION)
+            m_i = m_new
+        out = acc / l_i[:, None]
+        tl.store(
+            Out + b * sob + h * soh + offs_m[:, None] * som + offs_d[None, :] * sod,
+            out.to(Out.dtype.element_ty),
+            mask=row_ok[:, None],
+        )
+        # natural-log LSE of the scaled logits (the loop runs in base 2)
+        tl.store(Lse + seg * Lq + offs_m, (m_i + tl.math.log2(l_i)) * 0.6931471805599453, mask=row_ok)
+
+    @triton.jit
+    def _mass_kernel(
+        Q, Kc, Ks, Off, Len, Lse, MassS, MassC,
+        sqb, sqh, sqm, sqd,
+        skb, skh, skn, skd,
+        sks, sksd,
+        H, Lq, Lc, qk_scale, stored_tiles,
+        HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        PRECISION: tl.constexpr,
+    ):  # fmt: skip
+        pid_n = tl.program_id(0)
+        seg = tl.program_id(1)
+        b = seg // H
+        h = seg % H
+        off = tl.load(Off + seg).to(tl.int64)
+        n = tl.load(Len + seg).to(tl.int32)
+        offs_n = tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, HEAD_DIM)
+        # key tiles [0, stored_tiles) cover the stored segment, the rest the current keys
+        stored = pid_n < stored_tiles
+        start = tl.where(stored, pid_n, pid_n - stored_tiles) * BLOCK_N
+        cols = start + offs_n
+        count = tl.where(stored, n, Lc)
+        if start < count:
+            col_ok = cols < count
+            if stored:
+                k = tl.load(
+                    Ks + (off + cols)[None, :] * sks + offs_d[:, None] * sksd,
+                    mask=col_ok[None, :],
+                    other=0.0,
+                )
+            else:
+                k = tl.load(
+                    Kc + b * skb + h * skh + cols[None, :] * skn + offs_d[:, None] * skd,
+                    mask=col_ok[None, :],
+                    other=0.0,
+                )
+            mass = tl.zeros([BLOCK_N], dtype=tl.float32)
+            for qs in range(0, Lq, BLOCK_M):
+                offs_m = qs + tl.arange(0, BLOCK_M)
+                row_ok = offs_m < Lq
+                q = tl.load(
+                    Q + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :] * sqd,
+                    mask=row_ok[:, None],
+                    other=0.0,
+                )
+                lse2 = tl.load(Lse + seg * Lq + offs_m, mask=row_ok, other=0.0) * 1.4426950408889634
+                s = tl.dot(q, k.to(q.dtype), input_precision=PRECISION) * qk_scale
+                p = tl.math.exp2(s - lse2[:, None])
+                p = tl.where(row_ok[:, None] & col_ok[None, :], p, 0.0)
+                mass += tl.sum(p, 0)
+            if stored:
+                tl.store(MassS + off + cols, mass, mask=col_ok)
+            else:
+                tl.store(MassC + seg * Lc + cols, mass, mask=col_ok)
+
+
+def _blocks(q, block_m, block_n):
+    D = q.shape[-1]
+    assert triton is not None, "triton is not installed"
+    assert block_m >= 16 and block_n >= 16, "tl.dot needs tiles of at least 16"
+    assert block_m & (block_m - 1) == 0 and block_n & (block_n - 1) == 0, "tiles are powers of two"
+    assert D >= 16 and D & (D - 1) == 0, f"head dim {D}: the kernels take a power of two >= 16"
+    assert q.dtype in (torch.float32, torch.float16, torch.bfloat16), q.dtype
+    return "ieee" if q.dtype == torch.float32 else "tf32"  # tf32 is ignored for 16-bit inputs
+
+
+def scale_attention_triton(
+    q, k_cur, v_cur, k_slab, v_slab, offsets, lengths, scale=1.0, return_lse=False, out=None,
+    block_m=32, block_n=32,
+):  # fmt: skip
+    """The Triton forward. `out`, if given, is a (B, H, Lq, D) view of any strides in q's dtype
+    (a (B, Lq, H, D) buffer transposed, for a projection that reads it with no copy)."""
+    _check(q, k_cur, v_cur, k_slab, v_slab, offsets, lengths)
+    precision = _blocks(q, block_m, block_n)
+    B, H, Lq, D = q.shape
+    Lc = k_cur.shape[2]
+    if out is None:
+        out = torch.empty_like(q)
+    assert out.shape == q.shape and out.dtype == q.dtype, (out.shape, out.dtype)
+    lse = torch.empty(B, H, Lq, dtype=torch.float32, device=q.device)
+    if k_slab.shape[0] == 0:  # nothing stored anywhere: any valid pointer will do, nothing is read
+        k_slab = v_slab = k_cur.reshape(-1, D)[:1]
+    grid = (triton.cdiv(Lq, block_m), B * H)
+    _fwd_kernel[grid](
+        q, k_cur, v_cur, k_slab, v_slab, offsets, lengths, out, lse,
+        *q.stride(), *k_cur.stride(), *v_cur.stride(), *k_slab.stride(), *v_slab.stride(), *out.stride(),
+        H, Lq, Lc, scale * math.log2(math.e),
+        HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n, PRECISION=precision,
+    )  # fmt: skip
+    return (out, lse) if return_lse else out
+
+
+def attention_mass_triton(
+    q, k_cur, k_slab, offsets, lengths, scale=1.0, lse=None, max_len=None, block_m=32, block_n=32
+):
+    """The Triton mass kernel; without `lse` it runs the forward first (with v = k, output unused)."""
+    _check(q, k_cur, None, k_slab, None, offsets, lengths)
+    precision = _blocks(q, block_m, block_n)
+    B, H, Lq, D = q.shape
+    Lc = k_cur.shape[2]
+    S = k_slab.shape[0]
+    if lse is None:
+        _, lse = scale_attention_triton(q, k_cur, k_cur, k_slab, k_slab, offsets, lengths, scale, True)
+    lse = lse.contiguous().float()
+    assert lse.shape == (B, H, Lq), lse.shape
+    max_len = _max_len(lengths, max_len)
+    mass_slab = torch.zeros(S, dtype=torch.float32, device=q.device)
+    mass_cur = torch.zeros(B, H, Lc, dtype=torch.float32, device=q.device)
+    if S == 0:
+        k_slab = k_cur.reshape(-1, D)[:1]
+        mass_ptr = mass_cur  # never written: no stored tiles
+        max_len = 0
+    else:
+        mass_ptr = mass_slab
+    stored_tiles = triton.cdiv(max_len, block_n)
+    grid = (stored_tiles + triton.cdiv(Lc, block_n), B * H)
+    _mass_kernel[grid](
+        q, k_cur, k_slab, offsets, lengths, lse, mass_ptr, mass_cur,
+        *q.stride(), *k_cur.stride(), *k_slab.stride(),
+        H, Lq, Lc, scale * math.log2(math.e), stored_tiles,
+        HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n, PRECISION=precision,
+    )  # fmt: skip
+    return mass_slab, mass_cur
+
+
+# --------------------------------------------------------------------------------------------
+# Dispatch
+
+
+def _use_triton(*tensors) -> bool:
+    return triton is not None and all(t.is_cuda for t in tensors)
+
+
+def scale_attention(q, k_cur, v_cur, k_slab, v_slab, offsets, lengths, scale=1.0, return_lse=False, out=None):
+    """See the module docstring: Triton on CUDA, else the vectorised CPU path."""
+    if _use_triton(q, k_cur, v_cur, k_slab, v_slab):
+        return scale_attention_triton(
+            q, k_cur, v_cur, k_slab, v_slab, offsets, lengths, scale, return_lse, out
+        )
+    res = scale_attention_cpu(q, k_cur, v_cur, k_slab, v_slab, offsets, lengths, scale, return_lse)
+    if out is None:
+        return res
+    o = res[0] if return_lse else res
+    out.copy_(o)
+    return (out, res[1]) if return_lse else out
+
+
+def attention_mass(q, k_cur, k_slab, offsets, lengths, scale=1.0, lse=None, max_len=None):
+    """See the module docstring: Triton on CUDA (reusing the forward's `lse` if given), else the
+    vectorised CPU path."""
+    if _use_triton(q, k_cur, k_slab):
+        return attention_mass_triton(q, k_cur, k_slab, offsets, lengths, scale, lse, max_len)
+    return attention_mass_cpu(q, k_cur, k_slab, offsets, lengths, scale, max_len)

@@ -1,0 +1,285 @@
+"""kernels/scale_attention.py: the reference against plain full attention, the CPU path and the
+Triton kernels (in Triton's interpreter without a GPU, see conftest.py) against the reference."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kernels import scale_attention as sa
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+needs_triton = pytest.mark.skipif(sa.triton is None, reason="triton is not installed (pip install triton)")
+INTERPRETED = DEVICE == "cpu"
+# Triton 3.9's interpreter gets tl.dot on bfloat16 inputs wrong (a lone 16x16 bf16 dot is off by
+# ~1e10; fp16 and fp32 are right): the bf16 kernels are tested on a GPU only.
+BF16_KERNEL = pytest.param(
+    torch.bfloat16,
+    marks=pytest.mark.skipif(INTERPRETED, reason="bf16 tl.dot is wrong in Triton's interpreter; GPU only"),
+)
+
+# tolerances against the fp32 reference, per dtype of q / k / v (outputs and lse)
+TOL = {
+    torch.float32: dict(atol=2e-5, rtol=1e-5),
+    torch.float16: dict(atol=2e-3, rtol=2e-3),
+    torch.bfloat16: dict(atol=1.6e-2, rtol=1.6e-2),
+}
+
+
+def layout(lengths, D, dtype=torch.float32, gap=3, seed=0):
+    """Slabs with segments in a shuffled order and `gap` unused (NaN) slots after each."""
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.tensor(lengths, dtype=torch.int32)
+    order = torch.randperm(len(lengths), generator=g)
+    offsets = torch.zeros_like(lengths)
+    pos = 0
+    for i in order.tolist():
+        offsets[i] = pos
+        pos += int(lengths[i]) + gap
+    k = torch.randn(pos, D, generator=g)
+    v = torch.randn(pos, D, generator=g)
+    used = torch.zeros(pos, dtype=torch.bool)
+    for o, n in zip(offsets.tolist(), lengths.tolist(), strict=True):
+        used[o : o + n] = True
+    k[~used], v[~used] = torch.nan, torch.nan  # never read
+    return k.to(dtype), v.to(dtype), offsets, lengths, used
+
+
+def current(B, H, Lq, D, dtype=torch.float32, seed=1, temperature=4.0, Lc=None):
+    g = torch.Generator().manual_seed(seed)
+    q = F.normalize(torch.randn(B, H, Lq, D, generator=g), dim=-1) * temperature
+    k = F.normalize(torch.randn(B, H, Lc or Lq, D, generator=g), dim=-1)
+    v = torch.randn(B, H, Lc or Lq, D, generator=g)
+    return q.to(dtype), k.to(dtype), v.to(dtype)
+
+
+def case(B, H, Lq, D, lengths, dtype=torch.float32, Lc=None, device=DEVICE):
+    q, kc, vc = current(B, H, Lq, D, dtype, Lc=Lc)
+    ks, vs, off, ln, used = layout(lengths, D, dtype)
+    ks = F.normalize(ks.float(), dim=-1).to(dtype)
+    to = lambda *ts: [t.to(device) for t in ts]  # noqa: E731
+    return (*to(q, kc, vc, ks, vs, off, ln), used.to(device))
+
+
+def dense(q, kc, vc, ks, vs, off, ln, scale=1.0):
+    """Plain attention per (b, h) over [stored | current] by SDPA, in fp64."""
+    B, H = q.shape[:2]
+    out = torch.empty(q.shape, dtype=torch.float64, device=q.device)
+    for b in range(B):
+        for h in range(H):
+            i = b * H + h
+            o, n = int(off[i]), int(ln[i])
+            k = torch.cat([ks[o : o + n], kc[b, h]]).double()
+            v = torch.cat([vs[o : o + n], vc[b, h]]).double()
+            out[b, h] = F.scaled_dot_product_attention(q[b, h].double()[None], k[None], v[None], scale=scale)[
+                0
+            ]
+    return out
+
+
+RAGGED = {
+    # (B, H, Lq, D, lengths of the B*H segments)
+    "uniform": (1, 2, 8, 16, [12, 12]),
+    "empty-and-one": (2, 2, 5, 16, [0, 1, 7, 0]),
+    # a batch of 2 images with guidance: rows (cond 0, cond 1, null 0, null 1), each head its own length
+    "guidance-rows": (4, 2, 9, 32, [30, 17, 1, 40, 23, 0, 35, 5]),
+    "lq1": (2, 3, 1, 64, [3, 0, 50, 1, 33, 16]),
+    "long-tail": (1, 2, 37, 32, [65, 31]),
+}
+
+
+# --------------------------------------------------------------------------------------------
+# the reference and the CPU path
+
+
+def test_with_nothing_evicted_it_is_full_attention_over_the_prefix():
+    """Every segment holds the whole prefix of its (row, head): plain SDPA over the concatenated
+    dense prefix [prefix | current scale]."""
+    B, H, T, Lq, D = 2, 3, 14, 9, 32
+    q, kc, vc = current(B, H, Lq, D)
+    k_pre, v_pre = torch.randn(B, H, T, D), torch.randn(B, H, T, D)
+    ks, vs = k_pre.reshape(B * H * T, D), v_pre.reshape(B * H * T, D)
+    off = torch.arange(B * H, dtype=torch.int32) * T
+    ln = torch.full((B * H,), T, dtype=torch.int32)
+    expected = F.scaled_dot_product_attention(
+        q, torch.cat([k_pre, kc], 2), torch.cat([v_pre, vc], 2), scale=1.0
+    )
+    for fn in (sa.scale_attention_reference, sa.scale_attention):
+        torch.testing.assert_close(fn(q, kc, vc, ks, vs, off, ln), expected, atol=2e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", RAGGED)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_reference_and_cpu_path_match_dense_attention(name, dtype):
+    B, H, Lq, D, lengths = RAGGED[name]
+    q, kc, vc, ks, vs, off, ln, _ = case(B, H, Lq, D, lengths, dtype, device="cpu")
+    expected = dense(q, kc, vc, ks, vs, off, ln)
+    ref = sa.scale_attention_reference(q, kc, vc, ks, vs, off, ln)
+    cpu = sa.scale_attention_cpu(q, kc, vc, ks, vs, off, ln)
+    assert ref.dtype == cpu.dtype == dtype and cpu.shape == q.shape
+    torch.testing.assert_close(ref.double(), expected, **TOL[dtype])
+    torch.testing.assert_close(cpu.double(), expected, **TOL[dtype])
+
+
+@pytest.mark.parametrize("name", RAGGED)
+def test_mass_sums_to_the_queries_and_matches_dense_softmax(name):
+    B, H, Lq, D, lengths = RAGGED[name]
+    q, kc, vc, ks, vs, off, ln, used = case(B, H, Lq, D, lengths, device="cpu")
+    ms, mc = sa.attention_mass_reference(q, kc, ks, off, ln)
+    ms2, mc2 = sa.attention_mass_cpu(q, kc, ks, off, ln, chunk=64)  # several chunks
+    assert ms.shape == (ks.shape[0],) and mc.shape == (B, H, Lq) and ms.dtype == mc.dtype == torch.float32
+    assert torch.all(ms[~used] == 0) and torch.all(ms2[~used] == 0)
+    for b in range(B):
+        for h in range(H):
+            i = b * H + h
+            o, n = int(off[i]), int(ln[i])
+            k = torch.cat([ks[o : o + n], kc[b, h]]).double()
+            mass = (q[b, h].double() @ k.T).softmax(-1).sum(0)
+            torch.testing.assert_close(ms[o : o + n].double(), mass[:n], atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(mc[b, h].double(), mass[n:], atol=1e-5, rtol=1e-5)
+            total = ms2[o : o + n].double().sum() + mc2[b, h].double().sum()
+            torch.testing.assert_close(total, torch.tensor(float(Lq), dtype=torch.float64), atol=1e-4, rtol=0)
+    torch.testing.assert_close(ms2, ms, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(mc2, mc, atol=1e-5, rtol=1e-5)
+
+
+def test_observed_queries_are_a_subset_and_temperature_reaches_100():
+    """The mass over a subset of a scale's queries (q has fewer rows than the current keys), with
+    logits up to +-100."""
+    B, H, Lc, D = 2, 2, 25, 16
+    q, kc, vc, ks, vs, off, ln, _ = case(B, H, Lc, D, [20, 0, 3, 9], device="cpu")
+    q = q[:, :, ::4] * 25  # 7 observed queries, temperature 100
+    ms, mc = sa.attention_mass_reference(q, kc, ks, off, ln)
+    ms2, mc2 = sa.attention_mass_cpu(q, kc, ks, off, ln)
+    assert mc.shape == (B, H, Lc)
+    torch.testing.assert_close(ms2, ms, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(mc2, mc, atol=1e-5, rtol=1e-5)
+    totals = mc.sum(-1).flatten() + torch.stack(
+        [ms[o : o + n].sum() for o, n in zip(off.tolist(), ln.tolist(), strict=True)]
+    )
+    torch.testing.assert_close(totals, torch.full_like(totals, 7.0), atol=1e-4, rtol=0)
+    out = sa.scale_attention(q, kc, vc, ks, vs, off, ln)
+    torch.testing.assert_close(
+        out, sa.scale_attention_reference(q, kc, vc, ks, vs, off, ln), atol=1e-5, rtol=1e-5
+    )
+
+
+def test_a_segments_result_does_not_depend_on_the_others():
+    q, kc, vc, ks, vs, off, ln, _ = case(2, 2, 6, 16, [5, 9, 0, 3], device="cpu")
+    out = sa.scale_attention(q, kc, vc, ks, vs, off, ln)
+    ks2, vs2 = ks.clone(), vs.clone()
+    o, n = int(off[1]), int(ln[1])
+    ks2[o : o + n], vs2[o : o + n] = torch.randn(n, 16), torch.randn(n, 16)  # only segment 1 changes
+    out2 = sa.scale_attention(q, kc, vc, ks2, vs2, off, ln)
+    assert torch.equal(out[0, 0], out2[0, 0]) and torch.equal(out[1], out2[1])
+    assert not torch.equal(out[0, 1], out2[0, 1])
+
+
+def test_the_cpu_path_writes_into_a_given_output_and_returns_lse():
+    q, kc, vc, ks, vs, off, ln, _ = case(1, 2, 5, 16, [4, 0], device="cpu")
+    buf = torch.empty(1, 5, 2, 16)  # (B, Lq, H, D), as the projection reads it
+    out, lse = sa.scale_attention(q, kc, vc, ks, vs, off, ln, return_lse=True, out=buf.transpose(1, 2))
+    torch.testing.assert_close(buf.transpose(1, 2), sa.scale_attention_reference(q, kc, vc, ks, vs, off, ln))
+    logits = [
+        torch.cat([ks[int(o) : int(o) + int(n)], kc[0, h]]) @ q[0, h].T
+        for h, (o, n) in enumerate(zip(off, ln, strict=True))
+    ]
+    torch.testing.assert_close(lse[0], torch.stack([x.logsumexp(0) for x in logits]))
+
+
+# --------------------------------------------------------------------------------------------
+# the Triton kernels against the reference
+
+
+def max_err(a, b):
+    return (a.double() - b.double()).abs().max().item()
+
+
+@needs_triton
+@pytest.mark.parametrize("name", RAGGED)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, BF16_KERNEL])
+def test_triton_forward_matches_the_reference(name, dtype):
+    B, H, Lq, D, lengths = RAGGED[name]
+    q, kc, vc, ks, vs, off, ln, _ = case(B, H, Lq, D, lengths, dtype)
+    out, lse = sa.scale_attention_triton(q, kc, vc, ks, vs, off, ln, return_lse=True, block_m=16, block_n=16)
+    ref = sa.scale_attention_reference(q, kc, vc, ks, vs, off, ln)
+    assert out.dtype == dtype and out.shape == q.shape
+    torch.testing.assert_close(out.double(), dense(q, kc, vc, ks, vs, off, ln), **TOL[dtype])
+    torch.testing.assert_close(out, ref, **TOL[dtype])
+    _, lse_ref = sa.scale_attention_cpu(
+        q.float(), kc.float(), vc.float(), ks.float(), vs.float(), off, ln, return_lse=True
+    )
+    torch.testing.assert_close(lse, lse_ref, **TOL[dtype])
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, BF16_KERNEL])
+def test_triton_mass_matches_the_reference_and_sums_to_the_queries(dtype):
+    B, H, Lq, D, lengths = RAGGED["guidance-rows"]
+    q, kc, vc, ks, vs, off, ln, used = case(B, H, Lq, D, lengths, dtype)
+    _, lse = sa.scale_attention_triton(q, kc, vc, ks, vs, off, ln, return_lse=True, block_m=16, block_n=16)
+    ms, mc = sa.attention_mass_triton(q, kc, ks, off, ln, lse=lse, block_m=16, block_n=16)
+    ms_ref, mc_ref = sa.attention_mass_reference(q, kc, ks, off, ln)
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(ms, ms_ref, **tol)
+    torch.testing.assert_close(mc, mc_ref, **tol)
+    assert torch.all(ms[~used] == 0)
+    totals = mc.sum(-1).flatten().double() + torch.stack(
+        [ms[o : o + n].double().sum() for o, n in zip(off.tolist(), ln.tolist(), strict=True)]
+    )
+    torch.testing.assert_close(
+        totals, torch.full_like(totals, float(Lq)), atol=1e-3 if dtype == torch.float32 else 5e-2, rtol=0
+    )
+
+
+@needs_triton
+@pytest.mark.parametrize("D", [16, 32, 64])
+@pytest.mark.parametrize("Lq,lengths", [(1, [0, 1]), (17, [40, 2]), (33, [0, 0])])
+def test_triton_over_head_dims_and_query_tails(D, Lq, lengths):
+    """Lq = 1 and Lq not a multiple of BLOCK_M (17, 33 over 16 / 32), the mass without a given lse,
+    and (33, [0, 0]) with nothing stored at all."""
+    q, kc, vc, ks, vs, off, ln, _ = case(1, 2, Lq, D, lengths)
+    for bm, bn in ((16, 16), (32, 16)):
+        out = sa.scale_attention_triton(q, kc, vc, ks, vs, off, ln, block_m=bm, block_n=bn)
+        torch.testing.assert_close(
+            out, sa.scale_attention_reference(q, kc, vc, ks, vs, off, ln), **TOL[torch.float32]
+        )
+    ms, mc = sa.attention_mass_triton(q, kc, ks, off, ln, block_n=16)
+    ms_ref, mc_ref = sa.attention_mass_reference(q, kc, ks, off, ln)
+    torch.testing.assert_close(ms, ms_ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(mc, mc_ref, atol=1e-5, rtol=1e-5)
+
+
+@needs_triton
+def test_triton_writes_a_strided_output_and_takes_strided_inputs():
+    B, H, Lq, D = 2, 2, 10, 16
+    q, kc, vc, ks, vs, off, ln, _ = case(B, H, Lq, D, [3, 0, 12, 1])
+    # current K/V as (B, L, H, D) transposed, slabs as column slices of a wider buffer
+    kc_t = kc.transpose(1, 2).contiguous().transpose(1, 2)
+    wide = torch.cat([ks, vs], 1)
+    buf = torch.empty(B, Lq, H, D, device=q.device)
+    sa.scale_attention_triton(
+        q, kc_t, vc, wide[:, :D], wide[:, D:], off, ln, out=buf.transpose(1, 2), block_m=16, block_n=16
+    )
+    torch.testing.assert_close(
+        buf.transpose(1, 2), sa.scale_attention_reference(q, kc, vc, ks, vs, off, ln), **TOL[torch.float32]
+    )
+
+
+@needs_triton
+def test_the_wrapper_asserts_what_the_kernels_assume():
+    q, kc, vc, ks, vs, off, ln, _ = case(1, 1, 4, 16, [2])
+    with pytest.raises(AssertionError, match="16"):
+        sa.scale_attention_triton(q, kc, vc, ks, vs, off, ln, block_m=8)
+    q, kc, vc, ks, vs, off, ln, _ = case(1, 1, 4, 40, [2])
+    with pytest.raises(AssertionError, match="power of two"):
+        sa.scale_attention_triton(q, kc, vc, ks, vs, off, ln)
+
+
+def test_dispatch_follows_the_device(monkeypatch):
+    """CPU tensors take the vectorised CPU path even with triton installed."""
+    q, kc, vc, ks, vs, off, ln, _ = case(1, 2, 3, 16, [2, 5], device="cpu")
+    monkeypatch.setattr(sa, "scale_attention_triton", lambda *a, **k: pytest.fail("triton on CPU tensors"))
+    torch.testing.assert_close(
+        sa.scale_attention(q, kc, vc, ks, vs, off, ln),
+        sa.scale_attention_reference(q, kc, vc, ks, vs, off, ln),
+    )
