@@ -22,10 +22,12 @@ def matmul_peak(shapes) -> tuple[float, tuple]:
     return best
 
 
-def timed(fn, repeats: int) -> float:
+def timed(fn, repeats: int, warmup: bool = True) -> float:
     """Best of `repeats` runs after a warm-up: on a shared 2-core machine the fastest run is the one
-    least disturbed by other work, and the best estimate of what the code itself costs."""
-    fn()
+    least disturbed by other work, and the best estimate of what the code itself costs. warmup=False
+    for runs of tens of seconds whose parts have already run at these shapes."""
+    if warmup:
+        fn()
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
@@ -39,3 +41,19 @@ def read_bandwidth(repeats: int = 7) -> float:
     x = torch.ones(2**28)
     x.sum()
     return x.nbytes / timed(x.sum, repeats)
+
+
+def timed_alternating(fns, repeats: int, warmup: bool = True) -> list[float]:
+    """Best of `repeats` runs of each of `fns`, run in turn (a, b, a, b, ...) after a warm-up of each.
+    Two implementations compared on a shared machine then see the same neighbours' load over the
+    same seconds, instead of one of them getting a quiet minute and the other a busy one."""
+    if warmup:
+        for fn in fns:
+            fn()
+    best = [float("inf")] * len(fns)
+    for _ in range(repeats):
+        for i, fn in enumerate(fns):
+            t0 = time.perf_counter()
+            fn()
+            best[i] = min(best[i], time.perf_counter() - t0)
+    return best
