@@ -30,6 +30,7 @@ import torch
 from bench.measure import matmul_peak, read_bandwidth, timed_alternating
 from bench.official import import_isolated
 from kernels import native
+from kernels.linear import is_packed
 from models.llamagen.generate import generate, transformer_flops
 from models.llamagen.loading import load_gpt
 from models.llamagen.model import GPT, GPTConfig
@@ -139,8 +140,9 @@ def main() -> None:
         model.eval().requires_grad_(False)
     else:
         # Our loader, as for a checkpoint: it packs the linear weights into 16-column panels for
-        # our C kernel (kernels/linear.py).
+        # our C kernel (kernels/linear.py) where this CPU has AVX-512 (kernels.linear.packing_pays).
         model = load_gpt(state, n_head=cfg.n_head, image_size=16 * cfg.grid_size)
+    packed = is_packed(model.output.weight)
     official, official_fn = official_gpt(args.official, state, cfg) if args.official else (None, None)
     weight_bytes = sum(v.nbytes for k, v in state.items() if "cls_embedding" not in k)
     stream_bytes = weight_bytes - state["tok_embeddings.weight"].nbytes  # a step reads one embedding row
@@ -149,7 +151,8 @@ def main() -> None:
     bw = read_bandwidth()
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, {kernels}, "
-        f"linear weights {'un' * args.unpacked}packed"
+        f"linear weights {'packed' if packed else 'unpacked'}"
+        + ("" if packed or args.unpacked else " (no AVX-512: packing does not pay here)")
     )
     print(f"fp32 matmul peak {peak / 1e9:.1f} GFLOP/s (shape {shape}); memory read {bw / 1e9:.1f} GB/s")
     print(

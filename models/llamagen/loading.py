@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from kernels.linear import pack_linear_weights
+from kernels.linear import pack_linear_weights, packing_pays
 from models.llamagen.model import GPT, GPTConfig
 from models.llamagen.tokenizer import VQConfig, VQModel
 from models.loading import CheckpointError, count_indexed, load_into, read_state_dict, require
@@ -122,13 +122,14 @@ def load_gpt(
     downsample: int = 16,
 ) -> GPT:
     """A LlamaGen c2i or t2i GPT from a checkpoint file (or an already read state dict), in eval mode,
-    its linear weights packed for `kernels.linear` (call it, not the nn.Linear modules).
+    its linear weights packed for `kernels.linear` where that pays (kernels.linear.packing_pays).
 
     The token grid is image_size // downsample: 16 for the VQ-16 tokenizer all published GPTs use."""
     state, name = _read(path)
     cfg = gpt_config_from_state(state, name, arch, n_head, image_size, downsample)
     model = _build(GPT, cfg, state, name, GPT_IGNORE, device, dtype)
-    pack_linear_weights(model)  # CPU float32: oneDNN's blocked layout, read at memory bandwidth
+    if packing_pays():  # CPU float32 on AVX-512: our 16-column panels, read at memory bandwidth
+        pack_linear_weights(model)
     return model
 
 
