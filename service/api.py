@@ -13,7 +13,12 @@ from service.delivery import respond, sse_events
 from service.errors import install_error_handlers
 from service.intake import admit
 from service.metrics import CONTENT_TYPE, Metrics
-from service.middleware import BodyLimitMiddleware, RequestIdMiddleware, RequestMetricsMiddleware
+from service.middleware import (
+    ApiKeyMiddleware,
+    BodyLimitMiddleware,
+    RequestIdMiddleware,
+    RequestMetricsMiddleware,
+)
 from service.pool import WorkerPool
 from service.schemas import (
     ErrorResponse,
@@ -104,6 +109,10 @@ def create_app(pool: WorkerPool, metrics: Metrics) -> FastAPI:
 
     routes = {route.path for route in app.routes}
     app.add_middleware(BodyLimitMiddleware, max_bytes=pool.settings.max_body_bytes)
+    if pool.settings.api_keys:  # inside the metrics middleware: a 401 is counted like any answer
+        app.add_middleware(
+            ApiKeyMiddleware, keys=pool.settings.api_keys, protect_metrics=pool.settings.protect_metrics
+        )
     app.add_middleware(RequestMetricsMiddleware, metrics=metrics, routes=routes)
     app.add_middleware(RequestIdMiddleware)
     return app

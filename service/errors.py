@@ -9,6 +9,7 @@ from starlette.exceptions import HTTPException
 
 TYPES = {
     400: "invalid_request_error",
+    401: "invalid_request_error",
     404: "not_found",
     405: "invalid_request_error",
     413: "invalid_request_error",

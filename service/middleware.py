@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hmac
 import json
 import re
 import uuid
@@ -104,3 +105,34 @@ class RequestMetricsMiddleware:
             await self.app(scope, receive, recording_send)
         finally:
             self.metrics.requests.labels(route, str(status)).inc()
+
+
+class ApiKeyMiddleware:
+    """vLLM's --api-key: /v1/* (and /metrics when protected) answer 401 in OpenAI's envelope unless
+    the request carries `Authorization: Bearer <one of the keys>`. Probes (/health, /ready) stay
+    open. Every key is compared, in constant time, so the time taken tells nothing about them."""
+
+    def __init__(self, app, keys: tuple[str, ...], protect_metrics: bool):
+        self.app, self.keys, self.protect_metrics = app, [k.encode() for k in keys], protect_metrics
+
+    def _guarded(self, path: str) -> bool:
+        return path.startswith("/v1/") or (self.protect_metrics and path == "/metrics")
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or not self._guarded(scope["path"]):
+            return await self.app(scope, receive, send)
+        scheme, _, given = Headers(scope=scope).get("authorization", "").partition(" ")
+        matched = False
+        for key in self.keys:
+            matched |= hmac.compare_digest(given.strip().encode(), key)
+        if scheme.lower() == "bearer" and matched:
+            return await self.app(scope, receive, send)
+        message = "a valid API key is required: send 'Authorization: Bearer <key>'"
+        body = json.dumps(error_body(401, message)).encode()
+        headers = [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(body)).encode()),
+            (b"www-authenticate", b"Bearer"),
+        ]
+        await send({"type": "http.response.start", "status": 401, "headers": headers})
+        await send({"type": "http.response.body", "body": body})

@@ -71,6 +71,8 @@ def build_server(settings: Settings) -> tuple[DrainingServer, WorkerPool]:
         timeout_graceful_shutdown=settings.drain_timeout_s,
     )
     server = DrainingServer(config, pool)
+    if settings.api_keys is None and settings.host not in ("127.0.0.1", "localhost", "::1"):
+        log.warning("no --api-key: every /v1 route is open to anyone who can reach %s", settings.host)
 
     def stop_on_fatal(message: str) -> None:
         log.error("%s", message)

@@ -6,6 +6,7 @@ import argparse
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from dataclasses import field as dataclass_field
 from pathlib import Path
 
 from models.config import DEFAULT_CONFIG
@@ -26,6 +27,9 @@ class Settings:
     max_body_bytes: int = 64 * 1024
     drain_timeout_s: float = 60.0  # SIGTERM: how long in-flight requests may take to finish
     log_level: str = "info"
+    # Bearer keys every /v1/* route requires (None: open, as without vLLM's --api-key)
+    api_keys: tuple[str, ...] | None = dataclass_field(default=None, repr=False)  # never printed or logged
+    protect_metrics: bool = False  # /metrics behind the key too (probes stay open)
 
     @property
     def max_n(self) -> int:
@@ -70,6 +74,30 @@ def _log_level(text: str) -> str:
     return text.lower()
 
 
+def _api_keys(text: str) -> tuple[str, ...]:
+    """One key, or the path of a file with one key per line (blank lines and # comments skipped)."""
+    path = Path(text)
+    if path.is_file():
+        lines = (line.strip() for line in path.read_text().splitlines())
+        keys = tuple(line for line in lines if line and not line.startswith("#"))
+        if not keys:
+            raise ValueError(f"{path} holds no key")
+        return keys
+    if "/" in text:  # meant as a file: a typo must not turn the path itself into the key
+        raise ValueError(f"{text}: no such key file")
+    if not text.strip() or any(c.isspace() for c in text):
+        raise ValueError("a key is one non-empty word (or give a file of keys, one per line)")
+    return (text,)
+
+
+def _boolean(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError(f"'{text}' is not one of true, false, 1, 0")
+
+
 # field -> (parser, help)
 OPTIONS: dict[str, tuple[Callable[[str], object], str]] = {
     "config": (Path, "model config (TOML); default: the bundled shape models"),
@@ -89,22 +117,31 @@ OPTIONS: dict[str, tuple[Callable[[str], object], str]] = {
         "on SIGTERM, seconds in-flight requests get to finish (default 60)",
     ),
     "log_level": (_log_level, "critical, error, warning, info (default) or debug"),
+    "api_keys": (
+        _api_keys,
+        "require 'Authorization: Bearer KEY' on /v1/*: one key, or a file of keys, one per line",
+    ),
+    "protect_metrics": (_boolean, "true: /metrics requires the key too (default false)"),
 }
+FLAGS = {"api_keys": "--api-key"}  # where the flag is not the field's name
+SWITCHES = {"protect_metrics"}  # flags that take no value on the command line
 
 
 def flag(field: str) -> str:
-    return "--" + field.replace("_", "-")
+    return FLAGS.get(field, "--" + field.replace("_", "-"))
 
 
 def env_name(field: str) -> str:
-    return ENV_PREFIX + field.upper()
+    return ENV_PREFIX + flag(field)[2:].replace("-", "_").upper()
 
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     for field, (_, help_text) in OPTIONS.items():
-        parser.add_argument(
-            flag(field), dest=field, default=None, help=f"{help_text} [env {env_name(field)}]"
-        )
+        help_text = f"{help_text} [env {env_name(field)}]"
+        if field in SWITCHES:
+            parser.add_argument(flag(field), dest=field, action="store_const", const="true", help=help_text)
+        else:
+            parser.add_argument(flag(field), dest=field, default=None, help=help_text)
 
 
 def settings_from(args: argparse.Namespace, environ: Mapping[str, str] = os.environ) -> Settings:
