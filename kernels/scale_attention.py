@@ -204,6 +204,21 @@ def attention_mass_cpu(q, k_cur, k_slab, offsets, lengths, scale=1.0, max_len=No
 if triton is not None:
 
     @triton.jit
+    def _attend_tile(q, k, v, col_ok, m_i, l_i, acc, qk_scale, PRECISION: tl.constexpr):
+        """One tile of keys k (HEAD_DIM, BLOCK_N) and values v (BLOCK_N, HEAD_DIM), columns past
+        col_ok masked, folded into the online softmax (base 2) -> the new m_i, l_i, acc."""
+        # -- compute qk ----
+        s = tl.dot(q, k.to(q.dtype), input_precision=PRECISION) * qk_scale
+        s = tl.where(col_ok[None, :], s, -float("inf"))
+        # -- update m_i and l_i, rescale acc ----
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.math.exp2(m_i - m_new)
+        p = tl.math.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = tl.dot(p.to(q.dtype), v.to(q.dtype), acc * alpha[:, None], input_precision=PRECISION)
+        return m_new, l_i, acc
+
+    @triton.jit
     def _fwd_kernel(
         Q, Kc, Vc, Ks, Vs, Off, Len, Out, Lse,
         sqb, sqh, sqm, sqd,
@@ -241,17 +256,10 @@ if triton is not None:
             k = tl.load(
                 Ks + slots[None, :] * sks + offs_d[:, None] * sksd, mask=col_ok[None, :], other=0.0
             )  # (HEAD_DIM, BLOCK_N)
-            s = tl.dot(q, k.to(q.dtype), input_precision=PRECISION) * qk_scale
-            s = tl.where(col_ok[None, :], s, -float("inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            alpha = tl.math.exp2(m_i - m_new)
-            p = tl.math.exp2(s - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
             v = tl.load(
                 Vs + slots[:, None] * svs + offs_d[None, :] * svsd, mask=col_ok[:, None], other=0.0
             )  # (BLOCK_N, HEAD_DIM)
-            acc = tl.dot(p.to(q.dtype), v.to(q.dtype), acc * alpha[:, None], input_precision=PRECISION)
-            m_i = m_new
+            m_i, l_i, acc = _attend_tile(q, k, v, col_ok, m_i, l_i, acc, qk_scale, PRECISION)
         # the scale's own Lc keys, masked tail of the last tile
         for start in range(0, Lc, BLOCK_N):
             cols = start + offs_n
@@ -261,19 +269,12 @@ if triton is not None:
                 mask=col_ok[None, :],
                 other=0.0,
             )
-            s = tl.dot(q, k.to(q.dtype), input_precision=PRECISION) * qk_scale
-            s = tl.where(col_ok[None, :], s, -float("inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            alpha = tl.math.exp2(m_i - m_new)
-            p = tl.math.exp2(s - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
             v = tl.load(
                 Vc + b * svb + h * svh + cols[:, None] * svn + offs_d[None, :] * svd,
                 mask=col_ok[:, None],
                 other=0.0,
             )
-            acc = tl.dot(p.to(q.dtype), v.to(q.dtype), acc * alpha[:, None], input_precision=PRECISION)
-            m_i = m_new
+            m_i, l_i, acc = _attend_tile(q, k, v, col_ok, m_i, l_i, acc, qk_scale, PRECISION)
         out = acc / l_i[:, None]
         tl.store(
             Out + b * sob + h * soh + offs_m[:, None] * som + offs_d[None, :] * sod,
