@@ -1,6 +1,7 @@
 """Next-token generation as a step engine: each image is a `Sequence` that carries its condition,
-settings, random state, position and guidance partner, and `Engine.step()` advances every
-sequence of a batch by one forward pass (the prefill of the condition tokens first, then one image
+settings and random state; the `Engine` holds what its rows share on the device (each row's
+position, the guidance pairing, the store), and `Engine.step()` advances every sequence of a batch
+by one forward pass (the prefill of the condition tokens first, then one image
 token per step, in raster order). `generate` is a thin loop over `step()`.
 
 Guidance is per sequence: a guided image (cfg != 1) runs a null-condition row beside its own, and
@@ -44,7 +45,6 @@ class Sequence:
     settings: ImageSettings
     cond_mask: torch.Tensor | None = None  # (cls_token_num,) bool, False at caption padding
     generator: torch.Generator | None = None
-    num_tokens: int = 0  # image tokens sampled so far
 
     @property
     def guided(self) -> bool:
@@ -103,9 +103,8 @@ class Engine:
             if s.generator is None:
                 s.generator = make_generators([s.settings.seed], device)[0]
         guided = [i for i, s in enumerate(self.seqs) if s.guided]
-        self.null_of = torch.tensor(
-            guided, dtype=torch.long, device=device
-        )  # row B + j pairs seqs[guided[j]]
+        # row B + j is the null row of seqs[guided[j]]
+        self.null_of = torch.tensor(guided, dtype=torch.long, device=device)
         self.rows = B + len(guided)
         self.store = self.model.new_kv_store(self.rows)
         self.tokens = torch.empty(B, c.block_size, dtype=torch.long, device=device)  # left to right
@@ -139,8 +138,6 @@ class Engine:
             scale = self.cfg_table[:, i : i + 1]  # (G, 1)
             cond = cond.index_copy(0, self.null_of, torch.lerp(logits[B:], cond[self.null_of], scale))
         self.tokens[:, i] = self.sampler.sample(cond.unsqueeze(1))[:, 0]
-        for s in self.seqs:
-            s.num_tokens += 1
         self.steps_done += 1
 
     def _prefill(self) -> torch.Tensor:
