@@ -50,9 +50,8 @@ class DenseScaleStore:
 
     @property
     def nbytes(self) -> int:
-        return (
-            self.k[:, :, :, : self.stored_len].numel() + self.v[:, :, :, : self.stored_len].numel()
-        ) * self.k.element_size()
+        stored = self.k[:, :, :, : self.stored_len]  # K and V alike
+        return 2 * stored.numel() * stored.element_size()
 
     @property
     def working_nbytes(self) -> int:
@@ -79,14 +78,6 @@ class DenseTokenStore:
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layer)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layer)]
         self._row_index = torch.arange(rows, device=device)[:, None]
-
-    @property
-    def rows(self) -> int:
-        return self.k[0].shape[0]
-
-    @property
-    def max_len(self) -> int:
-        return self.k[0].shape[2]
 
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, at: TokenSpan) -> None:
         """k, v: (R, H_kv, S, D) at positions at.positions (R, S): one scatter per buffer, no host sync."""
