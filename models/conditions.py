@@ -15,6 +15,7 @@ from functools import cache
 from pathlib import Path
 
 from models.config import ConfigError
+from models.settings import SettingError
 
 IMAGENET_FILE = Path(__file__).with_name("imagenet_classes.json")
 IMAGENET_CLASSES = 1000
@@ -91,6 +92,21 @@ class Conditions:
 
     def resolve(self, value: int | str) -> int | str:
         return resolve_condition(value, self.kind, self.num_classes, self.class_names, self.model)
+
+    def check_negative_prompt(self, negative_prompt: str | None, guided: bool) -> None:
+        """A negative prompt replaces the null caption of a text model's guidance branch, so it
+        needs both; SettingError otherwise (it would be silently ignored)."""
+        if negative_prompt is None:
+            return
+        if self.kind != "text":
+            message = f"model '{self.model}' is class-conditional: negative_prompt needs a text model"
+        elif not negative_prompt.strip():
+            message = "negative_prompt is empty: leave it out to guide against the null caption"
+        elif not guided:
+            message = "negative_prompt needs guidance, and this request has none (cfg_scale is 1)"
+        else:
+            return
+        raise SettingError("negative_prompt", message)
 
 
 def _class_index(text: str, num_classes: int, class_names: tuple[str, ...] | None, model: str) -> int:

@@ -50,12 +50,18 @@ class Runner(Protocol):
     num_classes: int
     image_size: int  # pixels, square
     steps: int  # progress callbacks per generation: scales or grid rows
+    image_tokens: int  # tokens sampled per image (VAR: every scale's; LlamaGen: the grid)
+    condition_tokens: int  # positions the condition takes per image (a class token; a caption)
 
     def resolve(self, condition: int | str) -> int | str:
         """A class index or name, or a prompt -> what `generate` takes; ValueError for the user."""
 
     def engine_rows(self, settings: list[ImageSettings]) -> int:
         """Rows the engine runs for these images (guidance is each family's own rule)."""
+
+    def check(self, settings: ImageSettings) -> None:
+        """Raises models.settings.SettingError for a setting this model cannot take (a negative
+        prompt on a class model, a family's knob on the other family)."""
 
     def generate(
         self,

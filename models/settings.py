@@ -28,6 +28,17 @@ class ImageSettings:
     cfg_schedule: str = "linear"
     # LlamaGen: guidance only for image tokens 0..cfg_interval (-1: all), as the official sampler.
     cfg_interval: int = -1
+    # Text models: the caption of the guidance branch instead of the learned null caption, so
+    # guidance steers away from it (a guided image only: without guidance there is no such branch).
+    negative_prompt: str | None = None
+
+
+class SettingError(ValueError):
+    """A setting this model cannot take, worded for the user; `field` names it as the request does."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(message)
+        self.field = field
 
 
 @dataclass(frozen=True)
@@ -48,6 +59,8 @@ def settings_for(
     top_k: int | None = None,
     top_p: float | None = None,
     temperature: float | None = None,
+    negative_prompt: str | None = None,
+    cfg_interval: int | None = None,
 ) -> list[ImageSettings]:
     """The settings of a request's n images: what it gave, else the model's defaults. Image i has
     seed first_seed + i, so each image can be regenerated alone."""
@@ -58,6 +71,8 @@ def settings_for(
             top_k=defaults.top_k if top_k is None else top_k,
             top_p=defaults.top_p if top_p is None else top_p,
             temperature=defaults.temperature if temperature is None else temperature,
+            negative_prompt=negative_prompt,
+            cfg_interval=-1 if cfg_interval is None else cfg_interval,
         )
         for i in range(n)
     ]

@@ -9,8 +9,8 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from sse_starlette import EventSourceResponse
 
-from service.delivery import respond, sse_events
-from service.errors import install_error_handlers
+from service.delivery import openai_image_events, respond, sse_events
+from service.errors import ApiError, install_error_handlers
 from service.intake import admit
 from service.metrics import CONTENT_TYPE, Metrics
 from service.middleware import (
@@ -87,11 +87,26 @@ def create_app(pool: WorkerPool, metrics: Metrics) -> FastAPI:
     async def models():
         return ModelList(data=[model_card(name, pool) for name in pool.catalog.specs])
 
-    @app.post("/v1/images/generations", response_model=ImagesResponse, responses=ERRORS)
+    @app.post(
+        "/v1/images/generations",
+        response_model=ImagesResponse,
+        responses={**ERRORS, 200: {"content": {"text/event-stream": {}}, "description": "JSON, or SSE"}},
+    )
     async def images_generations(body: ImagesRequest, request: Request):
-        """OpenAI Images API shape; `prompt` may be a class index or an ImageNet class name."""
-        job, _ = admit(body, pool, request.state.request_id, stream=False)
-        return await respond(job, pool, request)
+        """OpenAI Images API shape; `prompt` may be a class index or an ImageNet class name. With
+        `stream: true`, OpenAI's image streaming events: `partial_images` (0-3) previews of each
+        image spread over its scales or rows (`image_generation.partial_image`), then
+        `image_generation.completed` with each final image and the usage."""
+        if body.partial_images is not None and not body.stream:
+            raise ApiError(400, "partial_images needs stream: true", "partial_images")
+        previews = (body.partial_images or 0) if body.stream else None
+        job, info = admit(body, pool, request.state.request_id, stream=body.stream, previews=previews)
+        if not body.stream:
+            return await respond(job, pool, request)
+        return EventSourceResponse(
+            openai_image_events(job, pool, info.resolution),
+            shutdown_grace_period=pool.settings.drain_timeout_s,
+        )
 
     @app.post(
         "/v1/generate",

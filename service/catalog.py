@@ -8,6 +8,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from models.config import ModelSpec
+from models.settings import ImageSettings
 
 
 @dataclass(frozen=True)
@@ -18,7 +19,10 @@ class ModelInfo:
     num_classes: int
     image_size: int  # pixels, square
     steps: int  # scales or rows: preview events per request
+    image_tokens: int  # sampled per image
+    condition_tokens: int  # prefilled per image: a class token, or a caption's positions
     resolve_condition: Callable[[int | str], int | str]  # the runner's: ValueError for the user
+    check_settings: Callable[[ImageSettings], None]  # the runner's: SettingError for the user
 
     @property
     def resolution(self) -> str:
@@ -33,7 +37,10 @@ def info_of(runner) -> ModelInfo:
         num_classes=runner.num_classes,
         image_size=runner.image_size,
         steps=runner.steps,
+        image_tokens=runner.image_tokens,
+        condition_tokens=runner.condition_tokens,
         resolve_condition=runner.resolve,
+        check_settings=runner.check,
     )
 
 

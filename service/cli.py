@@ -53,6 +53,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--seed", type=in_range(int, 0, 2**63 - 1), help="seed of the first image (next: +1, ...)"
     )
     gen.add_argument("--cfg", type=in_range(float, 0, 100), help="guidance scale")
+    gen.add_argument(
+        "--cfg-interval",
+        type=in_range(int, -1),
+        help="next-token models: guide image tokens 0..N only (-1: all, the default)",
+    )
+    gen.add_argument(
+        "--negative-prompt",
+        help="text models: the caption guidance steers away from (instead of the null caption)",
+    )
     gen.add_argument("--top-k", type=in_range(int, 0), help="top-k (0: off)")
     gen.add_argument("--top-p", type=in_range(float, 0, 1), help="top-p (0: off)")
     gen.add_argument("--temperature", type=in_range(float, 0, 100, lo_open=True), help="softmax temperature")
@@ -82,7 +91,7 @@ def generate_command(args, parser: argparse.ArgumentParser) -> int:
     from models.config import ConfigError, load_config
     from models.loading import CheckpointError
     from models.runner import load_runner
-    from models.settings import settings_for
+    from models.settings import SettingError, settings_for
     from service.images import to_pil
 
     try:
@@ -104,8 +113,20 @@ def generate_command(args, parser: argparse.ArgumentParser) -> int:
         parser.error(f"{flag}: {e}")
     first_seed = args.seed if args.seed is not None else secrets.randbelow(2**31)
     params = settings_for(
-        spec.defaults, first_seed, args.n, args.cfg, args.top_k, args.top_p, args.temperature
+        spec.defaults,
+        first_seed,
+        args.n,
+        args.cfg,
+        args.top_k,
+        args.top_p,
+        args.temperature,
+        args.negative_prompt,
+        args.cfg_interval,
     )
+    try:
+        runner.check(params[0])
+    except SettingError as e:
+        parser.error(f"--{e.field.replace('_', '-')}: {e}")
     args.out.mkdir(parents=True, exist_ok=True)
     what = f"class {condition}" if args.prompt is None else f"prompt {condition!r}"
     print(f"{spec.name}: {what}, seeds {first_seed}..{first_seed + args.n - 1}", file=sys.stderr)

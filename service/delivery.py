@@ -9,6 +9,7 @@ import json
 import logging
 import time
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 
 import torch
 from starlette.requests import Request
@@ -17,7 +18,15 @@ from service.errors import ApiError, error_body
 from service.images import png_bytes, to_pil
 from service.jobs import Done, Failed, Job, Preview
 from service.pool import WorkerPool
-from service.schemas import ImageData, ImagesResponse, PreviewEvent, Usage
+from service.schemas import (
+    CompletedImageEvent,
+    ImageData,
+    ImagesResponse,
+    InputTokensDetails,
+    PartialImageEvent,
+    PreviewEvent,
+    Usage,
+)
 
 log = logging.getLogger("varserve.requests")
 
@@ -82,6 +91,9 @@ async def final_response(job: Job, event: Done | Failed, pool: WorkerPool) -> Im
         (now - job.arrival) * 1000,
         job.batch_images,
     )
+    info = pool.catalog.loaded(job.model)
+    input_tokens, output_tokens = job.n * info.condition_tokens, job.n * info.image_tokens
+    text_tokens = input_tokens if info.conditioning == "text" else 0
     return ImagesResponse(
         id=job.id,
         created=int(time.time()),
@@ -96,6 +108,10 @@ async def final_response(job: Job, event: Done | Failed, pool: WorkerPool) -> Im
             kv_bytes_full=job.kv_bytes_full,
             kv_bytes_working=job.kv_bytes_working,
             batch_images=job.batch_images,
+            input_tokens=input_tokens,
+            input_tokens_details=InputTokensDetails(text_tokens=text_tokens),
+            output_tokens=output_tokens,
+            total_tokens=input_tokens + output_tokens,
         ),
     )
 
@@ -112,22 +128,79 @@ async def respond(job: Job, pool: WorkerPool, request: Request) -> ImagesRespons
     return await final_response(job, event, pool)
 
 
-async def sse_events(job: Job, pool: WorkerPool) -> AsyncIterator[dict]:
-    """`preview` events (one per scale or row), then `result` (the response body) or `error`.
-    Leaving the stream early (client gone) cancels the job."""
+async def job_events(job: Job, pool: WorkerPool) -> AsyncIterator[Preview | ImagesResponse | ApiError]:
+    """A streaming job's previews, then its response body or the error that ended it. Closing
+    the iterator early (the client left, or the drain time ran out) cancels the job."""
     try:
         while True:
             try:
                 event = await next_event(job, pool)
                 if isinstance(event, Preview):
-                    images = await asyncio.to_thread(encode_pngs, event.images)
-                    preview = PreviewEvent(step=event.step, total=event.total, images=images)
-                    yield {"event": "preview", "data": preview.model_dump_json()}
+                    yield event
                     continue
-                response = await final_response(job, event, pool)
-                yield {"event": "result", "data": response.model_dump_json()}
+                yield await final_response(job, event, pool)
             except ApiError as e:
-                yield {"event": "error", "data": json.dumps(error_body(e.status, e.message, e.param))}
+                yield e
             return
-    finally:  # normal end: a no-op; else the client left or the drain time ran out
+    finally:  # normal end: a no-op
         pool.cancel(job, "shutdown" if pool.draining else "disconnect")
+
+
+def error_event(e: ApiError) -> dict:
+    return {"event": "error", "data": json.dumps(error_body(e.status, e.message, e.param))}
+
+
+async def sse_events(job: Job, pool: WorkerPool) -> AsyncIterator[dict]:
+    """/v1/generate: `preview` events (one per scale or row), then `result` (the response body) or
+    `error`."""
+    async with aclosing(job_events(job, pool)) as events:
+        async for event in events:
+            if isinstance(event, Preview):
+                images = await asyncio.to_thread(encode_pngs, event.images)
+                preview = PreviewEvent(step=event.step, total=event.total, images=images)
+                yield {"event": "preview", "data": preview.model_dump_json()}
+            elif isinstance(event, ImagesResponse):
+                yield {"event": "result", "data": event.model_dump_json()}
+            else:
+                yield error_event(event)
+
+
+async def openai_image_events(job: Job, pool: WorkerPool, size: str) -> AsyncIterator[dict]:
+    """/v1/images/generations with stream: the OpenAI Images API's events. Per preview step, an
+    `image_generation.partial_image` for each of the request's images (partial_image_index counts
+    the steps), then an `image_generation.completed` for each image, or an `error` event in
+    OpenAI's envelope (which the openai client raises as APIError)."""
+    seeds = [p.seed for p in job.params]
+    partial_index = 0
+    async with aclosing(job_events(job, pool)) as events:
+        async for event in events:
+            if isinstance(event, ApiError):
+                yield error_event(event)
+                continue
+            created_at = int(time.time())
+            if isinstance(event, Preview):
+                images = await asyncio.to_thread(encode_pngs, event.images)
+                for i, b64 in enumerate(images):
+                    partial = PartialImageEvent(
+                        b64_json=b64,
+                        created_at=created_at,
+                        size=size,
+                        image_index=i,
+                        seed=seeds[i],
+                        partial_image_index=partial_index,
+                        step=event.step,
+                        total=event.total,
+                    )
+                    yield {"event": partial.type, "data": partial.model_dump_json()}
+                partial_index += 1
+                continue
+            for i, image in enumerate(event.data):
+                completed = CompletedImageEvent(
+                    b64_json=image.b64_json,
+                    created_at=created_at,
+                    size=size,
+                    image_index=i,
+                    seed=image.seed,
+                    usage=event.usage,
+                )
+                yield {"event": completed.type, "data": completed.model_dump_json()}

@@ -7,7 +7,7 @@ import asyncio
 import secrets
 import time
 
-from models.settings import settings_for
+from models.settings import SettingError, settings_for
 from service.catalog import ModelInfo
 from service.errors import ApiError
 from service.jobs import Channel, Job
@@ -18,8 +18,11 @@ from service.schemas import MAX_SEED, GenerationFields
 NOT_READY_RETRY_S = 5
 
 
-def admit(body: GenerationFields, pool: WorkerPool, request_id: str, stream: bool) -> tuple[Job, ModelInfo]:
-    """Checks the request, queues it and returns its job; raises ApiError (400, 429, 503)."""
+def admit(
+    body: GenerationFields, pool: WorkerPool, request_id: str, stream: bool, previews: int | None = None
+) -> tuple[Job, ModelInfo]:
+    """Checks the request, queues it and returns its job; raises ApiError (400, 429, 503). A
+    streaming job gets a preview after every step, or `previews` of them spread over the steps."""
     if pool.draining:
         pool.metrics.rejected.labels("draining").inc()
         raise ApiError(503, "the server is shutting down")
@@ -45,7 +48,13 @@ def admit(body: GenerationFields, pool: WorkerPool, request_id: str, stream: boo
         top_k=body.top_k,
         top_p=body.top_p,
         temperature=body.temperature,
+        negative_prompt=body.negative_prompt,
+        cfg_interval=body.cfg_interval,
     )
+    try:
+        info.check_settings(params[0])  # the images differ in their seeds only
+    except SettingError as e:
+        raise ApiError(400, str(e), e.field) from None
     now = time.monotonic()
     job = Job(
         id=request_id,
@@ -56,6 +65,7 @@ def admit(body: GenerationFields, pool: WorkerPool, request_id: str, stream: boo
         channel=Channel(asyncio.get_running_loop()),
         deadline=now + timeout_s,
         arrival=now,
+        preview_steps=None if previews is None else spread_steps(previews, info.steps),
     )
     try:
         pool.queue.submit(job)
@@ -65,6 +75,12 @@ def admit(body: GenerationFields, pool: WorkerPool, request_id: str, stream: boo
             429, "the server is busy: try again later", headers={"Retry-After": str(e.retry_after_s)}
         ) from None
     return job, info
+
+
+def spread_steps(count: int, steps: int) -> frozenset[int]:
+    """`count` of the steps 0..steps-2, evenly spread (the last step is the finished image): 2 of
+    VAR's 10 scales are scales 3 and 6, 2 of LlamaGen's 16 rows are rows 5 and 10."""
+    return frozenset((k + 1) * (steps - 1) // (count + 1) for k in range(count))
 
 
 def _model(body: GenerationFields, pool: WorkerPool) -> ModelInfo:

@@ -62,6 +62,7 @@ class Job:
     deadline: float  # time.monotonic()
     arrival: float = field(default_factory=time.monotonic)
     cancelled: str | None = None  # "disconnect" | "timeout" | "shutdown"
+    preview_steps: frozenset[int] | None = None  # a streaming job's previews: these steps (None: all)
 
     # written by the worker only
     started: float | None = None
@@ -81,6 +82,11 @@ class Job:
     @property
     def n(self) -> int:
         return len(self.params)
+
+    def wants_preview(self, step: int) -> bool:
+        """Whether this job is sent a preview after `step` (each step at most once)."""
+        wanted = self.preview_steps is None or step in self.preview_steps
+        return self.stream and wanted and step > self.last_preview
 
     def live(self, now: float) -> bool:
         return self.cancelled is None and not self.finished and now < self.deadline

@@ -23,17 +23,50 @@ class GenerationFields(BaseModel):
     size: str | None = Field(None, description="'256x256' and the like: must be the model's resolution")
     response_format: Literal["b64_json"] = "b64_json"
     seed: int | None = Field(None, ge=0, le=MAX_SEED, description="seed of image 0; image i uses seed + i")
-    cfg_scale: float | None = Field(None, ge=0, le=100)
+    cfg_scale: float | None = Field(
+        None,
+        ge=0,
+        le=100,
+        description="guidance scale in the family's own convention: VAR (1 + t) * cond - t * uncond "
+        "with t ramping to cfg_scale over the scales (0: none); LlamaGen uncond + cfg_scale * "
+        "(cond - uncond) (1: none)",
+    )
+    cfg_interval: int | None = Field(
+        None,
+        ge=-1,
+        description="next-token models: guidance for image tokens 0..cfg_interval only (-1: all)",
+    )
+    negative_prompt: str | None = Field(
+        None,
+        max_length=4000,
+        description="text models: the caption the guidance branch reads instead of the null caption, so "
+        "the image is steered away from it (needs guidance)",
+    )
     top_k: int | None = Field(None, ge=0, description="0: off")
     top_p: float | None = Field(None, ge=0, le=1, description="0: off")
     temperature: float | None = Field(None, gt=0, le=100)
     timeout_s: float | None = Field(None, gt=0, description="deadline from arrival; at most the server's")
 
 
+MAX_PARTIAL_IMAGES = 3  # the OpenAI Images API's bound
+
+
 class ImagesRequest(GenerationFields):
     """POST /v1/images/generations: the OpenAI Images API shape plus our extensions."""
 
     user: str | None = Field(None, max_length=256, description="accepted for compatibility; unused")
+    output_format: Literal["png"] = "png"
+    stream: bool = Field(
+        False,
+        description="server-sent events as the OpenAI Images API streams them: `image_generation."
+        "partial_image` events, then `image_generation.completed`, for each image",
+    )
+    partial_images: int | None = Field(
+        None,
+        ge=0,
+        le=MAX_PARTIAL_IMAGES,
+        description="with stream: previews per image, spread over the scales (VAR) or token rows (LlamaGen)",
+    )
 
 
 class GenerateRequest(GenerationFields):
@@ -45,6 +78,11 @@ class GenerateRequest(GenerationFields):
 class ImageData(BaseModel):
     b64_json: str
     seed: int
+
+
+class InputTokensDetails(BaseModel):
+    text_tokens: int
+    image_tokens: int = 0
 
 
 class Usage(BaseModel):
@@ -59,6 +97,11 @@ class Usage(BaseModel):
     kv_bytes_full: int = Field(description="the same for an uncompressed KV cache")
     kv_bytes_working: int = Field(description="peak KV bytes including the scale or token being computed")
     batch_images: int = Field(description="images in the (largest) batch the request ran in")
+    # OpenAI's token counts (gpt-image): a request's condition positions and image tokens
+    input_tokens: int = Field(description="condition positions the model read: a class token or a caption's")
+    input_tokens_details: InputTokensDetails
+    output_tokens: int = Field(description="image tokens sampled (VAR: 680 per 256-px image; LlamaGen: 256)")
+    total_tokens: int
 
 
 class ImagesResponse(BaseModel):
@@ -75,6 +118,32 @@ class PreviewEvent(BaseModel):
     step: int
     total: int
     images: list[str] = Field(description="base64 PNG, one per image of the request")
+
+
+class ImageEventFields(BaseModel):
+    """What both OpenAI image streaming events carry. `image_index` (which of the request's images)
+    and `seed` are ours: OpenAI's events name no image, since its streams carry one."""
+
+    b64_json: str
+    created_at: int
+    size: str
+    output_format: Literal["png"] = "png"
+    background: Literal["opaque"] = "opaque"
+    quality: Literal["auto"] = "auto"
+    image_index: int
+    seed: int
+
+
+class PartialImageEvent(ImageEventFields):
+    type: Literal["image_generation.partial_image"] = "image_generation.partial_image"
+    partial_image_index: int
+    step: int = Field(description="the scale (VAR) or token row (LlamaGen) the preview shows")
+    total: int
+
+
+class CompletedImageEvent(ImageEventFields):
+    type: Literal["image_generation.completed"] = "image_generation.completed"
+    usage: Usage = Field(description="the request's, on each of its images' events")
 
 
 class SamplingDefaultsCard(BaseModel):

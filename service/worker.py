@@ -252,7 +252,7 @@ class StepWatch:
         live = [job for job in self.jobs if job.live(now)]
         if not live or self.worker.stopping.is_set():
             raise BatchAbandoned
-        streaming = [job for job in live if job.stream and step.index > job.last_preview and self._whole(job)]
+        streaming = [job for job in live if job.wants_preview(step.index) and self._whole(job)]
         if streaming:
             self._send_previews(step, streaming)
         self.last = time.monotonic()

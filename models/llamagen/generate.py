@@ -6,7 +6,8 @@ token per step, in raster order). `generate` is a thin loop over `step()`.
 
 Guidance is per sequence: a guided image (cfg != 1) runs a null-condition row beside its own, and
 logits = uncond + cfg * (cond - uncond). Rows are laid out as every sequence's own row, then the
-null rows of the guided ones; `null_of` pairs them explicitly.
+null rows of the guided ones; `null_of` pairs them explicitly. A text sequence's null row reads
+the learned null caption, or its negative caption when it has one.
 
 The store is dense and sized for the batch at its start, so today's batches are static (every
 image has the same length); the paged store of continuous batching lets sequences join and leave
@@ -37,6 +38,15 @@ def engine_rows(settings: list[ImageSettings]) -> int:
 
 
 @dataclass
+class Caption:
+    """An encoded caption: embedding (cls_token_num, caption_dim) and mask (cls_token_num,) bool,
+    False at padding."""
+
+    embedding: torch.Tensor
+    mask: torch.Tensor
+
+
+@dataclass
 class Sequence:
     """One image being generated. Its generator is made from its seed once and kept across steps,
     so its draws do not depend on when it started or what runs beside it."""
@@ -45,6 +55,7 @@ class Sequence:
     settings: ImageSettings
     cond_mask: torch.Tensor | None = None  # (cls_token_num,) bool, False at caption padding
     generator: torch.Generator | None = None
+    negative: Caption | None = None  # t2i: the guidance row's caption instead of the null one
 
     @property
     def guided(self) -> bool:
@@ -105,6 +116,7 @@ class Engine:
         guided = [i for i, s in enumerate(self.seqs) if s.guided]
         # row B + j is the null row of seqs[guided[j]]
         self.null_of = torch.tensor(guided, dtype=torch.long, device=device)
+        self.guided_seqs = [self.seqs[i] for i in guided]  # the sequences of the null rows, in order
         self.rows = B + len(guided)
         self.store = self.model.new_kv_store(self.rows)
         self.tokens = torch.empty(B, c.block_size, dtype=torch.long, device=device)  # left to right
@@ -116,13 +128,16 @@ class Engine:
             [[_cfg_at(self.seqs[i].settings, t) for t in range(c.block_size)] for i in guided],
             device=device,
         )
-        masks = [s.cond_mask for s in self.seqs]
+        # the official sampler masks a guided image's null row as its own row; a negative caption
+        # brings its own padding
+        masks = [s.cond_mask for s in self.seqs] + [
+            s.cond_mask if s.negative is None else s.negative.mask for s in self.guided_seqs
+        ]
         self.key_valid = None
         if any(m is not None for m in masks):
             full = torch.ones(c.cls_token_num, dtype=torch.bool, device=device)
             cond_mask = torch.stack([full if m is None else m.to(device) for m in masks])
-            # the official sampler masks a guided image's null row as its own row
-            self.key_valid = self.model.key_valid(torch.cat([cond_mask, cond_mask[self.null_of]]))
+            self.key_valid = self.model.key_valid(cond_mask)
         self.positions = torch.full((self.rows, 1), c.cls_token_num, dtype=torch.long, device=device)
 
     @property
@@ -145,7 +160,16 @@ class Engine:
         dtype = self.model.tok_embeddings.weight.dtype
         cond = torch.stack([s.condition.to(device) for s in self.seqs])
         if len(self.null_of):
-            cond = torch.cat([cond, self.model.null_cond(len(self.null_of)).to(cond.dtype)])
+            null = self.model.null_cond(len(self.null_of)).to(cond.dtype)
+            negatives = [s.negative for s in self.guided_seqs]
+            if any(n is not None for n in negatives):
+                null = torch.stack(
+                    [
+                        u if n is None else n.embedding.to(device, cond.dtype)
+                        for u, n in zip(null, negatives, strict=True)
+                    ]
+                )
+            cond = torch.cat([cond, null])
         if cond.is_floating_point():
             cond = cond.to(dtype)
         return self.model.prefill(self.model.embed_cond(cond), self.store, self.key_valid)
@@ -171,12 +195,15 @@ def generate(
     cond_mask: torch.Tensor | None = None,
     on_row: Callable[[RowStep], None] | None = None,
     decode: bool = True,
+    negatives: list[Caption | None] | None = None,
 ) -> LlamaGenOutput:
     """cond: class labels (B,) long for c2i, caption embeddings (B, cls_token_num, caption_dim) for
-    t2i; cond_mask: (B, cls_token_num) bool, False at caption padding, or None."""
+    t2i; cond_mask: (B, cls_token_num) bool, False at caption padding, or None; negatives: per
+    image, the negative caption of its guidance row (t2i), or None."""
     c = model.config
     masks = [None] * len(settings) if cond_mask is None else list(cond_mask)
-    seqs = [Sequence(cond[i], s, masks[i]) for i, s in enumerate(settings)]
+    negatives = negatives or [None] * len(settings)
+    seqs = [Sequence(cond[i], s, masks[i], negative=negatives[i]) for i, s in enumerate(settings)]
     engine = Engine(model, seqs)
     while not engine.done:
         engine.step()

@@ -13,7 +13,7 @@ from models.llamagen import generate as engine
 from models.llamagen.loading import load_gpt, load_vq
 from models.loading import CheckpointError
 from models.runner import BatchResult
-from models.settings import ImageSettings
+from models.settings import ImageSettings, SettingError
 from models.text import load_text_encoder
 
 
@@ -44,6 +44,7 @@ class LlamaGenRunner:
         self.conditioning, self.num_classes = self.conditions.kind, self.conditions.num_classes
         self.image_size = spec.image_size
         self.steps = c.grid_size
+        self.image_tokens, self.condition_tokens = c.block_size, c.cls_token_num
         self.text_encoder = None
         if kind == "text":
             if spec.text_encoder is None:
@@ -65,6 +66,15 @@ class LlamaGenRunner:
     def engine_rows(self, settings: list[ImageSettings]) -> int:
         return engine.engine_rows(settings)
 
+    def check(self, settings: ImageSettings) -> None:
+        self.conditions.check_negative_prompt(settings.negative_prompt, engine.is_guided(settings))
+        if not -1 <= settings.cfg_interval < self.image_tokens:
+            raise SettingError(
+                "cfg_interval",
+                f"cfg_interval is {settings.cfg_interval}: give -1 (guide every token) or the last "
+                f"guided image token, 0..{self.image_tokens - 1}",
+            )
+
     def generate(
         self,
         conditions: list[int | str],
@@ -72,11 +82,15 @@ class LlamaGenRunner:
         on_step: Callable[[engine.RowStep], None] | None = None,
     ) -> BatchResult:
         conditions = [self.resolve(c) for c in conditions]
+        for s in settings:
+            self.check(s)
+        negatives = None
         if self.text_encoder is None:
             cond, mask = torch.tensor(conditions, device=self.spec.device), None
         else:
             cond, mask = self.text_encoder.encode(conditions)
-        out = engine.generate(self.model, self.tokenizer, cond, settings, mask, on_step)
+            negatives = self._negatives(settings)
+        out = engine.generate(self.model, self.tokenizer, cond, settings, mask, on_step, negatives=negatives)
         return BatchResult(
             out.images.float().cpu(),
             out.tokens.cpu(),
@@ -86,6 +100,15 @@ class LlamaGenRunner:
             out.kv_bytes,
             out.flops,
         )
+
+    def _negatives(self, settings: list[ImageSettings]) -> list[engine.Caption | None] | None:
+        """Each image's negative caption (embedding, mask), each distinct text encoded once."""
+        texts = sorted({s.negative_prompt for s in settings if s.negative_prompt is not None})
+        if not texts:
+            return None
+        emb, mask = self.text_encoder.encode(texts)
+        encoded = {t: engine.Caption(emb[i], mask[i]) for i, t in enumerate(texts)}
+        return [None if s.negative_prompt is None else encoded[s.negative_prompt] for s in settings]
 
     @torch.inference_mode()
     def preview(self, step: engine.RowStep) -> torch.Tensor:

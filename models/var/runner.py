@@ -9,7 +9,7 @@ import torch
 from models.conditions import Conditions
 from models.config import ModelSpec
 from models.runner import BatchResult
-from models.settings import ImageSettings
+from models.settings import ImageSettings, SettingError
 from models.var import generate as engine
 from models.var.loading import load_var
 
@@ -25,12 +25,22 @@ class VARRunner:
         self.conditioning, self.num_classes = self.conditions.kind, self.conditions.num_classes
         self.image_size = self.tokenizer.cfg.image_size  # the VQ-VAE's downsampling decides
         self.steps = len(c.patch_nums)
+        self.image_tokens, self.condition_tokens = c.seq_len, c.first_len
 
     def resolve(self, condition: int | str) -> int | str:
         return self.conditions.resolve(condition)
 
     def engine_rows(self, settings: list[ImageSettings]) -> int:
         return engine.engine_rows(settings)
+
+    def check(self, settings: ImageSettings) -> None:
+        self.conditions.check_negative_prompt(settings.negative_prompt, engine.is_guided([settings]))
+        if settings.cfg_interval != -1:
+            raise SettingError(
+                "cfg_interval",
+                f"model '{self.spec.name}' is next-scale: cfg_interval is for next-token models "
+                "(VAR ramps its guidance over the scales)",
+            )
 
     def generate(
         self,
@@ -39,6 +49,8 @@ class VARRunner:
         on_step: Callable[[engine.ScaleStep], None] | None = None,
     ) -> BatchResult:
         labels = [self.resolve(c) for c in conditions]
+        for s in settings:
+            self.check(s)
         out = engine.generate(self.model, self.tokenizer, labels, settings, on_step)
         tokens = torch.cat(out.tokens, dim=1).cpu()
         return BatchResult(

@@ -50,6 +50,11 @@ def test_bad_values_exit_non_zero_with_a_message(tmp_path):
         (["--class", "cat"], "--class: unknown class 'cat' for model 'var-fixture': give a class index"),
         (["--class", 1, "--temperature", 0], "argument --temperature: 0.0 is outside (0, 100]"),
         (["--class", 1, "--model", "nope"], "--model 'nope' is not in the config"),
+        (["--class", 1, "--cfg-interval", 3], "--cfg-interval: model 'var-fixture' is next-scale"),
+        (
+            ["--class", 1, "--negative-prompt", "a dog"],
+            "--negative-prompt: model 'var-fixture' is class-conditional: negative_prompt needs a text model",
+        ),
     ]
     for args, message in cases:
         run = varserve("generate", "--config", CONFIG, "--out", tmp_path, *args)
@@ -87,10 +92,14 @@ def test_without_config_the_bundled_models_generate(tmp_path):
     assert run.returncode == 0, run.stderr
     assert [Image.open(p).size for p in run.stdout.split()] == [(64, 64), (64, 64)]
     prompt = "a small red star in the top left corner"
-    run = varserve("generate", "--model", "llamagen-shapes-t2i", "--prompt", prompt, "--out", tmp_path / "t")
+    t2i = ["generate", "--model", "llamagen-shapes-t2i", "--prompt", prompt, "--out", tmp_path / "t"]
+    run = varserve(*t2i, "--negative-prompt", "a blue circle")
     assert run.returncode == 0, run.stderr
     assert Image.open(run.stdout.split()[0]).size == (64, 64)
     assert "Loading weights" not in run.stderr  # the text encoder loads quietly
+    run = varserve(*t2i, "--negative-prompt", "a blue circle", "--cfg", 1)
+    assert run.returncode == 2
+    assert "--negative-prompt: negative_prompt needs guidance, and this request has none" in run.stderr
 
 
 def test_imagenet_class_names_work_on_the_cli_as_on_the_server(tmp_path):

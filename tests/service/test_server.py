@@ -56,6 +56,25 @@ def images_of(response) -> list[str]:
         ({"prompt": 1, "seed": -1}, 422, "seed", "greater than or equal to 0"),
         ({"prompt": 1, "n": 2, "seed": 2**63 - 1}, 400, "seed", "seed + n - 1"),
         ({"prompt": 1, "timeout_s": 61}, 400, "timeout_s", "at most 60"),
+        (
+            {"prompt": 1, "negative_prompt": "a dog", "cfg_scale": 4},
+            400,
+            "negative_prompt",
+            "'var-fixture' is class-conditional: negative_prompt needs a text model",
+        ),
+        ({"prompt": 1, "negative_prompt": 3}, 422, "negative_prompt", "valid string"),
+        ({"prompt": 1, "cfg_interval": 5}, 400, "cfg_interval", "next-scale: cfg_interval is for next-token"),
+        ({"prompt": 1, "cfg_interval": -2}, 422, "cfg_interval", "greater than or equal to -1"),
+        (
+            {"prompt": 1, "stream": True, "partial_images": 4},
+            422,
+            "partial_images",
+            "less than or equal to 3",
+        ),
+        ({"prompt": 1, "stream": True, "partial_images": -1}, 422, "partial_images", "greater than or equal"),
+        ({"prompt": 1, "partial_images": 2}, 400, "partial_images", "needs stream: true"),
+        ({"prompt": 1, "stream": "maybe"}, 422, "stream", "valid boolean"),
+        ({"prompt": 1, "output_format": "jpeg"}, 422, "output_format", "'png'"),
     ],
 )
 def test_bad_requests_name_the_field(server, body, status, param, words):

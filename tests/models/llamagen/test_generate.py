@@ -142,3 +142,44 @@ def test_engine_rows_follow_each_familys_guidance_rule():
 
     var_runner = load_runner(ModelSpec("v", "var", REFERENCE / "var_model.pth", REFERENCE / "var_vae.pth"))
     assert var_runner.engine_rows(params(0.0)) == 4 and var_runner.engine_rows(params(1.0)) == 8
+
+
+def test_a_negative_prompt_is_the_guidance_rows_caption(tmp_path):
+    """Greedy tokens with a negative caption are the argmax of uncond + cfg * (cond - uncond), the
+    two branches teacher-forced on the prompt and on the negative caption, each with its own
+    padding; the same request without one guides against the learned null caption instead."""
+    runner = load_runner(spec(text_encoder=make_tiny_t5(tmp_path)))
+    prompt, negative, cfg = "the cat on the mat with a hat", "a dog", 4.0
+    greedy = ImageSettings(top_k=1, cfg=cfg, negative_prompt=negative)
+    tokens = runner.generate([prompt], [greedy]).tokens  # (1, 256)
+    plain = runner.generate([prompt], [dataclasses.replace(greedy, negative_prompt=None)]).tokens
+    assert not torch.equal(tokens, plain)
+
+    (cond, cond_mask), (neg, neg_mask) = (runner.text_encoder.encode([t]) for t in (prompt, negative))
+    assert cond_mask.sum() != neg_mask.sum()  # the two captions are padded differently
+    with torch.inference_mode():
+        logits_cond = runner.model(tokens[:, :-1], cond, cond_mask)
+        logits_uncond = runner.model(tokens[:, :-1], neg, neg_mask)
+    guided = logits_uncond + cfg * (logits_cond - logits_uncond)
+    assert torch.equal(guided.argmax(-1), tokens)
+
+
+def test_negative_prompts_are_per_image_and_checked(tmp_path):
+    runner = load_runner(spec(text_encoder=make_tiny_t5(tmp_path)))
+    base = ImageSettings(seed=3, top_k=100, cfg=4.0)
+    settings = [
+        dataclasses.replace(base, negative_prompt="a dog"),
+        base,
+        dataclasses.replace(base, negative_prompt="blurry"),
+        dataclasses.replace(base, cfg=1.0),
+    ]
+    batch = runner.generate(["a cat"] * 4, settings).tokens
+    for i, s in enumerate(settings):
+        assert torch.equal(runner.generate(["a cat"], [s]).tokens[0], batch[i]), i
+    with pytest.raises(ValueError, match="needs guidance"):
+        runner.generate(["a cat"], [dataclasses.replace(base, cfg=1.0, negative_prompt="a dog")])
+    with pytest.raises(ValueError, match="empty"):
+        runner.generate(["a cat"], [dataclasses.replace(base, negative_prompt="  ")])
+    c2i = load_runner(dataclasses.replace(spec(), weights=REFERENCE / "llamagen_c2i.pt"))
+    with pytest.raises(ValueError, match="class-conditional: negative_prompt needs a text model"):
+        c2i.generate([1], [dataclasses.replace(base, negative_prompt="a dog")])
