@@ -212,6 +212,31 @@ def test_the_pages_sse_parser_reads_events_split_anywhere(browser, server):
         assert events == expected, (cut, events)
 
 
+def test_kv_and_speculative_options_show_only_when_the_card_offers_them(browser, server):
+    """No card carries them yet: the section is hidden. A card that does (injected here) gets its
+    controls, and a chosen value is sent (this server names the field it does not know)."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
+
+    open_playground(browser, server)
+    section = browser.find_element(By.ID, "extra-options")
+    assert not section.is_displayed()
+    browser.execute_script(
+        """const card = window.varservePlayground.models[0];
+        card.kv_policies = ["dense", "per-head"];
+        card.kv_budget = 0.5;
+        document.getElementById("model").dispatchEvent(new Event("change"));"""
+    )
+    assert section.is_displayed()
+    assert browser.find_element(By.ID, "extra-kv_budget").get_attribute("placeholder") == "0.5"
+    assert not browser.find_elements(By.ID, "extra-speculative")  # not offered by the card
+    Select(browser.find_element(By.ID, "extra-kv_policy")).select_by_value("per-head")
+    browser.find_element(By.ID, "generate").click()
+    error = browser.find_element(By.ID, "error")
+    wait(browser, lambda d: error.is_displayed(), "the error to show")
+    assert "kv_policy: Extra inputs are not permitted" in error.text, error.text
+
+
 @pytest.mark.parametrize(
     "field, value, status, message",
     [
