@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import asyncio
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.staticfiles import StaticFiles
+from fastapi_offline import FastAPIOffline
 from sse_starlette import EventSourceResponse
 
 from service.delivery import openai_image_events, respond, sse_events
@@ -43,6 +46,8 @@ ERRORS = {
         504: "past the request's deadline",
     }.items()
 }
+# the playground page (index.html, playground.js, playground.css): package data, no build step
+STATIC = Path(__file__).parent / "static"
 # how long the lifespan waits for the worker threads once uvicorn has drained the connections
 WORKER_STOP_TIMEOUT_S = 30.0
 
@@ -54,13 +59,23 @@ def create_app(pool: WorkerPool, metrics: Metrics) -> FastAPI:
         yield
         await asyncio.to_thread(pool.stop, WORKER_STOP_TIMEOUT_S)
 
-    app = FastAPI(
+    # /docs and /redoc from assets shipped in fastapi-offline (served under /static-offline-docs),
+    # not a CDN; no validator badge either (Swagger UI would fetch it from its own host)
+    app = FastAPIOffline(
         title="varserve",
         summary="Visual autoregressive image generation (VAR next-scale, LlamaGen next-token)",
         version="0.1.0",
         lifespan=lifespan,
+        swagger_ui_parameters={"validatorUrl": None},
     )
     install_error_handlers(app)
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+
+    @app.get("/", include_in_schema=False)
+    @app.get("/playground", include_in_schema=False)
+    async def playground():
+        """The playground page; open like the probes, its API calls carry the key."""
+        return FileResponse(STATIC / "index.html", headers={"Cache-Control": "no-cache"})
 
     @app.get("/health", response_model=Status, responses={503: {"model": Status}})
     async def health():
