@@ -14,6 +14,7 @@ from service.errors import install_error_handlers
 from service.intake import admit
 from service.metrics import CONTENT_TYPE, Metrics
 from service.middleware import (
+    AccessLogMiddleware,
     ApiKeyMiddleware,
     BodyLimitMiddleware,
     RequestIdMiddleware,
@@ -90,7 +91,9 @@ def create_app(pool: WorkerPool, metrics: Metrics) -> FastAPI:
     @app.post("/v1/images/generations", response_model=ImagesResponse, responses=ERRORS)
     async def images_generations(body: ImagesRequest, request: Request):
         """OpenAI Images API shape; `prompt` may be a class index or an ImageNet class name."""
+        request.state.body = body  # for the request's log record (also when admission refuses it)
         job, _ = admit(body, pool, request.state.request_id, stream=False)
+        request.state.job = job
         return await respond(job, pool, request)
 
     @app.post(
@@ -101,7 +104,9 @@ def create_app(pool: WorkerPool, metrics: Metrics) -> FastAPI:
     async def generate(body: GenerateRequest, request: Request):
         """Native route. With `stream: true`: server-sent events `preview` (one per scale or row,
         the request's images so far), then `result` (the same body as without streaming) or `error`."""
+        request.state.body = body  # for the request's log record (also when admission refuses it)
         job, _ = admit(body, pool, request.state.request_id, stream=body.stream)
+        request.state.job = job
         if not body.stream:
             return await respond(job, pool, request)
         # let a stream that runs at SIGTERM finish within the drain time instead of being cut
@@ -114,6 +119,7 @@ def create_app(pool: WorkerPool, metrics: Metrics) -> FastAPI:
             ApiKeyMiddleware, keys=pool.settings.api_keys, protect_metrics=pool.settings.protect_metrics
         )
     app.add_middleware(RequestMetricsMiddleware, metrics=metrics, routes=routes)
+    app.add_middleware(AccessLogMiddleware)  # inside RequestIdMiddleware: it logs the request's id
     app.add_middleware(RequestIdMiddleware)
     return app
 

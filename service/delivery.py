@@ -73,15 +73,6 @@ async def final_response(job: Job, event: Done | Failed, pool: WorkerPool) -> Im
     now = time.monotonic()
     queue_s = (job.started or now) - job.arrival
     pool.metrics.e2e_latency.labels(job.model).observe(now - job.arrival)
-    log.info(
-        "request_id=%s model=%s n=%d status=200 queue_ms=%.0f latency_ms=%.0f batch_images=%d",
-        job.id,
-        job.model,
-        job.n,
-        queue_s * 1000,
-        (now - job.arrival) * 1000,
-        job.batch_images,
-    )
     return ImagesResponse(
         id=job.id,
         created=int(time.time()),

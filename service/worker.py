@@ -21,6 +21,7 @@ from models.runner import BatchResult, Runner, load_runner
 from models.settings import settings_for
 from service.catalog import Catalog, info_of
 from service.jobs import Done, Failed, Job, Preview
+from service.logs import event
 from service.metrics import Metrics
 from service.queue import RequestQueue
 from service.settings import Settings
@@ -75,8 +76,9 @@ class Worker(threading.Thread):
             for spec in self.specs:
                 self._load(spec)
         except Exception as e:  # a bad checkpoint or device: the server cannot serve its config
-            if not isinstance(e, CheckpointError | ConfigError | NotImplementedError):
-                log.exception("loading models on %s failed", self.device)
+            if not isinstance(e, CheckpointError | ConfigError | NotImplementedError):  # a bug: its traceback
+                message = f"loading models on {self.device} failed"
+                event(log, "model_load_failed", message, logging.ERROR, exc_info=e, device=self.device)
             self.on_fatal(f"loading models on {self.device} failed: {e}")
             return
         self.ready.set()
@@ -90,7 +92,8 @@ class Worker(threading.Thread):
             try:
                 self._run_batch(jobs)
             except Exception as e:  # a bug outside the engine call: fail the batch, keep serving
-                log.exception("batch on %s failed outside the engine", self.device)
+                message = f"batch on {self.device} failed outside the engine: {type(e).__name__}: {e}"
+                event(log, "batch_failed", message, logging.ERROR, exc_info=e, device=self.device)
                 self._fail(jobs, 500, f"internal error: {type(e).__name__}: {e}")
 
     def stop(self) -> None:
@@ -109,7 +112,16 @@ class Worker(threading.Thread):
         self.runners[spec.name] = runner
         self.catalog.publish(info_of(runner))
         self.metrics.model_loaded.labels(spec.name).set(1)
-        log.info("loaded %s (%s) on %s in %.1f s", spec.name, spec.family, spec.device, time.monotonic() - t0)
+        load_s = round(time.monotonic() - t0, 3)
+        event(
+            log,
+            "model_loaded",
+            f"loaded {spec.name} ({spec.family}) on {spec.device} in {load_s:.1f} s",
+            model=spec.name,
+            family=spec.family,
+            device=spec.device,
+            load_s=load_s,
+        )
 
     def _run_batch(self, jobs: list[Job]) -> None:
         now = time.monotonic()
@@ -170,7 +182,15 @@ class Worker(threading.Thread):
             if is_out_of_memory(e) and len(rows) > 1:
                 return SPLIT  # retried by the caller, once this frame has let go of the failed attempt
             self.metrics.batch_failures.labels("oom" if is_out_of_memory(e) else "error").inc()
-            log.exception("batch of %d images on %s failed", len(rows), model)
+            event(
+                log,
+                "batch_failed",
+                f"batch of {len(rows)} images on {model} failed: {type(e).__name__}: {e}",
+                logging.ERROR,
+                exc_info=e,
+                model=model,
+                images=len(rows),
+            )
             self._fail(jobs, 500, f"generation failed: {type(e).__name__}: {e}")
             return None
 
@@ -224,12 +244,13 @@ class Worker(threading.Thread):
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
         half = split_point(rows)
-        log.warning(
-            "out of memory at %d images on %s: retrying as %d + %d",
-            len(rows),
-            runner.spec.name,
-            half,
-            len(rows) - half,
+        event(
+            log,
+            "oom_split",
+            f"out of memory at {len(rows)} images on {runner.spec.name}: retrying as {half} + {len(rows) - half}",
+            logging.WARNING,
+            model=runner.spec.name,
+            images=len(rows),
         )
         self._execute(runner, rows[:half])
         self._execute(runner, rows[half:])
