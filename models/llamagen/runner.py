@@ -85,6 +85,7 @@ class LlamaGenRunner:
             out.kv_bytes,
             out.kv_bytes,
             out.flops,
+            out.decode_s,
         )
 
     @torch.inference_mode()
