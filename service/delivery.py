@@ -69,8 +69,10 @@ def _timeout_s(job: Job) -> float:
 async def final_response(job: Job, event: Done | Failed, pool: WorkerPool) -> ImagesResponse:
     if isinstance(event, Failed):
         raise ApiError(event.status, event.message)
+    t0 = time.monotonic()
     b64 = await asyncio.to_thread(encode_pngs, event.images)
     now = time.monotonic()
+    pool.metrics.stage_time.labels(job.model, "encode").observe(now - t0)
     queue_s = (job.started or now) - job.arrival
     pool.metrics.e2e_latency.labels(job.model).observe(now - job.arrival)
     return ImagesResponse(

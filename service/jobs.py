@@ -65,7 +65,8 @@ class Job:
 
     # written by the worker only
     started: float | None = None
-    inference_s: float = 0.0
+    inference_s: float = 0.0  # engine time of its batches, their decode_s included
+    decode_s: float = 0.0
     forward_passes: int = 0
     kv_bytes: int = 0
     kv_bytes_full: int = 0

@@ -130,6 +130,8 @@ class Worker(threading.Thread):
             if job.started is None:
                 job.started = now
                 self.metrics.queue_time.labels(model).observe(now - job.arrival)
+                self.metrics.queue_wait.labels(model).observe(now - job.arrival)
+                self.metrics.stage_time.labels(model, "queue").observe(now - job.arrival)
         self.metrics.running.set(len(jobs))
         try:
             self._execute(self.runners[model], [(job, i) for job in jobs for i in range(job.n)])
@@ -212,6 +214,7 @@ class Worker(threading.Thread):
         self.metrics.forward_passes.labels(model).inc(result.forward_passes)
         for job in jobs:
             job.inference_s += elapsed
+            job.decode_s += result.decode_s
             job.forward_passes += result.forward_passes
             job.kv_bytes = max(job.kv_bytes, result.kv_bytes)
             job.kv_bytes_full = max(job.kv_bytes_full, result.kv_bytes_full)
@@ -230,6 +233,11 @@ class Worker(threading.Thread):
             self.metrics.images.labels(model).inc(job.n)
             self.metrics.tokens.labels(model).inc(job.n * tokens_per_image)
             self.metrics.inference_time.labels(model).observe(job.inference_s)
+            height, width = job.images[0].shape[-2:]
+            self.metrics.image_count.labels(model).inc(job.n)
+            self.metrics.image_pixels.labels(model).inc(job.n * height * width)
+            self.metrics.stage_time.labels(model, "engine").observe(max(0.0, job.inference_s - job.decode_s))
+            self.metrics.stage_time.labels(model, "decode").observe(job.decode_s)
             job.channel.send(Done(torch.stack(job.images)))
             job.images = []
 
