@@ -28,6 +28,7 @@ class BatchResult:
     kv_bytes_full: int  # the same for an uncompressed store
     kv_bytes_working: int  # peak with the step being computed
     flops: float
+    decode_s: float  # of the batch's time, the VQ decoding of tokens to pixels (the rest: the engine)
 
 
 class Step(Protocol):

@@ -1,9 +1,12 @@
-"""Process-level settings for running models on the CPU."""
+"""Process-level settings for running models on the CPU, and a clock for timing device work."""
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import time
+
+import torch
 
 _M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8
 _tuned = False
@@ -36,3 +39,11 @@ def keep_freed_memory() -> bool:
         return False
     _tuned = ok
     return ok
+
+
+def device_clock(device: torch.device) -> float:
+    """time.perf_counter() once the work queued on `device` is done (CUDA kernels run
+    asynchronously: without the wait a timing would count their launches only)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()

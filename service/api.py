@@ -17,6 +17,7 @@ from service.errors import ApiError, install_error_handlers
 from service.intake import admit
 from service.metrics import CONTENT_TYPE, Metrics
 from service.middleware import (
+    AccessLogMiddleware,
     ApiKeyMiddleware,
     BodyLimitMiddleware,
     RequestIdMiddleware,
@@ -112,10 +113,12 @@ def create_app(pool: WorkerPool, metrics: Metrics) -> FastAPI:
         `stream: true`, OpenAI's image streaming events: `partial_images` (0-3) previews of each
         image spread over its scales or rows (`image_generation.partial_image`), then
         `image_generation.completed` with each final image and the usage."""
+        request.state.body = body  # for the request's log record (also when admission refuses it)
         if body.partial_images is not None and not body.stream:
             raise ApiError(400, "partial_images needs stream: true", "partial_images")
         previews = (body.partial_images or 0) if body.stream else None
         job, info = admit(body, pool, request.state.request_id, stream=body.stream, previews=previews)
+        request.state.job = job
         if not body.stream:
             return await respond(job, pool, request)
         return EventSourceResponse(
@@ -131,7 +134,9 @@ def create_app(pool: WorkerPool, metrics: Metrics) -> FastAPI:
     async def generate(body: GenerateRequest, request: Request):
         """Native route. With `stream: true`: server-sent events `preview` (one per scale or row,
         the request's images so far), then `result` (the same body as without streaming) or `error`."""
+        request.state.body = body  # for the request's log record (also when admission refuses it)
         job, _ = admit(body, pool, request.state.request_id, stream=body.stream)
+        request.state.job = job
         if not body.stream:
             return await respond(job, pool, request)
         # let a stream that runs at SIGTERM finish within the drain time instead of being cut
@@ -144,6 +149,7 @@ def create_app(pool: WorkerPool, metrics: Metrics) -> FastAPI:
             ApiKeyMiddleware, keys=pool.settings.api_keys, protect_metrics=pool.settings.protect_metrics
         )
     app.add_middleware(RequestMetricsMiddleware, metrics=metrics, routes=routes)
+    app.add_middleware(AccessLogMiddleware)  # inside RequestIdMiddleware: it logs the request's id
     app.add_middleware(RequestIdMiddleware)
     return app
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-import logging
 import time
 from collections.abc import AsyncIterator
 from contextlib import aclosing
@@ -27,8 +26,6 @@ from service.schemas import (
     PreviewEvent,
     Usage,
 )
-
-log = logging.getLogger("varserve.requests")
 
 # Fast zlib setting: about 2.5x quicker than PIL's default for ~25 % more bytes; encoding shares
 # the CPU with the engine, the bytes only cross a network.
@@ -78,19 +75,12 @@ def _timeout_s(job: Job) -> float:
 async def final_response(job: Job, event: Done | Failed, pool: WorkerPool) -> ImagesResponse:
     if isinstance(event, Failed):
         raise ApiError(event.status, event.message)
+    t0 = time.monotonic()
     b64 = await asyncio.to_thread(encode_pngs, event.images)
     now = time.monotonic()
+    pool.metrics.stage_time.labels(job.model, "encode").observe(now - t0)
     queue_s = (job.started or now) - job.arrival
     pool.metrics.e2e_latency.labels(job.model).observe(now - job.arrival)
-    log.info(
-        "request_id=%s model=%s n=%d status=200 queue_ms=%.0f latency_ms=%.0f batch_images=%d",
-        job.id,
-        job.model,
-        job.n,
-        queue_s * 1000,
-        (now - job.arrival) * 1000,
-        job.batch_images,
-    )
     info = pool.catalog.loaded(job.model)
     input_tokens, output_tokens = job.n * info.condition_tokens, job.n * info.image_tokens
     text_tokens = input_tokens if info.conditioning == "text" else 0
@@ -140,6 +130,7 @@ async def job_events(job: Job, pool: WorkerPool) -> AsyncIterator[Preview | Imag
                     continue
                 yield await final_response(job, event, pool)
             except ApiError as e:
+                job.stream_error = (e.status, e.message)  # its HTTP status was 200: for the log
                 yield e
             return
     finally:  # normal end: a no-op

@@ -35,6 +35,11 @@ def error_response(status: int, message: str, param: str | None = None, headers:
     return JSONResponse(error_body(status, message, param), status_code=status, headers=headers)
 
 
+def note_error(scope, message: str) -> None:
+    """Keep an error's message in request.state.error, for the request's log record."""
+    scope.setdefault("state", {})["error"] = message
+
+
 def field_name(loc: tuple) -> str | None:
     """('body', 'n') -> 'n'; the body as a whole -> None."""
     parts = [str(p) for p in loc if p != "body"]
@@ -44,6 +49,7 @@ def field_name(loc: tuple) -> str | None:
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def api_error(request: Request, e: ApiError):
+        note_error(request.scope, e.message)
         return error_response(e.status, e.message, e.param, e.headers)
 
     @app.exception_handler(RequestValidationError)
@@ -51,12 +57,16 @@ def install_error_handlers(app: FastAPI) -> None:
         first = e.errors()[0]
         param = field_name(tuple(first.get("loc", ())))
         message = first.get("msg", "invalid request")
-        return error_response(422, f"{param}: {message}" if param else message, param)
+        message = f"{param}: {message}" if param else message
+        note_error(request.scope, message)
+        return error_response(422, message, param)
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, e: HTTPException):
+        note_error(request.scope, str(e.detail))
         return error_response(e.status_code, str(e.detail), headers=getattr(e, "headers", None))
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, e: Exception):
+        note_error(request.scope, f"internal error: {type(e).__name__}")
         return error_response(500, f"internal error: {type(e).__name__}")

@@ -63,10 +63,12 @@ class Job:
     arrival: float = field(default_factory=time.monotonic)
     cancelled: str | None = None  # "disconnect" | "timeout" | "shutdown"
     preview_steps: frozenset[int] | None = None  # a streaming job's previews: these steps (None: all)
+    stream_error: tuple[int, str] | None = None  # (status, message) a started stream ended with
 
     # written by the worker only
     started: float | None = None
-    inference_s: float = 0.0
+    inference_s: float = 0.0  # engine time of its batches, their decode_s included
+    decode_s: float = 0.0
     forward_passes: int = 0
     kv_bytes: int = 0
     kv_bytes_full: int = 0

@@ -1,7 +1,9 @@
 """Prometheus metrics, named after vLLM's (`varserve_` prefix, units in the name).
 
 Each server owns a registry, so several servers in one process (tests) do not collide.
-Rates and ratios (images/s, average batch) are left to PromQL, as vLLM does.
+Rates and ratios (images/s, average batch) are left to PromQL, as vLLM does. The image metrics
+also carry vLLM-Omni's names (image_count, image_pixels, request_queue_wait_s, stage_gen_time_s),
+so its dashboards' readers find them.
 """
 
 from __future__ import annotations
@@ -12,6 +14,27 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 LATENCY_BUCKETS = (0.1, 0.25, 0.5, 0.75, 1, 1.5, 2, 3, 5, 7.5, 10, 15, 20, 30, 60, 120, 300, 600)
 STEP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128)
+STAGE_BUCKETS = (
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1,
+    2.5,
+    5,
+    10,
+    30,
+    60,
+    120,
+    300,
+    600,
+)
+STAGES = ("queue", "engine", "decode", "encode")  # a request's way: waiting, tokens, pixels, PNG
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
@@ -125,6 +148,27 @@ class Metrics:
         )
         self.oom_splits = Counter(
             "varserve_oom_splits", "Out-of-memory batches split in two and retried.", registry=r
+        )
+        self.image_count = Counter(
+            "varserve_image_count", "Images delivered (vLLM-Omni's image_count).", ["model"], registry=r
+        )
+        self.image_pixels = Counter(
+            "varserve_image_pixels", "Pixels (height x width) of the images delivered.", ["model"], registry=r
+        )
+        self.queue_wait = Histogram(
+            "varserve_request_queue_wait_s",
+            "Arrival to the start of the request's first batch (vLLM-Omni's request_queue_wait_s).",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.stage_time = Histogram(
+            "varserve_stage_gen_time_s",
+            "Seconds a delivered request spent in each stage: queue, engine (token generation), decode "
+            "(VQ decoding of tokens to pixels), encode (PNG).",
+            ["model", "stage"],
+            buckets=STAGE_BUCKETS,
+            registry=r,
         )
 
     def render(self) -> bytes:

@@ -4,15 +4,21 @@ from __future__ import annotations
 
 import hmac
 import json
+import logging
 import re
+import time
 import uuid
 
 from starlette.datastructures import Headers, MutableHeaders
 
-from service.errors import error_body
+from service.errors import error_body, note_error
+from service.logs import event
 from service.metrics import Metrics
 
 REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
+PROBES = ("/health", "/ready", "/metrics")  # logged at debug level: scraped every few seconds
+
+access_log = logging.getLogger("varserve.requests")
 
 
 class RequestIdMiddleware:
@@ -52,7 +58,7 @@ class BodyLimitMiddleware:
             return await self.app(scope, receive, send)
         length = Headers(scope=scope).get("content-length")
         if length is not None and (not length.isdigit() or int(length) > self.max_bytes):
-            return await self._reject(send)
+            return await self._reject(scope, send)
         received, started = 0, False
 
         async def counting_receive():
@@ -73,10 +79,12 @@ class BodyLimitMiddleware:
             await self.app(scope, counting_receive, tracking_send)
         except BodyTooLarge:
             if not started:
-                await self._reject(send)
+                await self._reject(scope, send)
 
-    async def _reject(self, send):
-        body = json.dumps(error_body(413, f"request body is larger than {self.max_bytes} bytes")).encode()
+    async def _reject(self, scope, send):
+        message = f"request body is larger than {self.max_bytes} bytes"
+        note_error(scope, message)
+        body = json.dumps(error_body(413, message)).encode()
         headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
         await send({"type": "http.response.start", "status": 413, "headers": headers})
         await send({"type": "http.response.body", "body": body})
@@ -128,6 +136,7 @@ class ApiKeyMiddleware:
         if scheme.lower() == "bearer" and matched:
             return await self.app(scope, receive, send)
         message = "a valid API key is required: send 'Authorization: Bearer <key>'"
+        note_error(scope, message)
         body = json.dumps(error_body(401, message)).encode()
         headers = [
             (b"content-type", b"application/json"),
@@ -136,3 +145,82 @@ class ApiKeyMiddleware:
         ]
         await send({"type": "http.response.start", "status": 401, "headers": headers})
         await send({"type": "http.response.body", "body": body})
+
+
+class AccessLogMiddleware:
+    """One record per HTTP request, written when its response has gone out (a stream: when it
+    ends): request id, method, route, status, latency; for generation requests the model, n, the
+    time in queue and the batch, from what the route stored in request.state; the error message of
+    a 4xx/5xx answer (service/errors.py notes it). Probes are logged at debug level, 5xx answers at
+    warning. Headers are never logged (they carry the API key)."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        t0, status, failure = time.monotonic(), None, None
+
+        async def recording_send(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, recording_send)
+        except Exception as e:  # answered by the server's last-resort handler, outside this one
+            failure = f"internal error: {type(e).__name__}"
+            raise
+        except BaseException:  # cancelled: the drain time ran out at shutdown
+            failure = "cancelled at shutdown"
+            raise
+        finally:
+            log_request(scope, status if status is not None else 500, time.monotonic() - t0, failure)
+
+
+def log_request(scope, status: int, elapsed_s: float, failure: str | None) -> None:
+    state = scope.get("state", {})
+    path, method = scope["path"], scope["method"]
+    fields = {
+        "request_id": state.get("request_id"),
+        "method": method,
+        "route": path,
+        "status": status,
+        "latency_ms": round(elapsed_s * 1000, 3),
+    }
+    job, body = state.get("job"), state.get("body")
+    if job is not None:
+        fields.update(model=job.model, n=job.n, stream=job.stream)
+        if job.started is not None:
+            fields["queue_ms"] = round((job.started - job.arrival) * 1000, 3)
+            fields["inference_ms"] = round(job.inference_s * 1000, 3)
+        if job.batch_images:
+            fields["batch_images"] = job.batch_images
+        if job.cancelled is not None:
+            fields["cancelled"] = job.cancelled
+        if job.stream_error is not None:  # answered 200, then an `error` event ended the stream
+            fields["stream_status"], fields["error"] = job.stream_error
+    elif body is not None:  # refused at admission
+        fields.update(model=getattr(body, "model", None), n=getattr(body, "n", None))
+    if status >= 400:
+        fields["error"] = state.get("error") or failure
+    level_status = fields.get("stream_status", status)
+    text = [f"{method} {path} {status} in {fields['latency_ms']:.0f} ms"]
+    for key in (
+        "request_id",
+        "model",
+        "n",
+        "queue_ms",
+        "batch_images",
+        "cancelled",
+        "stream_status",
+        "error",
+    ):
+        value = fields.get(key)
+        if value is not None:
+            shown = json.dumps(value) if key == "error" else f"{value:.0f}" if key == "queue_ms" else value
+            text.append(f"{key}={shown}")
+    level = logging.DEBUG if path in PROBES else logging.WARNING if level_status >= 500 else logging.INFO
+    event(access_log, "request", " ".join(text), level, **fields)

@@ -11,6 +11,7 @@ from models.config import ModelSpec
 from models.runtime import keep_freed_memory
 from service.catalog import Catalog
 from service.jobs import Failed, Job
+from service.logs import event
 from service.metrics import Metrics
 from service.queue import RequestQueue
 from service.settings import Settings
@@ -56,7 +57,8 @@ class WorkerPool:
 
     def drain(self) -> None:
         if not self.draining:
-            log.info("draining: no new requests; finishing %d queued", len(self.queue))
+            queued = len(self.queue)
+            event(log, "draining", f"draining: no new requests; finishing {queued} queued", queued=queued)
         self.draining = True
 
     def cancel(self, job: Job, reason: str) -> None:

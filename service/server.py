@@ -12,12 +12,14 @@ import contextlib
 import copy
 import logging
 import signal
+import socket
 
 import uvicorn
 from uvicorn.config import LOGGING_CONFIG
 
 from models.config import load_config
 from service.api import create_app
+from service.logs import JsonFormatter, event
 from service.metrics import Metrics
 from service.pool import WorkerPool
 from service.settings import Settings
@@ -33,6 +35,34 @@ class DrainingServer(uvicorn.Server):
     def handle_exit(self, sig, frame) -> None:
         self.pool.drain()
         super().handle_exit(sig, frame)
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        if self.started:
+            s = self.pool.settings
+            ports = [sock.getsockname()[1] for server in self.servers for sock in server.sockets]
+            port = ports[0] if ports else s.port
+            models = list(self.pool.catalog.specs)
+            event(
+                log,
+                "server_started",
+                f"listening on {s.host}:{port}, serving {', '.join(models)}",
+                host=s.host,
+                port=port,
+                models=models,
+                api_key=s.api_keys is not None,
+                log_format=s.log_format,
+            )
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().shutdown(sockets)
+        fatal = self.pool.fatal
+        event(
+            log,
+            "shutdown",
+            "server stopped" + (f" after a fatal error: {fatal}" if fatal else ""),
+            fatal=fatal,
+        )
 
     @contextlib.contextmanager
     def capture_signals(self):
@@ -51,9 +81,15 @@ class DrainingServer(uvicorn.Server):
                 signal.signal(sig, handler)
 
 
-def logging_config(level: str) -> dict:
+def logging_config(level: str, log_format: str = "text") -> dict:
+    """uvicorn's logging config plus the varserve loggers; in json every handler (uvicorn's error
+    and access loggers too) writes one JSON object per line."""
     config = copy.deepcopy(LOGGING_CONFIG)
     config["loggers"]["varserve"] = {"handlers": ["default"], "level": level.upper(), "propagate": False}
+    if log_format == "json":
+        config["formatters"]["json"] = {"()": JsonFormatter}
+        for handler in config["handlers"].values():
+            handler["formatter"] = "json"
     return config
 
 
@@ -65,17 +101,23 @@ def build_server(settings: Settings) -> tuple[DrainingServer, WorkerPool]:
         create_app(pool, metrics),
         host=settings.host,
         port=settings.port,
-        log_config=logging_config(settings.log_level),
+        log_config=logging_config(settings.log_level, settings.log_format),
         log_level=settings.log_level,
-        access_log=False,  # generation requests get one line each from service.delivery
+        access_log=False,  # every request gets one record from service.middleware.AccessLogMiddleware
         timeout_graceful_shutdown=settings.drain_timeout_s,
     )
     server = DrainingServer(config, pool)
     if settings.api_keys is None and settings.host not in ("127.0.0.1", "localhost", "::1"):
-        log.warning("no --api-key: every /v1 route is open to anyone who can reach %s", settings.host)
+        event(
+            log,
+            "open_without_api_key",
+            f"no --api-key: every /v1 route is open to anyone who can reach {settings.host}",
+            logging.WARNING,
+            host=settings.host,
+        )
 
     def stop_on_fatal(message: str) -> None:
-        log.error("%s", message)
+        event(log, "fatal", message, logging.ERROR, error=message)
         server.should_exit = True
 
     pool.on_fatal = stop_on_fatal

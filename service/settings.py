@@ -27,6 +27,7 @@ class Settings:
     max_body_bytes: int = 64 * 1024
     drain_timeout_s: float = 60.0  # SIGTERM: how long in-flight requests may take to finish
     log_level: str = "info"
+    log_format: str = "text"  # text: readable lines; json: one JSON object per request and event
     # Bearer keys every /v1/* route requires (None: open, as without vLLM's --api-key)
     api_keys: tuple[str, ...] | None = dataclass_field(default=None, repr=False)  # never printed or logged
     protect_metrics: bool = False  # /metrics behind the key too (probes stay open)
@@ -74,6 +75,12 @@ def _log_level(text: str) -> str:
     return text.lower()
 
 
+def _log_format(text: str) -> str:
+    if text.lower() not in ("text", "json"):
+        raise ValueError(f"'{text}' is not one of text, json")
+    return text.lower()
+
+
 def _api_keys(text: str) -> tuple[str, ...]:
     """One key, or the path of a file with one key per line (blank lines and # comments skipped)."""
     path = Path(text)
@@ -117,6 +124,10 @@ OPTIONS: dict[str, tuple[Callable[[str], object], str]] = {
         "on SIGTERM, seconds in-flight requests get to finish (default 60)",
     ),
     "log_level": (_log_level, "critical, error, warning, info (default) or debug"),
+    "log_format": (
+        _log_format,
+        "text (default): one readable line per request; json: one JSON object per request and event",
+    ),
     "api_keys": (
         _api_keys,
         "require 'Authorization: Bearer KEY' on /v1/*: one key, or a file of keys, one per line",

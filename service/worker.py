@@ -21,6 +21,7 @@ from models.runner import BatchResult, Runner, load_runner
 from models.settings import settings_for
 from service.catalog import Catalog, info_of
 from service.jobs import Done, Failed, Job, Preview
+from service.logs import event
 from service.metrics import Metrics
 from service.queue import RequestQueue
 from service.settings import Settings
@@ -75,8 +76,9 @@ class Worker(threading.Thread):
             for spec in self.specs:
                 self._load(spec)
         except Exception as e:  # a bad checkpoint or device: the server cannot serve its config
-            if not isinstance(e, CheckpointError | ConfigError | NotImplementedError):
-                log.exception("loading models on %s failed", self.device)
+            if not isinstance(e, CheckpointError | ConfigError | NotImplementedError):  # a bug: its traceback
+                message = f"loading models on {self.device} failed"
+                event(log, "model_load_failed", message, logging.ERROR, exc_info=e, device=self.device)
             self.on_fatal(f"loading models on {self.device} failed: {e}")
             return
         self.ready.set()
@@ -90,7 +92,8 @@ class Worker(threading.Thread):
             try:
                 self._run_batch(jobs)
             except Exception as e:  # a bug outside the engine call: fail the batch, keep serving
-                log.exception("batch on %s failed outside the engine", self.device)
+                message = f"batch on {self.device} failed outside the engine: {type(e).__name__}: {e}"
+                event(log, "batch_failed", message, logging.ERROR, exc_info=e, device=self.device)
                 self._fail(jobs, 500, f"internal error: {type(e).__name__}: {e}")
 
     def stop(self) -> None:
@@ -109,7 +112,16 @@ class Worker(threading.Thread):
         self.runners[spec.name] = runner
         self.catalog.publish(info_of(runner))
         self.metrics.model_loaded.labels(spec.name).set(1)
-        log.info("loaded %s (%s) on %s in %.1f s", spec.name, spec.family, spec.device, time.monotonic() - t0)
+        load_s = round(time.monotonic() - t0, 3)
+        event(
+            log,
+            "model_loaded",
+            f"loaded {spec.name} ({spec.family}) on {spec.device} in {load_s:.1f} s",
+            model=spec.name,
+            family=spec.family,
+            device=spec.device,
+            load_s=load_s,
+        )
 
     def _run_batch(self, jobs: list[Job]) -> None:
         now = time.monotonic()
@@ -118,6 +130,8 @@ class Worker(threading.Thread):
             if job.started is None:
                 job.started = now
                 self.metrics.queue_time.labels(model).observe(now - job.arrival)
+                self.metrics.queue_wait.labels(model).observe(now - job.arrival)
+                self.metrics.stage_time.labels(model, "queue").observe(now - job.arrival)
         self.metrics.running.set(len(jobs))
         try:
             self._execute(self.runners[model], [(job, i) for job in jobs for i in range(job.n)])
@@ -170,7 +184,15 @@ class Worker(threading.Thread):
             if is_out_of_memory(e) and len(rows) > 1:
                 return SPLIT  # retried by the caller, once this frame has let go of the failed attempt
             self.metrics.batch_failures.labels("oom" if is_out_of_memory(e) else "error").inc()
-            log.exception("batch of %d images on %s failed", len(rows), model)
+            event(
+                log,
+                "batch_failed",
+                f"batch of {len(rows)} images on {model} failed: {type(e).__name__}: {e}",
+                logging.ERROR,
+                exc_info=e,
+                model=model,
+                images=len(rows),
+            )
             self._fail(jobs, 500, f"generation failed: {type(e).__name__}: {e}")
             return None
 
@@ -192,6 +214,7 @@ class Worker(threading.Thread):
         self.metrics.forward_passes.labels(model).inc(result.forward_passes)
         for job in jobs:
             job.inference_s += elapsed
+            job.decode_s += result.decode_s
             job.forward_passes += result.forward_passes
             job.kv_bytes = max(job.kv_bytes, result.kv_bytes)
             job.kv_bytes_full = max(job.kv_bytes_full, result.kv_bytes_full)
@@ -210,6 +233,11 @@ class Worker(threading.Thread):
             self.metrics.images.labels(model).inc(job.n)
             self.metrics.tokens.labels(model).inc(job.n * tokens_per_image)
             self.metrics.inference_time.labels(model).observe(job.inference_s)
+            height, width = job.images[0].shape[-2:]
+            self.metrics.image_count.labels(model).inc(job.n)
+            self.metrics.image_pixels.labels(model).inc(job.n * height * width)
+            self.metrics.stage_time.labels(model, "engine").observe(max(0.0, job.inference_s - job.decode_s))
+            self.metrics.stage_time.labels(model, "decode").observe(job.decode_s)
             job.channel.send(Done(torch.stack(job.images)))
             job.images = []
 
@@ -224,12 +252,13 @@ class Worker(threading.Thread):
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
         half = split_point(rows)
-        log.warning(
-            "out of memory at %d images on %s: retrying as %d + %d",
-            len(rows),
-            runner.spec.name,
-            half,
-            len(rows) - half,
+        event(
+            log,
+            "oom_split",
+            f"out of memory at {len(rows)} images on {runner.spec.name}: retrying as {half} + {len(rows) - half}",
+            logging.WARNING,
+            model=runner.spec.name,
+            images=len(rows),
         )
         self._execute(runner, rows[:half])
         self._execute(runner, rows[half:])

@@ -23,6 +23,7 @@ import torch
 
 from models.llamagen.model import GPT
 from models.llamagen.tokenizer import VQModel
+from models.runtime import device_clock
 from models.sampling import SamplerRows, make_generators
 from models.settings import ImageSettings
 
@@ -87,6 +88,7 @@ class LlamaGenOutput:
     forward_passes: int
     kv_bytes: int  # KV-store bytes held by the batch (stored = full = working for a dense store)
     flops: float  # matmul FLOPs of the transformer passes
+    decode_s: float = 0.0  # seconds the VQ decoder took to turn the tokens into pixels
 
 
 def transformer_flops(model: GPT, rows: int) -> float:
@@ -213,13 +215,15 @@ def generate(
     tokens = engine.tokens
     # One image at a time: a batched decode may differ in the last bit with the batch size, and an
     # image must not depend on its batch.
+    t0 = device_clock(tokens.device) if decode else 0.0
     images = (
         torch.cat([decode_tokens(vq, tokens[i : i + 1], c.grid_size) for i in range(len(seqs))])
         if decode
         else tokens.new_zeros(0).float()
     )
+    decode_s = device_clock(tokens.device) - t0 if decode else 0.0
     return LlamaGenOutput(
-        images, tokens, c.block_size, engine.store.nbytes, transformer_flops(model, engine.rows)
+        images, tokens, c.block_size, engine.store.nbytes, transformer_flops(model, engine.rows), decode_s
     )
 
 

@@ -99,6 +99,7 @@ class LlamaGenRunner:
             out.kv_bytes,
             out.kv_bytes,
             out.flops,
+            out.decode_s,
         )
 
     def _negatives(self, settings: list[ImageSettings]) -> list[engine.Caption | None] | None:

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import torch
 
 from models.kv.dense import DenseScaleStore
+from models.runtime import device_clock
 from models.sampling import SamplerRows
 from models.settings import ImageSettings
 from models.var.model import GROUP_TOKENS, VAR
@@ -48,6 +49,7 @@ class VAROutput:
     kv_bytes_full: int  # the same for the uncompressed store
     kv_bytes_working: int  # peak with the scale being computed
     flops: float = field(default=0.0)  # matmul FLOPs of the transformer passes
+    decode_s: float = 0.0  # seconds the VQ-VAE took to decode the tokens to pixels
 
 
 def is_guided(settings: list[ImageSettings]) -> bool:
@@ -134,6 +136,7 @@ def generate(
     # on its batch. Per-image decoding is not the dearer choice: at batch 16 it took 3.1-3.7 s per
     # image against 4.2-4.9 s batched (VQ-VAE ch 160, 2 shared cores; earlier 1.96 against 2.58),
     # and at batch 4 the two were within noise (3.3-3.6 against 3.3-4.4).
+    t0 = device_clock(f_hat.device) if decode else 0.0
     images = (
         torch.cat([vae.idx_to_img([t[i : i + 1] for t in tokens]) for i in range(B)]).add_(1).mul_(0.5)
         if decode
@@ -147,4 +150,5 @@ def generate(
         store.nbytes,  # the dense store is the uncompressed one
         store.working_nbytes,
         transformer_flops(model, rows),
+        device_clock(f_hat.device) - t0 if decode else 0.0,
     )

@@ -61,6 +61,7 @@ class VARRunner:
             out.kv_bytes_full,
             out.kv_bytes_working,
             out.flops,
+            out.decode_s,
         )
 
     @torch.inference_mode()

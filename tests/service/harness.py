@@ -85,6 +85,33 @@ def metric(samples: dict[tuple, float], name: str, **labels) -> float:
     return samples.get((name, *sorted(labels.items())), 0.0)
 
 
+def check_image_metrics(server: ThreadServer, body: dict, model: str, pixels_per_image: int) -> None:
+    """One generation moves the image metrics by its images and pixels and each stage histogram of
+    its model by one observation; engine + decode add up to the request's inference time."""
+    from service.metrics import STAGES
+
+    before = server.metrics()
+    r = server.post(body)
+    assert r.status_code == 200, r.text
+    after = server.metrics()
+
+    def delta(name, **labels):
+        return metric(after, name, model=model, **labels) - metric(before, name, model=model, **labels)
+
+    n = len(r.json()["data"])
+    assert delta("varserve_image_count_total") == n
+    assert delta("varserve_image_pixels_total") == n * pixels_per_image
+    assert delta("varserve_request_queue_wait_s_count") == 1
+    stage_s = {}
+    for stage in STAGES:
+        assert delta("varserve_stage_gen_time_s_count", stage=stage) == 1, stage
+        stage_s[stage] = delta("varserve_stage_gen_time_s_sum", stage=stage)
+    assert stage_s["decode"] > 0 and stage_s["encode"] > 0 and stage_s["engine"] > 0
+    inference_s = delta("varserve_request_inference_time_seconds_sum")
+    assert abs(stage_s["engine"] + stage_s["decode"] - inference_s) < 1e-6
+    assert stage_s["queue"] == delta("varserve_request_queue_wait_s_sum")
+
+
 class EngineGate:
     """Replaces a runner's generate: every engine call waits for a permit; with hold_step, the call
     also pauses before the engine's step callback of that index until step_permit is set."""

@@ -11,6 +11,7 @@ from tests.service.harness import (
     EngineGate,
     ThreadServer,
     assert_same_images,
+    check_image_metrics,
     decode_png,
     metric,
     sse_events,
@@ -207,3 +208,7 @@ def test_metrics_text_parses_and_counts_what_happened(server):
     assert metric(m, "varserve_num_requests_waiting") == metric(m, "varserve_num_requests_running") == 0
     server.client.get("/wp-login.php")
     assert metric(server.metrics(), "varserve_requests_total", route="other", status="404") >= 1
+
+
+def test_image_metrics_count_images_pixels_and_the_time_of_each_stage(server):
+    check_image_metrics(server, {"prompt": 3, "n": 2, "seed": 11}, "var-fixture", 256 * 256)

@@ -14,6 +14,7 @@ from tests.service.harness import (
     EngineGate,
     ThreadServer,
     assert_same_images,
+    check_image_metrics,
     decode_png,
     metric,
     sse_events,
@@ -264,6 +265,11 @@ def test_kv_bytes_and_metrics_follow_guidance_cfg_1_runs_half_the_rows(server, m
 
     m = metrics_after_the_batch(server)
     assert kv_peak(m) == kv_cache_bytes(2 * n)  # the largest batch so far, not the last one
+
+
+def test_image_metrics_count_images_pixels_and_the_time_of_each_stage(server):
+    body = {"model": MODEL, "prompt": 1, "n": 2, "seed": 5, "cfg_scale": 1.0}
+    check_image_metrics(server, body, MODEL, IMAGE_PX * IMAGE_PX)
 
 
 def test_split_point_is_the_request_boundary_nearest_the_middle():

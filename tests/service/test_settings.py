@@ -37,11 +37,29 @@ def test_config_defaults_to_the_bundled_models():
         (("--config", "c", "--port", "70000"), {}, "--port: 70000 is outside [0, 65535]"),
         (("--config", "c"), {"VARSERVE_TIMEOUT_S": "0"}, "VARSERVE_TIMEOUT_S: 0.0 is not > 0"),
         (("--config", "c", "--log-level", "loud"), {}, "--log-level: 'loud' is not one of"),
+        (("--config", "c", "--log-format", "xml"), {}, "--log-format: 'xml' is not one of text, json"),
+        (("--config", "c"), {"VARSERVE_LOG_FORMAT": "yaml"}, "VARSERVE_LOG_FORMAT: 'yaml' is not one of"),
     ],
 )
 def test_bad_settings_name_the_flag_or_variable(argv, env, message):
     with pytest.raises(ValueError, match=re.escape(message)):
         parse(*argv, env=env)
+
+
+def test_log_format_is_text_unless_json_is_asked_for():
+    assert parse().log_format == "text"
+    assert parse(env={"VARSERVE_LOG_FORMAT": "JSON"}).log_format == "json"
+    assert parse("--log-format", "text", env={"VARSERVE_LOG_FORMAT": "json"}).log_format == "text"
+
+
+def test_a_bad_log_format_is_a_command_line_error(monkeypatch, capsys):
+    from service.cli import main
+
+    monkeypatch.setenv("VARSERVE_LOG_FORMAT", "xml")
+    with pytest.raises(SystemExit) as exit_:
+        main(["serve"])
+    assert exit_.value.code == 2
+    assert "VARSERVE_LOG_FORMAT: 'xml' is not one of text, json" in capsys.readouterr().err
 
 
 def test_class_names_come_from_the_config_or_imagenet():
