@@ -6,8 +6,9 @@ import asyncio
 from contextlib import asynccontextmanager
 from pathlib import Path
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.security import HTTPBearer
 from fastapi.staticfiles import StaticFiles
 from fastapi_offline import FastAPIOffline
 from sse_starlette import EventSourceResponse
@@ -99,13 +100,18 @@ def create_app(pool: WorkerPool, metrics: Metrics) -> FastAPI:
     async def prometheus_metrics():
         return Response(metrics.render(), media_type=CONTENT_TYPE)
 
-    @app.get("/v1/models", response_model=ModelList)
+    # The API key is checked by ApiKeyMiddleware; declaring the scheme on the /v1 routes gives the
+    # OpenAPI document a security scheme, so /docs offers "Authorize" and its calls carry the key.
+    keyed = [Depends(HTTPBearer(auto_error=False))] if pool.settings.api_keys else []
+
+    @app.get("/v1/models", response_model=ModelList, dependencies=keyed)
     async def models():
         return ModelList(data=[model_card(name, pool) for name in pool.catalog.specs])
 
     @app.post(
         "/v1/images/generations",
         response_model=ImagesResponse,
+        dependencies=keyed,
         responses={**ERRORS, 200: {"content": {"text/event-stream": {}}, "description": "JSON, or SSE"}},
     )
     async def images_generations(body: ImagesRequest, request: Request):
@@ -129,6 +135,7 @@ def create_app(pool: WorkerPool, metrics: Metrics) -> FastAPI:
     @app.post(
         "/v1/generate",
         response_model=ImagesResponse,
+        dependencies=keyed,
         responses={**ERRORS, 200: {"content": {"text/event-stream": {}}, "description": "JSON, or SSE"}},
     )
     async def generate(body: GenerateRequest, request: Request):
@@ -162,5 +169,6 @@ def model_card(name: str, pool: WorkerPool) -> ModelCard:
     if info is not None:
         card.conditioning, card.resolution = info.conditioning, info.resolution
         card.num_classes = info.num_classes if info.conditioning == "class" else None
+        card.class_names = list(spec.class_names) if spec.class_names else None
         card.steps = info.steps
     return card

@@ -162,6 +162,7 @@ class ModelCard(BaseModel):
     conditioning: str | None = None
     resolution: str | None = None
     num_classes: int | None = None
+    class_names: list[str] | None = Field(None, description="the config's names of the classes, by index")
     steps: int | None = None
     defaults: SamplingDefaultsCard
 

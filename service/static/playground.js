@@ -237,6 +237,8 @@
     el.modelInfo.replaceChildren(...facts.map((f) => Object.assign(document.createElement("span"), { textContent: f })));
 
     el.promptGroup.hidden = card.conditioning !== "text";
+    // guidance over a token interval is the next-token sampler's knob
+    $("cfg-interval-group").hidden = card.family !== "llamagen";
     el.classGroup.hidden = card.conditioning !== "class";
     if (card.conditioning === "class") renderClasses(card, resetValues);
     if (resetValues) setDefaults(card);
@@ -308,6 +310,8 @@
     const raw = {}; // integers JSON numbers cannot hold exactly, spliced into the text as written
     if (card.conditioning === "text") {
       body.prompt = el.prompt.value;
+      const negative = $("negative_prompt").value;
+      if (negative !== "") body.negative_prompt = negative;
     } else {
       const chosen = el.classSelect.value === CUSTOM_CLASS ? el.className.value.trim() : el.classSelect.value;
       body.class_label = /^\d+$/.test(chosen) && chosen.length < 16 ? Number(chosen) : chosen;
@@ -323,6 +327,8 @@
       const value = $(param).value.trim();
       if (value !== "") body[param] = numberOrText(value);
     }
+    const interval = $("cfg_interval").value.trim();
+    if (card.family === "llamagen" && interval !== "") body.cfg_interval = numberOrText(interval);
     for (const input of el.extraBody.querySelectorAll("[data-param]")) {
       if (input.type === "checkbox") {
         if (input.checked) body[input.dataset.param] = true;

@@ -12,17 +12,31 @@ import sys
 import threading
 import time
 from contextlib import contextmanager
+from pathlib import Path
 
 import httpx
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
+from models.config import DEFAULT_CONFIG
 from service.server import build_server
 from service.settings import Settings
 from tests.conftest import REPO
 
 CONFIG = REPO / "configs" / "fixtures.toml"
 TIMEOUT_S = 120  # the bound on every wait in these tests; never reached when things work
+
+
+def bundled_model_config(name: str, folder: Path) -> Path:
+    """A config in `folder` serving one of the bundled default models alone."""
+    entries = DEFAULT_CONFIG.read_text().split("[[model]]")
+    entry = next(e for e in entries if f'name = "{name}"' in e)
+    bundled = DEFAULT_CONFIG.parent
+    for key in ("weights", "tokenizer"):
+        entry = entry.replace(f'{key} = "', f'{key} = "{bundled}/')
+    path = folder / "models.toml"
+    path.write_text("[[model]]" + entry)
+    return path
 
 
 def wait_until(predicate, what: str, timeout_s: float = TIMEOUT_S, interval_s: float = 0.02):

@@ -52,6 +52,13 @@ def test_every_key_opens_the_v1_routes_and_probes_stay_open(guarded):
         assert guarded.client.get(path).status_code == 200, path
     # refused requests are counted like any other answer
     assert metric(guarded.metrics(), "varserve_requests_total", route="/v1/models", status="401") >= 1
+    # the OpenAPI document declares the key, so /docs offers "Authorize" and sends it
+    spec = guarded.client.get("/openapi.json").json()
+    assert spec["components"]["securitySchemes"] == {"HTTPBearer": {"type": "http", "scheme": "bearer"}}
+    for path in ("/v1/models", "/v1/images/generations", "/v1/generate"):
+        operation = next(iter(spec["paths"][path].values()))
+        assert operation["security"] == [{"HTTPBearer": []}], path
+    assert "security" not in spec["paths"]["/health"]["get"]
 
 
 def test_protect_metrics_puts_metrics_behind_the_key_too():

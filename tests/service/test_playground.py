@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.service.harness import ThreadServer
+from tests.service.harness import ThreadServer, bundled_model_config
 
 CHROMIUM = Path("/usr/bin/chromium")  # Debian's packages: chromium, chromium-driver
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
@@ -301,3 +301,46 @@ def test_docs_render_offline_and_list_the_operations(browser, server, tmp_path):
     assert "/playground" not in paths
     assert_only_local_resources(browser, server)
     screenshot(browser, tmp_path, "docs")
+
+
+@pytest.fixture(scope="module")
+def text_server(tmp_path_factory):
+    config = bundled_model_config("llamagen-shapes-t2i", tmp_path_factory.mktemp("t2i"))
+    with ThreadServer(config=config, max_batch_size=4, timeout_s=60) as s:
+        yield s
+
+
+def test_playground_sends_a_text_models_negative_prompt_and_guidance_interval(browser, text_server, tmp_path):
+    from selenium.webdriver.common.by import By
+
+    open_playground(browser, text_server)
+    assert browser.find_element(By.ID, "negative_prompt").is_displayed()
+    assert browser.find_element(By.ID, "cfg_interval").is_displayed()  # a next-token model's knob
+    fill(browser, "prompt", "a green star")
+    fill(browser, "negative_prompt", "a red star")
+    fill(browser, "seed", "12")
+    fill(browser, "cfg_scale", "1")  # no guidance: the server refuses the negative prompt
+    browser.find_element(By.ID, "generate").click()
+    error = browser.find_element(By.ID, "error")
+    wait(browser, lambda d: error.is_displayed(), "the error to show")
+    assert "negative_prompt needs guidance" in error.text, error.text
+    assert browser.find_element(By.ID, "negative_prompt").get_attribute("aria-invalid") == "true"
+
+    fill(browser, "cfg_scale", "3")
+    fill(browser, "cfg_interval", "100")
+    browser.find_element(By.ID, "generate").click()
+    wait(browser, lambda d: page_state(d)["status"] in ("done", "error"), "the generation to end")
+    state = page_state(browser)
+    assert state["status"] == "done", state["lastError"]
+    assert state["run"]["previews"] == 16  # a preview per token row
+    src = browser.find_element(By.CSS_SELECTOR, "#gallery img[data-final='true']").get_attribute("src")
+    body = {
+        "prompt": "a green star",
+        "negative_prompt": "a red star",
+        "seed": 12,
+        "cfg_scale": 3,
+        "cfg_interval": 100,
+    }
+    same = text_server.post(body, path="/v1/generate").json()["data"][0]["b64_json"]
+    assert src == f"data:image/png;base64,{same}"  # what the page sent is what it showed
+    screenshot(browser, tmp_path, "playground-text")

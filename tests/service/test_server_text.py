@@ -8,10 +8,9 @@ import numpy as np
 import openai
 import pytest
 
-from models.config import DEFAULT_CONFIG
 from models.settings import ImageSettings
 from service.images import to_pil
-from tests.service.harness import TIMEOUT_S, ThreadServer, decode_png
+from tests.service.harness import TIMEOUT_S, ThreadServer, bundled_model_config, decode_png
 
 MODEL = "llamagen-shapes-t2i"
 PROMPT = "a red circle in the middle"
@@ -19,14 +18,7 @@ PROMPT = "a red circle in the middle"
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    entry = DEFAULT_CONFIG.read_text().split("[[model]]")
-    t2i = next(e for e in entry if f'"{MODEL}"' in e)
-    folder = DEFAULT_CONFIG.parent
-    t2i = t2i.replace('weights = "', f'weights = "{folder}/').replace(
-        'tokenizer = "', f'tokenizer = "{folder}/'
-    )
-    config = tmp_path_factory.mktemp("t2i") / "models.toml"
-    config.write_text("[[model]]" + t2i)
+    config = bundled_model_config(MODEL, tmp_path_factory.mktemp("t2i"))
     with ThreadServer(config=config, max_batch_size=4, timeout_s=60) as s:
         yield s
 
