@@ -31,6 +31,10 @@ class ImageSettings:
     # Text models: the caption of the guidance branch instead of the learned null caption, so
     # guidance steers away from it (a guided image only: without guidance there is no such branch).
     negative_prompt: str | None = None
+    # VAR: the KV-cache compression policy (models/kv/policies.py) and its budget, the fraction of
+    # the full stored prefix kept (1.0: everything).
+    kv_policy: str = "full"
+    kv_budget: float = 1.0
 
 
 class SettingError(ValueError):
