@@ -12,6 +12,7 @@
 // h / (H / H_kv) (grouped-query attention, as the official repeat_interleave).
 
 #include <math.h>
+#include <stdlib.h>
 #include <string.h>
 
 typedef float v16 __attribute__((vector_size(64)));
@@ -77,5 +78,71 @@ void varserve_decode_attention(const float *q, const float *k, const float *v,
     }
     float *oh = out + bh * D;
     for (long d = 0; d < D; d++) oh[d] = acc[d] / total;
+  }
+}
+
+// Attention of S new tokens per sequence over a paged cache (a decode step, S = 1, or a verify
+// window, causal inside it), float32.
+//
+// q: (R, H, S, D), row r's queries at positions starts[r] .. starts[r] + S - 1; k, v pools:
+// (n_blocks, H_kv, block_size, D); block_table: (R, max_blocks) int32, row r's positions
+// [j * block_size, (j + 1) * block_size) in block block_table[r * max_blocks + j]; key_valid:
+// (R, valid_width) bytes, 0 for a padded condition token, or NULL; out: (R, H, S, D).
+//
+// One thread per (row, head): each key is read once and scored against all S queries that see
+// it (two passes, scores then values, so the window costs one stream over the row's blocks, not
+// S of them). The query at position p reads keys 0..p; a padded key only when it is its own.
+
+void varserve_paged_attention(const float *q, const float *k, const float *v, const int *block_table,
+                              const long *starts, const unsigned char *key_valid, float *out, long R,
+                              long H, long H_kv, long S, long block_size, long max_blocks,
+                              long valid_width, long D, float scale) {
+  long group = H / H_kv;
+#pragma omp parallel for schedule(dynamic)
+  for (long rh = 0; rh < R * H; rh++) {
+    long r = rh / H, h = rh % H, kvh = h / group;
+    long start = starts[r], L = start + S;  // keys 0..L-1 exist; query s sees 0..start + s
+    const float *qr = q + rh * S * D;
+    const int *table = block_table + r * max_blocks;
+    const unsigned char *valid = key_valid ? key_valid + r * valid_width : NULL;
+    float *p = malloc(sizeof(float) * S * L);  // scores, then weights, (S, L)
+    float top[S], total[S];
+    for (long s = 0; s < S; s++) top[s] = -1e30f;  // finite: the file builds with -ffast-math
+    for (long t = 0; t < L; t++) {
+      const float *kt = k + ((table[t / block_size] * H_kv + kvh) * block_size + t % block_size) * D;
+      int padded = valid && t < valid_width && !valid[t];
+      for (long s = 0; s < S; s++) {
+        long pos = start + s;
+        float x = (t > pos || (padded && t != pos)) ? -1e30f : scale * dot(qr + s * D, kt, D);
+        p[s * L + t] = x;
+        top[s] = x > top[s] ? x : top[s];
+      }
+    }
+    for (long s = 0; s < S; s++) {
+      total[s] = 0.0f;
+      for (long t = 0; t < L; t++) {
+        float w = expf(p[s * L + t] - top[s]);
+        p[s * L + t] = w;
+        total[s] += w;
+      }
+    }
+    float acc[S * D];
+    memset(acc, 0, sizeof acc);
+    for (long t = 0; t < L; t++) {
+      const float *vt = v + ((table[t / block_size] * H_kv + kvh) * block_size + t % block_size) * D;
+      for (long s = t > start ? t - start : 0; s < S; s++) {  // the queries that see key t
+        float w = p[s * L + t], *a = acc + s * D;
+        long d = 0;
+        for (; d + LANES <= D; d += LANES) {
+          v16 x = load16(a + d) + w * load16(vt + d);
+          memcpy(a + d, &x, sizeof x);
+        }
+        for (; d < D; d++) a[d] += w * vt[d];
+      }
+    }
+    free(p);
+    float *o = out + rh * S * D;
+    for (long s = 0; s < S; s++)
+      for (long d = 0; d < D; d++) o[s * D + d] = acc[s * D + d] / total[s];
   }
 }

@@ -1,6 +1,6 @@
 """Without a GPU, Triton kernels run in Triton's interpreter on CPU tensors. The interpreter is
 chosen when a kernel is decorated, so the variable is set here, before any test module imports
-kernels.scale_attention (and only here: no other kernel test uses triton)."""
+kernels.scale_attention (and only here)."""
 
 import os
 

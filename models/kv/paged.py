@@ -1,0 +1,133 @@
+"""The paged store for next-token models: every layer's keys and values in one pool of fixed-size
+blocks, each sequence holding the blocks its positions so far need (a block table per row).
+
+Every image of a model has the same length, so paging does not save the padding it saves for
+text: what it buys is that memory follows each sequence's progress. A sequence takes a block when
+its positions reach one, and gives all of them back the step it finishes, so a running batch
+whose sequences started at different times holds about half the blocks a preallocated batch of
+the same size would, and admission is a question of free blocks, not of batch slots.
+
+The pool is the model's for its whole life (allocated once, at the size the server is given); a
+`PagedTokenStore` is one running batch's view of it: the block tables of the batch's rows, rebuilt
+when rows join, leave or take a block. The conditional and null-condition rows of a guided image
+are two rows with their own blocks, taken and given back together by their sequence.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kernels.paged_attention import paged_attention
+from models.kv.store import TokenSpan
+
+
+class OutOfBlocks(RuntimeError):
+    """The pool cannot give the blocks asked for: the caller admits less or waits."""
+
+
+class BlockPool:
+    """k, v: (n_layer, n_blocks, n_kv_head, block_size, head_dim) each, and the free list."""
+
+    def __init__(
+        self,
+        n_layer: int,
+        n_blocks: int,
+        n_kv_head: int,
+        block_size: int,
+        head_dim: int,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+    ):
+        shape = (n_layer, n_blocks, n_kv_head, block_size, head_dim)
+        # zeros, not empty: a reference path that gathers a whole block reads its unwritten tail
+        # (masked, but NaN garbage times a zero weight is still NaN)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.block_size, self.n_blocks = block_size, n_blocks
+        self._free = list(range(n_blocks - 1, -1, -1))  # pop() hands out low indices first
+        self.peak_used = 0
+
+    @property
+    def num_free(self) -> int:
+        return len(self._free)
+
+    @property
+    def num_used(self) -> int:
+        return self.n_blocks - len(self._free)
+
+    @property
+    def block_nbytes(self) -> int:
+        """Bytes of one block: every layer's keys and values of block_size positions."""
+        return 2 * self.k[:, 0].numel() * self.k.element_size()
+
+    def blocks_for(self, positions: int) -> int:
+        return -(-positions // self.block_size)
+
+    def allocate(self, n: int) -> list[int]:
+        if n > len(self._free):
+            raise OutOfBlocks(f"{n} blocks asked, {len(self._free)} free of {self.n_blocks}")
+        blocks = [self._free.pop() for _ in range(n)]
+        self.peak_used = max(self.peak_used, self.num_used)
+        return blocks
+
+    def release(self, blocks: list[int]) -> None:
+        self._free.extend(reversed(blocks))
+
+
+class PagedTokenStore:
+    """A running batch's rows over a BlockPool. `tables[r]` lists row r's blocks in position
+    order; `grow(r, positions)` gives row r the blocks for its first `positions` positions. The
+    device block table (R, max_blocks) int32 is rebuilt only when a table changed."""
+
+    def __init__(self, pool: BlockPool, max_len: int):
+        self.pool = pool
+        self.max_blocks = pool.blocks_for(max_len)
+        self.tables: list[list[int]] = []
+        self._block_table: torch.Tensor | None = None
+        self.peak_blocks = 0  # the most blocks this batch held at once
+
+    def set_rows(self, tables: list[list[int]]) -> None:
+        """The batch's rows, in row order, each with the blocks it already holds."""
+        self.tables = tables
+        self._block_table = None
+
+    def grow(self, row: int, positions: int) -> None:
+        """Row `row` will hold positions 0..positions-1: take the blocks that needs (OutOfBlocks)."""
+        need = self.pool.blocks_for(positions) - len(self.tables[row])
+        if need > 0:
+            self.tables[row].extend(self.pool.allocate(need))
+            self._block_table = None
+            self.peak_blocks = max(self.peak_blocks, sum(map(len, self.tables)))
+
+    @property
+    def block_table(self) -> torch.Tensor:
+        if self._block_table is None:
+            table = torch.zeros(len(self.tables), self.max_blocks, dtype=torch.int32)
+            for r, blocks in enumerate(self.tables):
+                table[r, : len(blocks)] = torch.tensor(blocks, dtype=torch.int32)
+            self._block_table = table.to(self.pool.k.device, non_blocking=True)
+        return self._block_table
+
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, at: TokenSpan) -> None:
+        """k, v: (R, H_kv, S, D) at positions at.positions (R, S): one scatter per pool, no host sync."""
+        bs = self.pool.block_size
+        blocks = self.block_table.gather(1, (at.positions // bs).to(torch.int64)).long()  # (R, S)
+        offsets = at.positions % bs
+        # indices around a full slice: the indexed view is (R, S, H_kv, D)
+        self.pool.k[layer][blocks, :, offsets] = k.transpose(1, 2)
+        self.pool.v[layer][blocks, :, offsets] = v.transpose(1, 2)
+
+    def attend(self, layer: int, q: torch.Tensor, at: TokenSpan) -> torch.Tensor:
+        """q: (R, H, S, D) -> (R, H, S, D)."""
+        return paged_attention(
+            q, self.pool.k[layer], self.pool.v[layer], self.block_table, at.positions, at.key_valid
+        )
+
+    @property
+    def nbytes(self) -> int:
+        """The batch's blocks at their most: every position held is read again by later tokens."""
+        return self.peak_blocks * self.pool.block_nbytes
+
+    @property
+    def working_nbytes(self) -> int:
+        return self.nbytes
