@@ -1,26 +1,25 @@
 """Next-token generation as a step engine: each image is a `Sequence` that carries its condition,
-settings and random state; the `Engine` holds what its rows share on the device (each row's
-position, the guidance pairing, the store), and `Engine.step()` advances every sequence of a batch
-by one forward pass (the prefill of the condition tokens first, then one image
-token per step, in raster order). `generate` is a thin loop over `step()`.
+settings, random state and progress; the `Engine` is the running batch over a pool of KV blocks
+(models/kv/paged.py). Sequences join (`add`: their prefill, which samples their first token) and
+leave (`remove`) between steps, and `Engine.step()` advances every sequence by one image token in
+one decode pass, each at its own position: continuous batching. `generate` is the static batch,
+a thin loop over `step()`.
 
 Guidance is per sequence: a guided image (cfg != 1) runs a null-condition row beside its own, and
 logits = uncond + cfg * (cond - uncond). Rows are laid out as every sequence's own row, then the
 null rows of the guided ones; `null_of` pairs them explicitly. A text sequence's null row reads
 the learned null caption, or its negative caption when it has one.
 
-The store is dense and sized for the batch at its start, so today's batches are static (every
-image has the same length); the paged store of continuous batching lets sequences join and leave
-between steps through the same `Sequence` and `step()`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
+from models.kv.paged import BlockPool, OutOfBlocks, PagedTokenStore
 from models.llamagen.model import GPT
 from models.llamagen.tokenizer import VQModel
 from models.runtime import device_clock
@@ -57,10 +56,19 @@ class Sequence:
     cond_mask: torch.Tensor | None = None  # (cls_token_num,) bool, False at caption padding
     generator: torch.Generator | None = None
     negative: Caption | None = None  # t2i: the guidance row's caption instead of the null one
+    # the engine's, while the sequence runs
+    tokens: torch.Tensor | None = None  # (block_size,) long, the first `n` sampled
+    n: int = 0  # image tokens sampled so far
+    blocks: list[list[int]] = field(default_factory=list)  # each of its rows' blocks: own[, null]
+    forward_passes: int = 0
 
     @property
     def guided(self) -> bool:
         return is_guided(self.settings)
+
+    @property
+    def rows(self) -> int:
+        return 2 if self.guided else 1
 
 
 @dataclass
@@ -104,84 +112,158 @@ def transformer_flops(model: GPT, rows: int) -> float:
 
 
 class Engine:
-    """A batch of sequences and the state their steps share, built once: the store, each row's
-    next position, the guidance table and the sampler tensors. A step reads no value back from the
-    device, so on a GPU the host can queue the next step while this one runs."""
+    """The running batch: sequences join (`add`) and leave (`remove`) between steps, over one
+    BlockPool. Joining runs the newcomers' prefill, one forward pass of their own rows that samples
+    their first token; `step()` is one decode pass of every sequence in the batch, each at its own
+    position. Rows are every sequence's own row, then the null rows of the guided ones.
 
-    def __init__(self, model: GPT, seqs: list[Sequence]):
-        self.model, self.seqs, self.steps_done = model, seqs, 0
-        c, device = model.config, model.tok_embeddings.weight.device
-        B = len(seqs)
-        for s in self.seqs:
+    What the rows share on the device (positions, guidance pairing and table, sampler tensors,
+    padding mask) is rebuilt when the membership changes, never read back in a step, so on a GPU
+    the host can queue the next step while this one runs. Each sequence's draws come from its own
+    generator, so its tokens are the same alone, in a static batch, or joining a running one."""
+
+    def __init__(self, model: GPT, pool: BlockPool):
+        self.model, self.pool = model, pool
+        self.store = PagedTokenStore(pool, model.config.max_seq_len)
+        self.seqs: list[Sequence] = []
+        self.device = model.tok_embeddings.weight.device
+        self._layout()
+
+    @property
+    def finished(self) -> list[Sequence]:
+        """The sequences with every image token sampled (the caller removes them)."""
+        return [s for s in self.seqs if s.n == self.model.config.block_size]
+
+    def blocks_needed(self, seqs: list[Sequence]) -> int:
+        """Blocks these sequences hold once finished (admission: a batch's sequences never wait
+        for a block in the middle of an image)."""
+        return sum(s.rows * self.pool.blocks_for(self.model.config.max_seq_len) for s in seqs)
+
+    def add(self, seqs: list[Sequence]) -> None:
+        """Prefill `seqs` (one forward pass of their rows) and sample their first tokens.
+        Raises OutOfBlocks, taking nothing, when the pool cannot hold their condition tokens."""
+        c = self.model.config
+        need = sum(s.rows * self.pool.blocks_for(c.cls_token_num) for s in seqs)
+        if need > self.pool.num_free:
+            raise OutOfBlocks(f"{need} blocks to admit {len(seqs)} sequences, {self.pool.num_free} free")
+        for s in seqs:
             if s.generator is None:
-                s.generator = make_generators([s.settings.seed], device)[0]
-        guided = [i for i, s in enumerate(self.seqs) if s.guided]
-        # row B + j is the null row of seqs[guided[j]]
+                s.generator = make_generators([s.settings.seed], self.device)[0]
+            s.tokens = torch.zeros(c.block_size, dtype=torch.long, device=self.device)
+            s.blocks = [self.pool.allocate(self.pool.blocks_for(c.cls_token_num)) for _ in range(s.rows)]
+        rows = _Rows(self.model, seqs, self.device)
+        prefill_store = PagedTokenStore(self.pool, c.max_seq_len)
+        prefill_store.set_rows(rows.tables)
+        logits = self.model.prefill(self._condition_embeddings(seqs, rows), prefill_store, rows.key_valid)
+        first = rows.sample(logits, torch.zeros(len(seqs), dtype=torch.long, device=self.device))
+        for i, s in enumerate(seqs):
+            s.tokens[0] = first[i]
+            s.n, s.forward_passes = 1, s.forward_passes + 1
+        self.seqs = self.seqs + seqs
+        self._layout()
+
+    def remove(self, seqs: list[Sequence]) -> None:
+        """Drop `seqs` from the batch (finished, or their request left) and give back their blocks."""
+        gone = {id(s) for s in seqs}
+        for s in seqs:
+            for blocks in s.blocks:
+                self.pool.release(blocks)
+            s.blocks = []
+        self.seqs = [s for s in self.seqs if id(s) not in gone]
+        self._layout()
+
+    def step(self) -> None:
+        """One decode pass for every sequence of the batch, then one image token sampled each."""
+        if not self.seqs:
+            return
+        c = self.model.config
+        for r, s in enumerate(self._row_seqs):  # its input token's position is cls_token_num + n - 1
+            self.store.grow(r, c.cls_token_num + s.n)
+        last = self.tokens.gather(1, self.n[:, None] - 1)[:, 0]  # (B,) each sequence's newest token
+        step_tokens = torch.cat([last, last[self.rows.null_of]])[:, None]  # null rows feed their partner's
+        logits = self.model.decode_step(step_tokens, self.positions, self.store, self.rows.key_valid)[:, -1]
+        sampled = self.rows.sample(logits, self.n)
+        self.tokens.scatter_(1, self.n[:, None], sampled[:, None])
+        self.positions += 1
+        self.n += 1
+        for s in self.seqs:
+            s.n += 1
+            s.forward_passes += 1
+
+    def _condition_embeddings(self, seqs: list[Sequence], rows: _Rows) -> torch.Tensor:
+        dtype = self.model.tok_embeddings.weight.dtype
+        cond = torch.stack([s.condition.to(self.device) for s in seqs])
+        guided = rows.guided_seqs
+        if guided:
+            null = self.model.null_cond(len(guided)).to(cond.dtype)
+            if any(g.negative is not None for g in guided):
+                null = torch.stack(
+                    [
+                        u if g.negative is None else g.negative.embedding.to(self.device, cond.dtype)
+                        for u, g in zip(null, guided, strict=True)
+                    ]
+                )
+            cond = torch.cat([cond, null])
+        if cond.is_floating_point():
+            cond = cond.to(dtype)
+        return self.model.embed_cond(cond)
+
+    def _layout(self) -> None:
+        c = self.model.config
+        self.rows = _Rows(self.model, self.seqs, self.device)
+        self._row_seqs = self.seqs + self.rows.guided_seqs  # the sequence of each row
+        self.store.set_rows(self.rows.tables)
+        B = len(self.seqs)
+        self.tokens = (
+            torch.stack([s.tokens for s in self.seqs])
+            if B
+            else torch.zeros(0, c.block_size, dtype=torch.long, device=self.device)
+        )
+        for i, s in enumerate(self.seqs):  # views: a step's scatter updates every sequence's tokens
+            s.tokens = self.tokens[i]
+        self.n = torch.tensor([s.n for s in self.seqs], dtype=torch.long, device=self.device)
+        self.positions = torch.tensor(
+            [[c.cls_token_num + s.n - 1] for s in self._row_seqs], dtype=torch.long, device=self.device
+        ).reshape(-1, 1)
+
+
+class _Rows:
+    """What a set of sequences' rows share on the device: the guidance pairing (row B + j is the
+    null row of guided_seqs[j], `null_of[j]` its partner), the (G, block_size) table of each
+    guided image's cfg per image token, the padding mask and the sampler tensors."""
+
+    def __init__(self, model: GPT, seqs: list[Sequence], device: torch.device):
+        c = model.config
+        self.seqs = seqs
+        guided = [i for i, s in enumerate(seqs) if s.guided]
         self.null_of = torch.tensor(guided, dtype=torch.long, device=device)
-        self.guided_seqs = [self.seqs[i] for i in guided]  # the sequences of the null rows, in order
-        self.rows = B + len(guided)
-        self.store = self.model.new_kv_store(self.rows)
-        self.tokens = torch.empty(B, c.block_size, dtype=torch.long, device=device)  # left to right
-        self.sampler = SamplerRows.of(
-            [s.settings for s in self.seqs], device, [s.generator for s in self.seqs]
-        )
-        # (G, block_size): each guided image's cfg per image token, 1 (none) past its interval
+        self.guided_seqs = [seqs[i] for i in guided]
+        self.tables = [s.blocks[0] for s in seqs] + [s.blocks[1] for s in self.guided_seqs]
+        self.sampler = SamplerRows.of([s.settings for s in seqs], device, [s.generator for s in seqs])
         self.cfg_table = torch.tensor(
-            [[_cfg_at(self.seqs[i].settings, t) for t in range(c.block_size)] for i in guided],
+            [[_cfg_at(s.settings, t) for t in range(c.block_size)] for s in self.guided_seqs],
             device=device,
-        )
+        ).reshape(len(guided), c.block_size)
         # the official sampler masks a guided image's null row as its own row; a negative caption
         # brings its own padding
-        masks = [s.cond_mask for s in self.seqs] + [
+        masks = [s.cond_mask for s in seqs] + [
             s.cond_mask if s.negative is None else s.negative.mask for s in self.guided_seqs
         ]
         self.key_valid = None
         if any(m is not None for m in masks):
             full = torch.ones(c.cls_token_num, dtype=torch.bool, device=device)
             cond_mask = torch.stack([full if m is None else m.to(device) for m in masks])
-            self.key_valid = self.model.key_valid(cond_mask)
-        self.positions = torch.full((self.rows, 1), c.cls_token_num, dtype=torch.long, device=device)
+            self.key_valid = model.key_valid(cond_mask)
 
-    @property
-    def done(self) -> bool:
-        return self.steps_done == self.model.config.block_size
-
-    def step(self) -> None:
-        """One forward pass for every row, then one image token sampled per sequence."""
-        i, B = self.steps_done, len(self.seqs)
-        logits = self._prefill() if i == 0 else self._decode(self.tokens[:, i - 1])  # (rows, V)
+    def sample(self, logits: torch.Tensor, token_index: torch.Tensor) -> torch.Tensor:
+        """logits: (rows, V), own rows then null rows; token_index: (B,) the image token each
+        sequence samples now -> (B,) tokens."""
+        B = len(self.seqs)
         cond = logits[:B]
         if len(self.null_of):
-            scale = self.cfg_table[:, i : i + 1]  # (G, 1)
+            scale = self.cfg_table.gather(1, token_index[self.null_of][:, None])  # (G, 1)
             cond = cond.index_copy(0, self.null_of, torch.lerp(logits[B:], cond[self.null_of], scale))
-        self.tokens[:, i] = self.sampler.sample(cond.unsqueeze(1))[:, 0]
-        self.steps_done += 1
-
-    def _prefill(self) -> torch.Tensor:
-        device = self.tokens.device
-        dtype = self.model.tok_embeddings.weight.dtype
-        cond = torch.stack([s.condition.to(device) for s in self.seqs])
-        if len(self.null_of):
-            null = self.model.null_cond(len(self.null_of)).to(cond.dtype)
-            negatives = [s.negative for s in self.guided_seqs]
-            if any(n is not None for n in negatives):
-                null = torch.stack(
-                    [
-                        u if n is None else n.embedding.to(device, cond.dtype)
-                        for u, n in zip(null, negatives, strict=True)
-                    ]
-                )
-            cond = torch.cat([cond, null])
-        if cond.is_floating_point():
-            cond = cond.to(dtype)
-        return self.model.prefill(self.model.embed_cond(cond), self.store, self.key_valid)
-
-    def _decode(self, last: torch.Tensor) -> torch.Tensor:
-        """last: (B,) each sequence's newest token -> logits (rows, V) for the next one."""
-        step_tokens = torch.cat([last, last[self.null_of]])[:, None]  # null rows feed their partner's
-        logits = self.model.decode_step(step_tokens, self.positions, self.store, self.key_valid)[:, -1]
-        self.positions += 1
-        return logits
+        return self.sampler.sample(cond.unsqueeze(1))[:, 0]
 
 
 def _cfg_at(settings: ImageSettings, token: int) -> float:
@@ -206,13 +288,18 @@ def generate(
     masks = [None] * len(settings) if cond_mask is None else list(cond_mask)
     negatives = negatives or [None] * len(settings)
     seqs = [Sequence(cond[i], s, masks[i], negative=negatives[i]) for i, s in enumerate(settings)]
-    engine = Engine(model, seqs)
-    while not engine.done:
-        engine.step()
-        n = engine.steps_done
+    engine = Engine(model, batch_pool(model, seqs))
+    engine.add(seqs)
+    while True:
+        n = seqs[0].n  # a static batch: every sequence at the same token
         if on_row is not None and n % c.grid_size == 0:
             on_row(RowStep(n // c.grid_size - 1, c.grid_size, engine.tokens[:, :n]))
+        if n == c.block_size:
+            break
+        engine.step()
     tokens = engine.tokens
+    kv_bytes = engine.store.nbytes
+    engine.remove(seqs)
     # One image at a time: a batched decode may differ in the last bit with the batch size, and an
     # image must not depend on its batch.
     t0 = device_clock(tokens.device) if decode else 0.0
@@ -222,9 +309,18 @@ def generate(
         else tokens.new_zeros(0).float()
     )
     decode_s = device_clock(tokens.device) - t0 if decode else 0.0
-    return LlamaGenOutput(
-        images, tokens, c.block_size, engine.store.nbytes, transformer_flops(model, engine.rows), decode_s
-    )
+    rows = sum(s.rows for s in seqs)
+    return LlamaGenOutput(images, tokens, c.block_size, kv_bytes, transformer_flops(model, rows), decode_s)
+
+
+BLOCK_SIZE = 16  # positions per KV block: a tile of the paged kernels (a power of two >= 16)
+
+
+def batch_pool(model: GPT, seqs: list[Sequence], block_size: int = BLOCK_SIZE) -> BlockPool:
+    """A pool that holds exactly these sequences to their end (a static batch's)."""
+    c, w = model.config, model.tok_embeddings.weight
+    blocks = sum(s.rows for s in seqs) * -(-c.max_seq_len // block_size)
+    return BlockPool(c.n_layer, blocks, c.n_kv_head, block_size, c.head_dim, w.dtype, w.device)
 
 
 def decode_tokens(vq: VQModel, tokens: torch.Tensor, grid: int) -> torch.Tensor:

@@ -1,0 +1,89 @@
+"""Continuous batching in the next-token engine: sequences join a running batch and leave it at
+any step, over one pool of KV blocks. A sequence's tokens are the ones it gets alone; blocks follow
+each sequence's progress and all come back."""
+
+import pytest
+import torch
+
+from models.kv.paged import BlockPool, OutOfBlocks
+from models.llamagen.generate import BLOCK_SIZE, Engine, Sequence, generate
+from models.llamagen.loading import load_gpt
+from models.settings import ImageSettings
+from tests.conftest import REFERENCE
+
+
+@pytest.fixture(scope="module")
+def c2i():
+    return load_gpt(REFERENCE / "llamagen_c2i.pt", n_head=2, image_size=256)
+
+
+def pool_for(model, n_blocks):
+    c = model.config
+    return BlockPool(c.n_layer, n_blocks, c.n_kv_head, BLOCK_SIZE, c.head_dim)
+
+
+def alone(model, label, settings):
+    return generate(model, None, torch.tensor([label]), [settings], decode=False).tokens[0]
+
+
+SETTINGS = [
+    ImageSettings(seed=1, cfg=4.0, top_k=100),
+    ImageSettings(seed=2, cfg=1.0, top_k=50, temperature=0.8),
+    ImageSettings(seed=3, cfg=2.0, top_p=0.9, cfg_interval=100),
+    ImageSettings(seed=4, cfg=1.0),
+]
+
+
+def test_sequences_joining_and_leaving_get_the_tokens_they_get_alone(c2i):
+    c = c2i.config
+    per_seq = -(-c.max_seq_len // BLOCK_SIZE)
+    pool = pool_for(c2i, 8 * per_seq)
+    engine = Engine(c2i, pool)
+    seqs = [Sequence(torch.tensor(label), s) for label, s in zip((3, 5, 7, 1), SETTINGS, strict=True)]
+    done: dict[int, torch.Tensor] = {}
+    joins = {0: [0], 10: [1, 2], 100: [3]}  # step -> sequences joining before it
+    step = 0
+    while len(done) < len(seqs):
+        if step in joins:
+            engine.add([seqs[i] for i in joins[step]])
+        finished = engine.finished
+        engine.remove(finished)  # a sequence's tokens are its own once it leaves
+        for s in finished:
+            done[seqs.index(s)] = s.tokens
+        engine.step()
+        step += 1
+    for i, (label, s) in enumerate(zip((3, 5, 7, 1), SETTINGS, strict=True)):
+        assert torch.equal(done[i], alone(c2i, label, s)), i
+        assert seqs[i].forward_passes == c.block_size  # one prefill, then a pass per token
+    assert pool.num_free == pool.n_blocks  # every block came back
+    # memory followed progress: never all four images' full caches at once
+    assert pool.peak_used < sum(s.rows for s in seqs) * per_seq
+
+
+def test_a_sequence_that_leaves_mid_image_gives_its_blocks_back(c2i):
+    pool = pool_for(c2i, 64)
+    engine = Engine(c2i, pool)
+    stay, leave = Sequence(torch.tensor(2), SETTINGS[0]), Sequence(torch.tensor(4), SETTINGS[1])
+    engine.add([stay, leave])
+    for _ in range(40):
+        engine.step()
+    held = sum(map(len, leave.blocks))
+    assert held == pool.blocks_for(c2i.config.cls_token_num + 40) and stay.n == leave.n == 41
+    free = pool.num_free
+    engine.remove([leave])
+    assert pool.num_free == free + held and engine.seqs == [stay]
+    while not engine.finished:
+        engine.step()
+    assert torch.equal(stay.tokens, alone(c2i, 2, SETTINGS[0]))
+    engine.remove(engine.finished)
+    assert pool.num_free == pool.n_blocks
+
+
+def test_admission_is_bounded_by_free_blocks(c2i):
+    pool = pool_for(c2i, 3)
+    engine = Engine(c2i, pool)
+    guided = [Sequence(torch.tensor(i), SETTINGS[0]) for i in range(2)]  # two rows each
+    with pytest.raises(OutOfBlocks, match="4 blocks to admit 2 sequences, 3 free"):
+        engine.add(guided)
+    assert pool.num_free == 3 and engine.seqs == []  # nothing taken
+    assert engine.blocks_needed(guided[:1]) == 2 * pool.blocks_for(c2i.config.max_seq_len)
