@@ -276,13 +276,14 @@ def calibrate(spec, n: int = 16) -> KVProfile:
 
 def summary(profile: KVProfile) -> str:
     """The short table the CLI prints: head classes per layer, drafter share per query scale."""
-    lines = ["layer  structural heads  classes (S structural, c contextual)"]
+    lines = ["layer  structural  heads (S structural, c contextual)"]
     for layer, row in enumerate(profile.head_class):
         marks = "".join("S" if c == "structural" else "c" for c in row)
-        lines.append(f"{layer:>5}  {row.count('structural'):>7}/{len(row):<8}  {marks}")
-    lines.append("scale  size   drafters  drafter layers")
+        count = f"{row.count('structural')}/{len(row)}"
+        lines.append(f"{layer:>5}  {count:>10}  {marks}")
+    lines.append("scale   size  drafters  drafter layers")
     for si, (pn, row) in enumerate(zip(profile.patch_nums, profile.layer_role, strict=True)):
         drafters = [str(i) for i, r in enumerate(row) if r == "drafter"]
         share = f"{len(drafters)}/{len(row)}"
-        lines.append(f"{si:>5}  {pn:>2}x{pn:<2}  {share:>8}  {' '.join(drafters) or '-'}")
+        lines.append(f"{si:>5}  {f'{pn}x{pn}':>5}  {share:>8}  {' '.join(drafters) or '-'}")
     return "\n".join(lines)
