@@ -98,6 +98,8 @@ async def final_response(job: Job, event: Done | Failed, pool: WorkerPool) -> Im
             kv_bytes_full=job.kv_bytes_full,
             kv_bytes_working=job.kv_bytes_working,
             batch_images=job.batch_images,
+            kv_blocks=job.kv_blocks or None,
+            kv_blocks_free=job.kv_blocks_free,
             input_tokens=input_tokens,
             input_tokens_details=InputTokensDetails(text_tokens=text_tokens),
             output_tokens=output_tokens,

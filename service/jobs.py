@@ -74,6 +74,8 @@ class Job:
     kv_bytes_full: int = 0
     kv_bytes_working: int = 0
     batch_images: int = 0
+    kv_blocks: int = 0  # a running (paged) batch's KV blocks in use, at their most
+    kv_blocks_free: int | None = None  # the pool's free blocks when the request finished
     images: list[torch.Tensor | None] = field(default_factory=list)
     finished: bool = False
     last_preview: int = -1

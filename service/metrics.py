@@ -119,6 +119,18 @@ class Metrics:
             ["model"],
             registry=r,
         )
+        self.kv_blocks_used = Gauge(
+            "varserve_kv_cache_blocks_used",
+            "KV blocks the running batch of a next-token model holds (paged cache).",
+            ["model"],
+            registry=r,
+        )
+        self.kv_blocks_free = Gauge(
+            "varserve_kv_cache_blocks_free",
+            "Free KV blocks in a next-token model's pool.",
+            ["model"],
+            registry=r,
+        )
         self.model_loaded = Gauge(
             "varserve_model_loaded",
             "1 once the model is loaded and warmed up, else 0.",

@@ -11,6 +11,7 @@ import math
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 
 from service.jobs import Job
 
@@ -90,6 +91,39 @@ class RequestQueue:
                     return batch
                 self._changed.wait(min(wait_left, poll_s))
             return []
+
+    def take_joiners(
+        self, model: str, models: set[str], max_images: int, fits: Callable[[list[Job]], bool]
+    ) -> list[Job]:
+        """Without waiting: the oldest waiting requests of `model` that may join its running batch
+        now, up to max_images images and while `fits(jobs)` holds. None while the oldest request
+        of the worker's models is for another model: the running batch then drains, and that
+        request's batch goes next (no model waits behind a batch that never ends)."""
+        with self._changed:
+            self._drop_dead(time.monotonic())
+            head = next((j for j in self._waiting if j.model in models), None)
+            if head is None or head.model != model:
+                return []
+            joining, images = [], 0
+            for job in self._waiting:
+                if job.model != model:
+                    continue
+                if images + job.n > max_images or not fits([*joining, job]):
+                    break  # first come, first served: a later small request does not pass it
+                joining.append(job)
+                images += job.n
+            for job in joining:
+                self._waiting.remove(job)
+            if joining:
+                self._on_depth(len(self._waiting))
+            return joining
+
+    def put_back(self, jobs: list[Job]) -> None:
+        """Jobs taken but not started (no room after all) go back to the front, in order."""
+        with self._changed:
+            self._waiting.extendleft(reversed(jobs))
+            self._on_depth(len(self._waiting))
+            self._changed.notify_all()
 
     def _compatible(self, head: Job, max_images: int) -> list[Job]:
         # later jobs that fit may pass a larger one that does not; the head always goes first

@@ -97,6 +97,10 @@ class Usage(BaseModel):
     kv_bytes_full: int = Field(description="the same for an uncompressed KV cache")
     kv_bytes_working: int = Field(description="peak KV bytes including the scale or token being computed")
     batch_images: int = Field(description="images in the (largest) batch the request ran in")
+    kv_blocks: int | None = Field(
+        None, description="next-token models: KV blocks the running batch held at most while the request ran"
+    )
+    kv_blocks_free: int | None = Field(None, description="next-token models: free KV blocks when it finished")
     # OpenAI's token counts (gpt-image): a request's condition positions and image tokens
     input_tokens: int = Field(description="condition positions the model read: a class token or a caption's")
     input_tokens_details: InputTokensDetails

@@ -31,6 +31,12 @@ class Settings:
     # Bearer keys every /v1/* route requires (None: open, as without vLLM's --api-key)
     api_keys: tuple[str, ...] | None = dataclass_field(default=None, repr=False)  # never printed or logged
     protect_metrics: bool = False  # /metrics behind the key too (probes stay open)
+    # next-token models: bytes of each model's pool of KV blocks (None: what a static batch of
+    # max_batch_size guided images would preallocate)
+    kv_cache_bytes: int | None = None
+    # next-token models: "continuous" (requests join the running batch at any step) or "static"
+    # (a batch runs from its first step to its last with the requests it started with)
+    batching: str = "continuous"
 
     @property
     def max_n(self) -> int:
@@ -97,6 +103,28 @@ def _api_keys(text: str) -> tuple[str, ...]:
     return (text,)
 
 
+BYTE_UNITS = {"": 1, "k": 1000, "m": 1000**2, "g": 1000**3, "ki": 1024, "mi": 1024**2, "gi": 1024**3}
+
+
+def _bytes(text: str) -> int:
+    """A byte count: 1048576, 512MiB, 2GB, 1.5GiB."""
+    number = text.strip().lower().removesuffix("b")
+    unit = next((u for u in sorted(BYTE_UNITS, key=len, reverse=True) if u and number.endswith(u)), "")
+    try:
+        value = float(number[: len(number) - len(unit)]) * BYTE_UNITS[unit]
+    except ValueError:
+        raise ValueError(f"'{text}' is not a byte count (e.g. 2GiB, 512MB, 1048576)") from None
+    if value < 1:
+        raise ValueError(f"{text} is not > 0 bytes")
+    return int(value)
+
+
+def _batching(text: str) -> str:
+    if text.lower() not in ("continuous", "static"):
+        raise ValueError(f"'{text}' is not one of continuous, static")
+    return text.lower()
+
+
 def _boolean(text: str) -> bool:
     if text.lower() in ("1", "true", "yes", "on"):
         return True
@@ -133,6 +161,15 @@ OPTIONS: dict[str, tuple[Callable[[str], object], str]] = {
         "require 'Authorization: Bearer KEY' on /v1/*: one key, or a file of keys, one per line",
     ),
     "protect_metrics": (_boolean, "true: /metrics requires the key too (default false)"),
+    "batching": (
+        _batching,
+        "next-token models: continuous (default: requests join the running batch at any step) or static",
+    ),
+    "kv_cache_bytes": (
+        _bytes,
+        "next-token models: each model's pool of KV blocks, e.g. 2GiB (default: what a static batch "
+        "of --max-batch-size guided images preallocates); running images join by free blocks",
+    ),
 }
 FLAGS = {"api_keys": "--api-key"}  # where the flag is not the field's name
 SWITCHES = {"protect_metrics"}  # flags that take no value on the command line

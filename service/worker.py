@@ -1,9 +1,10 @@
 """One thread per device: loads that device's models, takes batches from the queue, runs the
 engine, and hands each request its images (and, when it streams, a preview per step).
 
-The engine cannot drop rows mid-batch yet: a request that leaves (disconnect, deadline) keeps
-its rows until the batch ends and is simply not delivered; a batch whose requests all left is
-stopped at the next step.
+Next-token models run a continuous batch (service/continuous.py): requests join and leave it at
+any step. Next-scale models (and next-token ones under --batching static) run static batches: a
+request that leaves (disconnect, deadline) keeps its rows until the batch ends and is simply not
+delivered; a batch whose requests all left is stopped at the next step.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from models.loading import CheckpointError
 from models.runner import BatchResult, Runner, load_runner
 from models.settings import settings_for
 from service.catalog import Catalog, info_of
+from service.continuous import ContinuousRun
 from service.jobs import Done, Failed, Job, Preview
 from service.logs import event
 from service.metrics import Metrics
@@ -70,6 +72,7 @@ class Worker(threading.Thread):
         self.stopping = threading.Event()
         self._kv_bytes_per_row: dict[str, float] = {}
         self._kv_peak: dict[tuple[str, str], int] = {}  # (stored | full | working, model) -> largest
+        self._running: dict = {}  # model -> its running batch (continuous batching), when it has one
 
     def run(self) -> None:
         try:
@@ -90,11 +93,15 @@ class Worker(threading.Thread):
             if not jobs:
                 continue
             try:
-                self._run_batch(jobs)
+                running = self._running.get(jobs[0].model)
+                if running is not None:
+                    ContinuousRun(self, self.runners[jobs[0].model], running).run(jobs)
+                else:
+                    self._run_batch(jobs)
             except Exception as e:  # a bug outside the engine call: fail the batch, keep serving
                 message = f"batch on {self.device} failed outside the engine: {type(e).__name__}: {e}"
                 event(log, "batch_failed", message, logging.ERROR, exc_info=e, device=self.device)
-                self._fail(jobs, 500, f"internal error: {type(e).__name__}: {e}")
+                self.fail(jobs, 500, f"internal error: {type(e).__name__}: {e}")
 
     def stop(self) -> None:
         self.stopping.set()
@@ -109,6 +116,11 @@ class Worker(threading.Thread):
         result = runner.generate([warm], settings)
         # so the KV-in-use gauge of the first batch is an estimate too, not 0
         self._kv_bytes_per_row[spec.name] = result.kv_bytes_working / runner.engine_rows(settings)
+        if self.settings.batching == "continuous" and hasattr(runner, "open_batch"):
+            # the model's pool of KV blocks, for its whole life (ConfigError when too small)
+            running = runner.open_batch(self.settings.kv_cache_bytes, self.settings.max_batch_size)
+            self._running[spec.name] = running
+            self.metrics.kv_blocks_free.labels(spec.name).set(running.blocks_free)
         self.runners[spec.name] = runner
         self.catalog.publish(info_of(runner))
         self.metrics.model_loaded.labels(spec.name).set(1)
@@ -123,15 +135,19 @@ class Worker(threading.Thread):
             load_s=load_s,
         )
 
-    def _run_batch(self, jobs: list[Job]) -> None:
+    def start_jobs(self, jobs: list[Job], model: str) -> None:
+        """The jobs leave the queue for the engine: their time in queue ends now."""
         now = time.monotonic()
-        model = jobs[0].model
         for job in jobs:
             if job.started is None:
                 job.started = now
                 self.metrics.queue_time.labels(model).observe(now - job.arrival)
                 self.metrics.queue_wait.labels(model).observe(now - job.arrival)
                 self.metrics.stage_time.labels(model, "queue").observe(now - job.arrival)
+
+    def _run_batch(self, jobs: list[Job]) -> None:
+        model = jobs[0].model
+        self.start_jobs(jobs, model)
         self.metrics.running.set(len(jobs))
         try:
             self._execute(self.runners[model], [(job, i) for job in jobs for i in range(job.n)])
@@ -161,7 +177,7 @@ class Worker(threading.Thread):
             self._account(runner, rows, jobs, result, elapsed)
             self.metrics.kv_in_use.labels(runner.spec.name).set(0)  # before answering: a client that
             # reads /metrics right after its response sees the batch as done
-            self._deliver(jobs, runner.spec.name, step.tokens_per_image)
+            self.deliver(jobs, runner.spec.name, step.tokens_per_image)
 
     def _generate(self, runner: Runner, rows: list[Row], jobs: list[Job]):
         """The engine call: (result, step watch), SPLIT after an out-of-memory error, or None when
@@ -178,7 +194,7 @@ class Worker(threading.Thread):
         except BatchAbandoned:
             self.metrics.batches_aborted.inc()
             if self.stopping.is_set():
-                self._fail(jobs, 503, "the server is shutting down")
+                self.fail(jobs, 503, "the server is shutting down")
             return None
         except Exception as e:
             if is_out_of_memory(e) and len(rows) > 1:
@@ -193,7 +209,7 @@ class Worker(threading.Thread):
                 model=model,
                 images=len(rows),
             )
-            self._fail(jobs, 500, f"generation failed: {type(e).__name__}: {e}")
+            self.fail(jobs, 500, f"generation failed: {type(e).__name__}: {e}")
             return None
 
     def _account(
@@ -223,7 +239,7 @@ class Worker(threading.Thread):
         for (job, i), image in zip(rows, result.images, strict=True):  # image: (3, H, W)
             job.images[i] = image
 
-    def _deliver(self, jobs: list[Job], model: str, tokens_per_image: int) -> None:
+    def deliver(self, jobs: list[Job], model: str, tokens_per_image: int) -> None:
         now = time.monotonic()
         for job in jobs:
             if not job.live(now) or any(image is None for image in job.images):
@@ -241,7 +257,7 @@ class Worker(threading.Thread):
             job.channel.send(Done(torch.stack(job.images)))
             job.images = []
 
-    def _fail(self, jobs: list[Job], status: int, message: str) -> None:
+    def fail(self, jobs: list[Job], status: int, message: str) -> None:
         for job in jobs:
             if not job.finished:
                 job.finished = True

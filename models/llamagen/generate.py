@@ -135,9 +135,29 @@ class Engine:
         return [s for s in self.seqs if s.n == self.model.config.block_size]
 
     def blocks_needed(self, seqs: list[Sequence]) -> int:
-        """Blocks these sequences hold once finished (admission: a batch's sequences never wait
-        for a block in the middle of an image)."""
+        """Blocks these sequences hold at their end, all at once (a static batch's whole cache)."""
         return sum(s.rows * self.pool.blocks_for(self.model.config.max_seq_len) for s in seqs)
+
+    def fits(self, seqs: list[Sequence]) -> bool:
+        """Whether `seqs` may join now without any sequence ever waiting for a block: every image
+        has the same length, so the blocks the batch will hold at each future step are known (a
+        sequence takes a block when its positions reach one and gives all back when it ends), and
+        admission checks their peak against the pool. Under continuous batching the sequences are
+        spread over their progress, so the peak stays well under the static batch's whole cache."""
+        c = self.model.config
+        # during the k-th decode step from now a sequence with n tokens holds the blocks of
+        # positions 0..cls + n + k - 1, unless it has finished (newcomers: n = 1 after their
+        # prefill, which holds fewer blocks than their first step)
+        running = [(s.rows, s.n) for s in self.seqs] + [(s.rows, 1) for s in seqs]
+        for k in range(c.block_size):
+            held = sum(
+                rows * self.pool.blocks_for(c.cls_token_num + n + k)
+                for rows, n in running
+                if n + k < c.block_size
+            )
+            if held > self.pool.n_blocks:
+                return False
+        return True
 
     def add(self, seqs: list[Sequence]) -> None:
         """Prefill `seqs` (one forward pass of their rows) and sample their first tokens.

@@ -8,7 +8,7 @@ from collections.abc import Callable
 import torch
 
 from models.conditions import Conditions
-from models.config import ModelSpec
+from models.config import ConfigError, ModelSpec
 from models.llamagen import generate as engine
 from models.llamagen.loading import load_gpt, load_vq
 from models.loading import CheckpointError
@@ -102,6 +102,35 @@ class LlamaGenRunner:
             out.decode_s,
         )
 
+    def open_batch(self, kv_cache_bytes: int | None, max_images: int) -> RunningBatch:
+        """A running batch over a pool of `kv_cache_bytes` of KV blocks (default: what a static
+        batch of max_images guided images would preallocate). ConfigError when it cannot hold one
+        guided image."""
+        c, w = self.model.config, self.model.tok_embeddings.weight
+        bs = engine.BLOCK_SIZE
+        block_nbytes = 2 * c.n_layer * c.n_kv_head * bs * c.head_dim * w.element_size()
+        per_image = 2 * -(-c.max_seq_len // bs)
+        blocks = max_images * per_image if kv_cache_bytes is None else kv_cache_bytes // block_nbytes
+        if blocks < per_image:
+            raise ConfigError(
+                f"--kv-cache-bytes {kv_cache_bytes} holds {blocks} KV blocks of {block_nbytes} bytes: "
+                f"model '{self.spec.name}' needs {per_image} for one guided image"
+            )
+        pool = engine.BlockPool(c.n_layer, blocks, c.n_kv_head, bs, c.head_dim, w.dtype, w.device)
+        return RunningBatch(self, engine.Engine(self.model, pool))
+
+    def sequences(self, conditions: list[int | str], settings: list[ImageSettings]) -> list[engine.Sequence]:
+        """The engine's sequences of these images: conditions resolved, captions encoded."""
+        conditions = [self.resolve(c) for c in conditions]
+        for s in settings:
+            self.check(s)
+        if self.text_encoder is None:
+            cond = torch.tensor(conditions, device=self.spec.device)
+            return [engine.Sequence(cond[i], s) for i, s in enumerate(settings)]
+        cond, mask = self.text_encoder.encode(conditions)
+        negatives = self._negatives(settings) or [None] * len(settings)
+        return [engine.Sequence(cond[i], s, mask[i], negative=negatives[i]) for i, s in enumerate(settings)]
+
     def _negatives(self, settings: list[ImageSettings]) -> list[engine.Caption | None] | None:
         """Each image's negative caption (embedding, mask), each distinct text encoded once."""
         texts = sorted({s.negative_prompt for s in settings if s.negative_prompt is not None})
@@ -117,3 +146,74 @@ class LlamaGenRunner:
         return torch.cat(
             [engine.decode_tokens(self.tokenizer, t.unsqueeze(0), grid) for t in step.tokens]
         ).cpu()
+
+
+class RunningBatch:
+    """Continuous batching for one next-token model: images join between steps (`fits`, `add`)
+    and leave when finished (`take_finished`) or when their request goes (`drop`). Each image is a
+    tagged engine Sequence; the worker keeps its own meaning of the tags."""
+
+    def __init__(self, runner: LlamaGenRunner, running: engine.Engine):
+        self.runner, self.engine = runner, running
+        self.grid = runner.model.config.grid_size
+        self._tags: dict[int, object] = {}  # id(sequence) -> tag
+
+    @property
+    def images(self) -> int:
+        return len(self.engine.seqs)
+
+    @property
+    def blocks_used(self) -> int:
+        return self.engine.pool.num_used
+
+    @property
+    def blocks_free(self) -> int:
+        return self.engine.pool.num_free
+
+    @property
+    def kv_bytes(self) -> int:
+        return self.engine.pool.num_used * self.engine.pool.block_nbytes
+
+    def fits(self, settings: list[ImageSettings]) -> bool:
+        return self.engine.fits([engine.Sequence(torch.zeros(()), s) for s in settings])
+
+    @torch.inference_mode()
+    def add(self, conditions: list[int | str], settings: list[ImageSettings], tags: list) -> None:
+        """One prefill pass for the newcomers (raises OutOfBlocks when the pool cannot hold them)."""
+        seqs = self.runner.sequences(conditions, settings)
+        self.engine.add(seqs)
+        for s, tag in zip(seqs, tags, strict=True):
+            self._tags[id(s)] = tag
+
+    @torch.inference_mode()
+    def step(self) -> None:
+        self.engine.step()
+
+    def tokens_of(self, tag) -> torch.Tensor:
+        """(block_size,) the tagged image's tokens; the first `n` of progress() are sampled."""
+        return next(s.tokens for s in self.engine.seqs if self._tags[id(s)] == tag)
+
+    def progress(self) -> list[tuple[object, int]]:
+        """(tag, image tokens sampled) of every running image."""
+        return [(self._tags[id(s)], s.n) for s in self.engine.seqs]
+
+    def take_finished(self) -> list[tuple[object, torch.Tensor, int]]:
+        """(tag, tokens (block_size,), forward passes) of the finished images, which leave."""
+        done = self.engine.finished
+        self.engine.remove(done)
+        return [(self._tags.pop(id(s)), s.tokens, s.forward_passes) for s in done]
+
+    def drop(self, tags: set) -> None:
+        gone = [s for s in self.engine.seqs if self._tags[id(s)] in tags]
+        self.engine.remove(gone)
+        for s in gone:
+            del self._tags[id(s)]
+
+    @torch.inference_mode()
+    def images_of(self, tokens: list[torch.Tensor]) -> torch.Tensor:
+        """Token rows so far (each (n,)) -> (k, 3, H, W) on the CPU, one image at a time."""
+        return (
+            torch.cat([engine.decode_tokens(self.runner.tokenizer, t[None], self.grid) for t in tokens])
+            .float()
+            .cpu()
+        )

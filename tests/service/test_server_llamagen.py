@@ -1,5 +1,5 @@
 """The HTTP API on a real uvicorn server with a next-token model: the LlamaGen c2i fixture (random
-weights in the published layout, 16x16 tokens, 256 px). Batching and seeds, a preview per token row,
+weights in the published layout, 16x16 tokens, 256 px), in static batches. Batching and seeds, a preview per token row,
 a streaming client that leaves, KV-cache bytes with and without guidance, and class errors."""
 
 import json
@@ -44,8 +44,14 @@ def kv_cache_bytes(rows: int) -> int:
 
 @pytest.fixture(scope="module")
 def server():
+    # the static batch former (--batching static); continuous batching: tests/service/test_continuous.py
     with ThreadServer(
-        config=CONFIG, max_batch_size=MAX_BATCH_IMAGES, max_queue_size=3, max_wait_ms=20, timeout_s=60
+        config=CONFIG,
+        max_batch_size=MAX_BATCH_IMAGES,
+        max_queue_size=3,
+        max_wait_ms=20,
+        timeout_s=60,
+        batching="static",
     ) as s:
         yield s
 

@@ -87,3 +87,24 @@ def test_admission_is_bounded_by_free_blocks(c2i):
         engine.add(guided)
     assert pool.num_free == 3 and engine.seqs == []  # nothing taken
     assert engine.blocks_needed(guided[:1]) == 2 * pool.blocks_for(c2i.config.max_seq_len)
+
+
+def test_admission_plans_the_blocks_of_every_future_step(c2i):
+    """A pool of 1.5 images' caches admits a second image once the first is half done: it never
+    runs out, since the first gives its blocks back before the second needs its last ones."""
+    c = c2i.config
+    per_seq = -(-c.max_seq_len // BLOCK_SIZE)  # 16 blocks of 16 positions
+    pool = pool_for(c2i, per_seq + per_seq // 2)
+    engine = Engine(c2i, pool)
+    first, second = (Sequence(torch.tensor(i), ImageSettings(seed=i, cfg=1.0)) for i in (1, 2))
+    assert engine.fits([first, second]) is False
+    engine.add([first])
+    while not engine.fits([second]):
+        engine.step()
+    assert c.block_size // 2 - BLOCK_SIZE <= first.n <= c.block_size // 2 + BLOCK_SIZE
+    engine.add([second])
+    while engine.seqs:  # OutOfBlocks here would fail the test
+        engine.step()
+        engine.remove(engine.finished)
+    assert torch.equal(second.tokens, alone(c2i, 2, second.settings))
+    assert pool.peak_used <= pool.n_blocks and pool.num_free == pool.n_blocks

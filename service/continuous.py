@@ -1,0 +1,171 @@
+"""Continuous batching on a worker's thread, in the vLLM manner, for runners that keep a running
+batch (next-token models: `runner.open_batch`): requests of the batch's model join it at any step
+(their prefill runs just before the step), finished images leave at once and give their KV blocks
+back, and admission is bounded by the blocks the batch will hold (models/llamagen/generate.py
+`Engine.fits`) and by max_batch_size images. A request that disconnects or passes its deadline
+leaves at the next step. While the oldest waiting request is for another model, nothing joins:
+the batch drains and that model's batch runs next.
+
+Each image keeps its own generator, so its tokens are the same alone, in a static batch or
+joining a running one (tests/service/test_continuous.py).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import TYPE_CHECKING
+
+from service.jobs import Job, Preview
+
+if TYPE_CHECKING:
+    from service.worker import Worker
+
+log = logging.getLogger("varserve.worker")
+
+
+class ContinuousRun:
+    """One running batch from its first requests until it is empty."""
+
+    def __init__(self, worker: Worker, runner, batch):
+        self.worker, self.runner, self.batch = worker, runner, batch
+        self.model = runner.spec.name
+        self.metrics = worker.metrics
+        self.jobs: list[Job] = []  # the requests with images in the batch
+        self.grid = runner.steps  # token rows: a preview after each
+
+    def run(self, first: list[Job]) -> None:
+        self._admit(first)
+        step_time = self.metrics.step_time.labels(self.model)
+        try:
+            while self.jobs:
+                if self.worker.stopping.is_set():
+                    self.batch.drop({(job, i) for job in self.jobs for i in range(job.n)})
+                    self.worker.fail(self.jobs, 503, "the server is shutting down")
+                    self.metrics.batches_aborted.inc()
+                    return
+                self._leave_if_gone()
+                if not self.jobs:
+                    break
+                t0 = time.monotonic()
+                self.batch.step()
+                elapsed = time.monotonic() - t0
+                step_time.observe(elapsed)
+                self.metrics.forward_passes.labels(self.model).inc()
+                self._account(elapsed)
+                self._previews()  # the last row's preview before the image leaves
+                self._finish()
+                self._admit(self._joiners())
+        except Exception as e:  # the engine failed: every request in the batch gets a 500
+            self.metrics.batch_failures.labels("error").inc()
+            log.exception("running batch of %s failed", self.model)
+            self.batch.drop({(job, i) for job in self.jobs for i in range(job.n)})
+            self.worker.fail(self.jobs, 500, f"generation failed: {type(e).__name__}: {e}")
+        finally:
+            self.metrics.running.set(0)
+            self.metrics.kv_in_use.labels(self.model).set(self.batch.kv_bytes)
+            self.metrics.kv_blocks_used.labels(self.model).set(self.batch.blocks_used)
+            self.metrics.kv_blocks_free.labels(self.model).set(self.batch.blocks_free)
+
+    def _joiners(self) -> list[Job]:
+        room = self.worker.settings.max_batch_size - self.batch.images
+        if room <= 0:
+            return []
+
+        def fits(jobs: list[Job]) -> bool:
+            return self.batch.fits([p for job in jobs for p in job.params])
+
+        return self.worker.queue.take_joiners(self.model, set(self.worker.runners), room, fits)
+
+    def _admit(self, jobs: list[Job]) -> None:
+        jobs = [job for job in jobs if job.live(time.monotonic())]
+        if not jobs:
+            return
+        fitting = []
+        for job in jobs:  # the first batch came from take_batch: check it too
+            if self.batch.images + sum(j.n for j in fitting) + job.n > self.worker.settings.max_batch_size:
+                break
+            if not self.batch.fits([p for j in [*fitting, job] for p in j.params]):
+                break
+            fitting.append(job)
+        if len(fitting) < len(jobs):
+            self.worker.queue.put_back(jobs[len(fitting) :])
+        if not fitting:
+            return
+        self.worker.start_jobs(fitting, self.model)
+        conditions = [job.conditions[i] for job in fitting for i in range(job.n)]
+        settings = [job.params[i] for job in fitting for i in range(job.n)]
+        tags = [(job, i) for job in fitting for i in range(job.n)]
+        t0 = time.monotonic()
+        try:
+            self.batch.add(conditions, settings, tags)
+        except Exception as e:
+            self.metrics.batch_failures.labels("error").inc()
+            log.exception("prefill of %d images of %s failed", len(tags), self.model)
+            self.worker.fail(fitting, 500, f"generation failed: {type(e).__name__}: {e}")
+            return
+        elapsed = time.monotonic() - t0
+        self.metrics.forward_passes.labels(self.model).inc()
+        self.metrics.batch_size.labels(self.model).observe(self.batch.images)
+        self.jobs.extend(fitting)
+        for job in fitting:
+            job.inference_s += elapsed
+        self._account(0.0)
+
+    def _leave_if_gone(self) -> None:
+        now = time.monotonic()
+        gone = [job for job in self.jobs if not job.live(now)]
+        if gone:
+            self.batch.drop({(job, i) for job in gone for i in range(job.n)})
+            self.jobs = [job for job in self.jobs if job not in gone]
+
+    def _account(self, elapsed: float) -> None:
+        """Per running request: engine time, and the batch's KV blocks and size at their most."""
+        kv = self.batch.kv_bytes
+        for job in self.jobs:
+            job.inference_s += elapsed
+            job.kv_bytes = job.kv_bytes_full = job.kv_bytes_working = max(job.kv_bytes, kv)
+            job.kv_blocks = max(job.kv_blocks, self.batch.blocks_used)
+            job.batch_images = max(job.batch_images, self.batch.images)
+        self.metrics.running.set(len(self.jobs))
+        self.metrics.kv_in_use.labels(self.model).set(kv)
+        self.metrics.kv_blocks_used.labels(self.model).set(self.batch.blocks_used)
+        self.metrics.kv_blocks_free.labels(self.model).set(self.batch.blocks_free)
+
+    def _finish(self) -> None:
+        finished = self.batch.take_finished()
+        if not finished:
+            return
+        t0 = time.monotonic()
+        images = self.batch.images_of([tokens for _, tokens, _ in finished])
+        decode_s = time.monotonic() - t0
+        done = []
+        for ((job, i), _, passes), image in zip(finished, images, strict=True):
+            job.images[i] = image
+            job.forward_passes = max(job.forward_passes, passes)
+            job.decode_s += decode_s / len(finished)
+            job.inference_s += decode_s / len(finished)
+            if all(im is not None for im in job.images):
+                done.append(job)
+        if done:
+            self.jobs = [job for job in self.jobs if job not in done]
+            for job in done:
+                job.kv_blocks_free = self.batch.blocks_free
+            self.worker.deliver(done, self.model, self.runner.image_tokens)
+
+    def _previews(self) -> None:
+        streaming = [job for job in self.jobs if job.stream]
+        if not streaming:
+            return
+        progress = {tag: n for tag, n in self.batch.progress()}
+        per_row = self.runner.image_tokens // self.grid
+        for job in streaming:
+            n = progress.get((job, 0))
+            # a request's images joined together, so they complete their rows together
+            if n is None or n % per_row or not job.wants_preview(n // per_row - 1):
+                continue
+            tokens = [self.batch.tokens_of((job, i))[:n] for i in range(job.n)]
+            images = self.batch.images_of(tokens)
+            row = n // per_row - 1
+            job.channel.send(Preview(row, self.grid, images))
+            job.last_preview = row

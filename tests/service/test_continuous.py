@@ -1,0 +1,132 @@
+"""Continuous batching on a real server with the fixture LlamaGen c2i model (256 tokens, 256 px):
+a request joins a batch that is already running and gets the image it gets alone, a request that
+leaves gives its blocks back at the next step while the others run on, and admission waits for
+free blocks."""
+
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from tests.conftest import REPO
+from tests.service.harness import TIMEOUT_S, ThreadServer, metric, sse_events, wait_until
+
+CONFIG = REPO / "configs" / "fixtures-llamagen.toml"
+MODEL = "llamagen-c2i-fixture"
+BLOCKS_PER_IMAGE = 2 * 16  # a guided image: two rows of 256 positions in blocks of 16
+
+
+class StepGate:
+    """Holds the running batch before its step number `at` until `go` is set."""
+
+    def __init__(self, running, at: int):
+        self.real, self.at, self.steps = running.step, at, 0
+        self.reached, self.go = threading.Event(), threading.Event()
+
+    def __call__(self):
+        self.steps += 1
+        if self.steps == self.at:
+            self.reached.set()
+            assert self.go.wait(TIMEOUT_S)
+        return self.real()
+
+
+def running_batch(server):
+    return next(w._running[MODEL] for w in server.pool.workers if MODEL in w._running)
+
+
+@pytest.fixture(scope="module")
+def server():
+    with ThreadServer(config=CONFIG, max_batch_size=4, max_wait_ms=0, timeout_s=120) as s:
+        yield s
+
+
+def images(response) -> list[str]:
+    assert response.status_code == 200, response.text
+    return [d["b64_json"] for d in response.json()["data"]]
+
+
+def test_a_request_joins_the_running_batch_and_gets_its_lone_image(server, monkeypatch):
+    running = running_batch(server)
+    gate = StepGate(running, at=60)
+    monkeypatch.setattr(running, "step", gate)
+    first_body = {"prompt": 1, "seed": 10, "cfg_scale": 1.0}
+    second_body = {"prompt": 2, "seed": 20, "cfg_scale": 3.0, "top_k": 100}
+    with ThreadPoolExecutor(2) as pool:
+        first = pool.submit(server.post, first_body)
+        assert gate.reached.wait(TIMEOUT_S)  # the first image is 60 tokens in
+        second = pool.submit(server.post, second_body)
+        wait_until(
+            lambda: metric(server.metrics(), "varserve_num_requests_waiting") == 1, "the second to queue"
+        )
+        gate.go.set()
+        first, second = first.result(TIMEOUT_S), second.result(TIMEOUT_S)
+    a, b = first.json()["usage"], second.json()["usage"]
+    assert a["batch_images"] == b["batch_images"] == 2  # they ran together
+    assert a["forward_passes"] == b["forward_passes"] == 256  # a prefill, then a pass per token
+    # the joiner's blocks: both rows of a guided image; the first image held one row's
+    assert BLOCKS_PER_IMAGE // 2 < b["kv_blocks"] <= BLOCKS_PER_IMAGE // 2 + BLOCKS_PER_IMAGE
+    monkeypatch.undo()
+    assert images(server.post(first_body)) == images(first)
+    assert images(server.post(second_body)) == images(second)
+    m = server.metrics()
+    assert metric(m, "varserve_kv_cache_blocks_used", model=MODEL) == 0
+    assert metric(m, "varserve_kv_cache_blocks_free", model=MODEL) == running.engine.pool.n_blocks
+
+
+def test_a_stream_that_leaves_frees_its_blocks_and_the_others_run_on(server, monkeypatch):
+    running = running_batch(server)
+    gate = StepGate(running, at=40)
+    monkeypatch.setattr(running, "step", gate)
+    stay = {"prompt": 3, "seed": 30, "cfg_scale": 1.0}
+    with ThreadPoolExecutor(1) as pool:
+        with server.client.stream(
+            "POST", "/v1/generate", json={"prompt": 4, "cfg_scale": 2.0, "n": 2, "stream": True}
+        ) as r:
+            lines = r.iter_lines()
+            assert next(lines) == "event: preview"  # row 0 of the leaving request
+            staying = pool.submit(server.post, stay)
+            assert gate.reached.wait(TIMEOUT_S)
+            held = running.blocks_used
+        # the stream is closed: its two guided images leave at the next step
+        gate.go.set()
+        wait_until(lambda: running.images <= 1, "the leaving request's images to go")
+        # two guided images 40 tokens in gave back 2 rows x 3 blocks (41 positions) each
+        assert held - running.blocks_used >= 2 * 2 * 3, (held, running.blocks_used)
+        result = staying.result(TIMEOUT_S)
+    monkeypatch.undo()
+    assert images(server.post(stay)) == images(result)
+    assert running.blocks_free == running.engine.pool.n_blocks
+
+
+def test_openai_partial_images_from_a_running_batch(server):
+    body = {"prompt": 5, "seed": 3, "cfg_scale": 1.0, "stream": True, "partial_images": 2}
+    with server.client.stream("POST", "/v1/images/generations", json=body) as r:
+        events = sse_events(r.iter_lines())
+    assert [name for name, _ in events] == [
+        "image_generation.partial_image",
+        "image_generation.partial_image",
+        "image_generation.completed",
+    ]
+
+
+def test_admission_waits_for_free_blocks(tmp_path):
+    """A pool of 1.5 guided images: the second request waits until the first is far enough along
+    that both fit to the end, then joins; both images are their lone ones."""
+    with ThreadServer(config=CONFIG, kv_cache_bytes=1, wait_ready=False) as too_small:
+        fatal = wait_until(lambda: too_small.pool.fatal, "the model load to fail")
+    assert "--kv-cache-bytes 1 holds 0 KV blocks of 32768 bytes" in fatal and "needs 32" in fatal
+    block_nbytes = 2 * 2 * 2 * 16 * 64 * 4  # K and V, 2 layers, 2 KV heads, 16 positions, 64 dims, fp32
+    kv_bytes = block_nbytes * (BLOCKS_PER_IMAGE + BLOCKS_PER_IMAGE // 2)
+    with ThreadServer(config=CONFIG, max_batch_size=4, max_wait_ms=0, kv_cache_bytes=kv_bytes) as s:
+        bodies = [{"prompt": 6, "seed": 60}, {"prompt": 7, "seed": 70}]
+        with ThreadPoolExecutor(2) as pool:
+            first = pool.submit(s.post, bodies[0])
+            wait_until(lambda: running_batch(s).images == 1, "the first to run")
+            second = pool.submit(s.post, bodies[1])
+            first, second = first.result(TIMEOUT_S), second.result(TIMEOUT_S)
+        a, b = first.json()["usage"], second.json()["usage"]
+        assert b["queue_ms"] > 0 and a["kv_blocks"] <= BLOCKS_PER_IMAGE + BLOCKS_PER_IMAGE // 2
+        assert b["batch_images"] == 2  # it joined before the first finished
+        for body, response in zip(bodies, (first, second), strict=True):
+            assert images(s.post(body)) == images(response)
