@@ -55,7 +55,8 @@ Policies (one class each):
 - `heatkv` (HeatKV, arXiv 2605.14877): whole (layer, head, scale) segments ranked by the profile's
   `segment_score`; a static schedule drops the lowest first (ties: the finer scale first, as it
   frees the most, then by layer and head) until the row's total holds L * H * B, the first
-  `sink_scales` = 3 scales (14 tokens) last of all. No attention mass at run time: a dropped
+  `sink_scales` = 3 scales (14 tokens) last of all (below 14 tokens a segment, the finest sink
+  scale first). No attention mass at run time: a dropped
   segment is never written.
 """
 
@@ -67,6 +68,7 @@ from dataclasses import dataclass
 import torch
 
 from models.kv.profile import KVProfile
+from models.settings import KV_POLICY_NAMES
 
 
 @dataclass(frozen=True)
@@ -290,8 +292,13 @@ class HeatKV:
         S, L, H = len(geo.sizes), geo.depth, geo.num_heads
         allowed = L * H * budget_tokens(geo, budget)
         items = [(l, h, s) for l in range(L) for h in range(H) for s in range(S - 1)]
-        # protected last, lowest score first, then the finer (larger) scale, then layer and head
-        items.sort(key=lambda i: (i[2] < self.sink_scales, profile.segment_score[i[0]][i[1]][i[2]], -i[2], i))
+
+        def order(item):  # unprotected first: lowest score, then the finer (larger) scale, layer, head;
+            l, h, s = item  # then, only below the sinks' own size, the sinks: the finest first
+            score = profile.segment_score[l][h][s]
+            return (True, -s, score, item) if s < self.sink_scales else (False, score, -s, item)
+
+        items.sort(key=order)
         keep = torch.ones(L, H, S - 1, dtype=torch.bool)
         held = L * H * geo.stored_len
         for l, h, s in items:
@@ -315,6 +322,7 @@ class HeatKV:
 
 POLICIES = {p.name: p for p in (Full(), Window(), SnapKV(), HACK(), ScaleKV(), HeatKV())}
 KV_POLICIES = tuple(POLICIES)
+assert KV_POLICIES == KV_POLICY_NAMES, (KV_POLICIES, KV_POLICY_NAMES)
 
 
 def policy(name: str):
