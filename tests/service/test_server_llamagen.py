@@ -112,6 +112,7 @@ def test_the_model_card_describes_a_next_token_class_model(server):
         ({"class_label": 10}, "class_label", "class 10 is out of range 0..9"),
         ({"class_label": "-1"}, "class_label", "class -1 is out of range 0..9"),
         ({"prompt": 1, "size": "64x64"}, "size", f"it makes {IMAGE_PX}x{IMAGE_PX}"),
+        ({"prompt": 1, "kv_policy": "snapkv"}, "kv_policy", "is next-token: it keeps its full KV cache"),
     ],
 )
 def test_bad_conditions_answer_400_naming_the_field(server, path, body, param, words):
