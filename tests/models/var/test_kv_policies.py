@@ -188,3 +188,32 @@ def test_rows_of_several_policies_share_a_store(shapes, monkeypatch):
         plan = policy(p.kv_policy).plan(geometry(model), profile, p.kv_budget)
         for r in (row, row + len(params)):  # the image's conditional and null-class rows
             assert torch.equal(store._held[1:, :, r * H : (r + 1) * H], plan)
+
+
+def test_the_runner_takes_kv_settings_and_reports_the_bytes(tmp_path):
+    """What a benchmark script does: runner.generate with kv_policy / kv_budget in the settings."""
+    from models.config import load_config
+    from models.runner import load_runner
+    from models.settings import SettingError
+    from models.var.runner import load_profile
+
+    spec = next(s for s in load_config(DEFAULT_CONFIG) if s.name == "var-shapes")
+    runner = load_runner(spec)
+    assert runner.kv_profile == KVProfile.default(runner.model.cfg.patch_nums, 4, 4)
+    settings = [ImageSettings(seed=s, kv_policy="scalekv", kv_budget=0.25, **SHAPES) for s in (1, 2)]
+    result = runner.generate(["star", "ring"], settings)
+    assert result.images.shape == (2, 3, 64, 64)
+    assert result.kv_bytes_full == 424 * 2 * 4 * 4 * 4 * 32 * 4  # 4 rows, 4 layers, 4 heads of 32, fp32
+    assert result.kv_bytes == 106 * 2 * 4 * 4 * 4 * 32 * 4  # default profile: every layer a drafter, 106 each
+    assert result.kv_bytes < result.kv_bytes_working < result.kv_bytes_full
+    for bad, field in [(dict(kv_policy="lru"), "kv_policy"), (dict(kv_budget=0.0), "kv_budget")]:
+        with pytest.raises(SettingError) as err:
+            runner.check(ImageSettings(**bad))
+        assert err.value.field == field
+
+    profile = mixed_profile(geometry(runner.model))
+    path = tmp_path / "var-shapes.kvprofile.json"
+    profile.save(path)
+    assert load_profile(path, runner.model.cfg.patch_nums, 4, 4) == profile
+    with pytest.raises(ValueError, match="a KV profile of patch_nums"):
+        load_profile(path, runner.model.cfg.patch_nums, 4, 8)
