@@ -87,7 +87,9 @@ def scale_store(
 ) -> tuple[DenseScaleStore | SlabScaleStore, int]:
     """The batch's KV store from its images' kv_policy / kv_budget, and the bytes the uncompressed
     store would hold. All `full`: the dense store (one contiguous prefix, no gather); otherwise the
-    slab store with each row's own policy (a guided image's null-class row takes its image's)."""
+    slab store with each row's own policy (a guided image's null-class row takes its image's).
+    Any mix runs; the server still batches one policy and budget at a time (service/queue.py
+    `batch_key`), so that an image's arithmetic and its reported bytes are its own policy's."""
     c = model.cfg
     dtype, device = model.pos_1LC.dtype, model.pos_1LC.device
     rows = 2 * len(settings) if guided else len(settings)
