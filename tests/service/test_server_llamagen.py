@@ -100,6 +100,7 @@ def test_the_model_card_describes_a_next_token_class_model(server):
     assert card["conditioning"] == "class" and card["num_classes"] == 10
     assert card["resolution"] == f"{IMAGE_PX}x{IMAGE_PX}" and card["steps"] == GRID
     assert card["defaults"] == {"cfg_scale": 4.0, "top_k": 2000, "top_p": 1.0, "temperature": 1.0}
+    assert card["kv_policies"] is None and card["kv_budget"] is None  # next-token: no KV policies
 
 
 @pytest.mark.parametrize("path", ["/v1/images/generations", "/v1/generate"])
