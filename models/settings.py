@@ -10,6 +10,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+# The KV-cache policies of next-scale models (models/kv/policies.py implements them); named here so
+# the HTTP side can check a request without importing the engine stack.
+KV_POLICY_NAMES = ("full", "window", "snapkv", "hack", "scalekv", "heatkv")
+
 
 @dataclass(frozen=True)
 class ImageSettings:
@@ -47,12 +51,15 @@ class SettingError(ValueError):
 
 @dataclass(frozen=True)
 class SamplingDefaults:
-    """A model's defaults for what a request may leave out (the config's `[model.defaults]`)."""
+    """A model's defaults for what a request may leave out (the config's `[model.defaults]`, and
+    `[model.kv]` for the KV policy and budget)."""
 
     cfg: float
     top_k: int
     top_p: float
     temperature: float = 1.0
+    kv_policy: str = "full"
+    kv_budget: float = 1.0
 
 
 def settings_for(
@@ -65,6 +72,8 @@ def settings_for(
     temperature: float | None = None,
     negative_prompt: str | None = None,
     cfg_interval: int | None = None,
+    kv_policy: str | None = None,
+    kv_budget: float | None = None,
 ) -> list[ImageSettings]:
     """The settings of a request's n images: what it gave, else the model's defaults. Image i has
     seed first_seed + i, so each image can be regenerated alone."""
@@ -77,6 +86,8 @@ def settings_for(
             temperature=defaults.temperature if temperature is None else temperature,
             negative_prompt=negative_prompt,
             cfg_interval=-1 if cfg_interval is None else cfg_interval,
+            kv_policy=defaults.kv_policy if kv_policy is None else kv_policy,
+            kv_budget=defaults.kv_budget if kv_budget is None else kv_budget,
         )
         for i in range(n)
     ]

@@ -171,4 +171,10 @@ def model_card(name: str, pool: WorkerPool) -> ModelCard:
         card.num_classes = info.num_classes if info.conditioning == "class" else None
         card.class_names = list(spec.class_names) if spec.class_names else None
         card.steps = info.steps
+        if info.kv_policies:
+            card.kv_policies, card.kv_policy, card.kv_budget = (
+                list(info.kv_policies),
+                d.kv_policy,
+                d.kv_budget,
+            )
     return card

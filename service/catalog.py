@@ -23,6 +23,7 @@ class ModelInfo:
     condition_tokens: int  # prefilled per image: a class token, or a caption's positions
     resolve_condition: Callable[[int | str], int | str]  # the runner's: ValueError for the user
     check_settings: Callable[[ImageSettings], None]  # the runner's: SettingError for the user
+    kv_policies: tuple[str, ...] = ()  # the KV-cache policies it offers (next-scale models)
 
     @property
     def resolution(self) -> str:
@@ -41,6 +42,7 @@ def info_of(runner) -> ModelInfo:
         condition_tokens=runner.condition_tokens,
         resolve_condition=runner.resolve,
         check_settings=runner.check,
+        kv_policies=tuple(getattr(runner, "kv_policies", ())),
     )
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from models.config import DEFAULT_CONFIG
+from models.settings import KV_POLICY_NAMES
 from service.settings import add_serve_arguments, settings_from
 
 MAX_IMAGES = 256
@@ -66,6 +67,16 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-k", type=in_range(int, 0), help="top-k (0: off)")
     gen.add_argument("--top-p", type=in_range(float, 0, 1), help="top-p (0: off)")
     gen.add_argument("--temperature", type=in_range(float, 0, 100, lo_open=True), help="softmax temperature")
+    gen.add_argument(
+        "--kv-policy",
+        choices=KV_POLICY_NAMES,
+        help="next-scale models: what the KV cache keeps of earlier scales (default: the model's)",
+    )
+    gen.add_argument(
+        "--kv-budget",
+        type=in_range(float, 0, 1, lo_open=True),
+        help="next-scale models: fraction of the full stored KV prefix kept (default: the model's)",
+    )
     gen.add_argument("--batch-size", type=in_range(int, 1, 256), default=16, help="images per forward batch")
     gen.add_argument("--out", type=Path, default=Path("out"), help="output directory")
     gen.set_defaults(subparser=gen)
@@ -139,6 +150,8 @@ def generate_command(args, parser: argparse.ArgumentParser) -> int:
         args.temperature,
         args.negative_prompt,
         args.cfg_interval,
+        args.kv_policy,
+        args.kv_budget,
     )
     try:
         runner.check(params[0])

@@ -50,6 +50,8 @@ def admit(
         temperature=body.temperature,
         negative_prompt=body.negative_prompt,
         cfg_interval=body.cfg_interval,
+        kv_policy=body.kv_policy,
+        kv_budget=body.kv_budget,
     )
     try:
         info.check_settings(params[0])  # the images differ in their seeds only

@@ -1,7 +1,7 @@
 """The bounded request queue between the HTTP side and the workers, and how a worker takes a batch.
 
 A batch is the oldest waiting request of the worker's models plus later requests of the same
-model, up to max_batch_size images; it waits at most max_wait after the oldest request arrived
+model and KV policy and budget (`batch_key`), up to max_batch_size images; it waits at most max_wait after the oldest request arrived
 for company. Requests that were cancelled or ran out of time while waiting never reach a batch.
 """
 
@@ -14,6 +14,16 @@ from collections import deque
 from collections.abc import Callable
 
 from service.jobs import Job
+
+
+def batch_key(job: Job) -> tuple:
+    """What requests sharing a batch have in common: the model, and its KV policy and budget (a
+    request's images share them). The store could run rows of several policies, but on the CPU
+    path an image's attention would then be padded to its neighbours' longer segments (the last
+    bits of its arithmetic, hence rarely a token, would depend on its batch) and the batch's KV
+    bytes would not be its own policy's."""
+    s = job.params[0]
+    return job.model, s.kv_policy, 1.0 if s.kv_policy == "full" else s.kv_budget
 
 
 class QueueFull(Exception):
@@ -127,9 +137,9 @@ class RequestQueue:
 
     def _compatible(self, head: Job, max_images: int) -> list[Job]:
         # later jobs that fit may pass a larger one that does not; the head always goes first
-        batch, images = [head], head.n
+        batch, images, key = [head], head.n, batch_key(head)
         for job in self._waiting:
-            if job is not head and job.model == head.model and images + job.n <= max_images:
+            if job is not head and batch_key(job) == key and images + job.n <= max_images:
                 batch.append(job)
                 images += job.n
         return batch

@@ -6,6 +6,8 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
+from models.settings import KV_POLICY_NAMES
+
 MAX_SEED = 2**63 - 1
 Prompt = int | Annotated[str, StringConstraints(min_length=1, max_length=4000)]
 
@@ -46,6 +48,18 @@ class GenerationFields(BaseModel):
     top_p: float | None = Field(None, ge=0, le=1, description="0: off")
     temperature: float | None = Field(None, gt=0, le=100)
     timeout_s: float | None = Field(None, gt=0, description="deadline from arrival; at most the server's")
+    kv_policy: Literal[KV_POLICY_NAMES] | None = Field(
+        None,
+        description="next-scale models: what the KV cache keeps of earlier scales (README, KV-cache "
+        "compression); next-token models take 'full' only. Default: the model's",
+    )
+    kv_budget: float | None = Field(
+        None,
+        gt=0,
+        le=1,
+        description="next-scale models: the fraction of the full stored KV prefix a compressing policy "
+        "keeps ('full' ignores it). Default: the model's",
+    )
 
 
 MAX_PARTIAL_IMAGES = 3  # the OpenAI Images API's bound
@@ -169,6 +183,9 @@ class ModelCard(BaseModel):
     class_names: list[str] | None = Field(None, description="the config's names of the classes, by index")
     steps: int | None = None
     defaults: SamplingDefaultsCard
+    kv_policies: list[str] | None = Field(None, description="next-scale models: the kv_policy choices")
+    kv_policy: str | None = Field(None, description="the model's default kv_policy")
+    kv_budget: float | None = Field(None, description="the model's default kv_budget")
 
 
 class ModelList(BaseModel):

@@ -74,6 +74,12 @@ class LlamaGenRunner:
                 f"cfg_interval is {settings.cfg_interval}: give -1 (guide every token) or the last "
                 f"guided image token, 0..{self.image_tokens - 1}",
             )
+        if settings.kv_policy != "full":
+            raise SettingError(
+                "kv_policy",
+                f"model '{self.spec.name}' is next-token: it keeps its full KV cache (kv_policy 'full'); "
+                f"'{settings.kv_policy}' is for next-scale models",
+            )
 
     def generate(
         self,

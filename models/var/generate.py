@@ -11,7 +11,10 @@ from dataclasses import dataclass, field
 
 import torch
 
+from models.kv.compressed import SlabScaleStore
 from models.kv.dense import DenseScaleStore
+from models.kv.policies import ScaleGeometry, policy
+from models.kv.profile import KVProfile
 from models.kv.store import KVStore
 from models.runtime import device_clock
 from models.sampling import SamplerRows
@@ -80,6 +83,30 @@ def transformer_flops(model: VAR, rows: int) -> float:
     return 2.0 * rows * (L * per_token_linear + c.depth * 2 * C * attn_pairs)
 
 
+def scale_store(
+    model: VAR, settings: list[ImageSettings], guided: bool, profile: KVProfile | None
+) -> tuple[DenseScaleStore | SlabScaleStore, int]:
+    """The batch's KV store from its images' kv_policy / kv_budget, and the bytes the uncompressed
+    store would hold. All `full`: the dense store (one contiguous prefix, no gather); otherwise the
+    slab store with each row's own policy (a guided image's null-class row takes its image's).
+    Any mix runs; the server still batches one policy and budget at a time (service/queue.py
+    `batch_key`), so that an image's arithmetic and its reported bytes are its own policy's."""
+    c = model.cfg
+    dtype, device = model.pos_1LC.dtype, model.pos_1LC.device
+    rows = 2 * len(settings) if guided else len(settings)
+    stored_len = c.seq_len - c.patch_nums[-1] ** 2  # the last scale is never read again
+    full_bytes = 2 * c.depth * rows * c.num_heads * stored_len * c.head_dim * dtype.itemsize
+    if all(s.kv_policy == "full" for s in settings):
+        store = DenseScaleStore(c.depth, rows, c.num_heads, c.seq_len, c.head_dim, dtype, device, stored_len)
+        return store, full_bytes
+    geo = ScaleGeometry(tuple(c.patch_nums), c.depth, c.num_heads)
+    profile = profile or KVProfile.default(geo.patch_nums, c.depth, c.num_heads)
+    per_image = [(policy(s.kv_policy), 1.0 if s.kv_policy == "full" else s.kv_budget) for s in settings]
+    return SlabScaleStore(
+        geo, per_image * (2 if guided else 1), profile, c.head_dim, dtype, device
+    ), full_bytes
+
+
 @torch.inference_mode()
 def generate(
     model: VAR,
@@ -88,10 +115,14 @@ def generate(
     settings: list[ImageSettings],
     on_scale: Callable[[ScaleStep], None] | None = None,
     decode: bool = True,
+    profile: KVProfile | None = None,
     wrap_store: Callable[[DenseScaleStore], KVStore] | None = None,
 ) -> VAROutput:
-    """labels: one class index per image; settings: one per image. `wrap_store` wraps the dense
-    store in one that delegates to it (calibration's recording store, models/kv/calibrate.py)."""
+    """labels: one class index per image; settings: one per image (its kv_policy and kv_budget
+    choose what the batch's KV store keeps, see `scale_store`); profile: the model's offline KV
+    profile for the policies that use one (None: KVProfile.default). `wrap_store` wraps the
+    (dense, full-policy) store in one that delegates to it (calibration's recording store,
+    models/kv/calibrate.py)."""
     c = model.cfg
     B, device = len(labels), model.pos_1LC.device
     dtype = model.pos_1LC.dtype
@@ -105,8 +136,7 @@ def generate(
     pos = model.position_embedding()  # (1, L, C)
     sampler = SamplerRows.of(settings, device)
 
-    stored_len = c.seq_len - c.patch_nums[-1] ** 2  # the last scale is never read again
-    store = DenseScaleStore(c.depth, rows, c.num_heads, c.seq_len, c.head_dim, dtype, device, stored_len)
+    store, full_bytes = scale_store(model, settings, guided, profile)
     if wrap_store is not None:
         store = wrap_store(store)
     f_hat = torch.zeros(B, c.vae_dim, c.patch_nums[-1], c.patch_nums[-1], device=device)
@@ -152,7 +182,7 @@ def generate(
         tokens,
         n_scales,
         store.nbytes,
-        store.nbytes,  # the dense store is the uncompressed one
+        full_bytes,
         store.working_nbytes,
         transformer_flops(model, rows),
         device_clock(f_hat.device) - t0 if decode else 0.0,

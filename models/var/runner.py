@@ -8,6 +8,8 @@ import torch
 
 from models.conditions import Conditions
 from models.config import ModelSpec
+from models.kv.policies import KV_POLICIES, check_budget
+from models.kv.profile import KVProfile
 from models.runner import BatchResult
 from models.settings import ImageSettings, SettingError
 from models.var import generate as engine
@@ -16,6 +18,7 @@ from models.var.loading import load_var
 
 class VARRunner:
     family = "var"
+    kv_policies = KV_POLICIES
 
     def __init__(self, spec: ModelSpec):
         self.spec = spec
@@ -26,6 +29,7 @@ class VARRunner:
         self.image_size = self.tokenizer.cfg.image_size  # the VQ-VAE's downsampling decides
         self.steps = len(c.patch_nums)
         self.image_tokens, self.condition_tokens = c.seq_len, c.first_len
+        self.kv_profile = load_profile(getattr(spec, "kv_profile", None), c.patch_nums, c.depth, c.num_heads)
 
     def resolve(self, condition: int | str) -> int | str:
         return self.conditions.resolve(condition)
@@ -41,6 +45,14 @@ class VARRunner:
                 f"model '{self.spec.name}' is next-scale: cfg_interval is for next-token models "
                 "(VAR ramps its guidance over the scales)",
             )
+        if settings.kv_policy not in KV_POLICIES:
+            raise SettingError(
+                "kv_policy", f"kv_policy '{settings.kv_policy}' is not one of {', '.join(KV_POLICIES)}"
+            )
+        try:
+            check_budget(settings.kv_budget)
+        except ValueError as e:
+            raise SettingError("kv_budget", str(e)) from None
 
     def generate(
         self,
@@ -51,7 +63,7 @@ class VARRunner:
         labels = [self.resolve(c) for c in conditions]
         for s in settings:
             self.check(s)
-        out = engine.generate(self.model, self.tokenizer, labels, settings, on_step)
+        out = engine.generate(self.model, self.tokenizer, labels, settings, on_step, profile=self.kv_profile)
         tokens = torch.cat(out.tokens, dim=1).cpu()
         return BatchResult(
             out.images.float().cpu(),
@@ -74,3 +86,17 @@ class VARRunner:
             for i in range(step.history.shape[0])
         ]
         return torch.cat(images).add_(1).mul_(0.5).cpu()
+
+
+def load_profile(path, patch_nums: tuple[int, ...], depth: int, num_heads: int) -> KVProfile:
+    """The model's KV profile from `path` (the config's `ModelSpec.kv_profile`), else the default
+    one; ValueError naming the file for one that is not this model's."""
+    if path is None:
+        return KVProfile.default(tuple(patch_nums), depth, num_heads)
+    profile = KVProfile.load(path)
+    if not profile.matches(tuple(patch_nums), depth, num_heads):
+        raise ValueError(
+            f"{path}: a KV profile of patch_nums {profile.patch_nums}, depth {profile.depth}, "
+            f"{profile.num_heads} heads; the model has {tuple(patch_nums)}, {depth}, {num_heads}"
+        )
+    return profile

@@ -27,9 +27,10 @@
 
   // ===== KV-policy and speculative options =====
   // Extra request fields, each rendered only when the selected model's card carries the named
-  // card field; no card does yet, so nothing is shown. A card value that is a list gives the
-  // choices of a select; a number or string gives an input with that default; true gives a
-  // checkbox. Left empty, the field is not sent and the server's default applies.
+  // card field (VAR cards carry kv_policies and kv_budget; no card offers speculative decoding
+  // yet). A card value that is a list gives the choices of a select; a number or string gives an
+  // input with that default; true gives a checkbox. Left empty, the field is not sent and the
+  // server's default applies.
   const EXTRA_OPTIONS = [
     { card: "kv_policies", param: "kv_policy", label: "KV policy" },
     { card: "kv_budget", param: "kv_budget", label: "KV budget" },

@@ -56,6 +56,29 @@ cfg = 2.5
             'name = "a"\nfamily = "var"\nweights = "w"\ntokenizer = "t"\ndefaults = {topk = 3}',
             "'defaults.topk'",
         ),
+        (
+            'name = "a"\nfamily = "var"\nweights = "w"\ntokenizer = "t"\nkv = {kv_policy = "lru"}',
+            "kv.kv_policy 'lru' is not one of full, window, snapkv, hack, scalekv, heatkv",
+        ),
+        (
+            'name = "a"\nfamily = "var"\nweights = "w"\ntokenizer = "t"\nkv = {kv_budget = 0}',
+            r"kv.kv_budget 0 must be a number in \(0, 1\]",
+        ),
+        (
+            'name = "a"\nfamily = "var"\nweights = "w"\ntokenizer = "t"\nkv = {kv_budget = "1"}',
+            "kv.kv_budget '1' must be a number",
+        ),
+        ('name = "a"\nfamily = "var"\nweights = "w"\ntokenizer = "t"\nkv = {policy = "hack"}', "'kv.policy'"),
+        ('name = "a"\nfamily = "var"\nweights = "w"\ntokenizer = "t"\nkv = 3', "'kv' must be a table"),
+        (
+            'name = "a"\nfamily = "var"\nweights = "w"\ntokenizer = "t"\ndefaults = {kv_policy = "hack"}',
+            "'defaults.kv_policy'",
+        ),
+        (
+            'name = "a"\nfamily = "llamagen"\nweights = "w"\ntokenizer = "t"\nimage_size = 256\nn_head = 4\n'
+            'kv = {kv_policy = "snapkv"}',
+            "next-token models keep their full KV cache",
+        ),
     ],
 )
 def test_bad_model_tables_name_the_field(tmp_path, body, message):
@@ -64,6 +87,16 @@ def test_bad_model_tables_name_the_field(tmp_path, body, message):
     with pytest.raises(ConfigError, match=message) as err:
         load_config(write(tmp_path, "[[model]]\n" + body))
     assert "model #1" in str(err.value)
+
+
+def test_kv_defaults_come_from_the_model_kv_table(tmp_path):
+    head = '[[model]]\nname = "a"\nfamily = "var"\nweights = "w"\ntokenizer = "t"\ndevice = "cpu"\n'
+    (spec,) = load_config(write(tmp_path, head + '[model.kv]\nkv_policy = "hack"\nkv_budget = 0.25\n'))
+    assert (spec.defaults.kv_policy, spec.defaults.kv_budget, spec.defaults.cfg) == ("hack", 0.25, 4.0)
+    (spec,) = load_config(write(tmp_path, head + "[model.kv]\nkv_budget = 1\n"))
+    assert (spec.defaults.kv_policy, spec.defaults.kv_budget) == ("full", 1.0)
+    (spec,) = load_config(write(tmp_path, head))
+    assert (spec.defaults.kv_policy, spec.defaults.kv_budget) == ("full", 1.0)
 
 
 def test_file_level_errors(tmp_path):

@@ -51,6 +51,8 @@ def test_bad_values_exit_non_zero_with_a_message(tmp_path):
         (["--class", 1, "--temperature", 0], "argument --temperature: 0.0 is outside (0, 100]"),
         (["--class", 1, "--model", "nope"], "--model 'nope' is not in the config"),
         (["--class", 1, "--cfg-interval", 3], "--cfg-interval: model 'var-fixture' is next-scale"),
+        (["--class", 1, "--kv-policy", "lru"], "argument --kv-policy: invalid choice: 'lru'"),
+        (["--class", 1, "--kv-budget", 0], "argument --kv-budget: 0.0 is outside (0, 1]"),
         (
             ["--class", 1, "--negative-prompt", "a dog"],
             "--negative-prompt: model 'var-fixture' is class-conditional: negative_prompt needs a text model",

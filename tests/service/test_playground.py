@@ -147,7 +147,7 @@ def test_playground_lists_the_models_and_streams_an_image(browser, server, tmp_p
     assert [o.get_attribute("value") for o in classes[:10]] == [str(i) for i in range(10)]
     assert browser.find_element(By.ID, "top_p").get_attribute("value") == "0.96"  # the card's defaults
     assert browser.find_element(By.ID, "cfg_scale").get_attribute("value") == "1.5"
-    assert not browser.find_element(By.ID, "extra-options").is_displayed()  # no card offers them yet
+    assert browser.find_element(By.ID, "extra-options").is_displayed()  # the VAR card offers KV policies
 
     Select(browser.find_element(By.ID, "class-select")).select_by_value("3")
     fill(browser, "seed", "7")
@@ -212,29 +212,51 @@ def test_the_pages_sse_parser_reads_events_split_anywhere(browser, server):
         assert events == expected, (cut, events)
 
 
-def test_kv_and_speculative_options_show_only_when_the_card_offers_them(browser, server):
-    """No card carries them yet: the section is hidden. A card that does (injected here) gets its
-    controls, and a chosen value is sent (this server names the field it does not know)."""
+def test_kv_options_show_from_the_var_card_and_reach_the_server(browser, server):
+    """The VAR card offers kv_policies and kv_budget: the page renders them (no speculative option:
+    the card does not offer one), a chosen policy and budget are sent, and a bad budget comes
+    back as the server's message naming the field; a card without them hides the section."""
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import Select
 
     open_playground(browser, server)
     section = browser.find_element(By.ID, "extra-options")
-    assert not section.is_displayed()
-    browser.execute_script(
-        """const card = window.varservePlayground.models[0];
-        card.kv_policies = ["dense", "per-head"];
-        card.kv_budget = 0.5;
-        document.getElementById("model").dispatchEvent(new Event("change"));"""
-    )
     assert section.is_displayed()
-    assert browser.find_element(By.ID, "extra-kv_budget").get_attribute("placeholder") == "0.5"
-    assert not browser.find_elements(By.ID, "extra-speculative")  # not offered by the card
-    Select(browser.find_element(By.ID, "extra-kv_policy")).select_by_value("per-head")
+    policies = Select(browser.find_element(By.ID, "extra-kv_policy"))
+    assert [o.get_attribute("value") for o in policies.options] == [
+        "",
+        "full",
+        "window",
+        "snapkv",
+        "hack",
+        "scalekv",
+        "heatkv",
+    ]
+    budget = browser.find_element(By.ID, "extra-kv_budget")
+    assert budget.get_attribute("placeholder") == "1"
+    assert not browser.find_elements(By.ID, "extra-speculative")
+    policies.select_by_value("snapkv")
+    budget.send_keys("0.1")
+    browser.find_element(By.ID, "generate").click()
+    wait(
+        browser,
+        lambda d: browser.execute_script("return window.varservePlayground.status") == "done",
+        "the run",
+    )
+    usage = browser.find_element(By.ID, "usage").text
+    assert "KV cache, stored" in usage, usage
+    budget.clear()
+    budget.send_keys("2")
     browser.find_element(By.ID, "generate").click()
     error = browser.find_element(By.ID, "error")
     wait(browser, lambda d: error.is_displayed(), "the error to show")
-    assert "kv_policy: Extra inputs are not permitted" in error.text, error.text
+    assert "kv_budget: Input should be less than or equal to 1" in error.text, error.text
+    browser.execute_script(
+        """const card = window.varservePlayground.models[0];
+        delete card.kv_policies; delete card.kv_budget;
+        document.getElementById("model").dispatchEvent(new Event("change"));"""
+    )
+    assert not section.is_displayed()
 
 
 @pytest.mark.parametrize(

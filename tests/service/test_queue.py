@@ -13,8 +13,11 @@ from service.queue import QueueFull, RequestQueue
 NEVER = threading.Event()
 
 
-def job(model="a", n=1, deadline_s=60.0) -> Job:
-    params = [ImageSettings(seed=i, cfg=1.0, top_k=0, top_p=0.0, temperature=1.0) for i in range(n)]
+def job(model="a", n=1, deadline_s=60.0, kv=("full", 1.0)) -> Job:
+    params = [
+        ImageSettings(seed=i, cfg=1.0, top_k=0, top_p=0.0, temperature=1.0, kv_policy=kv[0], kv_budget=kv[1])
+        for i in range(n)
+    ]
     return Job(
         id=f"{model}{n}",
         model=model,
@@ -36,6 +39,25 @@ def test_a_batch_takes_the_oldest_request_and_same_model_company_up_to_max_image
     assert q.take_batch({"a", "b"}, max_images=4, max_wait_s=0, stop=NEVER) == [jobs[1]]  # other model
     assert q.take_batch({"a"}, max_images=4, max_wait_s=0, stop=NEVER) == [jobs[2]]
     assert len(q) == 1
+
+
+def test_requests_share_a_batch_only_with_the_same_kv_policy_and_budget():
+    q = RequestQueue(max_size=10)
+    jobs = [
+        job("a", 1, kv=("snapkv", 0.1)),
+        job("a", 1, kv=("snapkv", 0.25)),
+        job("a", 1, kv=("hack", 0.1)),
+        job("a", 1, kv=("snapkv", 0.1)),
+        job("a", 1),
+        job("a", 1, kv=("full", 0.5)),  # full ignores its budget
+    ]
+    for j in jobs:
+        q.submit(j)
+    take = lambda: q.take_batch({"a"}, max_images=8, max_wait_s=0, stop=NEVER)  # noqa: E731
+    assert take() == [jobs[0], jobs[3]]
+    assert take() == [jobs[1]]
+    assert take() == [jobs[2]]
+    assert take() == [jobs[4], jobs[5]]
 
 
 def test_a_worker_only_takes_its_own_models():

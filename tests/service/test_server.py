@@ -76,6 +76,11 @@ def images_of(response) -> list[str]:
         ({"prompt": 1, "partial_images": 2}, 400, "partial_images", "needs stream: true"),
         ({"prompt": 1, "stream": "maybe"}, 422, "stream", "valid boolean"),
         ({"prompt": 1, "output_format": "jpeg"}, 422, "output_format", "'png'"),
+        ({"prompt": 1, "kv_policy": "lru"}, 422, "kv_policy", "'full', 'window', 'snapkv', 'hack'"),
+        ({"prompt": 1, "kv_policy": 3}, 422, "kv_policy", "Input should be 'full'"),
+        ({"prompt": 1, "kv_budget": 0}, 422, "kv_budget", "greater than 0"),
+        ({"prompt": 1, "kv_budget": 1.5}, 422, "kv_budget", "less than or equal to 1"),
+        ({"prompt": 1, "kv_budget": "half"}, 422, "kv_budget", "valid number"),
     ],
 )
 def test_bad_requests_name_the_field(server, body, status, param, words):
@@ -212,3 +217,21 @@ def test_metrics_text_parses_and_counts_what_happened(server):
 
 def test_image_metrics_count_images_pixels_and_the_time_of_each_stage(server):
     check_image_metrics(server, {"prompt": 3, "n": 2, "seed": 11}, "var-fixture", 256 * 256)
+
+
+def test_kv_policy_and_budget_reach_the_engine_and_the_model_card_offers_them(server):
+    (card,) = server.client.get("/v1/models").json()["data"]
+    assert card["kv_policies"] == ["full", "window", "snapkv", "hack", "scalekv", "heatkv"]
+    assert (card["kv_policy"], card["kv_budget"]) == ("full", 1.0)
+    dense = server.post({"prompt": 3, "n": 2, "seed": 9}).json()["usage"]
+    for name in ("snapkv", "heatkv"):
+        r = server.post({"prompt": 3, "n": 2, "seed": 9, "kv_policy": name, "kv_budget": 0.1})
+        assert r.status_code == 200, r.text
+        usage = r.json()["usage"]
+        assert usage["kv_bytes_full"] == dense["kv_bytes_full"]
+        assert 0.09 * usage["kv_bytes_full"] <= usage["kv_bytes"] <= 0.1 * usage["kv_bytes_full"]
+        assert usage["kv_bytes"] < usage["kv_bytes_working"] < dense["kv_bytes_working"]
+    # full ignores the budget: the dense store
+    r = server.post({"prompt": 3, "n": 2, "seed": 9, "kv_policy": "full", "kv_budget": 0.1})
+    assert r.json()["usage"]["kv_bytes"] == dense["kv_bytes"]
+    assert_same_images(images_of(r), images_of(server.post({"prompt": 3, "n": 2, "seed": 9})))

@@ -106,6 +106,7 @@ def test_the_model_card_describes_a_next_token_class_model(server):
     assert card["conditioning"] == "class" and card["num_classes"] == 10
     assert card["resolution"] == f"{IMAGE_PX}x{IMAGE_PX}" and card["steps"] == GRID
     assert card["defaults"] == {"cfg_scale": 4.0, "top_k": 2000, "top_p": 1.0, "temperature": 1.0}
+    assert card["kv_policies"] is None and card["kv_budget"] is None  # next-token: no KV policies
 
 
 @pytest.mark.parametrize("path", ["/v1/images/generations", "/v1/generate"])
@@ -118,6 +119,7 @@ def test_the_model_card_describes_a_next_token_class_model(server):
         ({"class_label": 10}, "class_label", "class 10 is out of range 0..9"),
         ({"class_label": "-1"}, "class_label", "class -1 is out of range 0..9"),
         ({"prompt": 1, "size": "64x64"}, "size", f"it makes {IMAGE_PX}x{IMAGE_PX}"),
+        ({"prompt": 1, "kv_policy": "snapkv"}, "kv_policy", "is next-token: it keeps its full KV cache"),
     ],
 )
 def test_bad_conditions_answer_400_naming_the_field(server, path, body, param, words):

@@ -1,0 +1,216 @@
+"""The compressed scale store: per layer a ragged K/V slab that each (row, head) segment fills up to
+the capacity its policy plans (models/kv/policies.py), read by kernels/scale_attention.py.
+
+Layout, per layer (the kernel's): `k[layer]`, `v[layer]` (S_layer, D) and `pos[layer]` (S_layer,)
+int32, each slot's absolute position (its scale and place on the map, for the rules that need
+them); segment i = r * H + h (row r, head h: the conditional and null-class rows of a guided image
+are rows, and segments, of their own) owns slots [offsets[i], offsets[i] + cap[i]) and holds
+lengths[i] tokens, in position order. cap is the most the segment's plan ever holds, so the slab
+is allocated once per batch and is exactly the budget's size: `nbytes` is the K and V slabs (the
+int32 position tags, 1/(2D) of that in fp32, are metadata and not counted, as the papers count
+K and V); `working_nbytes` adds the largest current scale's K/V held at once (one layer, one
+group of rows: the model hands them over layer by layer).
+
+A scale, per layer and group of rows: `write` hands over the scale's K/V; `attend` runs
+`scale_attention` over [the rows' segments | the scale's own keys]; then, unless it is the last
+scale (whose keys nobody reads again, so they are never stored), each row's policy picks what its
+segments keep of [stored | current]: the best `counts[si]` candidates by the policy's
+(tier, key), ties by candidate index, ranked with `attention_mass` of the observed queries where
+the policy needs it. The choice is gathered into a copy first and then written back into the
+segment's own slots (a segment only shrinks or grows within its slots, so nothing else moves).
+Lengths are the plan's, known on the host: no step reads a device value to size anything.
+
+Rows may carry different policies and budgets (each row is planned and ranked by its own; rows of
+one policy are ranked together). The server still batches only requests of one policy and budget
+(service/queue.py): on the CPU path, attention pads every segment of a group of rows to the
+longest one, so rows of other policies in the batch would change an image's arithmetic in the
+last bits, and a request's reported bytes would be its neighbours'.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kernels.scale_attention import attention_mass, scale_attention
+from models.kv.policies import Candidates, ScaleGeometry
+from models.kv.profile import KVProfile
+from models.kv.store import ScaleSpan
+
+
+def select(tier: torch.Tensor, key: torch.Tensor, valid: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """tier, key: (G, M) priorities (higher first: tier, then key, then the lower column); valid:
+    (G, M) bool; keep: (G,) long, how many each segment keeps (<= its valid columns) -> (G, max
+    keep) long: the kept columns in ascending order, -1 past each segment's keep."""
+    G, M = tier.shape
+    width = int(keep.max()) if G else 0
+    if width == 0:
+        return torch.full((G, 0), -1, dtype=torch.long)
+    # two stable sorts make a lexicographic order: by key, then by tier (stable: ties stay by index)
+    order = torch.sort(key.masked_fill(~valid, -torch.inf), dim=1, descending=True, stable=True).indices
+    t = tier.masked_fill(~valid, -1).gather(1, order)
+    order = order.gather(1, torch.sort(t, dim=1, descending=True, stable=True).indices)[:, :width]
+    taken = torch.arange(width)[None, :] < keep[:, None]
+    cols = torch.sort(order.masked_fill(~taken, M), dim=1).values
+    return cols.masked_fill(cols == M, -1)
+
+
+class SlabScaleStore:
+    """See the module docstring. row_policies: (policy, budget) per engine row."""
+
+    def __init__(
+        self,
+        geo: ScaleGeometry,
+        row_policies: list[tuple[object, float]],
+        profile: KVProfile,
+        head_dim: int,
+        dtype: torch.dtype,
+        device,
+    ):
+        self.geo, self.profile = geo, profile
+        R, H, S = len(row_policies), geo.num_heads, len(geo.sizes)
+        self.rows, self.device = R, device
+        self._scale_at = {start: si for si, start in enumerate(geo.starts)}
+        self._scale_of_pos = geo.scale_of_position().to(device)
+        # rows of one (policy, budget) are planned once and ranked together
+        groups: dict[tuple, list[int]] = {}
+        for r, (p, b) in enumerate(row_policies):
+            groups.setdefault((p, b), []).append(r)
+        self.groups = [(p, b, rows, p.plan(geo, profile, b)) for (p, b), rows in groups.items()]
+        # lengths[si][layer]: (R * H,) held before scale si (0 before the first); the host copy is
+        # the plan itself, per group
+        held = torch.zeros(S, geo.depth, R, H, dtype=torch.long)
+        for _, _, rows, counts in self.groups:
+            held[1:, :, rows] = counts[:, :, None, :]
+        self._held = held.view(S, geo.depth, R * H)
+        cap = self._held.max(0).values  # (depth, R * H)
+        offsets = torch.cumsum(cap, 1) - cap
+        self.cap, self._offsets = cap, offsets
+        self.offsets = offsets.to(device)
+        self.lengths = self._held.to(device)
+        self.k = [torch.empty(int(n), head_dim, dtype=dtype, device=device) for n in cap.sum(1)]
+        self.v = [torch.empty_like(k) for k in self.k]
+        self.pos = [torch.full((int(n),), -1, dtype=torch.int32, device=device) for n in cap.sum(1)]
+        self._current: tuple[int, ScaleSpan, torch.Tensor, torch.Tensor] | None = None
+        self._current_peak = 0
+
+    # ---------------------------------------------------------------- the KVStore contract
+
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, at: ScaleSpan) -> None:
+        """k, v: (b, H, n, D) of rows at.rows, the scale starting at at.start; held until `attend`."""
+        self._current = (layer, at, k, v)
+        self._current_peak = max(self._current_peak, k.nbytes + v.nbytes)
+
+    def attend(self, layer: int, q: torch.Tensor, at: ScaleSpan, scale: float = 1.0) -> torch.Tensor:
+        """q: (b, H, n, D) -> (b, H, n, D) over the rows' segments and the scale's own keys; then the
+        scale's keys are kept as the rows' policies say (never for the last scale)."""
+        cur_layer, cur_at, k, v = self._current
+        assert cur_layer == layer and cur_at == at, "attend follows the write of the same layer and span"
+        self._current = None
+        si, H = self._scale_at[at.start], self.geo.num_heads
+        segs = slice(at.rows.start * H, at.rows.stop * H)
+        out = scale_attention(
+            q,
+            k,
+            v,
+            self.k[layer],
+            self.v[layer],
+            self.offsets[layer, segs],
+            self.lengths[si, layer, segs],
+            scale,
+        )
+        if si < len(self.geo.sizes) - 1:
+            for p, _, rows, counts in self.groups:
+                mine = [r for r in rows if at.rows.start <= r < at.rows.stop]
+                if mine:
+                    self._keep(p, counts, layer, si, at, mine, q, k, v, scale)
+        return out
+
+    @property
+    def nbytes(self) -> int:
+        return sum(k.nbytes + v.nbytes for k, v in zip(self.k, self.v, strict=True))
+
+    @property
+    def working_nbytes(self) -> int:
+        return self.nbytes + self._current_peak
+
+    # ---------------------------------------------------------------- what the segments keep
+
+    def segment_positions(self, layer: int, segment: int, si: int) -> torch.Tensor:
+        """The positions segment `segment` holds after scale si (for tests and inspection)."""
+        off, n = int(self._offsets[layer, segment]), int(self._held[si + 1, layer, segment])
+        return self.pos[layer][off : off + n].long().cpu()
+
+    def _keep(self, p, counts, layer, si, at, rows: list[int], q, k, v, scale) -> None:
+        H, n, dev = self.geo.num_heads, k.shape[2], self.device
+        local = torch.tensor(rows, device=dev) - at.rows.start  # rows within q, k, v
+        segs = (torch.tensor(rows)[:, None] * H + torch.arange(H)).flatten()  # (G,) on the host
+        old_h = counts[si - 1, layer] if si > 0 else torch.zeros(H, dtype=torch.long)  # (H,)
+        new_h = counts[si, layer]
+        G = len(segs)
+        old, new = old_h.repeat(len(rows)), new_h.repeat(len(rows))  # (G,) host
+        off = self._offsets[layer, segs]
+        kf = k[local].reshape(G * n, -1)  # (G * n, D), segment by segment
+        vf = v[local].reshape(G * n, -1)
+        if p.append_only:  # new == old + n (take the scale) or new == old (take none of it)
+            assert bool(((new == old) | (new == old + n)).all()), (p.name, old, new)
+            take = (new == old + n).nonzero().flatten()
+            if len(take):
+                slots = (off[take] + old[take])[:, None] + torch.arange(n)
+                src = (take[:, None] * n + torch.arange(n)).flatten().to(dev)
+                slots = slots.flatten().to(dev)
+                self.k[layer][slots] = kf[src]
+                self.v[layer][slots] = vf[src]
+                self.pos[layer][slots] = (at.start + torch.arange(n, device=dev)).repeat(len(take)).int()
+            return
+        c = self._candidates(p, layer, si, at, rows, local, segs, old, off, q, k, scale)
+        tier, key = p.rank(c, self.profile)
+        cols = select(tier.cpu(), key.cpu(), c.valid.cpu(), new)  # (G, max new), -1 padded
+        taken = cols >= 0
+        g = torch.arange(G)[:, None].expand_as(cols)[taken]
+        j = torch.arange(cols.shape[1])[None, :].expand_as(cols)[taken]
+        col = cols[taken]
+        max_old = int(old.max())
+        is_old = col < max_old
+        src_slot = (off[g] + col)[is_old].to(dev)
+        src_cur = (g * n + col - max_old)[~is_old].to(dev)
+        dest_old, dest_cur = (off[g] + j)[is_old].to(dev), (off[g] + j)[~is_old].to(dev)
+        # gather first (copies), then write: a kept key may move down within its own segment
+        kept = [(t[src_slot], f[src_cur]) for t, f in ((self.k[layer], kf), (self.v[layer], vf))]
+        kept_pos = self.pos[layer][src_slot]
+        for t, (o, cur) in zip((self.k[layer], self.v[layer]), kept, strict=True):
+            t[dest_old] = o
+            t[dest_cur] = cur
+        self.pos[layer][dest_old] = kept_pos
+        self.pos[layer][dest_cur] = (at.start + col[~is_old] - max_old).int().to(dev)
+
+    def _candidates(self, p, layer, si, at, rows, local, segs, old, off, q, k, scale) -> Candidates:
+        """[stored, padded to the longest | current] of each segment, with positions, scales and mass."""
+        dev, n, G = self.device, k.shape[2], len(segs)
+        max_old = int(old.max())
+        cols = torch.arange(max_old)
+        valid_old = cols[None, :] < old[:, None]  # (G, max_old)
+        slot_old = torch.where(valid_old, off[:, None] + cols[None, :], 0).to(dev)
+        valid = torch.cat([valid_old, torch.ones(G, n, dtype=torch.bool)], 1).to(dev)
+        pos_old = self.pos[layer][slot_old].long() if max_old else slot_old
+        pos = torch.cat([pos_old, (at.start + torch.arange(n, device=dev)).expand(G, n)], 1)
+        pos = pos.masked_fill(~valid, -1)
+        scale_ids = torch.where(valid, self._scale_of_pos[pos.clamp(min=0)], -1)
+        heads = (segs % self.geo.num_heads).to(dev)
+        obs = p.observed(self.geo, si)
+        mass, obs_pos = None, None
+        if obs is not None:
+            obs = obs.to(dev)
+            obs_pos = at.start + obs
+            segs_d = segs.to(dev)
+            mass_slab, mass_cur = attention_mass(
+                q[local][:, :, obs],
+                k[local],
+                self.k[layer],
+                self.offsets[layer, segs_d],
+                self.lengths[si, layer, segs_d],
+                scale,
+                max_len=max_old,
+            )
+            mass_old = torch.where(valid_old.to(dev), mass_slab[slot_old], 0.0)
+            mass = torch.cat([mass_old, mass_cur.reshape(G, n)], 1)
+        return Candidates(layer, si, heads, pos, scale_ids, valid, mass, obs_pos)

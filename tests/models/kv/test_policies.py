@@ -1,0 +1,206 @@
+"""The compression policies without a model: their static plans (budgets held, counts feasible) and
+their selection rules on hand-made candidates and mass (ties broken by index)."""
+
+import pytest
+import torch
+
+from models.kv.compressed import select
+from models.kv.policies import (
+    HACK,
+    KV_POLICIES,
+    Candidates,
+    HeatKV,
+    ScaleGeometry,
+    ScaleKV,
+    SnapKV,
+    Window,
+    budget_tokens,
+    grid_centres,
+    policy,
+    strided_queries,
+)
+from models.kv.profile import KVProfile
+
+GEO = ScaleGeometry((1, 2, 3, 4, 5, 6, 8, 10, 13, 16), depth=4, num_heads=4)
+S = len(GEO.patch_nums)
+
+
+def mixed_profile(geo: ScaleGeometry = GEO) -> KVProfile:
+    """Half the heads structural, layer 0 (and layer 2 at some scales) a drafter, scores that vary."""
+    L, H = geo.depth, geo.num_heads
+    return KVProfile(
+        geo.patch_nums,
+        L,
+        H,
+        tuple(tuple("structural" if (l + h) % 2 else "contextual" for h in range(H)) for l in range(L)),
+        tuple(
+            tuple("drafter" if l == 0 or (l == 2 and s % 3 == 0) else "refiner" for l in range(L))
+            for s in range(S)
+        ),
+        tuple(
+            tuple(tuple(float((7 * l + 3 * h + s) % 11) for s in range(S)) for h in range(H))
+            for l in range(L)
+        ),
+    )
+
+
+PROFILES = {"default": KVProfile.default(GEO.patch_nums, GEO.depth, GEO.num_heads), "mixed": mixed_profile()}
+
+
+def test_budget_tokens_are_the_paper_fraction_of_the_424_token_prefix():
+    assert GEO.stored_len == 424
+    assert [budget_tokens(GEO, b) for b in (1.0, 0.5, 0.25, 0.1, 0.05)] == [424, 212, 106, 42, 21]
+
+
+@pytest.mark.parametrize("profile", PROFILES, ids=str)
+@pytest.mark.parametrize("budget", [1.0, 0.5, 0.25, 0.1, 0.05, 0.01])
+@pytest.mark.parametrize("name", KV_POLICIES)
+def test_plans_hold_the_budget_and_never_keep_more_than_exists(name, budget, profile):
+    counts = policy(name).plan(GEO, PROFILES[profile], budget)  # (S - 1, depth, H)
+    assert counts.shape == (S - 1, GEO.depth, GEO.num_heads)
+    assert counts.dtype == torch.long and bool((counts >= 0).all())
+    held = torch.zeros(GEO.depth, GEO.num_heads, dtype=torch.long)
+    for si in range(S - 1):
+        assert bool((counts[si] <= held + GEO.sizes[si]).all()), (si, "keeps more than it has")
+        held = counts[si]
+    slab = counts.max(0).values.sum()  # the slab is sized by each segment's most
+    allowed = (
+        424 * GEO.depth * GEO.num_heads
+        if name == "full"
+        else budget_tokens(GEO, budget) * GEO.depth * GEO.num_heads
+    )
+    assert slab <= allowed
+    if name != "heatkv":  # whole segments: heatkv lands below the budget by up to one segment
+        assert slab >= allowed - GEO.depth * GEO.num_heads  # rounding only
+    else:
+        assert slab > allowed - GEO.sizes[-2]
+
+
+def test_select_takes_tier_then_key_then_the_lower_index_and_returns_columns_in_order():
+    tier = torch.tensor([[0, 1, 0, 0, 1, 0], [0, 0, 0, 0, 0, 0]])
+    key = torch.tensor([[5.0, 0.0, 5.0, 9.0, 0.0, 1.0], [1.0, 1.0, 1.0, 1.0, 2.0, 1.0]])
+    valid = torch.tensor([[True] * 6, [True, True, True, False, True, True]])
+    cols = select(tier, key, valid, torch.tensor([4, 3]))
+    # row 0: tier 1 (cols 1, 4), then key 9 (col 3), then the tie 5/5 goes to col 0
+    # row 1: key 2 (col 4), then the ties 1.0 by index: cols 0, 1 (col 3 is not valid)
+    assert cols.tolist() == [[0, 1, 3, 4], [0, 1, 4, -1]]
+    assert select(tier, key, valid, torch.tensor([0, 0])).shape == (2, 0)
+
+
+def candidates(si: int, stored: list[list[int]], mass=None, heads=None, layer=0, obs=None) -> Candidates:
+    """Segments holding the given positions, then the whole scale si, in the store's layout."""
+    n, start = GEO.sizes[si], GEO.starts[si]
+    width = max(len(p) for p in stored)
+    pos = torch.tensor([p + [-1] * (width - len(p)) + list(range(start, start + n)) for p in stored])
+    valid = pos >= 0
+    of_pos = GEO.scale_of_position()
+    scale = torch.where(valid, of_pos[pos.clamp(min=0)], -1)
+    heads = torch.zeros(len(stored), dtype=torch.long) if heads is None else torch.tensor(heads)
+    mass = None if mass is None else torch.as_tensor(mass, dtype=torch.float32)
+    return Candidates(layer, si, heads, pos, scale, valid, mass, obs)
+
+
+def kept_positions(p, c: Candidates, keep: int, profile=PROFILES["default"]) -> list[list[int]]:
+    tier, key = p.rank(c, profile)
+    cols = select(tier, key, c.valid, torch.full((c.pos.shape[0],), keep))
+    return [[int(c.pos[g, j]) for j in row if j >= 0] for g, row in enumerate(cols)]
+
+
+def test_window_keeps_the_sink_scales_then_the_most_recent_positions():
+    # after scale 4 (positions 30..54), a segment that held 0..29
+    c = candidates(4, [list(range(30))])
+    assert kept_positions(Window(), c, 12) == [[0, 1, 2, 3, 4, *range(48, 55)]]
+    assert kept_positions(Window(), c, 3) == [[0, 1, 2]]  # even the sinks do not fit: the first of them
+
+
+def test_snapkv_keeps_the_heaviest_keys_ties_by_index():
+    c = candidates(
+        2, [[0, 1, 2, 3, 4]], mass=[[0.5, 2.0, 0.1, 2.0, 0.0, 1.0, 1.0, 3.0, 1.0, 0.0, 0.0, 0.0, 0.0, 1.0]]
+    )
+    # positions 5..13 are scale 2; mass 3 (pos 7), 2 (pos 1, 3), then the 1.0s by index: 5, 6
+    assert kept_positions(SnapKV(), c, 5) == [[1, 3, 5, 6, 7]]
+
+
+def test_hack_budgets_are_asymmetric_and_average_to_the_budget():
+    profile = PROFILES["mixed"]  # half the heads structural
+    b_c, b_s = HACK(ratio=2.0).class_budgets(GEO, profile, 0.1)
+    assert (b_c, b_s) == (28, 56)  # 42 / 1.5 and twice that
+    assert (b_c + b_s) / 2 <= 42
+    counts = HACK().plan(GEO, profile, 0.1)[-1]
+    assert counts[0].tolist() == [28, 56, 28, 56]  # layer 0: heads 1 and 3 structural
+    # the structural share may not pass the full prefix: the rest goes to the contextual heads
+    assert HACK(ratio=2.0).class_budgets(GEO, profile, 0.9) == (338, 424)  # B = 381
+    assert HACK().class_budgets(GEO, PROFILES["default"], 0.1) == (42, 42)  # all contextual
+
+
+def test_hack_structural_heads_protect_first_scales_then_the_newest_contextual_by_mass():
+    profile = PROFILES["mixed"]  # layer 0: head 0 contextual, head 1 structural
+    stored = list(range(30))  # scales 0..3
+    mass = torch.zeros(2, 30 + 25)
+    mass[:, 10:16] = 5.0  # heavy keys of scale 2 and 3 (positions 10..15)
+    mass[:, 30 + 7] = 1.0  # one current key (position 37) a little heavier than the rest
+    c = candidates(4, [stored, stored], mass=mass, heads=[0, 1])
+    contextual, structural = kept_positions(HACK(), c, 8, profile)
+    assert contextual == [0, 10, 11, 12, 13, 14, 15, 37]  # by mass, ties by index (in position order)
+    assert structural == [0, 1, 2, 3, 4, 30, 31, 37]  # sinks, then the newest scale by mass, by index
+    # with room for the sinks and the whole newest scale, the rest goes by mass again
+    assert kept_positions(HACK(), c, 32, profile)[1] == [0, 1, 2, 3, 4, 10, 11, *range(30, 55)]
+
+
+def test_scalekv_drafters_get_the_large_budget_and_the_layer_mean_holds():
+    profile = PROFILES["mixed"]
+    layers = ScaleKV().layer_budgets(GEO, profile.layer_role[S - 1], 424, 42)
+    assert profile.layer_role[S - 1] == ("drafter", "refiner", "drafter", "refiner")
+    assert layers == [63, 21, 63, 21] and sum(layers) <= 4 * 42  # refiners half of B, drafters the rest
+    one = ScaleKV().layer_budgets(GEO, ("drafter", "refiner", "refiner", "refiner"), 424, 42)
+    assert one == [105, 21, 21, 21]
+    assert ScaleKV().layer_budgets(GEO, ("drafter", "refiner", "refiner", "refiner"), 60, 42) == [
+        60,
+        36,
+        36,
+        36,
+    ]
+    plan = ScaleKV().plan(GEO, profile, 0.1)
+    assert plan[-1, :, 0].tolist() == [63, 21, 63, 21]
+    # the cache after scale 7 is read by scale 8, whose only drafter is layer 0; the slab holds a
+    # layer at most what the last scale's roles give it
+    assert plan[-2, :, 0].tolist() == [63, 21, 21, 21]
+    assert bool((plan[:, :, 0:1] == plan).all())  # all heads of a layer keep the same count
+    assert ScaleKV().layer_budgets(GEO, ("drafter",) * 4, 424, 42) == [42] * 4
+
+
+def test_scalekv_keeps_its_observation_window_then_ranks_by_mass():
+    assert grid_centres(16).tolist() == [y * 16 + x for y in (2, 6, 10, 14) for x in (2, 6, 10, 14)]
+    assert grid_centres(3).tolist() == list(range(9)) and grid_centres(1).tolist() == [0]
+    obs = GEO.starts[4] + grid_centres(5)  # of scale 4's 5x5 map: rows and columns 0, 1, 3, 4
+    assert len(obs) == 16
+    mass = torch.zeros(1, 30 + 25)
+    mass[0, :5] = 9.0  # the sinks are heavy but not protected
+    c = candidates(4, [list(range(30))], mass=mass, obs=obs)
+    kept = kept_positions(ScaleKV(), c, 18)[0]
+    assert kept == [0, 1, *obs.tolist()]
+
+
+def test_heatkv_drops_the_lowest_scored_segments_and_protects_the_first_three_scales():
+    profile = PROFILES["mixed"]
+    keep = HeatKV().kept(GEO, profile, 0.1)  # (depth, H, S - 1)
+    assert bool(keep[:, :, :3].all())  # protected
+    kept_tokens = (keep.long() * torch.tensor(GEO.sizes[:-1])).sum()
+    assert kept_tokens <= 42 * GEO.depth * GEO.num_heads
+    # every dropped unprotected segment scores no higher than any kept unprotected one
+    score = torch.tensor(profile.segment_score)[:, :, : S - 1]
+    free = torch.zeros_like(keep)
+    free[:, :, 3:] = True
+    dropped, kept = score[free & ~keep], score[free & keep]
+    assert len(kept) == 0 or dropped.max() <= kept.min()
+    counts = HeatKV().plan(GEO, profile, 0.1)
+    assert counts[2].tolist() == [[14] * 4] * 4  # scales 0..2 everywhere
+    # below the sinks' own size even they go, the finest first
+    tiny = HeatKV().kept(GEO, profile, 0.02)  # 8 tokens per segment on average
+    assert not tiny[:, :, 3:].any() and tiny[:, :, :2].all() and not tiny[:, :, 2].all()
+
+
+def test_observed_queries_are_spread_over_the_scale():
+    assert strided_queries(10, 32).tolist() == list(range(10))
+    q = strided_queries(169, 32)
+    assert len(q) == 32 and len(set(q.tolist())) == 32 and q.min() >= 0 and q.max() < 169
