@@ -199,12 +199,14 @@ def test_the_runner_takes_kv_settings_and_reports_the_bytes(tmp_path):
 
     spec = next(s for s in load_config(DEFAULT_CONFIG) if s.name == "var-shapes")
     runner = load_runner(spec)
-    assert runner.kv_profile == KVProfile.default(runner.model.cfg.patch_nums, 4, 4)
+    assert spec.kv_profile is not None  # the bundled model ships its calibrated profile
+    assert runner.kv_profile == KVProfile.load(spec.kv_profile)
     settings = [ImageSettings(seed=s, kv_policy="scalekv", kv_budget=0.25, **SHAPES) for s in (1, 2)]
     result = runner.generate(["star", "ring"], settings)
     assert result.images.shape == (2, 3, 64, 64)
     assert result.kv_bytes_full == 424 * 2 * 4 * 4 * 4 * 32 * 4  # 4 rows, 4 layers, 4 heads of 32, fp32
-    assert result.kv_bytes == 106 * 2 * 4 * 4 * 4 * 32 * 4  # default profile: every layer a drafter, 106 each
+    # the calibrated profile's drafters and refiners share the budget: at most 106 tokens each on average
+    assert 0.2 * result.kv_bytes_full <= result.kv_bytes <= 106 * 2 * 4 * 4 * 4 * 32 * 4
     assert result.kv_bytes < result.kv_bytes_working < result.kv_bytes_full
     for bad, field in [(dict(kv_policy="lru"), "kv_policy"), (dict(kv_budget=0.0), "kv_budget")]:
         with pytest.raises(SettingError) as err:
