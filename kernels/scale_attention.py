@@ -40,10 +40,13 @@ two >= 16.
 
 from __future__ import annotations
 
+import ctypes
 import math
 
 import torch
 import torch.nn.functional as F
+
+from kernels import native
 
 try:
     import triton
@@ -53,9 +56,13 @@ except ImportError:  # the CPU path needs no triton
 
 __all__ = [
     "attention_mass",
+    "attention_mass_cpu",
     "attention_mass_reference",
+    "attention_mass_torch",
     "scale_attention",
+    "scale_attention_cpu",
     "scale_attention_reference",
+    "scale_attention_torch",
     "scale_attention_triton",
     "attention_mass_triton",
 ]
@@ -115,7 +122,8 @@ def attention_mass_reference(q, k_cur, k_slab, offsets, lengths, scale=1.0):
 
 
 # --------------------------------------------------------------------------------------------
-# CPU path: gather every segment into one padded (B, H, Lc + max_len, D) block, one SDPA
+# PyTorch CPU path (the fallback where the C kernel cannot be built, and for D not a multiple of
+# 16): gather every segment into one padded (B, H, Lc + max_len, D) block, one SDPA
 
 
 def _gather(k_cur, k_slab, offsets, lengths, max_len):
@@ -153,9 +161,9 @@ def _max_len(lengths, max_len):
     return int(lengths.max()) if max_len is None and lengths.numel() else int(max_len or 0)
 
 
-def scale_attention_cpu(q, k_cur, v_cur, k_slab, v_slab, offsets, lengths, scale=1.0, return_lse=False):
-    """The vectorised path (any device; the server's on CPU). lse, when asked for, is computed
-    from the logits (one extra QK^T)."""
+def scale_attention_torch(q, k_cur, v_cur, k_slab, v_slab, offsets, lengths, scale=1.0, return_lse=False):
+    """The vectorised PyTorch path (any device). lse, when asked for, is computed from the logits
+    (one extra QK^T)."""
     _check(q, k_cur, v_cur, k_slab, v_slab, offsets, lengths)
     max_len = _max_len(lengths, None)
     k, mask = _gather(k_cur, k_slab, offsets, lengths, max_len)
@@ -173,8 +181,8 @@ def _logits(q, k, mask, scale):
     return logits if mask is None else logits.masked_fill(~mask, -torch.inf)
 
 
-def attention_mass_cpu(q, k_cur, k_slab, offsets, lengths, scale=1.0, max_len=None, chunk=1 << 18):
-    """The vectorised mass: softmax over [current | stored] in fp32, summed over queries, in chunks
+def attention_mass_torch(q, k_cur, k_slab, offsets, lengths, scale=1.0, max_len=None, chunk=1 << 18):
+    """The vectorised PyTorch mass: softmax over [current | stored] in fp32, summed over queries, in chunks
     of segments of at most `chunk` logits each (small chunks stay in cache: 2.0x faster than
     1 << 24 at 8 rows x 16 heads, Lq 256)."""
     _check(q, k_cur, None, k_slab, None, offsets, lengths)
@@ -196,6 +204,114 @@ def attention_mass_cpu(q, k_cur, k_slab, offsets, lengths, scale=1.0, max_len=No
         slots = offsets[:, None].long() + cols[None, :]
         mass_slab[slots[valid]] = mass[:, Lc:][valid]
     return mass_slab, mass[:, :Lc].reshape(B, H, Lc)
+
+
+# --------------------------------------------------------------------------------------------
+# CPU path: our C kernel (kernels/cpu/scale_attention.c) over each segment's exact length
+
+
+def _c_kernel():
+    ptr, long = ctypes.c_void_p, ctypes.c_long
+    args = (
+        (ptr, long, long, long, long)  # q and its strides
+        + (ptr, long, long, long, long)  # k_cur
+        + (ptr, long, long, long)  # v_cur (d contiguous)
+        + (ptr, long, long, ptr, long)  # k_slab, v_slab (d contiguous)
+        + (ptr, ptr)  # offsets, lengths
+        + (ptr, long, long, long)  # out (d contiguous)
+        + (ptr, ptr, ptr)  # lse, mass_slab, mass_cur
+        + (long,) * 5  # B, H, Lq, Lc, D
+        + (ctypes.c_float,)
+    )
+    fn = native.function("scale_attention", "varserve_scale_attention", *args)
+    if fn is not None:
+        fn.restype = ctypes.c_int
+    return fn
+
+
+def _c_inputs(q, k_cur, v_cur, k_slab, v_slab, offsets, lengths):
+    """The C kernel's operands, or None where it does not apply (not CPU, D not a multiple of 16,
+    no compiler). Not fp32: converted (a copy of every operand, the slab included). The kernel
+    reads q and k at any strides (it packs them); values and the slab's values need a contiguous
+    last dim, else they are copied. Offsets / lengths become int64 (B * H numbers) and are checked
+    against the slab: the kernel trusts them."""
+    tensors = [t for t in (q, k_cur, v_cur, k_slab, v_slab) if t is not None]
+    if any(t.device.type != "cpu" for t in tensors) or q.shape[-1] % 16 or _c_kernel() is None:
+        return None
+    q, k_cur, k_slab = (t.float() for t in (q, k_cur, k_slab))
+    v_cur, v_slab = (None if t is None else _unit_last(t.float()) for t in (v_cur, v_slab))
+    offsets, lengths = offsets.long().contiguous(), lengths.long().contiguous()
+    if lengths.numel():
+        ok = (lengths >= 0) & ((lengths == 0) | ((offsets >= 0) & (offsets + lengths <= k_slab.shape[0])))
+        assert bool(ok.all()), "segments outside the slab"
+    return q, k_cur, v_cur, k_slab, v_slab, offsets, lengths
+
+
+def _unit_last(t):
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _ptr(t):
+    return None if t is None else t.data_ptr()
+
+
+def _run_c(q, k_cur, v_cur, k_slab, v_slab, offsets, lengths, scale, out, lse, mass_slab, mass_cur):
+    B, H, Lq, D = q.shape
+    Lc = k_cur.shape[2]
+    vs = v_slab if v_slab is not None else k_slab
+    vc = v_cur if v_cur is not None else k_cur
+    rc = _c_kernel()(
+        q.data_ptr(), *q.stride(),
+        k_cur.data_ptr(), *k_cur.stride(),
+        _ptr(v_cur), *vc.stride()[:3],
+        k_slab.data_ptr(), *k_slab.stride(), _ptr(v_slab), vs.stride(0),
+        offsets.data_ptr(), lengths.data_ptr(),
+        _ptr(out), *(out.stride()[:3] if out is not None else (0, 0, 0)),
+        _ptr(lse), _ptr(mass_slab), _ptr(mass_cur),
+        B, H, Lq, Lc, D, scale,
+    )  # fmt: skip
+    if rc != 0:
+        raise MemoryError("scale_attention.c: no memory for the per-thread buffers")
+
+
+def scale_attention_cpu(
+    q, k_cur, v_cur, k_slab, v_slab, offsets, lengths, scale=1.0, return_lse=False, out=None
+):
+    """The server's path on CPU: the C kernel where it applies (see `_c_inputs`), else the PyTorch
+    path. `out`, if given, is written in place when it is fp32 with a contiguous last dim (e.g. a
+    (B, Lq, H, D) buffer transposed), else through a copy."""
+    _check(q, k_cur, v_cur, k_slab, v_slab, offsets, lengths)
+    args = _c_inputs(q, k_cur, v_cur, k_slab, v_slab, offsets, lengths)
+    if args is None:
+        res = scale_attention_torch(q, k_cur, v_cur, k_slab, v_slab, offsets, lengths, scale, return_lse)
+        o = res[0] if return_lse else res
+        if out is not None:
+            o = out.copy_(o)
+        return (o, res[1]) if return_lse else o
+    B, H, Lq, D = q.shape
+    direct = out is not None and out.dtype == torch.float32 and out.stride(-1) == 1
+    o = out if direct else torch.empty(B, H, Lq, D, dtype=torch.float32)
+    lse = torch.empty(B, H, Lq, dtype=torch.float32) if return_lse else None
+    _run_c(*args, scale, o, lse, None, None)
+    if out is not None and not direct:
+        o = out.copy_(o)
+    elif out is None and q.dtype != torch.float32:
+        o = o.to(q.dtype)
+    return (o, lse) if return_lse else o
+
+
+def attention_mass_cpu(q, k_cur, k_slab, offsets, lengths, scale=1.0, max_len=None, chunk=1 << 18):
+    """The server's mass on CPU: the C kernel (the forward's Q K^T and softmax without P V, its own
+    LSE) where it applies, else the PyTorch path (`max_len`, `chunk`: that path's)."""
+    _check(q, k_cur, None, k_slab, None, offsets, lengths)
+    args = _c_inputs(q, k_cur, None, k_slab, None, offsets, lengths)
+    if args is None:
+        return attention_mass_torch(q, k_cur, k_slab, offsets, lengths, scale, max_len, chunk)
+    B, H = q.shape[:2]
+    mass_slab = torch.zeros(k_slab.shape[0], dtype=torch.float32)
+    mass_cur = torch.zeros(B, H, k_cur.shape[2], dtype=torch.float32)
+    _run_c(*args, scale, None, None, mass_slab, mass_cur)
+    return mass_slab, mass_cur
 
 
 # --------------------------------------------------------------------------------------------
@@ -420,22 +536,17 @@ def _use_triton(*tensors) -> bool:
 
 
 def scale_attention(q, k_cur, v_cur, k_slab, v_slab, offsets, lengths, scale=1.0, return_lse=False, out=None):
-    """See the module docstring: Triton on CUDA, else the vectorised CPU path."""
+    """See the module docstring: Triton on CUDA, else the CPU path (our C kernel)."""
     if _use_triton(q, k_cur, v_cur, k_slab, v_slab):
         return scale_attention_triton(
             q, k_cur, v_cur, k_slab, v_slab, offsets, lengths, scale, return_lse, out
         )
-    res = scale_attention_cpu(q, k_cur, v_cur, k_slab, v_slab, offsets, lengths, scale, return_lse)
-    if out is None:
-        return res
-    o = res[0] if return_lse else res
-    out.copy_(o)
-    return (out, res[1]) if return_lse else out
+    return scale_attention_cpu(q, k_cur, v_cur, k_slab, v_slab, offsets, lengths, scale, return_lse, out)
 
 
 def attention_mass(q, k_cur, k_slab, offsets, lengths, scale=1.0, lse=None, max_len=None):
     """See the module docstring: Triton on CUDA (reusing the forward's `lse` if given), else the
-    vectorised CPU path."""
+    CPU path (our C kernel, which computes its own softmax: `lse` is not needed there)."""
     if _use_triton(q, k_cur, k_slab):
         return attention_mass_triton(q, k_cur, k_slab, offsets, lengths, scale, lse, max_len)
     return attention_mass_cpu(q, k_cur, k_slab, offsets, lengths, scale, max_len)
