@@ -48,7 +48,6 @@ typedef int i8 __attribute__((vector_size(32)));
 #define LANES 16  // keys per panel, columns of D per P V tile: two v8
 #define MR 6      // queries per register tile: 6 x 2 v8 = 12 of AVX2's 16 registers
 #define RB 24     // queries per row block: 4 tiles share each key panel and value block in L1
-#define KB 128    // keys per value block of P V: 128 x 16 columns = 8 KB
 
 static inline v8 load8(const float *p) {
   v8 v;
@@ -185,24 +184,27 @@ static void segment(const struct args *A, long seg, long r0, long r1, float *kt,
         for (long j = 0; j < Np; j += 8) store8(col + j, load8(col + j) + load8(row + j) * inv_l[m]);
     }
     if (!A->out) continue;
-    // O = P V / l, 16 columns of D at a time, over blocks of KB keys whose values (KB x 64 B)
-    // stay in L1 for all the block's tiles; partial sums wait in ob. Stored values, then current.
-    for (long d0 = 0; d0 < D; d0 += LANES)
-      for (long k0 = 0; k0 < N; k0 += KB) {
-        const long k1 = k0 + KB < N ? k0 + KB : N;
-        for (long t = 0; t < tiles; t++) {
+    // O = P V / l over blocks of kb keys, whose values (kb x D, 16 KB) stay in L1 for all the
+    // block's tiles, 16 columns of D per tile; partial sums wait in ob. Stored values, then current.
+    const long kb = D >= 256 ? 16 : 4096 / D;
+    for (long k0 = 0; k0 < N; k0 += kb) {
+      const long k1 = k0 + kb < N ? k0 + kb : N;
+      // [k0, ks) stored keys, [kc, k1) current keys
+      const long ks = k1 < n ? k1 : n, kc = k0 > n ? k0 : n;
+      for (long t = 0; t < tiles; t++) {
+        const float *pt = s + t * MR * Np;
+        for (long d0 = 0; d0 < D; d0 += LANES) {
           v8 acc[MR][2];
           for (int m = 0; m < MR; m++) {
             acc[m][0] = k0 ? load8(ob + (t * MR + m) * D + d0) : (v8){0};
             acc[m][1] = k0 ? load8(ob + (t * MR + m) * D + d0 + 8) : (v8){0};
           }
-          const float *pt = s + t * MR * Np;
-          const long ks0 = k0 < n ? k0 : n, ks1 = k1 < n ? k1 : n;  // [ks0, ks1) stored
-          if (ks1 > ks0) tile(acc, ks1 - ks0, pt + ks0, Np, vs + ks0 * A->svs + d0, A->svs);
-          if (k1 > ks1) tile(acc, k1 - ks1, pt + ks1, Np, vc + (ks1 - n) * A->svn + d0, A->svn);
+          if (ks > k0) tile(acc, ks - k0, pt + k0, Np, vs + k0 * A->svs + d0, A->svs);
+          if (k1 > kc) tile(acc, k1 - kc, pt + kc, Np, vc + (kc - n) * A->svn + d0, A->svn);
           store_tile(ob + t * MR * D + d0, D, acc);
         }
       }
+    }
     for (long m = 0; m < rows; m++) {
       float *o = A->out + b * A->sob + h * A->soh + (r + m) * A->som;
       for (long d = 0; d < D; d += 8) store8(o + d, load8(ob + m * D + d) * inv_l[m]);
