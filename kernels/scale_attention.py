@@ -41,6 +41,7 @@ two >= 16.
 from __future__ import annotations
 
 import ctypes
+import functools
 import math
 
 import torch
@@ -210,45 +211,48 @@ def attention_mass_torch(q, k_cur, k_slab, offsets, lengths, scale=1.0, max_len=
 # CPU path: our C kernel (kernels/cpu/scale_attention.c) over each segment's exact length
 
 
+@functools.cache
 def _c_kernel():
+    """The C forward-and-mass entry point, or None where it cannot be built."""
     ptr, long = ctypes.c_void_p, ctypes.c_long
     args = (
         (ptr, long, long, long, long)  # q and its strides
         + (ptr, long, long, long, long)  # k_cur
         + (ptr, long, long, long)  # v_cur (d contiguous)
         + (ptr, long, long, ptr, long)  # k_slab, v_slab (d contiguous)
-        + (ptr, ptr)  # offsets, lengths
+        + (ptr, ptr, ctypes.c_int, long)  # offsets, lengths, int64?, slots in the slab
         + (ptr, long, long, long)  # out (d contiguous)
         + (ptr, ptr, ptr)  # lse, mass_slab, mass_cur
         + (long,) * 5  # B, H, Lq, Lc, D
         + (ctypes.c_float,)
     )
-    fn = native.function("scale_attention", "varserve_scale_attention", *args)
-    if fn is not None:
-        fn.restype = ctypes.c_int
+    lib = native.load("scale_attention")
+    if lib is None:
+        return None
+    fn = lib.varserve_scale_attention
+    fn.argtypes, fn.restype = list(args), ctypes.c_int
     return fn
 
 
-def _c_inputs(q, k_cur, v_cur, k_slab, v_slab, offsets, lengths):
+def _c_inputs(q, k_cur, v_cur, k_slab, v_slab):
     """The C kernel's operands, or None where it does not apply (not CPU, D not a multiple of 16,
     no compiler). Not fp32: converted (a copy of every operand, the slab included). The kernel
     reads q and k at any strides (it packs them); values and the slab's values need a contiguous
-    last dim, else they are copied. Offsets / lengths become int64 (B * H numbers) and are checked
-    against the slab: the kernel trusts them."""
-    tensors = [t for t in (q, k_cur, v_cur, k_slab, v_slab) if t is not None]
-    if any(t.device.type != "cpu" for t in tensors) or q.shape[-1] % 16 or _c_kernel() is None:
+    last dim, else they are copied (one read and write of the tensor). Offsets / lengths are read
+    as they are, int32 or int64, and checked against the slab by the kernel."""
+    if q.device.type != "cpu" or q.shape[-1] % 16 or _c_kernel() is None:
         return None
-    q, k_cur, k_slab = (t.float() for t in (q, k_cur, k_slab))
-    v_cur, v_slab = (None if t is None else _unit_last(t.float()) for t in (v_cur, v_slab))
-    offsets, lengths = offsets.long().contiguous(), lengths.long().contiguous()
-    if lengths.numel():
-        ok = (lengths >= 0) & ((lengths == 0) | ((offsets >= 0) & (offsets + lengths <= k_slab.shape[0])))
-        assert bool(ok.all()), "segments outside the slab"
-    return q, k_cur, v_cur, k_slab, v_slab, offsets, lengths
+    if any(t is not None and t.device.type != "cpu" for t in (k_cur, v_cur, k_slab, v_slab)):
+        return None
+    return [_fp32(t, unit_last=i in (2, 4)) for i, t in enumerate((q, k_cur, v_cur, k_slab, v_slab))]
 
 
-def _unit_last(t):
-    return t if t.stride(-1) == 1 else t.contiguous()
+def _fp32(t, unit_last):
+    if t is None:
+        return None
+    if t.dtype != torch.float32:
+        t = t.float()
+    return t.contiguous() if unit_last and t.stride(-1) != 1 else t
 
 
 def _ptr(t):
@@ -260,16 +264,21 @@ def _run_c(q, k_cur, v_cur, k_slab, v_slab, offsets, lengths, scale, out, lse, m
     Lc = k_cur.shape[2]
     vs = v_slab if v_slab is not None else k_slab
     vc = v_cur if v_cur is not None else k_cur
+    wide = offsets.dtype == torch.int64
+    if lengths.dtype != offsets.dtype or offsets.dtype not in (torch.int32, torch.int64):
+        offsets, lengths, wide = offsets.long(), lengths.long(), True
+    offsets, lengths = offsets.contiguous(), lengths.contiguous()
     rc = _c_kernel()(
         q.data_ptr(), *q.stride(),
         k_cur.data_ptr(), *k_cur.stride(),
         _ptr(v_cur), *vc.stride()[:3],
         k_slab.data_ptr(), *k_slab.stride(), _ptr(v_slab), vs.stride(0),
-        offsets.data_ptr(), lengths.data_ptr(),
+        offsets.data_ptr(), lengths.data_ptr(), wide, k_slab.shape[0],
         _ptr(out), *(out.stride()[:3] if out is not None else (0, 0, 0)),
         _ptr(lse), _ptr(mass_slab), _ptr(mass_cur),
         B, H, Lq, Lc, D, scale,
     )  # fmt: skip
+    assert rc != -2, "a segment [offset, offset + length) is outside the slab"
     if rc != 0:
         raise MemoryError("scale_attention.c: no memory for the per-thread buffers")
 
@@ -281,7 +290,7 @@ def scale_attention_cpu(
     path. `out`, if given, is written in place when it is fp32 with a contiguous last dim (e.g. a
     (B, Lq, H, D) buffer transposed), else through a copy."""
     _check(q, k_cur, v_cur, k_slab, v_slab, offsets, lengths)
-    args = _c_inputs(q, k_cur, v_cur, k_slab, v_slab, offsets, lengths)
+    args = _c_inputs(q, k_cur, v_cur, k_slab, v_slab)
     if args is None:
         res = scale_attention_torch(q, k_cur, v_cur, k_slab, v_slab, offsets, lengths, scale, return_lse)
         o = res[0] if return_lse else res
@@ -292,7 +301,7 @@ def scale_attention_cpu(
     direct = out is not None and out.dtype == torch.float32 and out.stride(-1) == 1
     o = out if direct else torch.empty(B, H, Lq, D, dtype=torch.float32)
     lse = torch.empty(B, H, Lq, dtype=torch.float32) if return_lse else None
-    _run_c(*args, scale, o, lse, None, None)
+    _run_c(*args, offsets, lengths, scale, o, lse, None, None)
     if out is not None and not direct:
         o = out.copy_(o)
     elif out is None and q.dtype != torch.float32:
@@ -304,13 +313,13 @@ def attention_mass_cpu(q, k_cur, k_slab, offsets, lengths, scale=1.0, max_len=No
     """The server's mass on CPU: the C kernel (the forward's Q K^T and softmax without P V, its own
     LSE) where it applies, else the PyTorch path (`max_len`, `chunk`: that path's)."""
     _check(q, k_cur, None, k_slab, None, offsets, lengths)
-    args = _c_inputs(q, k_cur, None, k_slab, None, offsets, lengths)
+    args = _c_inputs(q, k_cur, None, k_slab, None)
     if args is None:
         return attention_mass_torch(q, k_cur, k_slab, offsets, lengths, scale, max_len, chunk)
     B, H = q.shape[:2]
     mass_slab = torch.zeros(k_slab.shape[0], dtype=torch.float32)
     mass_cur = torch.zeros(B, H, k_cur.shape[2], dtype=torch.float32)
-    _run_c(*args, scale, None, None, mass_slab, mass_cur)
+    _run_c(*args, offsets, lengths, scale, None, None, mass_slab, mass_cur)
     return mass_slab, mass_cur
 
 

@@ -116,12 +116,17 @@ static inline __attribute__((always_inline)) void tile(v8 acc[MR][2], long K, co
 struct args {
   const float *q, *kc, *vc, *ks, *vs;
   long sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, sks, sksd, svs;
-  const long *offsets, *lengths;
+  const void *offsets, *lengths;
+  int wide;  // offsets and lengths are int64, else int32
   float *out, *lse, *mass_slab, *mass_cur;
   long sob, soh, som;
   long H, Lq, Lc, D;
   float qscale;  // scale * log2(e)
 };
+
+static inline long index_at(const void *p, int wide, long i) {
+  return wide ? ((const long long *)p)[i] : ((const int *)p)[i];
+}
 
 static inline void store_tile(float *c, long ldc, v8 acc[MR][2]) {
   for (int m = 0; m < MR; m++) {
@@ -133,7 +138,7 @@ static inline void store_tile(float *c, long ldc, v8 acc[MR][2]) {
 static void segment(const struct args *A, long seg, long r0, long r1, float *kt, float *s, float *qp,
                     float *ob, float *col) {
   const long D = A->D, Lc = A->Lc, b = seg / A->H, h = seg % A->H;
-  const long off = A->offsets[seg], n = A->lengths[seg], N = n + Lc;
+  const long off = index_at(A->offsets, A->wide, seg), n = index_at(A->lengths, A->wide, seg), N = n + Lc;
   const long Np = (N + LANES - 1) / LANES * LANES;
 
   // keys -> panels kt[j / 16][d][j % 16]: stored keys, then current keys, then zero padding
@@ -223,25 +228,34 @@ static void *alloc(long floats) {
 }
 
 // q: (B, H, Lq, D), k_cur: (B, H, Lc, D) at any strides; v_cur: (B, H, Lc, D) with d contiguous;
-// k_slab: (S, D) at any strides, v_slab: (S, D) with d contiguous; offsets, lengths: (B * H,).
-// out: (B, H, Lq, D) with d contiguous, or NULL (mass only: v_cur, v_slab unused); lse: (B * H * Lq)
-// or NULL; mass_slab (S) and mass_cur (B * H * Lc), zeroed by the caller, or both NULL. Strides
-// in elements. Returns 0, or -1 if a buffer could not be allocated (nothing is written then).
+// k_slab: (S, D) at any strides, v_slab: (S, D) with d contiguous; offsets, lengths: (B * H,)
+// int64 if wide, else int32. out: (B, H, Lq, D) with d contiguous, or NULL (mass only: v_cur,
+// v_slab unused); lse: (B * H * Lq) or NULL; mass_slab (S) and mass_cur (B * H * Lc), zeroed by
+// the caller, or both NULL. Strides in elements. Returns 0; -2 if a segment is not inside the
+// slab; -1 if a buffer could not be allocated. Nothing is written unless 0.
 int varserve_scale_attention(const float *q, long sqb, long sqh, long sqm, long sqd,       //
                              const float *kc, long skb, long skh, long skn, long skd,      //
                              const float *vc, long svb, long svh, long svn,                //
                              const float *ks, long sks, long sksd, const float *vs, long svs,  //
-                             const long *offsets, const long *lengths,                     //
+                             const void *offsets, const void *lengths, int wide, long S,   //
                              float *out, long sob, long soh, long som,                     //
                              float *lse, float *mass_slab, float *mass_cur,                //
                              long B, long H, long Lq, long Lc, long D, float scale) {
   const long BH = B * H, blocks = (Lq + RB - 1) / RB;
   if (BH == 0 || Lq == 0) return 0;
-  long max_n = 0;
-  for (long i = 0; i < BH; i++) max_n = lengths[i] > max_n ? lengths[i] : max_n;
+  // the caller's segments are checked here, where reading them costs nothing
+  long max_n = 0, keys = 0;
+  for (long i = 0; i < BH; i++) {
+    long off = index_at(offsets, wide, i), n = index_at(lengths, wide, i);
+    if (n < 0 || (n > 0 && (off < 0 || off > S - n))) return -2;
+    max_n = n > max_n ? n : max_n;
+    keys += n + Lc;
+  }
   const long Np = (max_n + Lc + LANES - 1) / LANES * LANES;
-  // split segments into query chunks only if there are fewer than ~4 items per thread
-  const long threads = omp_get_max_threads();
+  // threads only for calls worth waking them (~1 MFLOP, tens of microseconds on one core: VAR's
+  // first scales); segments split into query chunks only if there are fewer than ~4 items a thread
+  const int parallel = 4.0 * Lq * D * keys > (1 << 20);
+  const long threads = parallel ? omp_get_max_threads() : 1;
   long chunks = mass_slab ? 1 : (4 * threads + BH - 1) / BH;
   chunks = chunks < 1 ? 1 : chunks > blocks ? blocks : chunks;
   const long chunk_rows = (blocks + chunks - 1) / chunks * RB;
@@ -250,13 +264,13 @@ int varserve_scale_attention(const float *q, long sqb, long sqh, long sqm, long 
       .kc = kc, .skb = skb, .skh = skh, .skn = skn, .skd = skd,
       .vc = vc, .svb = svb, .svh = svh, .svn = svn,
       .ks = ks, .sks = sks, .sksd = sksd, .vs = vs, .svs = svs,
-      .offsets = offsets, .lengths = lengths,
+      .offsets = offsets, .lengths = lengths, .wide = wide,
       .out = out, .sob = sob, .soh = soh, .som = som,
       .lse = lse, .mass_slab = mass_slab, .mass_cur = mass_cur,
       .H = H, .Lq = Lq, .Lc = Lc, .D = D, .qscale = scale * 1.4426950408889634f,
   };
   int failed = 0;  // shared: a thread without its buffers stops every thread before any write
-#pragma omp parallel
+#pragma omp parallel if (parallel)
   {
     float *kt = alloc(Np * D), *s = alloc(RB * Np), *qp = alloc(RB * D), *ob = alloc(RB * D);
     float *col = mass_slab ? alloc(Np) : NULL;
