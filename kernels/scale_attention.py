@@ -18,7 +18,7 @@ already l2-normalised q and k and folded VAR's per-head temperature into q, so `
 1; logits can still reach +-100, so the softmax state, the LSE and the mass are fp32.
 
 Entry points (each dispatches by input: Triton when the tensors are on CUDA and triton imports,
-else the vectorised CPU path; the `*_reference` functions are plain per-(b, h) loops):
+else the CPU path, our C kernel; the `*_reference` functions are plain per-(b, h) loops):
 
 - `scale_attention(q, k_cur, v_cur, k_slab, v_slab, offsets, lengths, scale=1.0,
   return_lse=False, out=None)` -> out (B, H, Lq, D) in q's dtype [, lse (B, H, Lq) fp32, the
@@ -27,6 +27,18 @@ else the vectorised CPU path; the `*_reference` functions are plain per-(b, h) l
   (mass_slab (S,) fp32, 0 in unused slots; mass_cur (B, H, Lc) fp32): the softmax weight each
   candidate key received, summed over the given queries. Per (b, h), mass sums to Lq. Compression
   policies rank keys by it, without a separate attention pass.
+
+CPU path (`scale_attention_cpu`, `attention_mass_cpu`, what the server runs on CPU): the C kernel
+of kernels/cpu/scale_attention.c, built at first use by kernels/native.py, over each segment's
+exact length: per (row, head) and chunk of queries, Q K^T and P V as 6 x 16 register tiles (keys
+packed into panels, values read in place), a two-pass base-2 softmax in between, OpenMP over the
+work items; the mass is the same pass without P V, with its own LSE (so `lse` is not needed on
+CPU). It reads q and k at any strides and writes `out` in place if its last dim is contiguous;
+values with a strided last dim are copied, 16-bit inputs converted to fp32 (the path's dtype),
+and D must be a multiple of 16. Otherwise, or without a C compiler, `scale_attention_torch` /
+`attention_mass_torch`: one padded gather and one masked SDPA (1.3-2.6x slower than dense SDPA
+over the uncompressed cache, where the C kernel is as fast at 100 % and faster below; see
+bench/scale_attention.py).
 
 Triton kernels: `_fwd_kernel` on a grid (ceil(Lq / BLOCK_M), B * H) walks [off, off + len) in
 BLOCK_N tiles (masked ragged tail), then the Lc current keys (masked tail), with online softmax

@@ -19,12 +19,16 @@
 // d-major (kt[N / 16][D][16]): a panel row is 16 keys' d-th components, and the packing is also
 // what lets the slab part and the current part (two tensors, any strides) look like one matrix.
 // For P V, B is V itself, read in place (rows at any stride, d contiguous), slab rows then current
-// rows, 16 columns of D at a time.
+// rows, 16 columns of D at a time. Queries go RB = 24 at a time (4 tiles), so that each key panel
+// (4 KB at D = 64) and each block of values (16 KB) is loaded into L1 once for 4 tiles: with one
+// tile per pass the loops streamed K and V from L2 and ran at 60 % of the speed.
 //
 // The softmax is two-pass over the materialised row block (max, then exp2 and sum), not online:
-// the block is MR x N floats (16 KB at N = 680), in L1, so the second pass is nearly free, and no
-// accumulator rescaling sits in the P V loop. q is scaled by scale * log2(e) when packed, so the
-// exponentials are base 2 (our own vector exp2, below: no libmvec, no -ffast-math needed).
+// the block is RB x N floats (65 KB at N = 680, in L2), and no accumulator rescaling sits in the
+// P V loop. An online softmax would still take every exp2; it would save only the max pass, ~3 %
+// of the time under perf at VAR-d16's last scale (the exp2 pass ~10 %, the two products ~75 %),
+// so the two-pass form was kept without building the other. q is scaled by scale * log2(e) when
+// packed, so the exponentials are base 2 (our own vector exp2, below: no libmvec, no -ffast-math).
 //
 // Threads: OpenMP over work items (segment, chunk of queries), dynamic schedule since segments
 // have their own lengths. A segment is split into query chunks only when there are too few
