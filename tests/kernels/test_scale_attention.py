@@ -196,6 +196,9 @@ needs_c = pytest.mark.skipif(sa._c_kernel() is None, reason="no C compiler for t
 # fp32 against the fp32 reference: the kernel's exp2 is a polynomial (2e-7 relative) and its sums
 # run in another order; errors seen are ~5e-7 on outputs of size ~1 and lse up to ~10
 C_TOL = dict(atol=1e-5, rtol=1e-5)
+# logits of +-100 carry ~1e-5 of fp32 rounding on either side, which the softmax turns into relative
+# error of the weights: 1.2e-5 seen on outputs with a build without FMA (no -march=native AVX2)
+C_TOL_HOT = dict(atol=5e-5, rtol=1e-4)
 
 
 @pytest.fixture
@@ -211,13 +214,13 @@ def c_case(B, H, Lq, D, lengths, Lc, seed=0):
     return q, kc, vc, F.normalize(ks, dim=-1), vs, off, ln, used
 
 
-def check_c(q, kc, vc, ks, vs, off, ln, used):
+def check_c(q, kc, vc, ks, vs, off, ln, used, tol=C_TOL):
     """The C forward (out, lse) and mass against the reference; the mass sums to the queries."""
     B, H, Lq, D = q.shape
     out, lse = sa.scale_attention(q, kc, vc, ks, vs, off, ln, return_lse=True)
     ref = sa.scale_attention_reference(q, kc, vc, ks, vs, off, ln)
     assert out.shape == q.shape and out.dtype == torch.float32 and lse.shape == (B, H, Lq)
-    torch.testing.assert_close(out, ref, **C_TOL)
+    torch.testing.assert_close(out, ref, **tol)
     lse_ref = torch.stack(
         [
             (q[b, h] @ torch.cat([ks[int(o) : int(o) + int(n)], kc[b, h]]).T).logsumexp(-1)
@@ -225,11 +228,11 @@ def check_c(q, kc, vc, ks, vs, off, ln, used):
             for h, (o, n) in enumerate(zip(off[b * H : (b + 1) * H], ln[b * H : (b + 1) * H], strict=True))
         ]
     ).view(B, H, Lq)
-    torch.testing.assert_close(lse, lse_ref, **C_TOL)
+    torch.testing.assert_close(lse, lse_ref, **tol)
     ms, mc = sa.attention_mass(q, kc, ks, off, ln)
     ms_ref, mc_ref = sa.attention_mass_reference(q, kc, ks, off, ln)
-    torch.testing.assert_close(ms, ms_ref, **C_TOL)
-    torch.testing.assert_close(mc, mc_ref, **C_TOL)
+    torch.testing.assert_close(ms, ms_ref, **tol)
+    torch.testing.assert_close(mc, mc_ref, **tol)
     assert torch.all(ms[~used] == 0)
     totals = mc.sum(-1).flatten().double() + torch.stack(
         [ms[o : o + n].double().sum() for o, n in zip(off.tolist(), ln.tolist(), strict=True)]
@@ -258,7 +261,7 @@ def test_c_kernel_matches_the_reference_on_ragged_layouts(c_only, name):
     B, H, Lq, D, lengths = RAGGED[name]
     q, kc, vc, ks, vs, off, ln, used = c_case(B, H, Lq, D, lengths, Lq)
     check_c(q, kc, vc, ks, vs, off, ln, used)
-    check_c(q * 25, kc, vc, ks, vs, off, ln, used)
+    check_c(q * 25, kc, vc, ks, vs, off, ln, used, tol=C_TOL_HOT)
 
 
 @needs_c
