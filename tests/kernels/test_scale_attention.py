@@ -125,9 +125,10 @@ def test_mass_sums_to_the_queries_and_matches_dense_softmax(name):
     B, H, Lq, D, lengths = RAGGED[name]
     q, kc, vc, ks, vs, off, ln, used = case(B, H, Lq, D, lengths, device="cpu")
     ms, mc = sa.attention_mass_reference(q, kc, ks, off, ln)
-    ms2, mc2 = sa.attention_mass_cpu(q, kc, ks, off, ln, chunk=64)  # several chunks
+    ms2, mc2 = sa.attention_mass_torch(q, kc, ks, off, ln, chunk=64)  # several chunks
+    ms3, mc3 = sa.attention_mass_cpu(q, kc, ks, off, ln)  # the C kernel
     assert ms.shape == (ks.shape[0],) and mc.shape == (B, H, Lq) and ms.dtype == mc.dtype == torch.float32
-    assert torch.all(ms[~used] == 0) and torch.all(ms2[~used] == 0)
+    assert torch.all(ms[~used] == 0) and torch.all(ms2[~used] == 0) and torch.all(ms3[~used] == 0)
     for b in range(B):
         for h in range(H):
             i = b * H + h
@@ -140,6 +141,8 @@ def test_mass_sums_to_the_queries_and_matches_dense_softmax(name):
             torch.testing.assert_close(total, torch.tensor(float(Lq), dtype=torch.float64), atol=1e-4, rtol=0)
     torch.testing.assert_close(ms2, ms, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(mc2, mc, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ms3, ms, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(mc3, mc, atol=1e-5, rtol=1e-5)
 
 
 def test_observed_queries_are_a_subset_and_temperature_reaches_100():
@@ -184,6 +187,177 @@ def test_the_cpu_path_writes_into_a_given_output_and_returns_lse():
         for h, (o, n) in enumerate(zip(off, ln, strict=True))
     ]
     torch.testing.assert_close(lse[0], torch.stack([x.logsumexp(0) for x in logits]))
+
+
+# --------------------------------------------------------------------------------------------
+# the C kernel (kernels/cpu/scale_attention.c) against the reference
+
+needs_c = pytest.mark.skipif(sa._c_kernel() is None, reason="no C compiler for the CPU kernels")
+# fp32 against the fp32 reference: the kernel's exp2 is a polynomial (2e-7 relative) and its sums
+# run in another order; errors seen are ~5e-7 on outputs of size ~1 and lse up to ~10
+C_TOL = dict(atol=1e-5, rtol=1e-5)
+# logits of +-100 carry ~1e-5 of fp32 rounding on either side, which the softmax turns into relative
+# error of the weights: 1.2e-5 seen on outputs with a build without FMA (no -march=native AVX2)
+C_TOL_HOT = dict(atol=5e-5, rtol=1e-4)
+
+
+@pytest.fixture
+def c_only(monkeypatch):
+    """Fail if the CPU entry points fall back to the PyTorch path instead of running the C kernel."""
+    for name in ("scale_attention_torch", "attention_mass_torch"):
+        monkeypatch.setattr(sa, name, lambda *a, **k: pytest.fail("the PyTorch path ran, not the C kernel"))
+
+
+def c_case(B, H, Lq, D, lengths, Lc, seed=0):
+    q, kc, vc = current(B, H, Lq, D, Lc=Lc, seed=seed + 1)
+    ks, vs, off, ln, used = layout(lengths, D, seed=seed)
+    return q, kc, vc, F.normalize(ks, dim=-1), vs, off, ln, used
+
+
+def check_c(q, kc, vc, ks, vs, off, ln, used, tol=C_TOL):
+    """The C forward (out, lse) and mass against the reference; the mass sums to the queries."""
+    B, H, Lq, D = q.shape
+    out, lse = sa.scale_attention(q, kc, vc, ks, vs, off, ln, return_lse=True)
+    ref = sa.scale_attention_reference(q, kc, vc, ks, vs, off, ln)
+    assert out.shape == q.shape and out.dtype == torch.float32 and lse.shape == (B, H, Lq)
+    torch.testing.assert_close(out, ref, **tol)
+    lse_ref = torch.stack(
+        [
+            (q[b, h] @ torch.cat([ks[int(o) : int(o) + int(n)], kc[b, h]]).T).logsumexp(-1)
+            for b in range(B)
+            for h, (o, n) in enumerate(zip(off[b * H : (b + 1) * H], ln[b * H : (b + 1) * H], strict=True))
+        ]
+    ).view(B, H, Lq)
+    torch.testing.assert_close(lse, lse_ref, **tol)
+    ms, mc = sa.attention_mass(q, kc, ks, off, ln)
+    ms_ref, mc_ref = sa.attention_mass_reference(q, kc, ks, off, ln)
+    torch.testing.assert_close(ms, ms_ref, **tol)
+    torch.testing.assert_close(mc, mc_ref, **tol)
+    assert torch.all(ms[~used] == 0)
+    totals = mc.sum(-1).flatten().double() + torch.stack(
+        [ms[o : o + n].double().sum() for o, n in zip(off.tolist(), ln.tolist(), strict=True)]
+    )
+    torch.testing.assert_close(totals, torch.full_like(totals, float(Lq)), atol=1e-4 * Lq, rtol=0)
+
+
+@needs_c
+@pytest.mark.parametrize("D", [32, 64, 128])
+@pytest.mark.parametrize("Lq", [1, 4, 25, 61, 256])
+@pytest.mark.parametrize("current_keys", ["Lc = Lq", "Lc < Lq", "Lc > Lq"])
+def test_c_kernel_matches_the_reference_over_shapes(c_only, D, Lq, current_keys):
+    """Ragged segments of 0, 1, a few and one far longer than the others (several key blocks and
+    panels, a ragged last panel); Lq over one, several and a partial row block; the current keys
+    as many as the queries (a scale), fewer, or more (a subset of a scale's queries)."""
+    Lc = {"Lc = Lq": Lq, "Lc < Lq": max(1, Lq // 3), "Lc > Lq": 2 * Lq + 5}[current_keys]
+    lengths = [0, 1, 7, 3 * Lq + 300, 33, 2]
+    check_c(*c_case(2, 3, Lq, D, lengths, Lc))
+
+
+@needs_c
+@pytest.mark.parametrize("name", [n for n in RAGGED if RAGGED[n][3] % 16 == 0])
+def test_c_kernel_matches_the_reference_on_ragged_layouts(c_only, name):
+    """The layouts above, guidance rows among them (cond and null rows of 2 images, each head its
+    own length), with logits up to +-100 (temperature 100)."""
+    B, H, Lq, D, lengths = RAGGED[name]
+    q, kc, vc, ks, vs, off, ln, used = c_case(B, H, Lq, D, lengths, Lq)
+    check_c(q, kc, vc, ks, vs, off, ln, used)
+    check_c(q * 25, kc, vc, ks, vs, off, ln, used, tol=C_TOL_HOT)
+
+
+@needs_c
+@pytest.mark.parametrize("D", [32, 64, 128])
+def test_c_kernel_with_nothing_evicted_is_full_attention(c_only, D):
+    """Every segment the whole prefix of its (row, head): plain SDPA over [prefix | current]."""
+    B, H, T, Lq = 2, 4, 91, 64  # the 8x8 scale of 680-token VAR over its 91-token prefix
+    q, kc, vc = current(B, H, Lq, D)
+    k_pre, v_pre = F.normalize(torch.randn(B, H, T, D), dim=-1), torch.randn(B, H, T, D)
+    off = torch.arange(B * H, dtype=torch.int64) * T
+    ln = torch.full((B * H,), T, dtype=torch.int64)
+    out = sa.scale_attention(q, kc, vc, k_pre.reshape(-1, D), v_pre.reshape(-1, D), off, ln)
+    expected = F.scaled_dot_product_attention(
+        q, torch.cat([k_pre, kc], 2), torch.cat([v_pre, vc], 2), scale=1.0
+    )
+    torch.testing.assert_close(out, expected, **C_TOL)
+
+
+@needs_c
+def test_c_kernel_takes_strided_inputs_and_writes_a_strided_output(c_only):
+    """q, k and v as (B, L, H, D) buffers transposed, q and k with a d stride of 2, slabs as column
+    slices of wider buffers (the values' last dim strided too: copied), out into (B, Lq, H, D)."""
+    B, H, Lq, D = 2, 3, 37, 32
+    q, kc, vc, ks, vs, off, ln, _ = c_case(B, H, Lq, D, [0, 40, 1, 9, 120, 3], Lq)
+    q_t = torch.zeros(B, Lq, H, 2 * D)
+    q_t[..., ::2] = q.transpose(1, 2)
+    kc_t = torch.zeros(B, Lq, H, 2 * D)
+    kc_t[..., ::2] = kc.transpose(1, 2)
+    vc_t = vc.transpose(1, 2).contiguous().transpose(1, 2)
+    wide = torch.cat([ks, torch.zeros_like(ks), vs], 1)
+    v_strided = torch.stack([vs, vs], -1).flatten(1)[:, ::2]
+    q_s, kc_s = q_t.transpose(1, 2)[..., ::2], kc_t.transpose(1, 2)[..., ::2]
+    assert q_s.stride(-1) == 2 and v_strided.stride(-1) == 2
+    buf = torch.full((B, Lq, H, D), torch.nan)
+    ref = sa.scale_attention_reference(q, kc, vc, ks, vs, off, ln)
+    for k_slab, v_slab in ((wide[:, :D], wide[:, 2 * D :]), (ks, v_strided)):
+        out = sa.scale_attention(q_s, kc_s, vc_t, k_slab, v_slab, off, ln, out=buf.transpose(1, 2))
+        assert out.data_ptr() == buf.data_ptr()
+        torch.testing.assert_close(buf.transpose(1, 2), ref, **C_TOL)
+        ms, mc = sa.attention_mass(q_s, kc_s, k_slab, off, ln)
+        ms_ref, mc_ref = sa.attention_mass_reference(q, kc, ks, off, ln)
+        torch.testing.assert_close(ms, ms_ref, **C_TOL)
+        torch.testing.assert_close(mc, mc_ref, **C_TOL)
+
+
+@needs_c
+def test_c_kernel_rows_do_not_depend_on_the_batch(c_only):
+    """A (row, head) alone (its queries split into chunks across threads) and inside a batch of
+    16 rows (one work item per segment) gets bit-identical outputs, lse and mass."""
+    H, Lq, D = 2, 100, 64
+    lengths = [(37 * i) % 150 for i in range(16 * H)]
+    q, kc, vc, ks, vs, off, ln, _ = c_case(16, H, Lq, D, lengths, Lq)
+    out, lse = sa.scale_attention(q, kc, vc, ks, vs, off, ln, return_lse=True)
+    ms, mc = sa.attention_mass(q, kc, ks, off, ln)
+    for b in (0, 5, 15):
+        rows = slice(b * H, (b + 1) * H)
+        out1, lse1 = sa.scale_attention(
+            q[b : b + 1], kc[b : b + 1], vc[b : b + 1], ks, vs, off[rows], ln[rows], return_lse=True
+        )
+        ms1, mc1 = sa.attention_mass(q[b : b + 1], kc[b : b + 1], ks, off[rows], ln[rows])
+        assert torch.equal(out1[0], out[b]) and torch.equal(lse1[0], lse[b]) and torch.equal(mc1[0], mc[b])
+        for o, n in zip(off[rows].tolist(), ln[rows].tolist(), strict=True):
+            assert torch.equal(ms1[o : o + n], ms[o : o + n])
+
+
+@needs_c
+def test_c_kernel_converts_16_bit_inputs_and_checks_the_segments(c_only):
+    q, kc, vc, ks, vs, off, ln, _ = c_case(2, 2, 9, 32, [5, 0, 12, 1], 9)
+    half = [t.to(torch.bfloat16) for t in (q, kc, vc, ks, vs)]
+    out = sa.scale_attention(*half, off, ln)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(
+        out, sa.scale_attention_reference(*[t.float() for t in half], off, ln).to(torch.bfloat16)
+    )
+    with pytest.raises(AssertionError, match="outside the slab"):
+        sa.scale_attention(q, kc, vc, ks, vs, off, ln + ks.shape[0])
+    with pytest.raises(AssertionError, match="outside the slab"):
+        sa.attention_mass(q, kc, ks, off - 10**6, ln)
+
+
+def test_without_the_c_kernel_the_pytorch_path_runs(monkeypatch):
+    """No compiler (or D not a multiple of 16): the PyTorch path, same results."""
+    q, kc, vc, ks, vs, off, ln, _ = c_case(2, 2, 9, 32, [5, 0, 12, 1], 9)
+    ref = sa.scale_attention_reference(q, kc, vc, ks, vs, off, ln)
+    monkeypatch.setattr(sa, "_c_kernel", lambda: None)
+    torch.testing.assert_close(sa.scale_attention(q, kc, vc, ks, vs, off, ln), ref, **C_TOL)
+    monkeypatch.undo()
+    q, kc, vc, ks, vs, off, ln, _ = c_case(2, 2, 9, 24, [5, 0, 12, 1], 9)
+    called = []
+    monkeypatch.setattr(sa, "_c_kernel", lambda: called.append(1))
+    torch.testing.assert_close(
+        sa.scale_attention(q, kc, vc, ks, vs, off, ln),
+        sa.scale_attention_reference(q, kc, vc, ks, vs, off, ln),
+        **C_TOL,
+    )
+    assert not called  # D = 24: not even looked up
 
 
 # --------------------------------------------------------------------------------------------
@@ -276,7 +450,7 @@ def test_the_wrapper_asserts_what_the_kernels_assume():
 
 
 def test_dispatch_follows_the_device(monkeypatch):
-    """CPU tensors take the vectorised CPU path even with triton installed."""
+    """CPU tensors take the CPU path (the C kernel) even with triton installed."""
     q, kc, vc, ks, vs, off, ln, _ = case(1, 2, 3, 16, [2, 5], device="cpu")
     monkeypatch.setattr(sa, "scale_attention_triton", lambda *a, **k: pytest.fail("triton on CPU tensors"))
     torch.testing.assert_close(
