@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import random
 import socket
@@ -40,6 +41,7 @@ class Outcome:
     latency_s: float
     queue_ms: float | None = None
     images: int = 0
+    first_preview_s: float | None = None  # streamed requests: arrival to the first preview event
 
 
 @dataclass
@@ -92,7 +94,14 @@ def free_port() -> int:
 def start_server(args) -> tuple[subprocess.Popen, str]:
     port = free_port()
     flags = ["--config", str(args.config), "--port", str(port), "--log-level", "warning"]
-    for name in ("max_batch_size", "max_wait_ms", "max_queue_size", "timeout_s"):
+    for name in (
+        "max_batch_size",
+        "max_wait_ms",
+        "max_queue_size",
+        "timeout_s",
+        "batching",
+        "kv_cache_bytes",
+    ):
         if getattr(args, name) is not None:
             flags += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
     proc = subprocess.Popen([sys.executable, "-m", "service.cli", "serve", *flags], cwd=REPO)
@@ -111,6 +120,8 @@ def start_server(args) -> tuple[subprocess.Popen, str]:
 
 async def one_request(client: httpx.AsyncClient, index: int, n: int, num_classes: int) -> Outcome:
     body = {"prompt": index % num_classes, "n": n, "seed": index}
+    if STREAM:
+        return await one_stream(client, body)
     t0 = time.perf_counter()
     try:
         r = await client.post("/v1/images/generations", json=body)
@@ -121,6 +132,34 @@ async def one_request(client: httpx.AsyncClient, index: int, n: int, num_classes
         return Outcome(r.status_code, latency)
     answer = r.json()
     return Outcome(200, latency, answer["usage"]["queue_ms"], len(answer["data"]))
+
+
+STREAM = False  # --stream: requests stream their previews (/v1/generate), timed to the first
+
+
+async def one_stream(client: httpx.AsyncClient, body: dict) -> Outcome:
+    t0, first, result = time.perf_counter(), None, None
+    try:
+        async with client.stream("POST", "/v1/generate", json={**body, "stream": True}) as r:
+            if r.status_code != 200:
+                await r.aread()
+                return Outcome(r.status_code, time.perf_counter() - t0)
+            event = None
+            async for line in r.aiter_lines():
+                if line.startswith("event:"):
+                    event = line[6:].strip()
+                    if event == "preview" and first is None:
+                        first = time.perf_counter() - t0
+                elif line.startswith("data:") and event == "result":
+                    result = json.loads(line[5:])
+                elif line.startswith("data:") and event == "error":
+                    return Outcome(json.loads(line[5:])["error"]["code"], time.perf_counter() - t0)
+    except httpx.HTTPError as e:
+        return Outcome(type(e).__name__, time.perf_counter() - t0)
+    latency = time.perf_counter() - t0
+    if result is None:
+        return Outcome("no result", latency)
+    return Outcome(200, latency, result["usage"]["queue_ms"], len(result["data"]), first)
 
 
 async def closed_loop(client, clients: int, requests: int, n: int, num_classes: int) -> list[Outcome]:
@@ -252,7 +291,18 @@ def main() -> None:
     ap.add_argument("--concurrency", type=int, default=16, help="closed loop: clients")
     ap.add_argument("--requests", type=int, default=96, help="closed loop: requests in all")
     ap.add_argument("--rate", type=float, help="open loop: Poisson arrivals per second")
-    ap.add_argument("--overload", type=float, help="open loop at this many times the offline images/s")
+    ap.add_argument(
+        "--overload",
+        type=lambda t: [float(x) for x in t.split(",")],
+        help="open loop at this many times the offline images/s; a list (0.5,1,2) runs each in turn",
+    )
+    ap.add_argument(
+        "--batching",
+        type=lambda t: t.split(","),
+        help="the server's --batching; a list (continuous,static) starts one server per mode, same loads",
+    )
+    ap.add_argument("--kv-cache-bytes", help="the server's --kv-cache-bytes")
+    ap.add_argument("--stream", action="store_true", help="stream previews; report time to the first")
     ap.add_argument("--duration", type=float, default=30.0, help="open loop: seconds of arrivals")
     ap.add_argument("--n", type=int, default=1, help="images per request")
     ap.add_argument("--offline", type=int, metavar="B", help="also measure the engine alone at batch B")
@@ -266,10 +316,16 @@ def main() -> None:
     if args.overload and not args.offline:
         raise SystemExit("--overload needs --offline B (the capacity it multiplies)")
 
+    global STREAM
+    STREAM = args.stream
     offline = Offline(args.config, args.offline) if args.offline else None
     capacity = offline.images_per_s(args.offline_batches) if offline and args.overload else None
+    modes = args.batching or [None]
+    if len(modes) > 1 or (args.overload and len(args.overload) > 1):
+        return compare(args, modes, offline, capacity)
     if args.overload:
-        args.rate = args.overload * capacity / args.n
+        args.rate = args.overload[0] * capacity / args.n
+    args.batching = modes[0]
     proc, url = (None, args.url) if args.url else start_server(args)
     try:
         card = httpx.get(f"{url}/v1/models", timeout=30).json()["data"][0]
@@ -280,6 +336,49 @@ def main() -> None:
             proc.wait(120)
     print(f"model {card['name']} ({card['resolution']}) on {os.cpu_count()} cpus")
     report(args, runs, capacity)
+
+
+def compare(args, modes: list[str | None], offline: Offline | None, capacity: float | None) -> None:
+    """Each batching mode under each load (Poisson arrivals at x times the offline capacity), one
+    server per mode, in one run: throughput, latency and time-to-first-preview side by side."""
+    if args.url:
+        raise SystemExit("a comparison starts its own servers: leave out --url")
+    loads = args.overload or [None]
+    rows = []
+    for mode in modes:
+        args.batching = mode
+        proc, url = start_server(args)
+        try:
+            card = httpx.get(f"{url}/v1/models", timeout=30).json()["data"][0]
+            for load in loads:
+                if load is not None:
+                    args.rate = load * capacity / args.n
+                runs = asyncio.run(drive(args, url, proc.pid, card["num_classes"] or 1, offline))
+                rows.append((mode, load, runs))
+        finally:
+            proc.terminate()
+            proc.wait(120)
+    print(
+        f"model {card['name']} ({card['resolution']}) on {os.cpu_count()} cpus; n={args.n}; "
+        f"max_batch_size {args.max_batch_size}; offline capacity {capacity or 0:.2f} images/s "
+        f"(batch {args.offline}); arrivals for {args.duration:g} s per load"
+    )
+    print(
+        "\n| batching | load (x capacity) | images/s | latency p50 / p99 ms | queue p50 ms | first preview p50 / p99 ms | answers |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    for mode, load, runs in rows:
+        outcomes = [o for run in runs for o in run.outcomes]
+        ok = [o for o in outcomes if o.status == 200]
+        wall = sum(run.wall_s for run in runs)
+        p50, p99 = percentiles([o.latency_s * 1000 for o in ok], (50, 99))
+        (q50,) = percentiles([o.queue_ms for o in ok], (50,))
+        f50, f99 = percentiles(
+            [o.first_preview_s * 1000 for o in ok if o.first_preview_s is not None], (50, 99)
+        )
+        answers = ", ".join(f"{s}: {c}" for s, c in sorted(Counter(str(o.status) for o in outcomes).items()))
+        throughput = sum(o.images for o in ok) / wall
+        print(f"| {mode} | {load} | {throughput:.3f} | {p50} / {p99} | {q50} | {f50} / {f99} | {answers} |")
 
 
 if __name__ == "__main__":
