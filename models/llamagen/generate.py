@@ -122,9 +122,12 @@ class Engine:
     the host can queue the next step while this one runs. Each sequence's draws come from its own
     generator, so its tokens are the same alone, in a static batch, or joining a running one."""
 
-    def __init__(self, model: GPT, pool: BlockPool):
+    def __init__(self, model: GPT, pool: BlockPool, max_len: int | None = None):
+        """max_len: positions a row may hold (default the longest sequence; speculative decoding
+        adds a scratch position for the padding of short windows)."""
         self.model, self.pool = model, pool
-        self.store = PagedTokenStore(pool, model.config.max_seq_len)
+        self.max_len = max_len or model.config.max_seq_len
+        self.store = PagedTokenStore(pool, self.max_len)
         self.seqs: list[Sequence] = []
         self.device = model.tok_embeddings.weight.device
         self._layout()
@@ -171,8 +174,8 @@ class Engine:
                 s.generator = make_generators([s.settings.seed], self.device)[0]
             s.tokens = torch.zeros(c.block_size, dtype=torch.long, device=self.device)
             s.blocks = [self.pool.allocate(self.pool.blocks_for(c.cls_token_num)) for _ in range(s.rows)]
-        rows = _Rows(self.model, seqs, self.device)
-        prefill_store = PagedTokenStore(self.pool, c.max_seq_len)
+        rows = _Rows(self.model, seqs, self.device, self.max_len)
+        prefill_store = PagedTokenStore(self.pool, self.max_len)
         prefill_store.set_rows(rows.tables)
         logits = self.model.prefill(self._condition_embeddings(seqs, rows), prefill_store, rows.key_valid)
         first = rows.sample(logits, torch.zeros(len(seqs), dtype=torch.long, device=self.device))
@@ -230,7 +233,7 @@ class Engine:
 
     def _layout(self) -> None:
         c = self.model.config
-        self.rows = _Rows(self.model, self.seqs, self.device)
+        self.rows = _Rows(self.model, self.seqs, self.device, self.max_len)
         self._row_seqs = self.seqs + self.rows.guided_seqs  # the sequence of each row
         self.store.set_rows(self.rows.tables)
         B = len(self.seqs)
@@ -252,7 +255,7 @@ class _Rows:
     null row of guided_seqs[j], `null_of[j]` its partner), the (G, block_size) table of each
     guided image's cfg per image token, the padding mask and the sampler tensors."""
 
-    def __init__(self, model: GPT, seqs: list[Sequence], device: torch.device):
+    def __init__(self, model: GPT, seqs: list[Sequence], device: torch.device, max_len: int):
         c = model.config
         self.seqs = seqs
         guided = [i for i, s in enumerate(seqs) if s.guided]
@@ -273,7 +276,7 @@ class _Rows:
         if any(m is not None for m in masks):
             full = torch.ones(c.cls_token_num, dtype=torch.bool, device=device)
             cond_mask = torch.stack([full if m is None else m.to(device) for m in masks])
-            self.key_valid = model.key_valid(cond_mask)
+            self.key_valid = model.key_valid(cond_mask, max_len)
 
     def sample(self, logits: torch.Tensor, token_index: torch.Tensor) -> torch.Tensor:
         """logits: (rows, V), own rows then null rows; token_index: (B,) the image token each
