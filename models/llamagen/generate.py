@@ -89,6 +89,9 @@ class LlamaGenOutput:
     kv_bytes: int  # KV-store bytes held by the batch (stored = full = working for a dense store)
     flops: float  # matmul FLOPs of the transformer passes
     decode_s: float = 0.0  # seconds the VQ decoder took to turn the tokens into pixels
+    passes_per_image: list[int] | None = None  # forward passes each image took part in
+    drafted: list[int] | None = None  # per image: draft tokens verified (speculative decoding)
+    accepted: list[int] | None = None  # per image: drafts accepted
 
 
 def transformer_flops(model: GPT, rows: int) -> float:
@@ -108,7 +111,9 @@ class Engine:
     next position, the guidance table and the sampler tensors. A step reads no value back from the
     device, so on a GPU the host can queue the next step while this one runs."""
 
-    def __init__(self, model: GPT, seqs: list[Sequence]):
+    def __init__(self, model: GPT, seqs: list[Sequence], max_len: int | None = None):
+        """max_len: positions the store holds per row (default the longest sequence; speculative
+        decoding adds a scratch position for the padding of short windows)."""
         self.model, self.seqs, self.steps_done = model, seqs, 0
         c, device = model.config, model.tok_embeddings.weight.device
         B = len(seqs)
@@ -120,7 +125,7 @@ class Engine:
         self.null_of = torch.tensor(guided, dtype=torch.long, device=device)
         self.guided_seqs = [self.seqs[i] for i in guided]  # the sequences of the null rows, in order
         self.rows = B + len(guided)
-        self.store = self.model.new_kv_store(self.rows)
+        self.store = self.model.new_kv_store(self.rows, max_len)
         self.tokens = torch.empty(B, c.block_size, dtype=torch.long, device=device)  # left to right
         self.sampler = SamplerRows.of(
             [s.settings for s in self.seqs], device, [s.generator for s in self.seqs]
@@ -139,7 +144,7 @@ class Engine:
         if any(m is not None for m in masks):
             full = torch.ones(c.cls_token_num, dtype=torch.bool, device=device)
             cond_mask = torch.stack([full if m is None else m.to(device) for m in masks])
-            self.key_valid = self.model.key_valid(cond_mask)
+            self.key_valid = self.model.key_valid(cond_mask, max_len)
         self.positions = torch.full((self.rows, 1), c.cls_token_num, dtype=torch.long, device=device)
 
     @property
@@ -198,20 +203,31 @@ def generate(
     on_row: Callable[[RowStep], None] | None = None,
     decode: bool = True,
     negatives: list[Caption | None] | None = None,
+    window_cost=None,
 ) -> LlamaGenOutput:
     """cond: class labels (B,) long for c2i, caption embeddings (B, cls_token_num, caption_dim) for
     t2i; cond_mask: (B, cls_token_num) bool, False at caption padding, or None; negatives: per
-    image, the negative caption of its guidance row (t2i), or None."""
+    image, the negative caption of its guidance row (t2i), or None. A batch with a speculative
+    image runs on models/llamagen/speculative.py (window_cost: its measured window costs, for
+    `auto`); on_row fires once every image has a grid row, possibly for several rows at a pass."""
     c = model.config
     masks = [None] * len(settings) if cond_mask is None else list(cond_mask)
     negatives = negatives or [None] * len(settings)
     seqs = [Sequence(cond[i], s, masks[i], negative=negatives[i]) for i, s in enumerate(settings)]
-    engine = Engine(model, seqs)
+    if any(s.speculative.on for s in settings):
+        from models.llamagen.speculative import SpeculativeEngine
+
+        engine = SpeculativeEngine(model, seqs, window_cost)
+    else:
+        engine = Engine(model, seqs)
+    rows_done = 0
     while not engine.done:
         engine.step()
-        n = engine.steps_done
-        if on_row is not None and n % c.grid_size == 0:
-            on_row(RowStep(n // c.grid_size - 1, c.grid_size, engine.tokens[:, :n]))
+        n = engine.steps_done if isinstance(engine, Engine) else min(engine.n)
+        for row in range(rows_done, n // c.grid_size):
+            if on_row is not None:
+                on_row(RowStep(row, c.grid_size, engine.tokens[:, : (row + 1) * c.grid_size]))
+        rows_done = n // c.grid_size
     tokens = engine.tokens
     # One image at a time: a batched decode may differ in the last bit with the batch size, and an
     # image must not depend on its batch.
@@ -222,8 +238,27 @@ def generate(
         else tokens.new_zeros(0).float()
     )
     decode_s = device_clock(tokens.device) - t0 if decode else 0.0
+    if isinstance(engine, Engine):
+        return LlamaGenOutput(
+            images,
+            tokens,
+            c.block_size,
+            engine.store.nbytes,
+            transformer_flops(model, engine.rows),
+            decode_s,
+            [c.block_size] * len(seqs),
+        )
+    counts = engine.counts
     return LlamaGenOutput(
-        images, tokens, c.block_size, engine.store.nbytes, transformer_flops(model, engine.rows), decode_s
+        images,
+        tokens,
+        engine.forward_passes,
+        engine.base.store.nbytes,
+        counts.flops,
+        decode_s,
+        counts.passes,
+        counts.drafted,
+        counts.accepted,
     )
 
 
