@@ -10,6 +10,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from models.config import DEFAULT_CONFIG
+from models.settings import MAX_WINDOW, SPECULATIVE_METHODS
 from service.settings import add_serve_arguments, settings_from
 
 MAX_IMAGES = 256
@@ -32,6 +33,12 @@ def in_range(kind, lo=None, hi=None, lo_open=False):
         return value
 
     return parse
+
+
+def window_arg(text: str):
+    if text == "auto":
+        return text
+    return in_range(int, 1, MAX_WINDOW)(text)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -65,6 +72,16 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-k", type=in_range(int, 0), help="top-k (0: off)")
     gen.add_argument("--top-p", type=in_range(float, 0, 1), help="top-p (0: off)")
     gen.add_argument("--temperature", type=in_range(float, 0, 100, lo_open=True), help="softmax temperature")
+    gen.add_argument(
+        "--speculative",
+        choices=SPECULATIVE_METHODS,
+        help="next-token models: speculative decoding (sjd, scd: the model's own distribution; gsd: lossy)",
+    )
+    gen.add_argument(
+        "--window",
+        type=window_arg,
+        help=f"with --speculative: tokens verified per forward pass, 1..{MAX_WINDOW}, or auto",
+    )
     gen.add_argument("--batch-size", type=in_range(int, 1, 256), default=16, help="images per forward batch")
     gen.add_argument("--out", type=Path, default=Path("out"), help="output directory")
     gen.set_defaults(subparser=gen)
@@ -122,11 +139,13 @@ def generate_command(args, parser: argparse.ArgumentParser) -> int:
         args.temperature,
         args.negative_prompt,
         args.cfg_interval,
+        {k: v for k, v in (("method", args.speculative), ("window", args.window)) if v is not None},
     )
     try:
         runner.check(params[0])
     except SettingError as e:
-        parser.error(f"--{e.field.replace('_', '-')}: {e}")
+        flag = {"speculative.method": "speculative", "speculative.window": "window"}.get(e.field, e.field)
+        parser.error(f"--{flag.replace('_', '-')}: {e}")
     args.out.mkdir(parents=True, exist_ok=True)
     what = f"class {condition}" if args.prompt is None else f"prompt {condition!r}"
     print(f"{spec.name}: {what}, seeds {first_seed}..{first_seed + args.n - 1}", file=sys.stderr)

@@ -50,6 +50,7 @@ def admit(
         temperature=body.temperature,
         negative_prompt=body.negative_prompt,
         cfg_interval=body.cfg_interval,
+        speculative=None if body.speculative is None else body.speculative.model_dump(exclude_none=True),
     )
     try:
         info.check_settings(params[0])  # the images differ in their seeds only

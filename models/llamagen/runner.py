@@ -11,9 +11,10 @@ from models.conditions import Conditions
 from models.config import ModelSpec
 from models.llamagen import generate as engine
 from models.llamagen.loading import load_gpt, load_vq
+from models.llamagen.speculative import WindowCost
 from models.loading import CheckpointError
-from models.runner import BatchResult
-from models.settings import ImageSettings, SettingError
+from models.runner import BatchResult, ImageStats
+from models.settings import MAX_WINDOW, SPECULATIVE_METHODS, ImageSettings, SettingError
 from models.text import load_text_encoder
 
 
@@ -45,6 +46,8 @@ class LlamaGenRunner:
         self.image_size = spec.image_size
         self.steps = c.grid_size
         self.image_tokens, self.condition_tokens = c.block_size, c.cls_token_num
+        # the cost of a verification window, measured on first use of `auto` per row count
+        self.window_cost = WindowCost(self.model)
         self.text_encoder = None
         if kind == "text":
             if spec.text_encoder is None:
@@ -74,6 +77,16 @@ class LlamaGenRunner:
                 f"cfg_interval is {settings.cfg_interval}: give -1 (guide every token) or the last "
                 f"guided image token, 0..{self.image_tokens - 1}",
             )
+        s = settings.speculative
+        if s.method not in SPECULATIVE_METHODS:
+            raise SettingError(
+                "speculative.method",
+                f"speculative.method is '{s.method}': give {', '.join(SPECULATIVE_METHODS)}",
+            )
+        if s.window != "auto" and (type(s.window) is not int or not 1 <= s.window <= MAX_WINDOW):
+            raise SettingError(
+                "speculative.window", f'speculative.window is {s.window!r}: give 1..{MAX_WINDOW} or "auto"'
+            )
 
     def generate(
         self,
@@ -90,7 +103,23 @@ class LlamaGenRunner:
         else:
             cond, mask = self.text_encoder.encode(conditions)
             negatives = self._negatives(settings)
-        out = engine.generate(self.model, self.tokenizer, cond, settings, mask, on_step, negatives=negatives)
+        out = engine.generate(
+            self.model,
+            self.tokenizer,
+            cond,
+            settings,
+            mask,
+            on_step,
+            negatives=negatives,
+            window_cost=self.window_cost,
+        )
+        B = len(settings)
+        stats = ImageStats(
+            [s.speculative.method for s in settings],
+            out.passes_per_image,
+            out.drafted or [0] * B,
+            out.accepted or [0] * B,
+        )
         return BatchResult(
             out.images.float().cpu(),
             out.tokens.cpu(),
@@ -100,6 +129,7 @@ class LlamaGenRunner:
             out.kv_bytes,
             out.flops,
             out.decode_s,
+            stats,
         )
 
     def _negatives(self, settings: list[ImageSettings]) -> list[engine.Caption | None] | None:

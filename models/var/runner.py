@@ -41,6 +41,12 @@ class VARRunner:
                 f"model '{self.spec.name}' is next-scale: cfg_interval is for next-token models "
                 "(VAR ramps its guidance over the scales)",
             )
+        if settings.speculative.on:
+            raise SettingError(
+                "speculative",
+                f"model '{self.spec.name}' is next-scale: speculative decoding is for next-token models "
+                "(a VAR scale is already one forward pass)",
+            )
 
     def generate(
         self,
