@@ -203,13 +203,13 @@ def generate(
     on_row: Callable[[RowStep], None] | None = None,
     decode: bool = True,
     negatives: list[Caption | None] | None = None,
-    window_cost=None,
+    auto=None,
 ) -> LlamaGenOutput:
     """cond: class labels (B,) long for c2i, caption embeddings (B, cls_token_num, caption_dim) for
     t2i; cond_mask: (B, cls_token_num) bool, False at caption padding, or None; negatives: per
     image, the negative caption of its guidance row (t2i), or None. A batch with a speculative
-    image runs on models/llamagen/speculative.py (window_cost: its measured window costs, for
-    `auto`); on_row fires once every image has a grid row, possibly for several rows at a pass."""
+    image runs on models/llamagen/speculative.py (auto: the model's AutoWindow, which `auto` windows
+    are chosen from; None: a fresh one); on_row fires once every image has a grid row, possibly for several rows at a pass."""
     c = model.config
     masks = [None] * len(settings) if cond_mask is None else list(cond_mask)
     negatives = negatives or [None] * len(settings)
@@ -217,7 +217,7 @@ def generate(
     if any(s.speculative.on for s in settings):
         from models.llamagen.speculative import SpeculativeEngine
 
-        engine = SpeculativeEngine(model, seqs, window_cost)
+        engine = SpeculativeEngine(model, seqs, auto)
     else:
         engine = Engine(model, seqs)
     rows_done = 0

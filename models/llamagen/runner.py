@@ -11,7 +11,7 @@ from models.conditions import Conditions
 from models.config import ModelSpec
 from models.llamagen import generate as engine
 from models.llamagen.loading import load_gpt, load_vq
-from models.llamagen.speculative import WindowCost
+from models.llamagen.speculative import AutoWindow
 from models.loading import CheckpointError
 from models.runner import BatchResult, ImageStats
 from models.settings import MAX_WINDOW, SPECULATIVE_METHODS, ImageSettings, SettingError
@@ -46,8 +46,8 @@ class LlamaGenRunner:
         self.image_size = spec.image_size
         self.steps = c.grid_size
         self.image_tokens, self.condition_tokens = c.block_size, c.cls_token_num
-        # the cost of a verification window, measured on first use of `auto` per row count
-        self.window_cost = WindowCost(self.model)
+        # what `auto` windows are chosen from: pass costs and tokens per pass, measured as used
+        self.auto = AutoWindow(self.model)
         self.text_encoder = None
         if kind == "text":
             if spec.text_encoder is None:
@@ -111,7 +111,7 @@ class LlamaGenRunner:
             mask,
             on_step,
             negatives=negatives,
-            window_cost=self.window_cost,
+            auto=self.auto,
         )
         B = len(settings)
         stats = ImageStats(

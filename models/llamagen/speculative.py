@@ -38,7 +38,7 @@ query reads.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -49,12 +49,13 @@ from models.sampling import SamplerRows
 from models.settings import MAX_WINDOW
 
 WINDOWS = (1, 2, 4, 8, 16, 32)  # what `auto` chooses from; 1 is plain decoding
+CALIBRATION = WINDOWS[1:]
+EMA = 0.1  # weight of a new measurement in auto's running means
 # Methods whose later drafts are coupled to their new targets. GSD's own code refreshes drafts as
 # SJD does; coupling them too took the bundled c2i model from 77 to 71 passes per image at window 16
 # and from 69 to 56 at window 32 (8 images; a fresh draft copying the token above rather than the
 # one to the left saved another 5 %).
 COUPLED = ("scd", "gsd")
-PRIOR_HITS, PRIOR_TRIES = 1, 2  # an image's acceptance estimate starts at 1/2, worth 2 drafts
 
 
 def target_probs(logits: torch.Tensor, sampler: SamplerRows) -> torch.Tensor:
@@ -82,19 +83,64 @@ def race(weights: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
     return (weights / -torch.log1p(-uniform)).argmax(-1)
 
 
-class WindowCost:
-    """Measured seconds of one verification pass of a window of L tokens over R rows, per L in
-    WINDOWS, measured once per row count on first use (a fresh store, positions in the middle of
-    the image) and kept for the runner's life."""
+class AutoWindow:
+    """What `auto` chooses from, per model (the runner keeps one): the seconds a pass of window L
+    over R rows takes, and the tokens a pass of window L commits per image, per method.
+
+    Seconds start from one measured verification forward per (R, L) (a fresh store, positions in
+    the middle of the image, best of `repeats`) and then follow the engine's own passes (a running
+    mean, so the verification's own cost counts too). Tokens per pass are calibrated on the first
+    `auto` image of a method: that image is run once at each window of CALIBRATION, alone (a few
+    seconds, once per model), and then follow every pass run at that window. A pass takes the
+    window with the most tokens per second; L = 1 (plain decoding) commits one token a pass."""
 
     def __init__(self, model: GPT, repeats: int = 3):
         self.model, self.repeats = model, repeats
-        self.curves: dict[int, dict[int, float]] = {}
+        self.forward: dict[int, dict[int, float]] = {}
+        self.seconds: dict[tuple[int, int], float] = {}
+        self.tokens: dict[tuple[str, int], float] = {}
 
-    def curve(self, rows: int) -> dict[int, float]:
-        if rows not in self.curves:
-            self.curves[rows] = self._measure(rows)
-        return self.curves[rows]
+    def pass_seconds(self, rows: int, L: int) -> float:
+        if (rows, L) not in self.seconds:
+            if rows not in self.forward:
+                self.forward[rows] = self._measure(rows)
+            self.seconds[rows, L] = self.forward[rows][L]
+        return self.seconds[rows, L]
+
+    def tokens_per_pass(self, method: str, L: int) -> float:
+        return 1.0 if L == 1 else self.tokens[method, L]
+
+    def calibrated(self, method: str) -> bool:
+        return all((method, L) in self.tokens for L in CALIBRATION)
+
+    def record_pass(self, rows: int, L: int, seconds: float) -> None:
+        old = self.pass_seconds(rows, L)
+        self.seconds[rows, L] = old + EMA * (seconds - old)
+
+    def record_tokens(self, method: str, L: int, tokens: list[int]) -> None:
+        for t in tokens:
+            old = self.tokens.get((method, L), t)
+            self.tokens[method, L] = old + EMA * (t - old)
+
+    def choose(self, rows: int, methods: list[str], floor: int) -> int:
+        """The window for the auto images of a pass (their methods), beside fixed-window images
+        that make the pass at least `floor` wide."""
+
+        def rate(L: int) -> float:
+            width = min(w for w in WINDOWS if w >= max(L, floor))
+            return sum(self.tokens_per_pass(m, L) for m in methods) / self.pass_seconds(rows, width)
+
+        return max(WINDOWS, key=rate)
+
+    def calibrate(self, seq: Sequence) -> None:
+        method = seq.settings.speculative.method
+        for L in CALIBRATION:
+            settings = replace(seq.settings, speculative=replace(seq.settings.speculative, window=L))
+            engine = SpeculativeEngine(self.model, [replace(seq, settings=settings, generator=None)], self)
+            while not engine.done:
+                engine.step()
+            # the engine recorded its pass times; its tokens per pass give the window's start value
+            self.tokens[method, L] = (self.model.config.block_size - 1) / (engine.counts.passes[0] - 1)
 
     @torch.inference_mode()
     def _measure(self, rows: int) -> dict[int, float]:
@@ -131,9 +177,9 @@ class SpeculativeEngine:
     `step()` is one forward pass for every unfinished row: the prefill first, then one verification
     pass of each row's window."""
 
-    def __init__(self, model: GPT, seqs: list[Sequence], window_cost: WindowCost | None = None):
+    def __init__(self, model: GPT, seqs: list[Sequence], auto: AutoWindow | None = None):
         c = model.config
-        self.model, self.seqs, self.window_cost = model, seqs, window_cost
+        self.model, self.seqs, self.auto = model, seqs, auto
         self.base = Engine(model, seqs, max_len=c.max_seq_len + 1)
         self.scratch = c.max_seq_len  # padding columns write here; no real query reads past it
         B, N, V = len(seqs), c.block_size, c.vocab_size
@@ -151,17 +197,10 @@ class SpeculativeEngine:
         self.q = torch.zeros(B, self.wmax, V, device=device)  # the draft distributions, by offset
         self.n = [0] * B  # committed tokens
         self.drafts = [0] * B  # drafts held after them
-        self.hits, self.tries = [0] * B, [0] * B  # drafts accepted / tested up to a rejection
         self.counts = SpeculativeCounts([0] * B, [0] * B, [0] * B)
+        self.chosen = 0  # this pass's window of the auto images
         self.forward_passes = 0
-        self.plain = [b for b, m in enumerate(self.methods) if m == "none"]
         self.spec = [b for b, m in enumerate(self.methods) if m != "none"]
-        self.plain_sampler = SamplerRows.of(
-            [seqs[b].settings for b in self.plain], device, [seqs[b].generator for b in self.plain]
-        )
-        self.spec_sampler = SamplerRows.of(
-            [seqs[b].settings for b in self.spec], device, [seqs[b].generator for b in self.spec]
-        )
         self.gsd = [b for b in self.spec if self.methods[b] == "gsd"]
         if self.gsd:
             e = model.tok_embeddings.weight.float()
@@ -187,19 +226,34 @@ class SpeculativeEngine:
         active = [b for b, n in enumerate(self.n) if n < self.N]
         windows = self._windows(active)
         S = max(windows.values())
+        t0 = device_clock(self.device)
         self._fill_drafts(windows)
         tokens, positions = self._inputs(windows, S)
         logits = self.model.decode_step(tokens, positions, self.base.store, self.base.key_valid)
         cond = self._guide(logits, S)  # (B, S, V)
-        if self.plain and self.n[self.plain[0]] < self.N:  # plain rows advance in lock-step
-            rows = torch.tensor(self.plain, device=self.device)
-            picked = self.plain_sampler.sample(cond[rows, :1])[:, 0]
-            for j, b in enumerate(self.plain):
-                self.buf[b, self.n[b]] = picked[j]
+        # a row at window 1 is plain decoding, drawn as plain decoding draws
+        plain = [b for b in active if windows[b] == 1]
+        if plain:
+            rows = torch.tensor(plain, device=self.device)
+            picked = _rows_of(self.base.sampler, rows).sample(cond[rows, :1])[:, 0].tolist()
+            for b, token in zip(plain, picked, strict=True):
+                self.buf[b, self.n[b]] = token
                 self.n[b] += 1
-        spec = [b for b in self.spec if b in windows]
+                self.drafts[b] = 0
+        spec = [b for b in active if windows[b] > 1]
+        before = list(self.n)
         if spec:
             self._verify(spec, windows, cond, S)
+        if self.auto is not None:  # every pass measures the cost of its width
+            self.auto.record_pass(
+                self.base.rows, min(w for w in WINDOWS if w >= S), device_clock(self.device) - t0
+            )
+            by_method: dict[tuple[str, int], list[int]] = {}
+            for b in active:
+                if self.fixed[b] is None and windows[b] == self.chosen and windows[b] > 1:
+                    by_method.setdefault((self.methods[b], windows[b]), []).append(self.n[b] - before[b])
+            for (method, L), committed in by_method.items():
+                self.auto.record_tokens(method, L, committed)
         self._count_pass(active, S)
 
     # -- windows and inputs -----------------------------------------------------------------------
@@ -210,26 +264,17 @@ class SpeculativeEngine:
         left = {b: self.N - self.n[b] for b in active}
         out = {b: min(self.fixed[b], left[b]) for b in active if self.fixed[b] is not None}
         auto = [b for b in active if self.fixed[b] is None]
+        self.chosen = 0
         if auto:
-            out.update({b: min(self._auto_window(auto, out, left), left[b]) for b in auto})
+            if self.auto is None:
+                self.auto = AutoWindow(self.model)
+            for b in auto:
+                if not self.auto.calibrated(self.methods[b]):
+                    self.auto.calibrate(self.seqs[b])
+            floor = max(out.values(), default=1)  # the pass is at least this wide anyway
+            self.chosen = self.auto.choose(self.base.rows, [self.methods[b] for b in auto], floor)
+            out.update({b: min(self.chosen, left[b]) for b in auto})
         return out
-
-    def _auto_window(self, auto: list[int], fixed: dict[int, int], left: dict[int, int]) -> int:
-        if self.window_cost is None:
-            self.window_cost = WindowCost(self.model)
-        cost = self.window_cost.curve(self.base.rows)
-        floor = max(fixed.values(), default=1)  # the pass is at least this wide anyway
-
-        def expected(b: int, L: int) -> float:  # tokens a pass of window L commits (geometric)
-            a = min((self.hits[b] + PRIOR_HITS) / (self.tries[b] + PRIOR_TRIES), 0.99)
-            return (1 - a ** min(L, left[b])) / (1 - a)
-
-        def rate(L: int) -> float:
-            width = max(L, floor)
-            passes_cost = cost[min(w for w in WINDOWS if w >= width)] if width <= WINDOWS[-1] else cost[32]
-            return sum(expected(b, L) for b in auto) / passes_cost
-
-        return max(WINDOWS, key=rate)
 
     def _fill_drafts(self, windows: dict[int, int]) -> None:
         """Tops each speculative row up to window - 1 drafts: a fresh draft copies the token one
@@ -286,8 +331,7 @@ class SpeculativeEngine:
     def _verify(self, spec: list[int], windows: dict[int, int], cond: torch.Tensor, S: int) -> None:
         device, V = self.device, self.V
         rows = torch.tensor(spec, device=device)
-        idx = torch.tensor([self.spec.index(b) for b in spec], device=device)
-        p = target_probs(cond[rows], _rows_of(self.spec_sampler, idx))  # (b, S, V)
+        p = target_probs(cond[rows], _rows_of(self.base.sampler, rows))  # (b, S, V)
         L = torch.tensor([windows[b] for b in spec], device=device)
         n = torch.tensor([self.n[b] for b in spec], device=device)
         # each image's own draws, as many as its window: accept tests and one race per column
@@ -330,8 +374,6 @@ class SpeculativeEngine:
             self.drafts[b] = w - 1 - kb
             self.counts.drafted[b] += w - 1
             self.counts.accepted[b] += kb
-            self.hits[b] += kb
-            self.tries[b] += min(kb + 1, w - 1)
 
     def _group_ratio(
         self, spec: list[int], p: torch.Tensor, q: torch.Tensor, drafts: torch.Tensor, p_d: torch.Tensor

@@ -12,7 +12,7 @@ from models.config import DEFAULT_CONFIG, load_config
 from models.llamagen.generate import generate
 from models.llamagen.loading import load_gpt
 from models.llamagen.model import GPT, GPTConfig
-from models.llamagen.speculative import WINDOWS, WindowCost, target_probs
+from models.llamagen.speculative import WINDOWS, AutoWindow, target_probs
 from models.sampling import SamplerRows
 from models.settings import ImageSettings, Speculative
 from tests.conftest import REFERENCE
@@ -172,30 +172,48 @@ def test_rows_are_reported_once_each_in_order(shapes):
 # -- the auto window ------------------------------------------------------------------------------
 
 
-class FixedCost(WindowCost):
-    def __init__(self, model, cost):
+class Calibrated(AutoWindow):
+    """Pass costs and tokens per pass given, none measured."""
+
+    def __init__(self, model, seconds, tokens):
         super().__init__(model)
-        self.cost = cost
+        self.fixed_seconds, self.fixed_tokens = seconds, tokens
 
-    def curve(self, rows):
-        return {L: self.cost(L) for L in WINDOWS}
+    def pass_seconds(self, rows, L):
+        return self.fixed_seconds(L)
+
+    def record_pass(self, rows, L, seconds):
+        pass
+
+    def tokens_per_pass(self, method, L):
+        return self.fixed_tokens(L)
+
+    def calibrated(self, method):
+        return True
 
 
-def test_auto_falls_back_to_plain_decoding_when_windows_cost_their_length(shapes):
+def test_auto_falls_back_to_plain_decoding_where_speculation_loses(shapes):
     model = shapes[0]
     labels, params = torch.tensor([2]), [settings("scd", "auto", seed=4, cfg=2.0, top_k=20)]
-    out = generate(model, None, labels, params, decode=False, window_cost=FixedCost(model, lambda L: L))
+    # a window of L costs L passes and commits fewer than L tokens: plain decoding wins
+    losing = Calibrated(model, lambda L: L, lambda L: 1 if L == 1 else L / 2)
+    out = generate(model, None, labels, params, decode=False, auto=losing)
     assert out.forward_passes == 256 and out.drafted == [0]
-    # windows for free: the widest wins
-    free = generate(model, None, labels, params, decode=False, window_cost=FixedCost(model, lambda L: 1.0))
-    assert free.forward_passes < 100
+    plain = generate(model, None, labels, [settings(seed=4, cfg=2.0, top_k=20)], decode=False)
+    assert torch.equal(out.tokens, plain.tokens)  # at window 1, exactly plain decoding's draws
+    free = Calibrated(model, lambda L: 1.0, lambda L: 1 if L == 1 else L / 2)  # the widest wins
+    assert generate(model, None, labels, params, decode=False, auto=free).forward_passes < 100
 
 
-def test_window_costs_are_measured_once_per_row_count(c2i):
-    cost = WindowCost(c2i, repeats=1)
-    curve = cost.curve(2)
-    assert set(curve) == set(WINDOWS) and all(v > 0 for v in curve.values())
-    assert cost.curve(2) is curve
+def test_auto_calibrates_once_per_method_and_keeps_measuring(shapes):
+    model = shapes[0]
+    auto = AutoWindow(model, repeats=1)
+    params = [settings("scd", "auto", seed=5, cfg=2.0, top_k=20)]
+    out = generate(model, None, torch.tensor([1]), params, decode=False, auto=auto)
+    assert auto.calibrated("scd") and not auto.calibrated("sjd")
+    assert all(auto.tokens_per_pass("scd", L) > 1 for L in WINDOWS[1:])
+    assert set(auto.forward) == {2}  # one guided image: 2 rows
+    assert out.forward_passes < 200  # measured: about 90 (window 8 to 32 on this machine)
 
 
 # -- the bundled model ----------------------------------------------------------------------------
