@@ -88,13 +88,13 @@ class AutoWindow:
     over R rows takes, and the tokens a pass of window L commits per image, per method.
 
     Seconds start from one measured verification forward per (R, L) (a fresh store, positions in
-    the middle of the image, best of `repeats`) and then follow the engine's own passes (a running
+    the middle of the image, the median of `repeats`) and then follow the engine's own passes (a running
     mean, so the verification's own cost counts too). Tokens per pass are calibrated on the first
     `auto` image of a method: that image is run once at each window of CALIBRATION, alone (a few
     seconds, once per model), and then follow every pass run at that window. A pass takes the
     window with the most tokens per second; L = 1 (plain decoding) commits one token a pass."""
 
-    def __init__(self, model: GPT, repeats: int = 3):
+    def __init__(self, model: GPT, repeats: int = 7):
         self.model, self.repeats = model, repeats
         self.forward: dict[int, dict[int, float]] = {}
         self.seconds: dict[tuple[int, int], float] = {}
@@ -144,21 +144,27 @@ class AutoWindow:
 
     @torch.inference_mode()
     def _measure(self, rows: int) -> dict[int, float]:
+        """One verification forward per window, in `repeats` interleaved rounds, the median of
+        each: on a shared machine a neighbour's burst then slows every window alike instead of
+        the one being timed."""
         c, device = self.model.config, self.model.tok_embeddings.weight.device
         start = c.cls_token_num + c.block_size // 2
         store = self.model.new_kv_store(rows, start + MAX_WINDOW)
-        out = {}
-        for L in WINDOWS:
-            tokens = torch.zeros(rows, L, dtype=torch.long, device=device)
-            positions = (start + torch.arange(L, device=device)).expand(rows, L)
-            self.model.decode_step(tokens, positions, store)  # warm-up
-            best = float("inf")
-            for _ in range(self.repeats):
+        inputs = {
+            L: (
+                torch.zeros(rows, L, dtype=torch.long, device=device),
+                (start + torch.arange(L, device=device)).expand(rows, L),
+            )
+            for L in WINDOWS
+        }
+        times: dict[int, list[float]] = {L: [] for L in WINDOWS}
+        for round_ in range(self.repeats + 1):
+            for L, (tokens, positions) in inputs.items():
                 t0 = device_clock(device)
                 self.model.decode_step(tokens, positions, store)
-                best = min(best, device_clock(device) - t0)
-            out[L] = best
-        return out
+                if round_:  # the first round warms up
+                    times[L].append(device_clock(device) - t0)
+        return {L: sorted(t)[len(t) // 2] for L, t in times.items()}
 
 
 @dataclass
