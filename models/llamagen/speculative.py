@@ -51,6 +51,7 @@ from models.settings import MAX_WINDOW
 WINDOWS = (1, 2, 4, 8, 16, 32)  # what `auto` chooses from; 1 is plain decoding
 CALIBRATION = WINDOWS[1:]
 EMA = 0.1  # weight of a new measurement in auto's running means
+MARGIN = 1.1  # speculation must promise 10 % more tokens per second than plain decoding to be chosen
 # Methods whose later drafts are coupled to their new targets. GSD's own code refreshes drafts as
 # SJD does; coupling them too took the bundled c2i model from 77 to 71 passes per image at window 16
 # and from 69 to 56 at window 32 (8 images; a fresh draft copying the token above rather than the
@@ -91,8 +92,10 @@ class AutoWindow:
     the middle of the image, the median of `repeats`) and then follow the engine's own passes (a running
     mean, so the verification's own cost counts too). Tokens per pass are calibrated on the first
     `auto` image of a method: that image is run once at each window of CALIBRATION, alone (a few
-    seconds, once per model), and then follow every pass run at that window. A pass takes the
-    window with the most tokens per second; L = 1 (plain decoding) commits one token a pass."""
+    seconds, once per model), and then follow every auto image run at that window. A batch takes,
+    at its first pass and for all its passes (drafts mature over passes at one window, so switching
+    would cost acceptance), the window with the most tokens per second; L = 1 (plain decoding)
+    commits one token a pass and wins unless a window promises MARGIN more."""
 
     def __init__(self, model: GPT, repeats: int = 7):
         self.model, self.repeats = model, repeats
@@ -117,7 +120,7 @@ class AutoWindow:
         old = self.pass_seconds(rows, L)
         self.seconds[rows, L] = old + EMA * (seconds - old)
 
-    def record_tokens(self, method: str, L: int, tokens: list[int]) -> None:
+    def record_tokens(self, method: str, L: int, tokens: list[float]) -> None:
         for t in tokens:
             old = self.tokens.get((method, L), t)
             self.tokens[method, L] = old + EMA * (t - old)
@@ -128,7 +131,8 @@ class AutoWindow:
 
         def rate(L: int) -> float:
             width = min(w for w in WINDOWS if w >= max(L, floor))
-            return sum(self.tokens_per_pass(m, L) for m in methods) / self.pass_seconds(rows, width)
+            gain = sum(self.tokens_per_pass(m, L) for m in methods) / self.pass_seconds(rows, width)
+            return gain / (MARGIN if L > 1 and floor == 1 else 1.0)
 
         return max(WINDOWS, key=rate)
 
@@ -204,7 +208,7 @@ class SpeculativeEngine:
         self.n = [0] * B  # committed tokens
         self.drafts = [0] * B  # drafts held after them
         self.counts = SpeculativeCounts([0] * B, [0] * B, [0] * B)
-        self.chosen = 0  # this pass's window of the auto images
+        self.chosen = 0  # the window of the batch's auto images, chosen at its first decode pass
         self.forward_passes = 0
         self.spec = [b for b, m in enumerate(self.methods) if m != "none"]
         self.gsd = [b for b in self.spec if self.methods[b] == "gsd"]
@@ -247,19 +251,17 @@ class SpeculativeEngine:
                 self.n[b] += 1
                 self.drafts[b] = 0
         spec = [b for b in active if windows[b] > 1]
-        before = list(self.n)
         if spec:
             self._verify(spec, windows, cond, S)
         if self.auto is not None:  # every pass measures the cost of its width
             self.auto.record_pass(
                 self.base.rows, min(w for w in WINDOWS if w >= S), device_clock(self.device) - t0
             )
-            by_method: dict[tuple[str, int], list[int]] = {}
-            for b in active:
-                if self.fixed[b] is None and windows[b] == self.chosen and windows[b] > 1:
-                    by_method.setdefault((self.methods[b], windows[b]), []).append(self.n[b] - before[b])
-            for (method, L), committed in by_method.items():
-                self.auto.record_tokens(method, L, committed)
+            for b in active:  # an auto image just done: its tokens per pass at the batch's window
+                if self.fixed[b] is None and self.chosen > 1 and self.n[b] == self.N:
+                    self.auto.record_tokens(
+                        self.methods[b], self.chosen, [(self.N - 1) / self.counts.passes[b]]
+                    )
         self._count_pass(active, S)
 
     # -- windows and inputs -----------------------------------------------------------------------
@@ -270,8 +272,7 @@ class SpeculativeEngine:
         left = {b: self.N - self.n[b] for b in active}
         out = {b: min(self.fixed[b], left[b]) for b in active if self.fixed[b] is not None}
         auto = [b for b in active if self.fixed[b] is None]
-        self.chosen = 0
-        if auto:
+        if auto and not self.chosen:
             if self.auto is None:
                 self.auto = AutoWindow(self.model)
             for b in auto:
@@ -279,7 +280,7 @@ class SpeculativeEngine:
                     self.auto.calibrate(self.seqs[b])
             floor = max(out.values(), default=1)  # the pass is at least this wide anyway
             self.chosen = self.auto.choose(self.base.rows, [self.methods[b] for b in auto], floor)
-            out.update({b: min(self.chosen, left[b]) for b in auto})
+        out.update({b: min(self.chosen, left[b]) for b in auto})
         return out
 
     def _fill_drafts(self, windows: dict[int, int]) -> None:
