@@ -135,6 +135,7 @@ def main() -> None:
     parser.add_argument("--latency-images", type=int, default=3, help="batch-1 images timed per method")
     parser.add_argument("--window", type=int, default=16, help="the fixed window of sjd, scd and gsd")
     parser.add_argument("--models", nargs="+", default=list(MODELS))
+    parser.add_argument("--no-quality", action="store_true", help="the cost curve and speed tables only")
     args = parser.parse_args()
     torch.set_num_threads(1)
     specs = {s.name: s for s in load_config(DEFAULT_CONFIG)}
@@ -147,7 +148,8 @@ def main() -> None:
         runner = load_runner(specs[name])
         cost_table(runner)
         speed_table(runner, args.window, args.latency_images)
-        quality_table(runner, clf, args.window, args.per_class)
+        if not args.no_quality:
+            quality_table(runner, clf, args.window, args.per_class)
     print(f"\n(total {time.perf_counter() - t0:.0f} s, one thread)")
 
 

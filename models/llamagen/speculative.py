@@ -102,13 +102,15 @@ class AutoWindow:
         self.forward: dict[int, dict[int, float]] = {}
         self.seconds: dict[tuple[int, int], float] = {}
         self.tokens: dict[tuple[str, int], float] = {}
+        self.overhead: dict[int, float] = {}  # seconds per row a pass of width L adds to its forward
 
     def pass_seconds(self, rows: int, L: int) -> float:
         if (rows, L) not in self.seconds:
             if rows not in self.forward:
                 self.forward[rows] = self._measure(rows)
-            self.seconds[rows, L] = self.forward[rows][L]
-        return self.seconds[rows, L]
+            # until passes of this shape have run: the forward, plus the verification's own cost as
+            # the calibration measured it, per row
+            self.seconds[rows, L] = self.forward[rows][L] + self.overhead.get(L, 0.0) * rows
 
     def tokens_per_pass(self, method: str, L: int) -> float:
         return 1.0 if L == 1 else self.tokens[method, L]
@@ -145,6 +147,10 @@ class AutoWindow:
                 engine.step()
             # the engine recorded its pass times; its tokens per pass give the window's start value
             self.tokens[method, L] = (self.model.config.block_size - 1) / (engine.counts.passes[0] - 1)
+            rows = engine.base.rows
+            if rows not in self.forward:
+                self.forward[rows] = self._measure(rows)
+            self.overhead[L] = max(0.0, self.seconds[rows, L] - self.forward[rows][L]) / rows
 
     @torch.inference_mode()
     def _measure(self, rows: int) -> dict[int, float]:
