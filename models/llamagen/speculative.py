@@ -111,6 +111,7 @@ class AutoWindow:
             # until passes of this shape have run: the forward, plus the verification's own cost as
             # the calibration measured it, per row
             self.seconds[rows, L] = self.forward[rows][L] + self.overhead.get(L, 0.0) * rows
+        return self.seconds[rows, L]
 
     def tokens_per_pass(self, method: str, L: int) -> float:
         return 1.0 if L == 1 else self.tokens[method, L]
