@@ -140,10 +140,12 @@ def main() -> None:
     torch.set_num_threads(1)
     specs = {s.name: s for s in load_config(DEFAULT_CONFIG)}
     t0 = time.perf_counter()
-    clf, held_out = quality.train_classifier()
-    print(
-        f"classifier on held-out real shapes: shape {held_out['shape']:.3f}, colour {held_out['colour']:.3f}"
-    )
+    clf = None
+    if not args.no_quality:
+        clf, held_out = quality.train_classifier()
+        print(
+            f"classifier on held-out real shapes: shape {held_out['shape']:.3f}, colour {held_out['colour']:.3f}"
+        )
     for name in args.models:
         runner = load_runner(specs[name])
         cost_table(runner)
