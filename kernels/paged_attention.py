@@ -10,8 +10,9 @@ Layout, per layer:
   dense tile.
 - `block_table`: (R, max_blocks) int32: row r's positions [j * block_size, (j + 1) * block_size)
   live in block `block_table[r, j]`. Entries past a row's length are never read (any value).
-- `q`: (R, H, S, D), the S new tokens of each row at positions `positions` (R, S) long,
-  consecutive per row; their keys and values are already written to the pool.
+- `q`: (R, H, S, D), the S new tokens of each row at positions `positions` (R, S) long (a
+  window's are consecutive; speculative decoding parks the padding columns of a short window at a
+  scratch position past every real one); their keys and values are already written to the pool.
 - `key_valid`: (R, T) bool, False at padded condition tokens (T >= each row's last position + 1),
   or None. A padded key is read only by its own query, so no softmax row is empty.
 
@@ -90,7 +91,7 @@ def paged_attention_reference(q, k_pool, v_pool, block_table, positions, key_val
 
 def _cpu_kernel():
     ptr, long = ctypes.c_void_p, ctypes.c_long
-    # q, k_pool, v_pool, block_table, starts, key_valid, out; R, H, H_kv, S, block_size,
+    # q, k_pool, v_pool, block_table, positions, key_valid, out; R, H, H_kv, S, block_size,
     # max_blocks, valid_width, D; scale
     args = (ptr,) * 7 + (long,) * 8 + (ctypes.c_float,)
     return native.function("attention", "varserve_paged_attention", *args)
@@ -106,7 +107,7 @@ def paged_attention_cpu(q, k_pool, v_pool, block_table, positions, key_valid=Non
     H_kv, bs = k_pool.shape[1], k_pool.shape[2]
     q = q.contiguous()
     table = block_table.to(torch.int32).contiguous()
-    starts = positions[:, 0].to(torch.long).contiguous()  # consecutive per row: the first is enough
+    positions = positions.to(torch.long).contiguous()
     valid = None if key_valid is None else key_valid.contiguous().view(torch.uint8)
     out = torch.empty_like(q)
     kernel(
@@ -114,7 +115,7 @@ def paged_attention_cpu(q, k_pool, v_pool, block_table, positions, key_valid=Non
         k_pool.data_ptr(),
         v_pool.data_ptr(),
         table.data_ptr(),
-        starts.data_ptr(),
+        positions.data_ptr(),
         None if valid is None else valid.data_ptr(),
         out.data_ptr(),
         R,
@@ -155,9 +156,8 @@ if triton is not None:
         offs_n = tl.arange(0, BLOCK_N)
         offs_d = tl.arange(0, HEAD_DIM)
         row_ok = offs_m < S
-        start = tl.load(Pos + r * spr)  # the window's first position (consecutive per row)
-        q_pos = start + offs_m  # (BLOCK_M,)
-        last = start + S - 1
+        q_pos = tl.load(Pos + r * spr + offs_m * sps, mask=row_ok, other=0)  # (BLOCK_M,)
+        last = tl.max(tl.where(row_ok, q_pos, 0), 0)  # the last key any query here reads
         q = tl.load(
             Q + r * sqr + h * sqh + offs_m[:, None] * sqs + offs_d[None, :] * sqd,
             mask=row_ok[:, None],

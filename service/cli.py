@@ -11,7 +11,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from models.config import DEFAULT_CONFIG
-from models.settings import KV_POLICY_NAMES
+from models.settings import KV_POLICY_NAMES, MAX_WINDOW, SPECULATIVE_METHODS
 from service.settings import add_serve_arguments, settings_from
 
 MAX_IMAGES = 256
@@ -34,6 +34,12 @@ def in_range(kind, lo=None, hi=None, lo_open=False):
         return value
 
     return parse
+
+
+def window_arg(text: str):
+    if text == "auto":
+        return text
+    return in_range(int, 1, MAX_WINDOW)(text)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -76,6 +82,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--kv-budget",
         type=in_range(float, 0, 1, lo_open=True),
         help="next-scale models: fraction of the full stored KV prefix kept (default: the model's)",
+    )
+    gen.add_argument(
+        "--speculative",
+        choices=SPECULATIVE_METHODS,
+        help="next-token models: speculative decoding (sjd, scd: the model's own distribution; gsd: lossy)",
+    )
+    gen.add_argument(
+        "--window",
+        type=window_arg,
+        help=f"with --speculative: tokens verified per forward pass, 1..{MAX_WINDOW}, or auto",
     )
     gen.add_argument("--batch-size", type=in_range(int, 1, 256), default=16, help="images per forward batch")
     gen.add_argument("--out", type=Path, default=Path("out"), help="output directory")
@@ -152,11 +168,13 @@ def generate_command(args, parser: argparse.ArgumentParser) -> int:
         args.cfg_interval,
         args.kv_policy,
         args.kv_budget,
+        {k: v for k, v in (("method", args.speculative), ("window", args.window)) if v is not None},
     )
     try:
         runner.check(params[0])
     except SettingError as e:
-        parser.error(f"--{e.field.replace('_', '-')}: {e}")
+        flag = {"speculative.method": "speculative", "speculative.window": "window"}.get(e.field, e.field)
+        parser.error(f"--{flag.replace('_', '-')}: {e}")
     args.out.mkdir(parents=True, exist_ok=True)
     what = f"class {condition}" if args.prompt is None else f"prompt {condition!r}"
     print(f"{spec.name}: {what}, seeds {first_seed}..{first_seed + args.n - 1}", file=sys.stderr)

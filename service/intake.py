@@ -52,6 +52,7 @@ def admit(
         cfg_interval=body.cfg_interval,
         kv_policy=body.kv_policy,
         kv_budget=body.kv_budget,
+        speculative=None if body.speculative is None else body.speculative.model_dump(exclude_none=True),
     )
     try:
         info.check_settings(params[0])  # the images differ in their seeds only

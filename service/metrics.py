@@ -34,6 +34,7 @@ STAGE_BUCKETS = (
     300,
     600,
 )
+PASSES_BUCKETS = (10, 16, 24, 32, 48, 64, 96, 128, 160, 192, 256, 384, 576, 1024)
 STAGES = ("queue", "engine", "decode", "encode")  # a request's way: waiting, tokens, pixels, PNG
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
@@ -180,6 +181,27 @@ class Metrics:
             "(VQ decoding of tokens to pixels), encode (PNG).",
             ["model", "stage"],
             buckets=STAGE_BUCKETS,
+            registry=r,
+        )
+
+        self.drafted_tokens = Counter(
+            "varserve_speculative_drafted_tokens",
+            "Draft tokens verified by speculative decoding, by model and method.",
+            ["model", "method"],
+            registry=r,
+        )
+        self.accepted_tokens = Counter(
+            "varserve_speculative_accepted_tokens",
+            "Draft tokens accepted by speculative decoding (each saves a forward pass), by model and method.",
+            ["model", "method"],
+            registry=r,
+        )
+        self.passes_per_image = Histogram(
+            "varserve_forward_passes_per_image",
+            "Forward passes an image took part in (LlamaGen plain: one per token; speculative: fewer), "
+            "by model and speculative method.",
+            ["model", "method"],
+            buckets=PASSES_BUCKETS,
             registry=r,
         )
 

@@ -4,12 +4,50 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
 
-from models.settings import KV_POLICY_NAMES
+from models.settings import KV_POLICY_NAMES, MAX_WINDOW
 
 MAX_SEED = 2**63 - 1
 Prompt = int | Annotated[str, StringConstraints(min_length=1, max_length=4000)]
+
+
+class SpeculativeFields(BaseModel):
+    """Speculative decoding of next-token models; a key left out takes the model's default
+    (`[model.speculative]` in the config, else method "none", window "auto")."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    method: Literal["none", "sjd", "scd", "gsd"] | None = Field(
+        None,
+        description="none: a token per forward pass; sjd: speculative Jacobi decoding and scd: its coupled "
+        "variant (both sample the model's own distribution); gsd: grouped acceptance (lossy, fastest)",
+    )
+    window: int | Literal["auto"] | None = Field(
+        None,
+        description=f"tokens verified per forward pass, 1..{MAX_WINDOW}, or 'auto': picked from the model's "
+        "measured cost of a window and the image's acceptance so far (falls back to 1, plain decoding)",
+    )
+    group: int | None = Field(
+        None, ge=0, le=64, description="gsd: neighbours either side in the target's ranking"
+    )
+    p_threshold: float | None = Field(
+        None, gt=0, le=1, description="gsd: a neighbour's probability within this of the draft's"
+    )
+    distance: float | None = Field(
+        None,
+        gt=0,
+        description="gsd: a neighbour's squared embedding distance to the draft within this times the mean "
+        "over token pairs",
+    )
+
+    @field_validator("window", mode="before")
+    @classmethod
+    def _window(cls, value):
+        # checked here so that the error names `speculative.window`, not a branch of the union
+        if value is None or value == "auto" or (type(value) is int and 1 <= value <= MAX_WINDOW):
+            return value
+        raise ValueError(f'give an integer 1..{MAX_WINDOW} or "auto"')
 
 
 class GenerationFields(BaseModel):
@@ -59,6 +97,11 @@ class GenerationFields(BaseModel):
         le=1,
         description="next-scale models: the fraction of the full stored KV prefix a compressing policy "
         "keeps ('full' ignores it). Default: the model's",
+    )
+    speculative: SpeculativeFields | None = Field(
+        None,
+        description="next-token models: speculative decoding, several tokens per forward pass "
+        '(e.g. {"method": "scd", "window": 16}); next-scale models take none',
     )
 
 

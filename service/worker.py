@@ -228,6 +228,7 @@ class Worker(threading.Thread):
             self._kv_peak[name, model] = max(self._kv_peak.get((name, model), 0), value)
             gauge.labels(model).set(self._kv_peak[name, model])
         self.metrics.forward_passes.labels(model).inc(result.forward_passes)
+        self._record_images(model, result)
         for job in jobs:
             job.inference_s += elapsed
             job.decode_s += result.decode_s
@@ -238,6 +239,22 @@ class Worker(threading.Thread):
             job.batch_images = max(job.batch_images, len(rows))
         for (job, i), image in zip(rows, result.images, strict=True):  # image: (3, H, W)
             job.images[i] = image
+
+    def _record_images(self, model: str, result: BatchResult) -> None:
+        """Forward passes per image and speculative decoding's drafts, from the runner's stats
+        (a runner without them: every image took every pass)."""
+        stats = result.image_stats
+        if stats is None:
+            for _ in range(len(result.images)):
+                self.metrics.passes_per_image.labels(model, "none").observe(result.forward_passes)
+            return
+        for method, passes, drafted, accepted in zip(
+            stats.methods, stats.forward_passes, stats.drafted, stats.accepted, strict=True
+        ):
+            self.metrics.passes_per_image.labels(model, method).observe(passes)
+            if method != "none":
+                self.metrics.drafted_tokens.labels(model, method).inc(drafted)
+                self.metrics.accepted_tokens.labels(model, method).inc(accepted)
 
     def deliver(self, jobs: list[Job], model: str, tokens_per_image: int) -> None:
         now = time.monotonic()

@@ -84,7 +84,8 @@ void varserve_decode_attention(const float *q, const float *k, const float *v,
 // Attention of S new tokens per sequence over a paged cache (a decode step, S = 1, or a verify
 // window, causal inside it), float32.
 //
-// q: (R, H, S, D), row r's queries at positions starts[r] .. starts[r] + S - 1; k, v pools:
+// q: (R, H, S, D), row r's query s at position positions[r * S + s] (consecutive in a window; a
+// speculative window's padding columns may sit at a scratch position past it); k, v pools:
 // (n_blocks, H_kv, block_size, D); block_table: (R, max_blocks) int32, row r's positions
 // [j * block_size, (j + 1) * block_size) in block block_table[r * max_blocks + j]; key_valid:
 // (R, valid_width) bytes, 0 for a padded condition token, or NULL; out: (R, H, S, D).
@@ -94,14 +95,16 @@ void varserve_decode_attention(const float *q, const float *k, const float *v,
 // S of them). The query at position p reads keys 0..p; a padded key only when it is its own.
 
 void varserve_paged_attention(const float *q, const float *k, const float *v, const int *block_table,
-                              const long *starts, const unsigned char *key_valid, float *out, long R,
+                              const long *positions, const unsigned char *key_valid, float *out, long R,
                               long H, long H_kv, long S, long block_size, long max_blocks,
                               long valid_width, long D, float scale) {
   long group = H / H_kv;
 #pragma omp parallel for schedule(dynamic)
   for (long rh = 0; rh < R * H; rh++) {
     long r = rh / H, h = rh % H, kvh = h / group;
-    long start = starts[r], L = start + S;  // keys 0..L-1 exist; query s sees 0..start + s
+    const long *pos = positions + r * S;
+    long L = 0;  // keys 0..L-1 are read; query s sees 0..pos[s]
+    for (long s = 0; s < S; s++) L = pos[s] + 1 > L ? pos[s] + 1 : L;
     const float *qr = q + rh * S * D;
     const int *table = block_table + r * max_blocks;
     const unsigned char *valid = key_valid ? key_valid + r * valid_width : NULL;
@@ -112,8 +115,7 @@ void varserve_paged_attention(const float *q, const float *k, const float *v, co
       const float *kt = k + ((table[t / block_size] * H_kv + kvh) * block_size + t % block_size) * D;
       int padded = valid && t < valid_width && !valid[t];
       for (long s = 0; s < S; s++) {
-        long pos = start + s;
-        float x = (t > pos || (padded && t != pos)) ? -1e30f : scale * dot(qr + s * D, kt, D);
+        float x = (t > pos[s] || (padded && t != pos[s])) ? -1e30f : scale * dot(qr + s * D, kt, D);
         p[s * L + t] = x;
         top[s] = x > top[s] ? x : top[s];
       }
@@ -130,7 +132,8 @@ void varserve_paged_attention(const float *q, const float *k, const float *v, co
     memset(acc, 0, sizeof acc);
     for (long t = 0; t < L; t++) {
       const float *vt = v + ((table[t / block_size] * H_kv + kvh) * block_size + t % block_size) * D;
-      for (long s = t > start ? t - start : 0; s < S; s++) {  // the queries that see key t
+      for (long s = 0; s < S; s++) {
+        if (t > pos[s]) continue;  // not a key this query sees
         float w = p[s * L + t], *a = acc + s * D;
         long d = 0;
         for (; d + LANES <= D; d += LANES) {

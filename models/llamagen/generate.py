@@ -97,6 +97,9 @@ class LlamaGenOutput:
     kv_bytes: int  # KV-store bytes held by the batch (stored = full = working for a dense store)
     flops: float  # matmul FLOPs of the transformer passes
     decode_s: float = 0.0  # seconds the VQ decoder took to turn the tokens into pixels
+    passes_per_image: list[int] | None = None  # forward passes each image took part in
+    drafted: list[int] | None = None  # per image: draft tokens verified (speculative decoding)
+    accepted: list[int] | None = None  # per image: drafts accepted
 
 
 def transformer_flops(model: GPT, rows: int) -> float:
@@ -278,6 +281,11 @@ class _Rows:
             cond_mask = torch.stack([full if m is None else m.to(device) for m in masks])
             self.key_valid = model.key_valid(cond_mask, max_len)
 
+    @property
+    def count(self) -> int:
+        """Rows: every sequence's own, then the guided ones' null rows."""
+        return len(self.tables)
+
     def sample(self, logits: torch.Tensor, token_index: torch.Tensor) -> torch.Tensor:
         """logits: (rows, V), own rows then null rows; token_index: (B,) the image token each
         sequence samples now -> (B,) tokens."""
@@ -303,23 +311,43 @@ def generate(
     on_row: Callable[[RowStep], None] | None = None,
     decode: bool = True,
     negatives: list[Caption | None] | None = None,
+    auto=None,
 ) -> LlamaGenOutput:
     """cond: class labels (B,) long for c2i, caption embeddings (B, cls_token_num, caption_dim) for
     t2i; cond_mask: (B, cls_token_num) bool, False at caption padding, or None; negatives: per
-    image, the negative caption of its guidance row (t2i), or None."""
+    image, the negative caption of its guidance row (t2i), or None. A batch with a speculative
+    image runs on models/llamagen/speculative.py (auto: the model's AutoWindow, which `auto` windows
+    are chosen from; None: a fresh one); on_row fires once every image has a grid row, possibly for several rows at a pass."""
     c = model.config
     masks = [None] * len(settings) if cond_mask is None else list(cond_mask)
     negatives = negatives or [None] * len(settings)
     seqs = [Sequence(cond[i], s, masks[i], negative=negatives[i]) for i, s in enumerate(settings)]
-    engine = Engine(model, batch_pool(model, seqs))
-    engine.add(seqs)
-    while True:
-        n = seqs[0].n  # a static batch: every sequence at the same token
-        if on_row is not None and n % c.grid_size == 0:
-            on_row(RowStep(n // c.grid_size - 1, c.grid_size, engine.tokens[:, :n]))
-        if n == c.block_size:
-            break
-        engine.step()
+    speculative = any(s.speculative.on for s in settings)
+    if speculative:
+        from models.llamagen.speculative import SpeculativeEngine
+
+        engine = SpeculativeEngine(model, seqs, auto)
+        rows_done = 0
+        while not engine.done:
+            engine.step()
+            n = min(engine.n)  # rows advance by their own accepted lengths
+            for row in range(rows_done, n // c.grid_size):
+                if on_row is not None:
+                    on_row(RowStep(row, c.grid_size, engine.tokens[:, : (row + 1) * c.grid_size]))
+            rows_done = n // c.grid_size
+        tokens, kv_bytes = engine.tokens, engine.base.store.nbytes
+    else:
+        engine = Engine(model, batch_pool(model, seqs))
+        engine.add(seqs)
+        while True:
+            n = seqs[0].n  # a static batch: every sequence at the same token
+            if on_row is not None and n % c.grid_size == 0:
+                on_row(RowStep(n // c.grid_size - 1, c.grid_size, engine.tokens[:, :n]))
+            if n == c.block_size:
+                break
+            engine.step()
+        tokens, kv_bytes = engine.tokens, engine.store.nbytes
+        engine.remove(seqs)
     tokens = engine.tokens
     kv_bytes = engine.store.nbytes
     engine.remove(seqs)
@@ -333,16 +361,40 @@ def generate(
     )
     decode_s = device_clock(tokens.device) - t0 if decode else 0.0
     rows = sum(s.rows for s in seqs)
-    return LlamaGenOutput(images, tokens, c.block_size, kv_bytes, transformer_flops(model, rows), decode_s)
+    if not speculative:
+        return LlamaGenOutput(
+            images,
+            tokens,
+            c.block_size,
+            kv_bytes,
+            transformer_flops(model, rows),
+            decode_s,
+            [c.block_size] * len(seqs),
+        )
+    counts = engine.counts
+    return LlamaGenOutput(
+        images,
+        tokens,
+        engine.forward_passes,
+        kv_bytes,
+        counts.flops,
+        decode_s,
+        counts.passes,
+        counts.drafted,
+        counts.accepted,
+    )
 
 
 BLOCK_SIZE = 16  # positions per KV block: a tile of the paged kernels (a power of two >= 16)
 
 
-def batch_pool(model: GPT, seqs: list[Sequence], block_size: int = BLOCK_SIZE) -> BlockPool:
-    """A pool that holds exactly these sequences to their end (a static batch's)."""
+def batch_pool(
+    model: GPT, seqs: list[Sequence], max_len: int | None = None, rows: int = 0, block_size: int = BLOCK_SIZE
+) -> BlockPool:
+    """A pool that holds exactly these sequences (plus `rows` more rows) to max_len positions each
+    (default the longest sequence): a static batch's."""
     c, w = model.config, model.tok_embeddings.weight
-    blocks = sum(s.rows for s in seqs) * -(-c.max_seq_len // block_size)
+    blocks = (sum(s.rows for s in seqs) + rows) * -(-(max_len or c.max_seq_len) // block_size)
     return BlockPool(c.n_layer, blocks, c.n_kv_head, block_size, c.head_dim, w.dtype, w.device)
 
 

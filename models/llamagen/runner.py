@@ -11,9 +11,10 @@ from models.conditions import Conditions
 from models.config import ConfigError, ModelSpec
 from models.llamagen import generate as engine
 from models.llamagen.loading import load_gpt, load_vq
+from models.llamagen.speculative import AutoWindow
 from models.loading import CheckpointError
-from models.runner import BatchResult
-from models.settings import ImageSettings, SettingError
+from models.runner import BatchResult, ImageStats
+from models.settings import MAX_WINDOW, SPECULATIVE_METHODS, ImageSettings, SettingError
 from models.text import load_text_encoder
 
 
@@ -45,6 +46,8 @@ class LlamaGenRunner:
         self.image_size = spec.image_size
         self.steps = c.grid_size
         self.image_tokens, self.condition_tokens = c.block_size, c.cls_token_num
+        # what `auto` windows are chosen from: pass costs and tokens per pass, measured as used
+        self.auto = AutoWindow(self.model)
         self.text_encoder = None
         if kind == "text":
             if spec.text_encoder is None:
@@ -80,6 +83,16 @@ class LlamaGenRunner:
                 f"model '{self.spec.name}' is next-token: it keeps its full KV cache (kv_policy 'full'); "
                 f"'{settings.kv_policy}' is for next-scale models",
             )
+        s = settings.speculative
+        if s.method not in SPECULATIVE_METHODS:
+            raise SettingError(
+                "speculative.method",
+                f"speculative.method is '{s.method}': give {', '.join(SPECULATIVE_METHODS)}",
+            )
+        if s.window != "auto" and (type(s.window) is not int or not 1 <= s.window <= MAX_WINDOW):
+            raise SettingError(
+                "speculative.window", f'speculative.window is {s.window!r}: give 1..{MAX_WINDOW} or "auto"'
+            )
 
     def generate(
         self,
@@ -96,7 +109,23 @@ class LlamaGenRunner:
         else:
             cond, mask = self.text_encoder.encode(conditions)
             negatives = self._negatives(settings)
-        out = engine.generate(self.model, self.tokenizer, cond, settings, mask, on_step, negatives=negatives)
+        out = engine.generate(
+            self.model,
+            self.tokenizer,
+            cond,
+            settings,
+            mask,
+            on_step,
+            negatives=negatives,
+            auto=self.auto,
+        )
+        B = len(settings)
+        stats = ImageStats(
+            [s.speculative.method for s in settings],
+            out.passes_per_image,
+            out.drafted or [0] * B,
+            out.accepted or [0] * B,
+        )
         return BatchResult(
             out.images.float().cpu(),
             out.tokens.cpu(),
@@ -106,6 +135,7 @@ class LlamaGenRunner:
             out.kv_bytes,
             out.flops,
             out.decode_s,
+            stats,
         )
 
     def open_batch(self, kv_cache_bytes: int | None, max_images: int) -> RunningBatch:

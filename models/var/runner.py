@@ -53,6 +53,12 @@ class VARRunner:
             check_budget(settings.kv_budget)
         except ValueError as e:
             raise SettingError("kv_budget", str(e)) from None
+        if settings.speculative.on:
+            raise SettingError(
+                "speculative",
+                f"model '{self.spec.name}' is next-scale: speculative decoding is for next-token models "
+                "(a VAR scale is already one forward pass)",
+            )
 
     def generate(
         self,

@@ -117,3 +117,22 @@ def test_paged_equals_the_dense_cache_it_pages():
     torch.testing.assert_close(
         paged_attention(q, k_pool, v_pool, table, positions, key_valid), want, atol=2e-5, rtol=1e-5
     )
+
+
+@pytest.mark.parametrize("kernel", ["c", "triton"])
+def test_padding_columns_at_a_scratch_position_leave_the_real_queries_alone(kernel):
+    """Speculative decoding pads a short window with columns at a scratch position past every
+    real one: the real queries' outputs are the plain window's."""
+    if kernel == "c" and native.load("attention") is None:
+        pytest.skip("no C compiler")
+    if kernel == "triton" and triton is None:
+        pytest.skip("triton is not installed")
+    q, k_pool, v_pool, table, positions, key_valid = paged_case([30, 12], 6, padded=True)
+    scratch = table.shape[1] * 16 - 1
+    padded = positions.clone()
+    padded[1, 3:] = scratch  # row 1: a 3-token window, then padding
+    run = paged_attention_cpu if kernel == "c" else paged_attention_triton
+    got = run(q, k_pool, v_pool, table, padded, key_valid)
+    want = paged_attention_reference(q, k_pool, v_pool, table, positions, key_valid)
+    torch.testing.assert_close(got[0], want[0], atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(got[1, :, :3], want[1, :, :3], atol=2e-5, rtol=1e-5)

@@ -4,6 +4,9 @@ import pytest
 import torch
 
 from models.config import ConfigError, load_config
+from models.settings import Speculative, settings_for
+
+LLAMAGEN = 'name = "a"\nfamily = "llamagen"\nweights = "w"\ntokenizer = "t"\nn_head = 2\nimage_size = 256\n'
 
 
 def write(tmp_path, text):
@@ -32,6 +35,17 @@ cfg = 2.5
     assert str(spec.tokenizer) == "/abs/vae.pth"
     assert (spec.device, spec.dtype) == ("cpu", torch.float32)
     assert (spec.defaults.cfg, spec.defaults.top_k, spec.defaults.top_p) == (2.5, 900, 0.95)
+
+
+def test_speculative_defaults_are_read_for_next_token_models(tmp_path):
+    (spec,) = load_config(
+        write(tmp_path, "[[model]]\n" + LLAMAGEN + 'speculative = {method = "scd", window = 8}')
+    )
+    assert spec.defaults.speculative == Speculative("scd", 8)
+    assert settings_for(spec.defaults, 0, 1)[0].speculative == Speculative("scd", 8)
+    assert settings_for(spec.defaults, 0, 1, speculative={"window": "auto"})[0].speculative == Speculative(
+        "scd", "auto"
+    )
 
 
 @pytest.mark.parametrize(
@@ -79,6 +93,14 @@ cfg = 2.5
             'kv = {kv_policy = "snapkv"}',
             "next-token models keep their full KV cache",
         ),
+        (
+            'name = "a"\nfamily = "var"\nweights = "w"\ntokenizer = "t"\nspeculative = {method = "sjd"}',
+            "unknown key 'speculative'",
+        ),
+        (LLAMAGEN + 'speculative = {method = "fast"}', "speculative.method 'fast'"),
+        (LLAMAGEN + "speculative = {window = 0}", "speculative.window must be 1..32"),
+        (LLAMAGEN + "speculative = {windw = 8}", "unknown key 'speculative.windw'"),
+        (LLAMAGEN + "speculative = {distance = 0}", "speculative.distance must be a number > 0"),
     ],
 )
 def test_bad_model_tables_name_the_field(tmp_path, body, message):

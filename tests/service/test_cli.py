@@ -57,6 +57,9 @@ def test_bad_values_exit_non_zero_with_a_message(tmp_path):
             ["--class", 1, "--negative-prompt", "a dog"],
             "--negative-prompt: model 'var-fixture' is class-conditional: negative_prompt needs a text model",
         ),
+        (["--class", 1, "--speculative", "sjd"], "--speculative: model 'var-fixture' is next-scale"),
+        (["--class", 1, "--speculative", "fast"], "argument --speculative: invalid choice: 'fast'"),
+        (["--class", 1, "--speculative", "sjd", "--window", 0], "argument --window: 0 is outside [1, 32]"),
     ]
     for args, message in cases:
         run = varserve("generate", "--config", CONFIG, "--out", tmp_path, *args)
@@ -82,6 +85,11 @@ def test_llamagen_class_model_and_condition_mismatch(tmp_path):
     assert run.returncode == 0, run.stderr
     assert run.stdout.split() == [str(tmp_path / "0.png"), str(tmp_path / "1.png")]
     assert Image.open(tmp_path / "1.png").size == (256, 256)
+    args = ["generate", "--config", config, "--class", 2, "--seed", 2, "--speculative", "scd", "--window", 8]
+    run = varserve(*args, "--out", tmp_path / "s")
+    assert run.returncode == 0, run.stderr
+    # seed 2 is the second image above: with speculation, another draw of the same distribution
+    assert Image.open(tmp_path / "s" / "0.png").size == (256, 256)
     run = varserve("generate", "--config", config, "--prompt", "a cat", "--out", tmp_path)
     assert run.returncode == 2
     assert "'llamagen-c2i-fixture' is class-conditional: use --class, not --prompt" in run.stderr

@@ -81,11 +81,20 @@ def images_of(response) -> list[str]:
         ({"prompt": 1, "kv_budget": 0}, 422, "kv_budget", "greater than 0"),
         ({"prompt": 1, "kv_budget": 1.5}, 422, "kv_budget", "less than or equal to 1"),
         ({"prompt": 1, "kv_budget": "half"}, 422, "kv_budget", "valid number"),
+        (
+            {"prompt": 1, "speculative": {"method": "sjd"}},
+            400,
+            "speculative",
+            "'var-fixture' is next-scale: speculative decoding is for next-token models",
+        ),
+        ({"prompt": 1, "speculative": {"method": "none", "window": 8}}, 200, None, ""),
     ],
 )
 def test_bad_requests_name_the_field(server, body, status, param, words):
     r = server.post(body)
     assert r.status_code == status, r.text
+    if status == 200:  # speculative "none" is every model's
+        return
     error = r.json()["error"]
     assert error["param"] == param and error["code"] == status
     assert words in error["message"], error["message"]

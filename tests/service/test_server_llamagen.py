@@ -287,3 +287,47 @@ def test_split_point_is_the_request_boundary_nearest_the_middle():
     assert split_point([(a, 0), (b, 0), (b, 1), (b, 2), (c, 0)]) == 1
     assert split_point([(a, i) for i in range(5)]) == 2  # one request: the middle
     assert split_point([(a, 0), (b, 0)]) == 1
+
+
+@pytest.mark.parametrize(
+    "speculative, param, words",
+    [
+        ({"method": "fast"}, "speculative.method", "'none', 'sjd', 'scd' or 'gsd'"),
+        ({"method": "sjd", "window": 0}, "speculative.window", 'give an integer 1..32 or "auto"'),
+        ({"method": "sjd", "window": 33}, "speculative.window", 'give an integer 1..32 or "auto"'),
+        ({"method": "sjd", "window": "wide"}, "speculative.window", 'give an integer 1..32 or "auto"'),
+        ({"method": "gsd", "group": -1}, "speculative.group", "greater than or equal to 0"),
+        ({"method": "gsd", "p_threshold": 0}, "speculative.p_threshold", "greater than 0"),
+        ({"method": "gsd", "distance": -1}, "speculative.distance", "greater than 0"),
+        ({"method": "sjd", "windw": 8}, "speculative.windw", "Extra inputs are not permitted"),
+    ],
+)
+def test_bad_speculative_fields_answer_422_naming_the_field(server, speculative, param, words):
+    r = server.post({"prompt": 1, "speculative": speculative})
+    assert r.status_code == 422, r.text
+    error = r.json()["error"]
+    assert error["param"] == param, error
+    assert words in error["message"], error["message"]
+
+
+def test_speculative_requests_count_their_passes_and_drafts(server):
+    before = server.metrics()
+    body = {"prompt": 2, "n": 2, "seed": 7, "cfg_scale": 1.0, "speculative": {"method": "scd", "window": 8}}
+    usage = usage_of(server.post(body))
+    plain = usage_of(server.post({**body, "speculative": {"method": "none"}}))
+    assert plain["forward_passes"] == TOKENS_PER_IMAGE
+    assert usage["forward_passes"] <= TOKENS_PER_IMAGE  # the random fixture accepts few drafts
+    m = metrics_after_the_batch(server)
+
+    def delta(name, **labels):
+        return metric(m, name, model=MODEL, **labels) - metric(before, name, model=MODEL, **labels)
+
+    drafted = delta("varserve_speculative_drafted_tokens_total", method="scd")
+    accepted = delta("varserve_speculative_accepted_tokens_total", method="scd")
+    assert drafted > 0 and 0 <= accepted <= drafted
+    assert delta("varserve_forward_passes_per_image_count", method="scd") == 2
+    assert delta("varserve_forward_passes_per_image_count", method="none") == 2
+    assert delta("varserve_forward_passes_per_image_sum", method="none") == 2 * TOKENS_PER_IMAGE
+    # the tokens a speculative image gets are the same alone and beside a plain one
+    again = server.post({**body, "n": 1, "seed": 8})
+    assert_same_images(images_of(again), images_of(server.post(body))[1:])

@@ -1,0 +1,231 @@
+"""Speculative decoding (models/llamagen/speculative.py): greedy equality with plain decoding, the
+model's own distribution (exact marginals of a tiny model against many seeds), batch
+independence, guidance, previews, the auto window, and fewer passes on the bundled model."""
+
+import itertools
+
+import pytest
+import torch
+from scipy.stats import chi2
+
+from models.config import DEFAULT_CONFIG, load_config
+from models.llamagen.generate import generate
+from models.llamagen.loading import load_gpt
+from models.llamagen.model import GPT, GPTConfig
+from models.llamagen.speculative import WINDOWS, AutoWindow, target_probs
+from models.sampling import SamplerRows
+from models.settings import ImageSettings, Speculative
+from tests.conftest import REFERENCE
+
+
+@pytest.fixture(scope="module")
+def c2i():
+    return load_gpt(REFERENCE / "llamagen_c2i.pt", n_head=2, image_size=256)
+
+
+@pytest.fixture(scope="module")
+def shapes():
+    spec = next(s for s in load_config(DEFAULT_CONFIG) if s.name == "llamagen-shapes")
+    return load_gpt(spec.weights, spec.arch, spec.n_head, spec.image_size, downsample=4), spec.defaults
+
+
+def settings(method="none", window=16, **kw):
+    return ImageSettings(speculative=Speculative(method, window), **kw)
+
+
+@pytest.mark.parametrize("method, window", [("sjd", 8), ("scd", 16), ("gsd", 32)])
+@pytest.mark.parametrize("which", ["fixture", "bundled"])
+def test_greedy_speculation_is_greedy_decoding_token_for_token(c2i, shapes, which, method, window):
+    # top_k 1 makes p one-hot: a draft passes exactly when it is the argmax, so every method must
+    # give plain greedy decoding, guided (cfg 4, the null row fed the same drafts) or not. The
+    # fixture's random weights hang on the last token, so Jacobi drafts seldom survive there; the
+    # bundled model accepts most of them.
+    model = c2i if which == "fixture" else shapes[0]
+    labels = torch.tensor([3, 7])
+    plain = [settings(top_k=1, cfg=cfg) for cfg in (4.0, 1.0)]
+    spec = [settings(method, window, top_k=1, cfg=cfg) for cfg in (4.0, 1.0)]
+    expected = generate(model, None, labels, plain, decode=False)
+    out = generate(model, None, labels, spec, decode=False)
+    assert torch.equal(out.tokens, expected.tokens)
+    assert out.forward_passes == max(out.passes_per_image) <= 256
+    assert all(a <= d for a, d in zip(out.accepted, out.drafted, strict=True))
+    if which == "bundled":
+        assert out.forward_passes < 160
+
+
+# -- the model's own distribution -----------------------------------------------------------------
+
+TINY = GPTConfig(dim=32, n_layer=2, n_head=2, ffn_hidden=64, vocab_size=16, block_size=9, num_classes=4)
+SAMPLES = 4000  # seeds 0..3999 per method
+CHECKED = 4  # image tokens 0..3: their exact marginals sum over 16^3 prefixes
+TINY_SETTINGS = dict(cfg=2.0, top_k=12, temperature=0.9)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    model = GPT(TINY).eval()
+    with torch.no_grad():
+        model.output.weight.mul_(6.0)  # peaked enough that drafts are often accepted
+    return model
+
+
+@torch.inference_mode()
+def exact_marginals(model: GPT, label: int) -> torch.Tensor:
+    """(CHECKED, V): the marginal of image tokens 0..CHECKED-1 under the guided, warped model, by
+    summing over every prefix (teacher-forced forward, both guidance rows)."""
+    V = model.config.vocab_size
+    prefixes = torch.tensor(list(itertools.product(range(V), repeat=CHECKED - 1)))  # (V^3, 3)
+    n = len(prefixes)
+    cond = model(prefixes, torch.full((n,), label))[:, :CHECKED]
+    null = model(prefixes, torch.full((n,), model.config.num_classes))[:, :CHECKED]
+    logits = null + TINY_SETTINGS["cfg"] * (cond - null)
+    sampler = SamplerRows.of([ImageSettings(**TINY_SETTINGS)] * n, "cpu")
+    p = target_probs(logits, sampler)  # (n, CHECKED, V): token t given the prefix's first t tokens
+    out, mass = torch.zeros(CHECKED, V), torch.ones(n)
+    for t in range(CHECKED):
+        out[t] = (mass[:, None] * p[:, t]).sum(0) / V ** (CHECKED - 1 - t)  # each prefix counted V^.. times
+        if t < CHECKED - 1:
+            mass = mass * p[torch.arange(n), t, prefixes[:, t]]
+    return out
+
+
+def chi_square(tokens: torch.Tensor, p: torch.Tensor) -> tuple[float, int]:
+    """Pearson's statistic of token counts against probabilities p (V,), cells with an expected
+    count under 5 pooled; -> (statistic, degrees of freedom)."""
+    counts = torch.bincount(tokens, minlength=len(p)).double()
+    expected = p.double() * len(tokens)
+    small = expected < 5
+    obs = torch.cat([counts[~small], counts[small].sum()[None]])
+    exp = torch.cat([expected[~small], expected[small].sum()[None]])
+    keep = exp > 0
+    return float(((obs[keep] - exp[keep]) ** 2 / exp[keep]).sum()), int(keep.sum()) - 1
+
+
+@pytest.fixture(scope="module")
+def exact(tiny):
+    return exact_marginals(tiny, 1)
+
+
+@pytest.mark.parametrize("method, window", [("none", 1), ("sjd", 4), ("scd", 4), ("scd", 8)])
+def test_sampled_tokens_follow_the_models_own_distribution(tiny, exact, method, window):
+    # 4000 fixed seeds, so the test is deterministic. Per position, Pearson's chi-square against the
+    # exact marginal must stay under its 1 - 1e-4 quantile: a sampler that drew the model's
+    # distribution fails that about once in 10^4 seed sets per check (16 checks here); the lossy
+    # configuration below, which accepts every draft, exceeds it by far.
+    params = [settings(method, window, seed=s, **TINY_SETTINGS) for s in range(SAMPLES)]
+    out = generate(tiny, None, torch.full((SAMPLES,), 1), params, decode=False)
+    if method != "none":
+        assert sum(out.accepted) > SAMPLES / 2  # drafts were accepted, often
+    for t in range(CHECKED):
+        stat, dof = chi_square(out.tokens[:, t], exact[t])
+        assert stat < chi2.ppf(1 - 1e-4, dof), (t, stat, dof)
+
+
+def test_the_check_detects_a_biased_sampler(tiny, exact):
+    # GSD with a group of every token and no filters accepts every draft: far from the model
+    lossy = Speculative("gsd", 4, group=16, p_threshold=1.0, distance=1e9)
+    params = [ImageSettings(seed=s, speculative=lossy, **TINY_SETTINGS) for s in range(SAMPLES)]
+    out = generate(tiny, None, torch.full((SAMPLES,), 1), params, decode=False)
+    stats = [chi_square(out.tokens[:, t], exact[t]) for t in range(1, CHECKED)]
+    assert any(stat > 10 * chi2.ppf(1 - 1e-4, dof) for stat, dof in stats), stats
+
+
+# -- batches, guidance, previews ------------------------------------------------------------------
+
+
+def test_an_image_does_not_depend_on_its_batch(shapes):
+    model = shapes[0]
+    labels = torch.tensor([1, 2, 3, 4])
+    params = [
+        settings("sjd", 8, seed=10, cfg=4.0, top_k=100),
+        settings("scd", 16, seed=11, cfg=1.0, top_p=0.9, cfg_interval=100),
+        settings("gsd", 4, seed=12, cfg=2.0, temperature=0.8),
+        settings("none", seed=13, cfg=4.0),
+    ]
+    batch = generate(model, None, labels, params, decode=False)
+    for i in (0, 1, 2, 3):
+        alone = generate(model, None, labels[i : i + 1], [params[i]], decode=False)
+        assert torch.equal(batch.tokens[i], alone.tokens[0]), i
+        assert batch.passes_per_image[i] == alone.passes_per_image[0], i
+    plain = generate(model, None, labels[3:], [settings(seed=13, cfg=4.0)], decode=False)
+    assert torch.equal(batch.tokens[3], plain.tokens[0])  # the plain image is plain decoding's
+    assert batch.passes_per_image[3] == 256
+
+
+def test_rows_are_reported_once_each_in_order(shapes):
+    steps = []
+    out = generate(
+        shapes[0],
+        None,
+        torch.tensor([5, 6]),
+        [settings("scd", 32, seed=s, top_k=1) for s in (0, 1)],
+        on_row=steps.append,
+        decode=False,
+    )
+    assert [s.index for s in steps] == list(range(16)) and {s.total for s in steps} == {16}
+    assert [s.tokens.shape for s in steps] == [(2, 16 * (i + 1)) for i in range(16)]
+    assert torch.equal(steps[-1].tokens, out.tokens)
+    assert out.forward_passes < 128  # ... so many passes completed more than a row's worth
+
+
+# -- the auto window ------------------------------------------------------------------------------
+
+
+class Calibrated(AutoWindow):
+    """Pass costs and tokens per pass given, none measured."""
+
+    def __init__(self, model, seconds, tokens):
+        super().__init__(model)
+        self.fixed_seconds, self.fixed_tokens = seconds, tokens
+
+    def pass_seconds(self, rows, L):
+        return self.fixed_seconds(L)
+
+    def record_pass(self, rows, L, seconds):
+        pass
+
+    def tokens_per_pass(self, method, L):
+        return self.fixed_tokens(L)
+
+    def calibrated(self, method):
+        return True
+
+
+def test_auto_falls_back_to_plain_decoding_where_speculation_loses(shapes):
+    model = shapes[0]
+    labels, params = torch.tensor([2]), [settings("scd", "auto", seed=4, cfg=2.0, top_k=20)]
+    # a window of L costs L passes and commits fewer than L tokens: plain decoding wins
+    losing = Calibrated(model, lambda L: L, lambda L: 1 if L == 1 else L / 2)
+    out = generate(model, None, labels, params, decode=False, auto=losing)
+    assert out.forward_passes == 256 and out.drafted == [0]
+    plain = generate(model, None, labels, [settings(seed=4, cfg=2.0, top_k=20)], decode=False)
+    assert torch.equal(out.tokens, plain.tokens)  # at window 1, exactly plain decoding's draws
+    free = Calibrated(model, lambda L: 1.0, lambda L: 1 if L == 1 else L / 2)  # the widest wins
+    assert generate(model, None, labels, params, decode=False, auto=free).forward_passes < 100
+
+
+def test_auto_calibrates_once_per_method_and_keeps_measuring(shapes):
+    model = shapes[0]
+    auto = AutoWindow(model, repeats=1)
+    params = [settings("scd", "auto", seed=5, cfg=2.0, top_k=20)]
+    out = generate(model, None, torch.tensor([1]), params, decode=False, auto=auto)
+    assert auto.calibrated("scd") and not auto.calibrated("sjd")
+    assert all(auto.tokens_per_pass("scd", L) > 1 for L in WINDOWS[1:])
+    assert set(auto.forward) == {2}  # one guided image: 2 rows
+    assert out.forward_passes < 200  # measured: about 90 (window 8 to 32 on this machine)
+
+
+# -- the bundled model ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", ["sjd", "scd", "gsd"])
+def test_speculation_takes_far_fewer_passes_on_the_bundled_model(shapes, method):
+    model, defaults = shapes
+    params = [
+        settings(method, 16, seed=s, cfg=defaults.cfg, top_k=defaults.top_k, top_p=defaults.top_p)
+        for s in range(2)
+    ]
+    out = generate(model, None, torch.tensor([0, 4]), params, decode=False)
+    # measured: about 95 (SJD), 80 (SCD), 70 (GSD) passes per image at window 16, against 256
+    assert max(out.passes_per_image) < 160, out.passes_per_image
