@@ -317,7 +317,8 @@ def generate(
     t2i; cond_mask: (B, cls_token_num) bool, False at caption padding, or None; negatives: per
     image, the negative caption of its guidance row (t2i), or None. A batch with a speculative
     image runs on models/llamagen/speculative.py (auto: the model's AutoWindow, which `auto` windows
-    are chosen from; None: a fresh one); on_row fires once every image has a grid row, possibly for several rows at a pass."""
+    are chosen from; None: a fresh one); on_row fires once every image has a grid row, possibly for
+    several rows at a pass."""
     c = model.config
     masks = [None] * len(settings) if cond_mask is None else list(cond_mask)
     negatives = negatives or [None] * len(settings)
@@ -348,9 +349,6 @@ def generate(
             engine.step()
         tokens, kv_bytes = engine.tokens, engine.store.nbytes
         engine.remove(seqs)
-    tokens = engine.tokens
-    kv_bytes = engine.store.nbytes
-    engine.remove(seqs)
     # One image at a time: a batched decode may differ in the last bit with the batch size, and an
     # image must not depend on its batch.
     t0 = device_clock(tokens.device) if decode else 0.0
