@@ -73,6 +73,8 @@ class ContinuousRun:
             return []
 
         def fits(jobs: list[Job]) -> bool:
+            if jobs[-1].params[0].speculative.on:  # runs in a static batch of its own, after this one
+                return False
             return self.batch.fits([p for job in jobs for p in job.params])
 
         return self.worker.queue.take_joiners(self.model, set(self.worker.runners), room, fits)

@@ -94,7 +94,9 @@ class Worker(threading.Thread):
                 continue
             try:
                 running = self._running.get(jobs[0].model)
-                if running is not None:
+                # speculative requests run static batches: a running batch advances every sequence
+                # by one token per pass (see README, Speculative decoding)
+                if running is not None and not jobs[0].params[0].speculative.on:
                     ContinuousRun(self, self.runners[jobs[0].model], running).run(jobs)
                 else:
                     self._run_batch(jobs)

@@ -130,3 +130,17 @@ def test_admission_waits_for_free_blocks(tmp_path):
         assert b["batch_images"] == 2  # it joined before the first finished
         for body, response in zip(bodies, (first, second), strict=True):
             assert images(s.post(body)) == images(response)
+
+
+def test_speculative_requests_run_their_own_static_batch(server):
+    """A continuous batch advances every image one token per pass, so a speculative request runs
+    a static batch of its own: its drafts are counted, and greedy it is plain greedy decoding."""
+    before = server.metrics()
+    body = {"prompt": 8, "seed": 2, "cfg_scale": 1.0, "top_k": 1}
+    speculative = server.post({**body, "speculative": {"method": "sjd", "window": 4}})
+    drafted = "varserve_speculative_drafted_tokens_total"
+    assert metric(server.metrics(), drafted, model=MODEL, method="sjd") > metric(
+        before, drafted, model=MODEL, method="sjd"
+    )
+    assert images(speculative) == images(server.post(body))
+    assert speculative.json()["usage"]["forward_passes"] <= 256
