@@ -27,6 +27,7 @@ import argparse
 import math
 import os
 import platform
+import sys
 import time
 from dataclasses import dataclass
 
@@ -332,7 +333,9 @@ def main() -> None:
     runs, fid = {}, {}
     t0 = time.perf_counter()
     for cell in cells:
+        t1 = time.perf_counter()
         runs[cell] = run_cell(runner, cell, classes, seeds)
+        print(f"  {cell.label}: {time.perf_counter() - t1:.0f} s", file=sys.stderr, flush=True)  # progress
     print(f"fidelity runs: {time.perf_counter() - t0:.0f} s", flush=True)
     ref = runs[cells[0]]
     ref_correct = shape_correct(clf, ref, classes)
