@@ -85,6 +85,10 @@ class Runner(Protocol):
     def preview(self, step: Step) -> torch.Tensor:
         """The images as far as generated: (B, 3, H, W) in [0, 1]."""
 
+    # Optional, next-scale runners: kv_bytes_per_image(settings) -> int, the KV bytes the store
+    # allocates for one image under its policy and budget, planned before it runs; the server's
+    # queue admits images by it under --kv-cache-bytes (service/catalog.py ModelInfo).
+
 
 def load_runner(spec: ModelSpec) -> Runner:
     """The runner of spec's family, with its model loaded on spec.device."""

@@ -13,6 +13,7 @@ from fastapi.staticfiles import StaticFiles
 from fastapi_offline import FastAPIOffline
 from sse_starlette import EventSourceResponse
 
+from models.settings import settings_for
 from service.delivery import openai_image_events, respond, sse_events
 from service.errors import ApiError, install_error_handlers
 from service.intake import admit
@@ -166,6 +167,7 @@ def model_card(name: str, pool: WorkerPool) -> ModelCard:
     d = spec.defaults
     defaults = SamplingDefaultsCard(cfg_scale=d.cfg, top_k=d.top_k, top_p=d.top_p, temperature=d.temperature)
     card = ModelCard(id=name, name=name, family=spec.family, loaded=info is not None, defaults=defaults)
+    card.kv_cache_bytes = pool.settings.kv_cache_bytes
     if info is not None:
         card.conditioning, card.resolution = info.conditioning, info.resolution
         card.num_classes = info.num_classes if info.conditioning == "class" else None
@@ -177,4 +179,6 @@ def model_card(name: str, pool: WorkerPool) -> ModelCard:
                 d.kv_policy,
                 d.kv_budget,
             )
+        if info.kv_bytes_per_image is not None:
+            card.kv_bytes_per_image = info.kv_bytes_per_image(settings_for(d, 0, 1)[0])
     return card

@@ -97,9 +97,16 @@ class Metrics:
         )
         self.kv_in_use = Gauge(
             "varserve_kv_cache_usage_bytes",
-            "KV-cache bytes the running batch holds, working memory included (estimated from the last "
-            "batch's bytes per row).",
+            "KV-cache bytes the running batch holds: next-scale models the store's bytes planned from "
+            "each image's policy and budget (what --kv-cache-bytes bounds); next-token models the "
+            "blocks held (continuous) or the last batch's working bytes per row (static).",
             ["model"],
+            registry=r,
+        )
+        self.kv_limit = Gauge(
+            "varserve_kv_cache_limit_bytes",
+            "--kv-cache-bytes: next-scale batches plan at most this (a larger request runs alone); "
+            "next-token models' block pools. 0 without the setting.",
             registry=r,
         )
         self.kv_peak = Gauge(

@@ -24,7 +24,14 @@ class WorkerPool:
     def __init__(self, specs: list[ModelSpec], settings: Settings, metrics: Metrics):
         self.settings, self.metrics = settings, metrics
         self.catalog = Catalog(specs)
-        self.queue = RequestQueue(settings.max_queue_size, on_depth=metrics.waiting.set)
+        self.queue = RequestQueue(
+            settings.max_queue_size,
+            on_depth=metrics.waiting.set,
+            kv_cache_bytes=settings.kv_cache_bytes,
+            kv_bytes_of=self.planned_kv_bytes,
+        )
+        if settings.kv_cache_bytes is not None:
+            metrics.kv_limit.set(settings.kv_cache_bytes)
         self.draining = False
         self.fatal: str | None = None
         self.on_fatal: Callable[[str], None] = lambda message: None
@@ -36,6 +43,14 @@ class WorkerPool:
             Worker(device, group, self.queue, self.catalog, metrics, settings, self._worker_failed)
             for device, group in by_device.items()
         ]
+
+    def planned_kv_bytes(self, job: Job) -> int | None:
+        """The KV bytes the job's images plan, from what its model's worker published (None: the
+        model plans none, a next-token model, or is not loaded yet)."""
+        info = self.catalog.loaded(job.model)
+        if info is None or info.kv_bytes_per_image is None:
+            return None
+        return sum(info.kv_bytes_per_image(p) for p in job.params)
 
     def start(self) -> None:
         if any(w.device == "cpu" for w in self.workers):

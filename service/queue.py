@@ -1,8 +1,13 @@
 """The bounded request queue between the HTTP side and the workers, and how a worker takes a batch.
 
 A batch is the oldest waiting request of the worker's models plus later requests of the same
-model and KV policy and budget (`batch_key`), up to max_batch_size images; it waits at most max_wait after the oldest request arrived
-for company. Requests that were cancelled or ran out of time while waiting never reach a batch.
+model and KV policy and budget (`batch_key`), up to max_batch_size images and, with a KV-cache
+limit (--kv-cache-bytes), while the batch's planned KV bytes fit it (`kv_bytes_of`: a next-scale
+model's store bytes per image under its policy and budget, so compressed requests form larger
+batches under the same memory); it waits at most max_wait after the oldest request arrived for
+company. The oldest request always goes, even alone above the limit: it runs by itself rather than
+wait for room that never comes. Requests that were cancelled or ran out of time while waiting never
+reach a batch.
 """
 
 from __future__ import annotations
@@ -34,8 +39,18 @@ class QueueFull(Exception):
 
 
 class RequestQueue:
-    def __init__(self, max_size: int, on_depth=None):
+    def __init__(
+        self,
+        max_size: int,
+        on_depth=None,
+        kv_cache_bytes: int | None = None,
+        kv_bytes_of: Callable[[Job], int | None] | None = None,
+    ):
+        """kv_bytes_of(job): the planned KV bytes of the job's images, None for a model whose
+        batches the limit does not bound (next-token models: their block pool does)."""
         self.max_size = max_size
+        self.kv_cache_bytes = kv_cache_bytes
+        self._kv_bytes_of = kv_bytes_of or (lambda job: None)
         self._waiting: deque[Job] = deque()
         self._changed = threading.Condition()
         self._on_depth = on_depth or (lambda depth: None)
@@ -92,10 +107,14 @@ class RequestQueue:
                 if head is None:
                     self._changed.wait(poll_s)
                     continue
-                batch = self._compatible(head, max_images)
+                batch, planned = self._compatible(head, max_images)
                 images = sum(j.n for j in batch)
                 wait_left = head.arrival + max_wait_s - time.monotonic()
-                if images >= max_images or wait_left <= 0:
+                # full by bytes: another image like the head's would not fit
+                kv_full = (
+                    planned is not None and planned + self._kv_bytes(head) // head.n > self.kv_cache_bytes
+                )
+                if images >= max_images or kv_full or wait_left <= 0:
                     for job in batch:
                         self._waiting.remove(job)
                     self._on_depth(len(self._waiting))
@@ -136,14 +155,26 @@ class RequestQueue:
             self._on_depth(len(self._waiting))
             self._changed.notify_all()
 
-    def _compatible(self, head: Job, max_images: int) -> list[Job]:
-        # later jobs that fit may pass a larger one that does not; the head always goes first
+    def _kv_bytes(self, job: Job) -> int | None:
+        """The job's planned KV bytes when a limit applies to its model, else None."""
+        return None if self.kv_cache_bytes is None else self._kv_bytes_of(job)
+
+    def _compatible(self, head: Job, max_images: int) -> tuple[list[Job], int | None]:
+        """-> (the batch, its planned KV bytes or None without a limit). Later jobs that fit (in
+        images and in bytes) may pass a larger one that does not; the head always goes first."""
         batch, images, key = [head], head.n, batch_key(head)
+        planned = self._kv_bytes(head)
         for job in self._waiting:
-            if job is not head and batch_key(job) == key and images + job.n <= max_images:
-                batch.append(job)
-                images += job.n
-        return batch
+            if job is head or batch_key(job) != key or images + job.n > max_images:
+                continue
+            if planned is not None:
+                more = self._kv_bytes(job)
+                if planned + more > self.kv_cache_bytes:
+                    continue
+                planned += more
+            batch.append(job)
+            images += job.n
+        return batch, planned
 
     def _drop_dead(self, now: float) -> None:
         alive = [j for j in self._waiting if j.live(now)]

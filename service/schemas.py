@@ -229,6 +229,16 @@ class ModelCard(BaseModel):
     kv_policies: list[str] | None = Field(None, description="next-scale models: the kv_policy choices")
     kv_policy: str | None = Field(None, description="the model's default kv_policy")
     kv_budget: float | None = Field(None, description="the model's default kv_budget")
+    kv_cache_bytes: int | None = Field(
+        None,
+        description="the server's --kv-cache-bytes (null: not set): next-scale batches plan at most "
+        "this many KV bytes (a larger request runs alone); next-token models' block pools",
+    )
+    kv_bytes_per_image: int | None = Field(
+        None,
+        description="next-scale models: planned KV bytes of one image at the default kv_policy and "
+        "kv_budget (what it counts against kv_cache_bytes)",
+    )
 
 
 class ModelList(BaseModel):

@@ -32,7 +32,8 @@ class Settings:
     api_keys: tuple[str, ...] | None = dataclass_field(default=None, repr=False)  # never printed or logged
     protect_metrics: bool = False  # /metrics behind the key too (probes stay open)
     # next-token models: bytes of each model's pool of KV blocks (None: what a static batch of
-    # max_batch_size guided images would preallocate)
+    # max_batch_size guided images would preallocate); next-scale models: the most KV bytes a batch
+    # may plan (its images' stores under their policy and budget; None: max_batch_size alone bounds it)
     kv_cache_bytes: int | None = None
     # next-token models: "continuous" (requests join the running batch at any step) or "static"
     # (a batch runs from its first step to its last with the requests it started with)
@@ -167,8 +168,11 @@ OPTIONS: dict[str, tuple[Callable[[str], object], str]] = {
     ),
     "kv_cache_bytes": (
         _bytes,
-        "next-token models: each model's pool of KV blocks, e.g. 2GiB (default: what a static batch "
-        "of --max-batch-size guided images preallocates); running images join by free blocks",
+        "KV-cache memory, e.g. 2GiB. Next-scale models: a batch admits images while their planned KV "
+        "bytes (per policy and budget) fit, so compressed requests batch larger (--max-batch-size "
+        "still caps it; a larger request runs alone); default: no byte limit. Next-token models: each "
+        "model's pool of KV blocks (default: what a static batch of --max-batch-size guided images "
+        "preallocates); running images join by free blocks",
     ),
 }
 FLAGS = {"api_keys": "--api-key"}  # where the flag is not the field's name

@@ -187,9 +187,7 @@ class Worker(threading.Thread):
         model = runner.spec.name
         params = [job.params[i] for job, i in rows]
         self.metrics.batch_size.labels(model).observe(len(rows))
-        self.metrics.kv_in_use.labels(model).set(
-            self._kv_bytes_per_row.get(model, 0) * runner.engine_rows(params)
-        )
+        self.metrics.kv_in_use.labels(model).set(self._kv_in_use(runner, params))
         step = StepWatch(self, runner, rows, jobs)
         try:
             return runner.generate([job.conditions[i] for job, i in rows], params, on_step=step), step
@@ -213,6 +211,14 @@ class Worker(threading.Thread):
             )
             self.fail(jobs, 500, f"generation failed: {type(e).__name__}: {e}")
             return None
+
+    def _kv_in_use(self, runner: Runner, params: list) -> float:
+        """The running batch's KV bytes: planned exactly where the model plans them (next-scale: the
+        bytes --kv-cache-bytes admits by), else estimated from the last batch's bytes per row."""
+        planned = getattr(runner, "kv_bytes_per_image", None)
+        if planned is not None:
+            return sum(planned(p) for p in params)
+        return self._kv_bytes_per_row.get(runner.spec.name, 0) * runner.engine_rows(params)
 
     def _account(
         self, runner: Runner, rows: list[Row], jobs: list[Job], result: BatchResult, elapsed: float

@@ -107,6 +107,27 @@ def scale_store(
     ), full_bytes
 
 
+def planned_kv_bytes(model: VAR, settings: list[ImageSettings], profile: KVProfile | None) -> int:
+    """The bytes `scale_store` allocates for these images, known before it runs (the server admits
+    images by it under --kv-cache-bytes): all `full`, the dense store's whole buffer (the stored
+    prefix and the last scale's working region it preallocates beside it, 680 positions at 256 px);
+    otherwise the slab, each (row, layer, head) segment at the most its plan ever holds, K and V.
+    Not counted: the slab store's current scale, handed over one layer and one group of rows at a
+    time (activations bounded by the group, whatever the batch: the slab store's working extra)."""
+    c = model.cfg
+    itemsize = model.pos_1LC.dtype.itemsize
+    copies = 2 if is_guided(settings) else 1  # a guided image's null-class row holds its own segments
+    if all(s.kv_policy == "full" for s in settings):
+        return 2 * c.depth * copies * len(settings) * c.num_heads * c.seq_len * c.head_dim * itemsize
+    geo = ScaleGeometry(tuple(c.patch_nums), c.depth, c.num_heads)
+    profile = profile or KVProfile.default(geo.patch_nums, c.depth, c.num_heads)
+    tokens = 0  # per row, summed over (layer, head) segments
+    for s in settings:
+        counts = policy(s.kv_policy).plan(geo, profile, 1.0 if s.kv_policy == "full" else s.kv_budget)
+        tokens += int(counts.max(0).values.sum())
+    return 2 * copies * tokens * c.head_dim * itemsize
+
+
 @torch.inference_mode()
 def generate(
     model: VAR,

@@ -30,6 +30,7 @@ class VARRunner:
         self.steps = len(c.patch_nums)
         self.image_tokens, self.condition_tokens = c.seq_len, c.first_len
         self.kv_profile = load_profile(getattr(spec, "kv_profile", None), c.patch_nums, c.depth, c.num_heads)
+        self._kv_bytes: dict[tuple, int] = {}  # (policy, budget, guided) -> planned bytes of one image
 
     def resolve(self, condition: int | str) -> int | str:
         return self.conditions.resolve(condition)
@@ -59,6 +60,16 @@ class VARRunner:
                 f"model '{self.spec.name}' is next-scale: speculative decoding is for next-token models "
                 "(a VAR scale is already one forward pass)",
             )
+
+    def kv_bytes_per_image(self, settings: ImageSettings) -> int:
+        """KV bytes the store allocates for this image (both rows when guided) under its policy and
+        budget, planned without running (engine.planned_kv_bytes); a batch of one policy and budget
+        allocates the sum over its images. The server's queue admits images by it."""
+        key = (settings.kv_policy, 1.0 if settings.kv_policy == "full" else settings.kv_budget)
+        key += (engine.is_guided([settings]),)
+        if key not in self._kv_bytes:  # plans are static: computed once per key (heatkv's sorts)
+            self._kv_bytes[key] = engine.planned_kv_bytes(self.model, [settings], self.kv_profile)
+        return self._kv_bytes[key]
 
     def generate(
         self,

@@ -107,3 +107,81 @@ def test_stop_ends_a_waiting_take():
     q.wake()
     taker.join(30)
     assert result == [[]]
+
+
+def fake_kv_bytes(job: Job) -> int | None:
+    """100 bytes per full image, the budget's share of it for a compressing policy; model "b" plans
+    none (as a next-token model)."""
+    if job.model == "b":
+        return None
+    return sum(100 if p.kv_policy == "full" else round(100 * p.kv_budget) for p in job.params)
+
+
+def kv_queue(limit, kv_bytes_of=fake_kv_bytes) -> RequestQueue:
+    return RequestQueue(max_size=500, kv_cache_bytes=limit, kv_bytes_of=kv_bytes_of)
+
+
+def test_a_kv_limit_forms_larger_batches_of_compressed_requests():
+    q = kv_queue(400)
+    full = [job() for _ in range(50)]
+    compressed = [job(kv=("snapkv", 0.1)) for _ in range(50)]
+    for j in full + compressed:
+        q.submit(j)
+    # max_wait 60 s: a batch full by bytes goes at once (the test would stall otherwise)
+    assert q.take_batch({"a"}, max_images=64, max_wait_s=60, stop=NEVER) == full[:4]  # 4 x 100
+    for _ in range(11):
+        q.take_batch({"a"}, max_images=64, max_wait_s=60, stop=NEVER)  # 44 more full images
+    # the last 2 would have room for 2 more: they wait for company (max_wait 0 here)
+    assert q.take_batch({"a"}, max_images=64, max_wait_s=0, stop=NEVER) == full[48:]
+    assert q.take_batch({"a"}, max_images=64, max_wait_s=60, stop=NEVER) == compressed[:40]  # 40 x 10
+    # max_batch_size still caps it
+    assert q.take_batch({"a"}, max_images=8, max_wait_s=60, stop=NEVER) == compressed[40:48]
+
+
+def test_a_request_above_the_kv_limit_runs_alone_and_smaller_ones_pass_it():
+    q = kv_queue(250)
+    small, big, small2 = job(), job(n=3), job()
+    for j in (small, big, small2):
+        q.submit(j)
+    # max_wait 60 s: both batches are full by bytes, so they go at once
+    take = lambda: q.take_batch({"a"}, max_images=16, max_wait_s=60, stop=NEVER)  # noqa: E731
+    assert take() == [small, small2]  # 200: the 300-byte request does not fit beside them
+    assert take() == [big]  # alone, although 300 > 250: never a hang
+    assert len(q) == 0
+
+
+def test_models_that_plan_no_kv_bytes_are_bounded_by_images_only():
+    q = kv_queue(100)
+    jobs = [job("b") for _ in range(6)]
+    for j in jobs:
+        q.submit(j)
+    assert q.take_batch({"b"}, max_images=4, max_wait_s=0, stop=NEVER) == jobs[:4]
+    q = RequestQueue(max_size=10, kv_bytes_of=fake_kv_bytes)  # no limit set: no byte bound
+    jobs = [job() for _ in range(6)]
+    for j in jobs:
+        q.submit(j)
+    assert q.take_batch({"a"}, max_images=4, max_wait_s=0, stop=NEVER) == jobs[:4]
+
+
+@pytest.fixture(scope="module")
+def var_shapes():
+    from models.config import DEFAULT_CONFIG, load_config
+    from models.runner import load_runner
+
+    return load_runner(next(s for s in load_config(DEFAULT_CONFIG) if s.name == "var-shapes"))
+
+
+@pytest.mark.parametrize("policy", ["window", "snapkv", "hack", "scalekv", "heatkv"])
+def test_var_shapes_batches_at_least_5x_more_images_at_10_percent_than_full(var_shapes, policy):
+    def planned(j: Job) -> int:
+        return sum(var_shapes.kv_bytes_per_image(p) for p in j.params)
+
+    full_image = var_shapes.kv_bytes_per_image(ImageSettings(cfg=1.0))
+    sizes = {}
+    for kv in (("full", 1.0), (policy, 0.1)):
+        q = kv_queue(4 * full_image, planned)  # room for 4 full guided images
+        for _ in range(200):
+            q.submit(job(kv=kv))
+        sizes[kv[0]] = len(q.take_batch({"a"}, max_images=1000, max_wait_s=60, stop=NEVER))
+    assert sizes["full"] == 4
+    assert sizes[policy] >= 5 * sizes["full"], sizes

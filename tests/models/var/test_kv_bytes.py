@@ -1,0 +1,33 @@
+"""VARRunner.kv_bytes_per_image, the bytes the server admits images by, is what the batch's store
+allocates: the slab (kv_bytes) for a compressing policy, the dense store's whole buffer
+(kv_bytes_working) for full, summed over a batch's images."""
+
+import pytest
+
+from models.config import DEFAULT_CONFIG, load_config
+from models.kv.policies import KV_POLICIES
+from models.runner import load_runner
+from models.settings import ImageSettings
+
+
+@pytest.fixture(scope="module")
+def runner():
+    return load_runner(next(s for s in load_config(DEFAULT_CONFIG) if s.name == "var-shapes"))
+
+
+@pytest.mark.parametrize("name", KV_POLICIES)
+@pytest.mark.parametrize("cfg", [2.0, 0.0])
+def test_planned_bytes_are_the_store_the_batch_allocates(runner, name, cfg):
+    settings = [ImageSettings(seed=i, cfg=cfg, top_k=20, kv_policy=name, kv_budget=0.1) for i in range(2)]
+    out = runner.generate([0, 5], settings)
+    planned = sum(runner.kv_bytes_per_image(s) for s in settings)
+    assert planned == (out.kv_bytes_working if name == "full" else out.kv_bytes)
+    if name != "full":
+        assert planned <= 0.1 * out.kv_bytes_full
+
+
+def test_guidance_doubles_an_image_and_full_ignores_its_budget(runner):
+    one = runner.kv_bytes_per_image(ImageSettings(cfg=0.0, kv_policy="hack", kv_budget=0.25))
+    assert runner.kv_bytes_per_image(ImageSettings(cfg=2.0, kv_policy="hack", kv_budget=0.25)) == 2 * one
+    full = runner.kv_bytes_per_image(ImageSettings(cfg=2.0))
+    assert runner.kv_bytes_per_image(ImageSettings(cfg=2.0, kv_budget=0.1)) == full
