@@ -17,8 +17,11 @@ bundled `var-shapes` model (680 tokens, ten scales, the bundled calibrated KV pr
 - without the model: KV bytes at batch 16 for the published VAR-d16 and VAR-d30 shapes at 256 px
   from each policy's plan (models/kv/policies.py), beside the papers' accounting.
 
-    OMP_NUM_THREADS=2 python -m bench.kv_fidelity [--images 200] [--speed-images 16] [--rounds 3]
+    OMP_NUM_THREADS=1 python -m bench.kv_fidelity [--images 200] [--speed-images 16] [--rounds 2]
         [--policies window snapkv ...] [--budgets 100 50 25 10 5] [--no-speed]
+
+One thread on a shared machine: on this 2-core VM with other work running, a batch of 16 took
+7.5 s on one thread and 72 s on two (the OpenMP threads wait on each other when one is descheduled).
 """
 
 from __future__ import annotations
@@ -167,13 +170,13 @@ class Speed:
 
 def speeds(runner: Runner, cells: list[Cell], batch: int, images: int, rounds: int) -> dict[Cell, Speed]:
     """Images/s of each cell at `batch`: `images` images per round (in batches of `batch`), every
-    cell once per round in turn, after one warm-up of each; the best round counts."""
+    cell once per round in turn, after a warm-up batch of each; the best round counts."""
     classes, seeds = workload(images, 1000)
     best = {c: (math.inf, math.inf, 0.0) for c in cells}
-    for r in range(rounds + 1):  # round 0 warms up
+    for r in range(rounds + 1):  # round 0 warms up, one batch of each cell
         for cell in cells:
             total = engine = 0.0
-            for start in range(0, images, batch):
+            for start in range(0, batch if r == 0 else images, batch):
                 part = slice(start, start + batch)
                 t0 = time.perf_counter()
                 out = runner.generate(classes[part], settings_of(runner, cell, seeds[part]))
@@ -304,7 +307,7 @@ def main() -> None:
     p.add_argument("--policies", nargs="+", default=list(COMPRESSING))
     p.add_argument("--budgets", nargs="+", type=float, default=[100 * b for b in BUDGETS], help="percent")
     p.add_argument("--speed-images", type=int, default=16, help="batch-1 images per cell and round")
-    p.add_argument("--rounds", type=int, default=3, help="timed rounds (best counts)")
+    p.add_argument("--rounds", type=int, default=2, help="timed rounds (best counts; default 2)")
     p.add_argument("--no-speed", action="store_true")
     args = p.parse_args()
     cells = cells_of(args.policies, [b / 100 for b in args.budgets])
