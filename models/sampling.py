@@ -58,6 +58,18 @@ class SamplerRows:
             self.top_p_values[rows],
         )
 
+    def select(self, rows: list[int]) -> SamplerRows:
+        """The settings of some rows, in that order, with their generators."""
+        idx = torch.tensor(rows, device=self.top_k.device)
+        return SamplerRows(
+            self.top_k[idx],
+            self.top_p[idx],
+            self.temperature[idx],
+            [self.generators[i] for i in rows],
+            tuple(self.top_k_values[i] for i in rows),
+            tuple(self.top_p_values[i] for i in rows),
+        )
+
     def sample(self, logits: torch.Tensor) -> torch.Tensor:
         """logits: (B, l, V) float32 -> tokens (B, l) long."""
         V = logits.shape[-1]

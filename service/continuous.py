@@ -73,8 +73,6 @@ class ContinuousRun:
             return []
 
         def fits(jobs: list[Job]) -> bool:
-            if jobs[-1].params[0].speculative.on:  # runs in a static batch of its own, after this one
-                return False
             return self.batch.fits([p for job in jobs for p in job.params])
 
         return self.worker.queue.take_joiners(self.model, set(self.worker.runners), room, fits)
@@ -139,12 +137,14 @@ class ContinuousRun:
         if not finished:
             return
         t0 = time.monotonic()
-        images = self.batch.images_of([tokens for _, tokens, _ in finished])
+        images = self.batch.images_of([f.tokens for f in finished])
         decode_s = time.monotonic() - t0
         done = []
-        for ((job, i), _, passes), image in zip(finished, images, strict=True):
+        for f, image in zip(finished, images, strict=True):
+            job, i = f.tag
             job.images[i] = image
-            job.forward_passes = max(job.forward_passes, passes)
+            job.forward_passes = max(job.forward_passes, f.forward_passes)
+            self.worker.record_image(self.model, f.method, f.forward_passes, f.drafted, f.accepted)
             job.decode_s += decode_s / len(finished)
             job.inference_s += decode_s / len(finished)
             if all(im is not None for im in job.images):

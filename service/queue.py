@@ -26,10 +26,10 @@ def batch_key(job: Job) -> tuple:
     request's images share them). The store could run rows of several policies, but on the CPU
     path an image's attention would then be padded to its neighbours' longer segments (the last
     bits of its arithmetic, hence rarely a token, would depend on its batch) and the batch's KV
-    bytes would not be its own policy's. Speculative requests batch apart from plain ones: they run
-    static batches, plain next-token requests the continuous one."""
+    bytes would not be its own policy's. Speculative and plain next-token requests share batches:
+    each sequence passes its own window (models/llamagen/generate.py)."""
     s = job.params[0]
-    return job.model, s.kv_policy, 1.0 if s.kv_policy == "full" else s.kv_budget, s.speculative.on
+    return job.model, s.kv_policy, 1.0 if s.kv_policy == "full" else s.kv_budget
 
 
 class QueueFull(Exception):

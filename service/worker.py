@@ -94,9 +94,7 @@ class Worker(threading.Thread):
                 continue
             try:
                 running = self._running.get(jobs[0].model)
-                # speculative requests run static batches: a running batch advances every sequence
-                # by one token per pass (see README, Speculative decoding)
-                if running is not None and not jobs[0].params[0].speculative.on:
+                if running is not None:
                     ContinuousRun(self, self.runners[jobs[0].model], running).run(jobs)
                 else:
                     self._run_batch(jobs)
@@ -254,15 +252,18 @@ class Worker(threading.Thread):
         stats = result.image_stats
         if stats is None:
             for _ in range(len(result.images)):
-                self.metrics.passes_per_image.labels(model, "none").observe(result.forward_passes)
+                self.record_image(model, "none", result.forward_passes, 0, 0)
             return
         for method, passes, drafted, accepted in zip(
             stats.methods, stats.forward_passes, stats.drafted, stats.accepted, strict=True
         ):
-            self.metrics.passes_per_image.labels(model, method).observe(passes)
-            if method != "none":
-                self.metrics.drafted_tokens.labels(model, method).inc(drafted)
-                self.metrics.accepted_tokens.labels(model, method).inc(accepted)
+            self.record_image(model, method, passes, drafted, accepted)
+
+    def record_image(self, model: str, method: str, passes: int, drafted: int, accepted: int) -> None:
+        self.metrics.passes_per_image.labels(model, method).observe(passes)
+        if method != "none":
+            self.metrics.drafted_tokens.labels(model, method).inc(drafted)
+            self.metrics.accepted_tokens.labels(model, method).inc(accepted)
 
     def deliver(self, jobs: list[Job], model: str, tokens_per_image: int) -> None:
         now = time.monotonic()

@@ -20,13 +20,19 @@ import torch
 from kernels.paged_attention import paged_attention
 from models.kv.store import TokenSpan
 
+BLOCK_SIZE = 16  # positions per KV block by default: a tile of the paged kernels (a power of two >= 16)
+
 
 class OutOfBlocks(RuntimeError):
     """The pool cannot give the blocks asked for: the caller admits less or waits."""
 
 
 class BlockPool:
-    """k, v: (n_layer, n_blocks, n_kv_head, block_size, head_dim) each, and the free list."""
+    """k, v: (n_layer, n_blocks + 1, n_kv_head, block_size, head_dim) each, and the free list.
+
+    The block past the last, `trash`, is never handed out: every block-table entry a row does not
+    hold points at it, so a write past a row's blocks (the padding columns of a short speculative
+    window, at a position no real query reads) lands there and never in another sequence's block."""
 
     def __init__(
         self,
@@ -38,12 +44,13 @@ class BlockPool:
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
     ):
-        shape = (n_layer, n_blocks, n_kv_head, block_size, head_dim)
+        shape = (n_layer, n_blocks + 1, n_kv_head, block_size, head_dim)
         # zeros, not empty: a reference path that gathers a whole block reads its unwritten tail
         # (masked, but NaN garbage times a zero weight is still NaN)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.block_size, self.n_blocks = block_size, n_blocks
+        self.trash = n_blocks
         self._free = list(range(n_blocks - 1, -1, -1))  # pop() hands out low indices first
         self.peak_used = 0
 
@@ -102,7 +109,7 @@ class PagedTokenStore:
     @property
     def block_table(self) -> torch.Tensor:
         if self._block_table is None:
-            table = torch.zeros(len(self.tables), self.max_blocks, dtype=torch.int32)
+            table = torch.full((len(self.tables), self.max_blocks), self.pool.trash, dtype=torch.int32)
             for r, blocks in enumerate(self.tables):
                 table[r, : len(blocks)] = torch.tensor(blocks, dtype=torch.int32)
             self._block_table = table.to(self.pool.k.device, non_blocking=True)

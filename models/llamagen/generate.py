@@ -19,12 +19,22 @@ from dataclasses import dataclass, field
 
 import torch
 
-from models.kv.paged import BlockPool, OutOfBlocks, PagedTokenStore
+from models.kv.paged import BLOCK_SIZE, BlockPool, OutOfBlocks, PagedTokenStore
 from models.llamagen.model import GPT
+from models.llamagen.speculative import (
+    COUPLED,
+    WINDOWS,
+    AutoWindow,
+    TokenGroups,
+    fill_drafts,
+    target_probs,
+    verify,
+    window_flops,
+)
 from models.llamagen.tokenizer import VQModel
 from models.runtime import device_clock
 from models.sampling import SamplerRows, make_generators
-from models.settings import ImageSettings
+from models.settings import MAX_WINDOW, ImageSettings
 
 
 def is_guided(settings: ImageSettings) -> bool:
@@ -61,6 +71,14 @@ class Sequence:
     n: int = 0  # image tokens sampled so far
     blocks: list[list[int]] = field(default_factory=list)  # each of its rows' blocks: own[, null]
     forward_passes: int = 0
+    # speculative decoding: tokens verified per pass (1: plain; None: `auto`, not chosen yet), the
+    # drafts held in `tokens` after the first n, the (MAX_WINDOW, V) distributions they were drawn
+    # from by offset, and the drafts verified and accepted so far
+    window: int | None = 1
+    drafts: int = 0
+    q: torch.Tensor | None = None
+    drafted: int = 0
+    accepted: int = 0
 
     @property
     def guided(self) -> bool:
@@ -69,6 +87,14 @@ class Sequence:
     @property
     def rows(self) -> int:
         return 2 if self.guided else 1
+
+    @property
+    def speculative(self) -> bool:
+        return self.settings.speculative.on
+
+    @property
+    def auto(self) -> bool:
+        return self.speculative and self.settings.speculative.window == "auto"
 
 
 @dataclass
@@ -117,22 +143,34 @@ def transformer_flops(model: GPT, rows: int) -> float:
 class Engine:
     """The running batch: sequences join (`add`) and leave (`remove`) between steps, over one
     BlockPool. Joining runs the newcomers' prefill, one forward pass of their own rows that samples
-    their first token; `step()` is one decode pass of every sequence in the batch, each at its own
-    position. Rows are every sequence's own row, then the null rows of the guided ones.
+    their first token; `step()` is one forward pass of every sequence in the batch, each at its own
+    position and with its own window: one token for plain decoding, or its newest token and its
+    drafts for speculative decoding (models/llamagen/speculative.py), each sequence advancing by its
+    own accepted length. Rows are every sequence's own row, then the null rows of the guided ones.
 
     What the rows share on the device (positions, guidance pairing and table, sampler tensors,
-    padding mask) is rebuilt when the membership changes, never read back in a step, so on a GPU
-    the host can queue the next step while this one runs. Each sequence's draws come from its own
-    generator, so its tokens are the same alone, in a static batch, or joining a running one."""
+    padding mask) is rebuilt when the membership changes; a plain step reads nothing back, so on a
+    GPU the host can queue the next step while this one runs (a speculative pass reads its accepted
+    lengths). Each sequence's draws come from its own generator, so its tokens are the same alone,
+    in a static batch, or joining a running one (for a fixed window; an `auto` window is chosen
+    for the pass a sequence joins, so it can differ with its company).
 
-    def __init__(self, model: GPT, pool: BlockPool, max_len: int | None = None):
-        """max_len: positions a row may hold (default the longest sequence; speculative decoding
-        adds a scratch position for the padding of short windows)."""
-        self.model, self.pool = model, pool
-        self.max_len = max_len or model.config.max_seq_len
+    auto: the model's AutoWindow, which `auto` windows are chosen from (None: a fresh one when an
+    auto sequence first needs it)."""
+
+    def __init__(self, model: GPT, pool: BlockPool, auto: AutoWindow | None = None):
+        c = model.config
+        self.model, self.pool, self.auto = model, pool, auto
+        # one position past the longest sequence: where the padding columns of a pass's shorter
+        # windows write (the pool's trash block, or past every real position of the row's own)
+        self.scratch = c.max_seq_len
+        self.max_len = c.max_seq_len + 1
         self.store = PagedTokenStore(pool, self.max_len)
         self.seqs: list[Sequence] = []
         self.device = model.tok_embeddings.weight.device
+        self.passes = 0  # forward passes run
+        self.flops = 0.0  # their matmul FLOPs
+        self._groups: TokenGroups | None = None
         self._layout()
 
     @property
@@ -146,20 +184,25 @@ class Engine:
 
     def fits(self, seqs: list[Sequence]) -> bool:
         """Whether `seqs` may join now without any sequence ever waiting for a block: every image
-        has the same length, so the blocks the batch will hold at each future step are known (a
-        sequence takes a block when its positions reach one and gives all back when it ends), and
-        admission checks their peak against the pool. Under continuous batching the sequences are
-        spread over their progress, so the peak stays well under the static batch's whole cache."""
+        has the same length, so the blocks a plain sequence will hold at each future step are known
+        (it takes a block when its positions reach one and gives all back when it ends), and
+        admission checks the batch's peak against the pool. A speculative sequence advances by
+        what it accepts, not known in advance, so it counts at its whole cache until it ends. Under
+        continuous batching the sequences are spread over their progress, so the peak stays well
+        under the static batch's whole cache."""
         c = self.model.config
-        # during the k-th decode step from now a sequence with n tokens holds the blocks of
+        whole = self.pool.blocks_for(c.max_seq_len)
+        # during the k-th decode step from now a plain sequence with n tokens holds the blocks of
         # positions 0..cls + n + k - 1, unless it has finished (newcomers: n = 1 after their
         # prefill, which holds fewer blocks than their first step)
-        running = [(s.rows, s.n) for s in self.seqs] + [(s.rows, 1) for s in seqs]
+        running = [(s.rows, s.n, s.speculative) for s in self.seqs] + [
+            (s.rows, 1, s.speculative) for s in seqs
+        ]
         for k in range(c.block_size):
             held = sum(
-                rows * self.pool.blocks_for(c.cls_token_num + n + k)
-                for rows, n in running
-                if n + k < c.block_size
+                rows * (whole if speculative else self.pool.blocks_for(c.cls_token_num + n + k))
+                for rows, n, speculative in running
+                if speculative or n + k < c.block_size
             )
             if held > self.pool.n_blocks:
                 return False
@@ -177,19 +220,27 @@ class Engine:
                 s.generator = make_generators([s.settings.seed], self.device)[0]
             s.tokens = torch.zeros(c.block_size, dtype=torch.long, device=self.device)
             s.blocks = [self.pool.allocate(self.pool.blocks_for(c.cls_token_num)) for _ in range(s.rows)]
+            spec = s.settings.speculative
+            s.window = 1 if not spec.on else (None if spec.window == "auto" else spec.window)
+            if spec.on:
+                s.q = torch.zeros(MAX_WINDOW, c.vocab_size, device=self.device)
         rows = _Rows(self.model, seqs, self.device, self.max_len)
         prefill_store = PagedTokenStore(self.pool, self.max_len)
         prefill_store.set_rows(rows.tables)
         logits = self.model.prefill(self._condition_embeddings(seqs, rows), prefill_store, rows.key_valid)
-        first = rows.sample(logits, torch.zeros(len(seqs), dtype=torch.long, device=self.device))
+        first = rows.sample(logits[:, None], torch.zeros(len(seqs), dtype=torch.long, device=self.device))
         for i, s in enumerate(seqs):
-            s.tokens[0] = first[i]
+            s.tokens[0] = first[i, 0]
             s.n, s.forward_passes = 1, s.forward_passes + 1
+        self.passes += 1
+        self.flops += window_flops(self.model, rows.count, 1, 1)
         self.seqs = self.seqs + seqs
         self._layout()
 
     def remove(self, seqs: list[Sequence]) -> None:
         """Drop `seqs` from the batch (finished, or their request left) and give back their blocks."""
+        if not seqs:
+            return
         gone = {id(s) for s in seqs}
         for s in seqs:
             for blocks in s.blocks:
@@ -199,22 +250,173 @@ class Engine:
         self._layout()
 
     def step(self) -> None:
-        """One decode pass for every sequence of the batch, then one image token sampled each."""
+        """One forward pass for every sequence of the batch: a plain sequence samples one image
+        token, a speculative one verifies its window and commits what it accepts."""
         if not self.seqs:
             return
+        windows = self._windows()
+        S = max(windows)
+        timed = self.auto is not None and self._speculative
+        t0 = device_clock(self.device) if timed else 0.0
+        if S == 1:
+            self._plain_step()
+        else:
+            self._window_step(windows, S)
+        if timed:  # every pass measures the cost of its width
+            width = min(w for w in WINDOWS if w >= S)
+            self.auto.record_pass(self.rows.count, width, device_clock(self.device) - t0)
+        self.passes += 1
+        self.flops += window_flops(self.model, self.rows.count, S, max(s.n for s in self.seqs))
+        for s in self.seqs:
+            s.forward_passes += 1
+            if s.n == self.model.config.block_size and s.auto and s.window > 1:
+                # an auto image just done: its tokens per decode pass at its window
+                tokens = (s.n - 1) / (s.forward_passes - 1)
+                self.auto.record_tokens(s.settings.speculative.method, s.window, [tokens])
+
+    # -- the two kinds of pass --------------------------------------------------------------------
+
+    def _plain_step(self) -> None:
         c = self.model.config
         for r, s in enumerate(self._row_seqs):  # its input token's position is cls_token_num + n - 1
             self.store.grow(r, c.cls_token_num + s.n)
         last = self.tokens.gather(1, self.n[:, None] - 1)[:, 0]  # (B,) each sequence's newest token
         step_tokens = torch.cat([last, last[self.rows.null_of]])[:, None]  # null rows feed their partner's
-        logits = self.model.decode_step(step_tokens, self.positions, self.store, self.rows.key_valid)[:, -1]
-        sampled = self.rows.sample(logits, self.n)
+        logits = self.model.decode_step(step_tokens, self.positions, self.store, self.rows.key_valid)
+        sampled = self.rows.sample(logits[:, -1:], self.n)[:, 0]
         self.tokens.scatter_(1, self.n[:, None], sampled[:, None])
         self.positions += 1
         self.n += 1
         for s in self.seqs:
             s.n += 1
-            s.forward_passes += 1
+            s.drafts = 0
+
+    def _window_step(self, windows: list[int], S: int) -> None:
+        """A pass S columns wide: each row its newest committed token and its drafts, the columns
+        past its window padding at the scratch position; null rows read their image's."""
+        c, B, N = self.model.config, len(self.seqs), self.model.config.block_size
+        row_windows = windows + [windows[j] for j in self._null_of]
+        for r, (s, w) in enumerate(zip(self._row_seqs, row_windows, strict=True)):
+            self.store.grow(r, c.cls_token_num + s.n - 1 + w)
+        spec = [i for i in range(B) if windows[i] > 1]
+        n_host = [s.n for s in self.seqs]
+        self._fill_drafts(spec, windows)
+        n = self.n
+        t = torch.arange(S, device=self.device)
+        L = torch.tensor(windows, device=self.device)
+        at = (n[:, None] - 1 + t).clamp(max=N - 1)  # (B, S) the token index of each column
+        valid = t < L[:, None]
+        tokens = torch.where(valid, self.tokens.gather(1, at), 0)
+        positions = torch.where(valid, c.cls_token_num + at, self.scratch)
+        null = self.rows.null_of
+        logits = self.model.decode_step(
+            torch.cat([tokens, tokens[null]]),
+            torch.cat([positions, positions[null]]),
+            self.store,
+            self.rows.key_valid,
+        )
+        cond = self.rows.guide(logits, n)  # (B, S, V)
+        plain = [i for i in range(B) if windows[i] == 1]  # drawn as plain decoding draws
+        if plain:
+            idx = torch.tensor(plain, device=self.device)
+            picked = self.rows.sampler.select(plain).sample(cond[idx, :1])[:, 0].tolist()
+            for i, token in zip(plain, picked, strict=True):
+                self.tokens[i, n_host[i]] = token
+                self.seqs[i].n += 1
+                self.seqs[i].drafts = 0
+        if spec:
+            self._verify(spec, windows, cond, S, n_host)
+        self.n = torch.tensor([s.n for s in self.seqs], dtype=torch.long, device=self.device)
+        self.positions = self._positions()
+
+    # -- speculative decoding ---------------------------------------------------------------------
+
+    def _windows(self) -> list[int]:
+        """Each sequence's window this pass (1: plain decoding), at most the tokens it has left. An
+        auto sequence's window is chosen at its first decode pass, for the pass it joins."""
+        choosing = [s for s in self.seqs if s.window is None]
+        if choosing:
+            if self.auto is None:
+                self.auto = AutoWindow(self.model)
+            for s in choosing:
+                if not self.auto.calibrated(s.settings.speculative.method):
+                    self.auto.calibrate(s.settings, lambda settings, s=s: self._alone(s, settings))
+            others = [s for s in self.seqs if s.window is not None]
+            floor = max((s.window for s in others), default=1)  # the pass is at least this wide anyway
+            methods = [s.settings.speculative.method for s in choosing]
+            chosen = self.auto.choose(self.rows.count, methods, floor, len(others))
+            for s in choosing:
+                s.window = chosen
+        N = self.model.config.block_size
+        return [min(s.window, N - s.n) for s in self.seqs]
+
+    def _alone(self, seq: Sequence, settings: ImageSettings) -> tuple[int, int]:
+        """Generates `seq`'s image with `settings` alone, on a pool of its own -> (passes, rows)."""
+        alone = Sequence(seq.condition, settings, seq.cond_mask, negative=seq.negative)
+        engine = Engine(self.model, batch_pool(self.model, [alone]), self.auto)
+        engine.add([alone])
+        while not engine.finished:
+            engine.step()
+        engine.remove([alone])
+        return alone.forward_passes, alone.rows
+
+    def _fill_drafts(self, spec: list[int], windows: list[int]) -> None:
+        """Tops each speculative row of the pass up to window - 1 drafts."""
+        need = [i for i in spec if self.seqs[i].drafts < windows[i] - 1]
+        if not need:
+            return
+        idx = torch.tensor(need, device=self.device)
+        qrows = torch.tensor([self._q_row[i] for i in need], device=self.device)
+        tokens, q = self.tokens[idx], self.q[qrows]
+        lo = torch.tensor([self.seqs[i].drafts for i in need], device=self.device)
+        hi = torch.tensor([windows[i] - 1 for i in need], device=self.device)
+        fill_drafts(tokens, q, self.n[idx], lo, hi, self.model.config.grid_size)
+        self.tokens[idx], self.q[qrows] = tokens, q
+        for i in need:
+            self.seqs[i].drafts = windows[i] - 1
+
+    def _verify(
+        self, spec: list[int], windows: list[int], cond: torch.Tensor, S: int, n_host: list[int]
+    ) -> None:
+        device, V, N = self.device, self.model.config.vocab_size, self.model.config.block_size
+        seqs = [self.seqs[i] for i in spec]
+        idx = torch.tensor(spec, device=device)
+        qrows = torch.tensor([self._q_row[i] for i in spec], device=device)
+        p = target_probs(cond[idx], self.rows.sampler.select(spec))  # (b, S, V)
+        L = torch.tensor([windows[i] for i in spec], device=device)
+        n = torch.tensor([n_host[i] for i in spec], device=device)
+        # each image's own draws, as many as its window: accept tests and one race per column
+        u = torch.full((len(spec), S), 2.0, device=device)  # 2: padding never accepts
+        e = torch.full((len(spec), S, V), 0.5, device=device)
+        for j, (s, i) in enumerate(zip(seqs, spec, strict=True)):
+            g, w = s.generator, windows[i]
+            u[j, :w] = torch.rand(w, generator=g, device=g.device).to(device)
+            e[j, :w] = torch.rand(w, V, generator=g, device=g.device).to(device)
+        t = torch.arange(S, device=device)
+        at = (n[:, None] + t).clamp(max=N - 1)
+        drafts = self.tokens[idx[:, None], at]  # (b, S)
+        q = self.q[qrows, :S]
+        grouped = gsd = None
+        if any(s.settings.speculative.method == "gsd" for s in seqs):
+            if self._groups is None:
+                self._groups = TokenGroups(self.model)
+            grouped = self._groups.ratio(p, q, drafts, [s.settings.speculative for s in seqs])
+            gsd = torch.tensor([s.settings.speculative.method == "gsd" for s in seqs], device=device)
+        coupled = torch.tensor([s.settings.speculative.method in COUPLED for s in seqs], device=device)
+        k, window_tokens = verify(p, q, drafts, L, u, e, coupled, grouped, gsd)
+        in_window = t < L[:, None]
+        self.tokens[idx[:, None].expand_as(at)[in_window], at[in_window]] = window_tokens[in_window]
+        # the next drafts' q: the targets of the columns after the committed ones
+        src = (k[:, None] + 1 + t).clamp(max=S - 1)
+        self.q[qrows, :S] = p.gather(1, src[..., None].expand(-1, -1, V))
+        for s, i, kb in zip(seqs, spec, k.tolist(), strict=True):
+            w = windows[i]
+            s.n += kb + 1
+            s.drafts = w - 1 - kb
+            s.drafted += w - 1
+            s.accepted += kb
+
+    # -- rows -------------------------------------------------------------------------------------
 
     def _condition_embeddings(self, seqs: list[Sequence], rows: _Rows) -> torch.Tensor:
         dtype = self.model.tok_embeddings.weight.dtype
@@ -234,10 +436,18 @@ class Engine:
             cond = cond.to(dtype)
         return self.model.embed_cond(cond)
 
+    def _positions(self) -> torch.Tensor:
+        """(rows, 1) each row's input position this step: cls_token_num + n - 1."""
+        c = self.model.config
+        return torch.tensor(
+            [[c.cls_token_num + s.n - 1] for s in self._row_seqs], dtype=torch.long, device=self.device
+        ).reshape(-1, 1)
+
     def _layout(self) -> None:
         c = self.model.config
         self.rows = _Rows(self.model, self.seqs, self.device, self.max_len)
         self._row_seqs = self.seqs + self.rows.guided_seqs  # the sequence of each row
+        self._null_of = self.rows.null_of.tolist()
         self.store.set_rows(self.rows.tables)
         B = len(self.seqs)
         self.tokens = (
@@ -245,12 +455,16 @@ class Engine:
             if B
             else torch.zeros(0, c.block_size, dtype=torch.long, device=self.device)
         )
-        for i, s in enumerate(self.seqs):  # views: a step's scatter updates every sequence's tokens
+        for i, s in enumerate(self.seqs):  # views: a step's writes update every sequence's tokens
             s.tokens = self.tokens[i]
+        speculative = [i for i, s in enumerate(self.seqs) if s.q is not None]
+        self._speculative = bool(speculative)
+        self._q_row = {i: j for j, i in enumerate(speculative)}
+        self.q = torch.stack([self.seqs[i].q for i in speculative]) if speculative else None
+        for j, i in enumerate(speculative):
+            self.seqs[i].q = self.q[j]
         self.n = torch.tensor([s.n for s in self.seqs], dtype=torch.long, device=self.device)
-        self.positions = torch.tensor(
-            [[c.cls_token_num + s.n - 1] for s in self._row_seqs], dtype=torch.long, device=self.device
-        ).reshape(-1, 1)
+        self.positions = self._positions()
 
 
 class _Rows:
@@ -261,6 +475,7 @@ class _Rows:
     def __init__(self, model: GPT, seqs: list[Sequence], device: torch.device, max_len: int):
         c = model.config
         self.seqs = seqs
+        self.block_size = c.block_size
         guided = [i for i, s in enumerate(seqs) if s.guided]
         self.null_of = torch.tensor(guided, dtype=torch.long, device=device)
         self.guided_seqs = [seqs[i] for i in guided]
@@ -286,15 +501,24 @@ class _Rows:
         """Rows: every sequence's own, then the guided ones' null rows."""
         return len(self.tables)
 
-    def sample(self, logits: torch.Tensor, token_index: torch.Tensor) -> torch.Tensor:
-        """logits: (rows, V), own rows then null rows; token_index: (B,) the image token each
-        sequence samples now -> (B,) tokens."""
-        B = len(self.seqs)
+    def guide(self, logits: torch.Tensor, token_index: torch.Tensor) -> torch.Tensor:
+        """logits: (rows, S, V), own rows then null rows; token_index: (B,) the image token of each
+        sequence's first column -> (B, S, V): uncond + cfg * (cond - uncond) for the guided images,
+        each column with its own token's cfg (cfg_interval)."""
+        B, S = len(self.seqs), logits.shape[1]
         cond = logits[:B]
         if len(self.null_of):
-            scale = self.cfg_table.gather(1, token_index[self.null_of][:, None])  # (G, 1)
+            token = (token_index[self.null_of][:, None] + torch.arange(S, device=logits.device)).clamp(
+                max=self.block_size - 1
+            )
+            scale = self.cfg_table.gather(1, token)[..., None]  # (G, S, 1)
             cond = cond.index_copy(0, self.null_of, torch.lerp(logits[B:], cond[self.null_of], scale))
-        return self.sampler.sample(cond.unsqueeze(1))[:, 0]
+        return cond
+
+    def sample(self, logits: torch.Tensor, token_index: torch.Tensor) -> torch.Tensor:
+        """logits: (rows, 1, V); token_index: (B,) the image token each sequence samples now ->
+        (B, 1) tokens."""
+        return self.sampler.sample(self.guide(logits, token_index))
 
 
 def _cfg_at(settings: ImageSettings, token: int) -> float:
@@ -311,44 +535,33 @@ def generate(
     on_row: Callable[[RowStep], None] | None = None,
     decode: bool = True,
     negatives: list[Caption | None] | None = None,
-    auto=None,
+    auto: AutoWindow | None = None,
 ) -> LlamaGenOutput:
-    """cond: class labels (B,) long for c2i, caption embeddings (B, cls_token_num, caption_dim) for
-    t2i; cond_mask: (B, cls_token_num) bool, False at caption padding, or None; negatives: per
-    image, the negative caption of its guidance row (t2i), or None. A batch with a speculative
-    image runs on models/llamagen/speculative.py (auto: the model's AutoWindow, which `auto` windows
-    are chosen from; None: a fresh one); on_row fires once every image has a grid row, possibly for
-    several rows at a pass."""
+    """A static batch: cond: class labels (B,) long for c2i, caption embeddings (B, cls_token_num,
+    caption_dim) for t2i; cond_mask: (B, cls_token_num) bool, False at caption padding, or None;
+    negatives: per image, the negative caption of its guidance row (t2i), or None; auto: the model's
+    AutoWindow, which `auto` windows are chosen from (None: a fresh one). on_row fires once every
+    image has a grid row, possibly for several rows at a pass (speculative images advance by their
+    own accepted lengths, and leave the batch as they finish)."""
     c = model.config
     masks = [None] * len(settings) if cond_mask is None else list(cond_mask)
     negatives = negatives or [None] * len(settings)
     seqs = [Sequence(cond[i], s, masks[i], negative=negatives[i]) for i, s in enumerate(settings)]
-    speculative = any(s.speculative.on for s in settings)
-    if speculative:
-        from models.llamagen.speculative import SpeculativeEngine
-
-        engine = SpeculativeEngine(model, seqs, auto)
-        rows_done = 0
-        while not engine.done:
-            engine.step()
-            n = min(engine.n)  # rows advance by their own accepted lengths
+    engine = Engine(model, batch_pool(model, seqs), auto)
+    engine.add(seqs)
+    rows_done = 0
+    while True:
+        n = min(s.n for s in seqs)
+        if on_row is not None and n // c.grid_size > rows_done:
+            tokens = torch.stack([s.tokens for s in seqs])
             for row in range(rows_done, n // c.grid_size):
-                if on_row is not None:
-                    on_row(RowStep(row, c.grid_size, engine.tokens[:, : (row + 1) * c.grid_size]))
-            rows_done = n // c.grid_size
-        tokens, kv_bytes = engine.tokens, engine.base.store.nbytes
-    else:
-        engine = Engine(model, batch_pool(model, seqs))
-        engine.add(seqs)
-        while True:
-            n = seqs[0].n  # a static batch: every sequence at the same token
-            if on_row is not None and n % c.grid_size == 0:
-                on_row(RowStep(n // c.grid_size - 1, c.grid_size, engine.tokens[:, :n]))
-            if n == c.block_size:
-                break
-            engine.step()
-        tokens, kv_bytes = engine.tokens, engine.store.nbytes
-        engine.remove(seqs)
+                on_row(RowStep(row, c.grid_size, tokens[:, : (row + 1) * c.grid_size]))
+        rows_done = n // c.grid_size
+        engine.remove(engine.finished)
+        if not engine.seqs:
+            break
+        engine.step()
+    tokens, kv_bytes = torch.stack([s.tokens for s in seqs]), engine.store.nbytes
     # One image at a time: a batched decode may differ in the last bit with the batch size, and an
     # image must not depend on its batch.
     t0 = device_clock(tokens.device) if decode else 0.0
@@ -358,32 +571,18 @@ def generate(
         else tokens.new_zeros(0).float()
     )
     decode_s = device_clock(tokens.device) - t0 if decode else 0.0
-    rows = sum(s.rows for s in seqs)
-    if not speculative:
-        return LlamaGenOutput(
-            images,
-            tokens,
-            c.block_size,
-            kv_bytes,
-            transformer_flops(model, rows),
-            decode_s,
-            [c.block_size] * len(seqs),
-        )
-    counts = engine.counts
+    speculative = any(s.speculative for s in seqs)
     return LlamaGenOutput(
         images,
         tokens,
-        engine.forward_passes,
+        engine.passes,
         kv_bytes,
-        counts.flops,
+        engine.flops if speculative else transformer_flops(model, sum(s.rows for s in seqs)),
         decode_s,
-        counts.passes,
-        counts.drafted,
-        counts.accepted,
+        [s.forward_passes for s in seqs],
+        [s.drafted for s in seqs] if speculative else None,
+        [s.accepted for s in seqs] if speculative else None,
     )
-
-
-BLOCK_SIZE = 16  # positions per KV block: a tile of the paged kernels (a power of two >= 16)
 
 
 def batch_pool(

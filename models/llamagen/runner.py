@@ -4,6 +4,7 @@ interface of models/runner.py."""
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
@@ -153,7 +154,7 @@ class LlamaGenRunner:
                 f"model '{self.spec.name}' needs {per_image} for one guided image"
             )
         pool = engine.BlockPool(c.n_layer, blocks, c.n_kv_head, bs, c.head_dim, w.dtype, w.device)
-        return RunningBatch(self, engine.Engine(self.model, pool))
+        return RunningBatch(self, engine.Engine(self.model, pool, self.auto))
 
     def sequences(self, conditions: list[int | str], settings: list[ImageSettings]) -> list[engine.Sequence]:
         """The engine's sequences of these images: conditions resolved, captions encoded."""
@@ -182,6 +183,18 @@ class LlamaGenRunner:
         return torch.cat(
             [engine.decode_tokens(self.tokenizer, t.unsqueeze(0), grid) for t in step.tokens]
         ).cpu()
+
+
+@dataclass
+class FinishedImage:
+    """An image of a running batch, done: its tag, tokens (block_size,) and how it was decoded."""
+
+    tag: object
+    tokens: torch.Tensor
+    forward_passes: int
+    method: str  # Speculative.method
+    drafted: int
+    accepted: int
 
 
 class RunningBatch:
@@ -233,11 +246,21 @@ class RunningBatch:
         """(tag, image tokens sampled) of every running image."""
         return [(self._tags[id(s)], s.n) for s in self.engine.seqs]
 
-    def take_finished(self) -> list[tuple[object, torch.Tensor, int]]:
-        """(tag, tokens (block_size,), forward passes) of the finished images, which leave."""
+    def take_finished(self) -> list[FinishedImage]:
+        """The finished images, which leave."""
         done = self.engine.finished
         self.engine.remove(done)
-        return [(self._tags.pop(id(s)), s.tokens, s.forward_passes) for s in done]
+        return [
+            FinishedImage(
+                self._tags.pop(id(s)),
+                s.tokens,
+                s.forward_passes,
+                s.settings.speculative.method,
+                s.drafted,
+                s.accepted,
+            )
+            for s in done
+        ]
 
     def drop(self, tags: set) -> None:
         gone = [s for s in self.engine.seqs if self._tags[id(s)] in tags]

@@ -132,15 +132,38 @@ def test_admission_waits_for_free_blocks(tmp_path):
             assert images(s.post(body)) == images(response)
 
 
-def test_speculative_requests_run_their_own_static_batch(server):
-    """A continuous batch advances every image one token per pass, so a speculative request runs
-    a static batch of its own: its drafts are counted, and greedy it is plain greedy decoding."""
+def test_a_speculative_request_joins_the_running_batch_at_its_own_pace(server, monkeypatch):
+    """A speculative request joins a plain one 60 tokens in: it commits what each pass accepts
+    (fewer passes, drafts counted), and both get their lone images."""
+    running = running_batch(server)
+    gate = StepGate(running, at=60)
+    monkeypatch.setattr(running, "step", gate)
     before = server.metrics()
-    body = {"prompt": 8, "seed": 2, "cfg_scale": 1.0, "top_k": 1}
-    speculative = server.post({**body, "speculative": {"method": "sjd", "window": 4}})
+    plain_body = {"prompt": 1, "seed": 11, "cfg_scale": 1.0}
+    spec_body = {
+        "prompt": 8,
+        "seed": 2,
+        "cfg_scale": 2.0,
+        "top_k": 20,
+        "speculative": {"method": "scd", "window": 8},
+    }
+    with ThreadPoolExecutor(2) as pool:
+        plain = pool.submit(server.post, plain_body)
+        assert gate.reached.wait(TIMEOUT_S)
+        spec = pool.submit(server.post, spec_body)
+        wait_until(
+            lambda: metric(server.metrics(), "varserve_num_requests_waiting") == 1, "the second to queue"
+        )
+        gate.go.set()
+        plain, spec = plain.result(TIMEOUT_S), spec.result(TIMEOUT_S)
+    a, b = plain.json()["usage"], spec.json()["usage"]
+    assert a["batch_images"] == b["batch_images"] == 2  # they ran together
+    assert a["forward_passes"] == 256 and b["forward_passes"] < 256
     drafted = "varserve_speculative_drafted_tokens_total"
-    assert metric(server.metrics(), drafted, model=MODEL, method="sjd") > metric(
-        before, drafted, model=MODEL, method="sjd"
+    assert metric(server.metrics(), drafted, model=MODEL, method="scd") > metric(
+        before, drafted, model=MODEL, method="scd"
     )
-    assert images(speculative) == images(server.post(body))
-    assert speculative.json()["usage"]["forward_passes"] <= 256
+    monkeypatch.undo()
+    assert images(server.post(plain_body)) == images(plain)
+    assert images(server.post(spec_body)) == images(spec)
+    assert running.blocks_free == running.engine.pool.n_blocks

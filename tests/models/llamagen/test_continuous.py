@@ -8,7 +8,7 @@ import torch
 from models.kv.paged import BlockPool, OutOfBlocks
 from models.llamagen.generate import BLOCK_SIZE, Engine, Sequence, generate
 from models.llamagen.loading import load_gpt
-from models.settings import ImageSettings
+from models.settings import ImageSettings, Speculative
 from tests.conftest import REFERENCE
 
 
@@ -108,3 +108,63 @@ def test_admission_plans_the_blocks_of_every_future_step(c2i):
         engine.remove(engine.finished)
     assert torch.equal(second.tokens, alone(c2i, 2, second.settings))
     assert pool.peak_used <= pool.n_blocks and pool.num_free == pool.n_blocks
+
+
+def speculative(seed, method, window, **kw):
+    return ImageSettings(seed=seed, speculative=Speculative(method, window), **kw)
+
+
+def test_speculative_sequences_join_a_running_batch_each_at_its_own_pace(c2i):
+    """Sequences of several windows and methods join plain ones mid-image: every pass is as wide
+    as the widest window, each sequence commits what it accepts, and each gets the tokens it gets
+    alone. The plain rows' padding columns write past their blocks (the pool's trash block), never
+    into another sequence's."""
+    c = c2i.config
+    pool = pool_for(c2i, 8 * -(-c.max_seq_len // BLOCK_SIZE))
+    engine = Engine(c2i, pool)
+    plan = [  # (joins before step, label, settings)
+        (0, 3, SETTINGS[0]),
+        (0, 5, speculative(11, "scd", 8, cfg=2.0, top_k=50)),
+        (20, 7, SETTINGS[1]),
+        (30, 1, speculative(12, "sjd", 4, cfg=1.0, top_k=100)),
+        (30, 2, speculative(13, "gsd", 16, cfg=3.0, top_k=20)),
+    ]
+    seqs = [Sequence(torch.tensor(label), s) for _, label, s in plan]
+    step, done = 0, {}
+    while len(done) < len(seqs):
+        joining = [seq for (at, _, _), seq in zip(plan, seqs, strict=True) if at == step]
+        if joining:
+            engine.add(joining)
+        finished = engine.finished
+        engine.remove(finished)
+        done.update({id(s): s.tokens for s in finished})
+        engine.step()
+        step += 1
+    for (_, label, s), seq in zip(plan, seqs, strict=True):
+        assert torch.equal(done[id(seq)], alone(c2i, label, s)), s
+        if s.speculative.on:
+            assert seq.forward_passes < c.block_size and seq.accepted > 0, seq.forward_passes
+        else:
+            assert seq.forward_passes == c.block_size
+    assert pool.num_free == pool.n_blocks  # every block came back
+
+
+def test_a_speculative_sequence_holds_its_whole_cache_in_admission(c2i):
+    """Its progress per pass is what it accepts, so admission counts its whole cache from the
+    start: where a plain sequence half done lets a second image into a pool of 1.5 images, a
+    speculative one as far along does not."""
+    c = c2i.config
+    per_seq = -(-c.max_seq_len // BLOCK_SIZE)
+    second = Sequence(torch.tensor(2), ImageSettings(seed=2, cfg=1.0))
+    engines = {}
+    for kind, settings in (
+        ("plain", ImageSettings(seed=1, cfg=1.0)),
+        ("sjd", speculative(1, "sjd", 4, cfg=1.0)),
+    ):
+        engine = Engine(c2i, pool_for(c2i, per_seq + per_seq // 2))
+        first = Sequence(torch.tensor(1), settings)
+        engine.add([first])
+        while first.n < c.block_size // 2 + 2 * BLOCK_SIZE:
+            engine.step()
+        engines[kind] = engine
+    assert engines["plain"].fits([second]) and not engines["sjd"].fits([second])
