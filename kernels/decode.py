@@ -55,14 +55,15 @@ def applies(
 ) -> bool:
     """Whether `decode_layers` can run: float32 CPU activations, weights and caches, every product's
     weight packed in panels (kernels.linear.pack_weight), contiguous pools."""
-    if x.device.type != "cpu" or x.dtype != torch.float32 or not available():
+    if not x.is_cpu or x.dtype != torch.float32 or not available():
         return False
+    f32 = torch.float32
     for layer in weights:
-        for name, w in zip(LAYER_WEIGHTS, layer, strict=True):
-            packed_ok = linear.is_packed(w) if name.startswith("w") else w.dim() == 1
-            if not packed_ok or w.dtype != torch.float32 or w.device.type != "cpu" or not w.is_contiguous():
+        # the norms 1-D, the products in panels (3-D); one pass of cheap checks, run every step
+        for w, dims in zip(layer, (1, 3, 3, 1, 3, 3, 3), strict=True):
+            if w.dim() != dims or w.dtype != f32 or not w.is_cpu or not w.is_contiguous():
                 return False
-    return all(c.dtype == torch.float32 and c.device.type == "cpu" and c.is_contiguous() for c in k_cache)
+    return all(c.dtype == f32 and c.is_cpu and c.is_contiguous() for c in k_cache)
 
 
 def dense_block_table(rows: int) -> torch.Tensor:

@@ -307,8 +307,8 @@ class GPT(nn.Module):
         -> logits (R, S, vocab) float32: at column j, for the image token after tokens[:, j].
 
         On CPU in float32 with packed weights (kernels.linear.packing_pays) over a paged or dense
-        token store, the layers run as one C call (kernels/decode.py), windows included, so a row's
-        numbers do not depend on the window it is verified in; elsewhere layer by layer."""
+        token store, the layers run as one C call (kernels/decode.py), verify windows included, so
+        a window and a step run the same code; elsewhere (CUDA, bf16/fp16, unpacked) layer by layer."""
         h, at = self.tok_embeddings(tokens), TokenSpan(positions, key_valid)
         fused = self._fused_layers(h, at, store) if self.fused_decode else None
         if fused is not None:
