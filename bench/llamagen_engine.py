@@ -2,7 +2,8 @@
 
 - fp32 matmul FLOP/s (best of a few GEMM shapes) and memory read bandwidth (sum over 1 GiB),
 - one decode step of our engine at batch 1 (with guidance: 2 rows) against the time to stream the
-  weights once,
+  weights once, with its decoder layers in one C call (kernels/decode.py, where it applies: CPU
+  float32, packed weights) and, in the same run, layer by layer (the PyTorch path it replaces),
 - whole generations (tokens, no VQ decode) at batch 1, 4 and 16: our tokens/s, images/s, per-image
   speed-up over batch 1, achieved FLOP/s and bytes/s as fractions of the measured peaks, which bound
   each point is near; and the official FoundationVision/LlamaGen `autoregressive.models.generate`
@@ -29,7 +30,7 @@ import torch
 
 from bench.measure import matmul_peak, read_bandwidth, timed_alternating
 from bench.official import import_isolated
-from kernels import native
+from kernels import decode, native
 from kernels.linear import is_packed
 from models.llamagen.generate import generate, transformer_flops
 from models.llamagen.loading import load_gpt
@@ -95,12 +96,23 @@ def official_generate(model, official_fn, labels: torch.Tensor, top_k: int) -> t
 
 
 @torch.inference_mode()
-def decode_step_and_bandwidth(model: GPT, rows: int, steps: int = 40) -> tuple[float, float]:
+def decode_step_and_bandwidth(
+    model: GPT, rows: int, steps: int = 40, fused: bool = True
+) -> tuple[float, float]:
     """Best time of one decode step for `rows` sequences, past the middle of an image, and the best
-    memory read bandwidth (bytes/s) measured between those steps.
+    memory read bandwidth (bytes/s) measured between those steps; `fused` False times the layers
+    one by one (model.fused_decode).
 
     This machine's bandwidth moves with its neighbours' load (29-65 GB/s from run to run), so the
     two are sampled alternately over the same seconds: their ratio is fair whatever the load."""
+    model.fused_decode = fused
+    try:
+        return _decode_step_and_bandwidth(model, rows, steps)
+    finally:
+        model.fused_decode = True
+
+
+def _decode_step_and_bandwidth(model: GPT, rows: int, steps: int) -> tuple[float, float]:
     c = model.config
     store = model.new_kv_store(rows)
     model.prefill(model.embed_cond(torch.zeros(rows, dtype=torch.long)), store)
@@ -116,6 +128,11 @@ def decode_step_and_bandwidth(model: GPT, rows: int, steps: int = 40) -> tuple[f
         step_times.append(t1 - t0)
         sum_times.append(time.perf_counter() - t1)
     return min(step_times[3:]), probe.nbytes / min(sum_times[3:])
+
+
+def fused_applies(model: GPT) -> bool:
+    """Whether decode steps take kernels/decode.py here (packed float32 weights on CPU, C kernels built)."""
+    return is_packed(model.output.weight) and decode.available()
 
 
 def main() -> None:
@@ -140,7 +157,7 @@ def main() -> None:
         model.eval().requires_grad_(False)
     else:
         # Our loader, as for a checkpoint: it packs the linear weights into 16-column panels for
-        # our C kernel (kernels/linear.py) where this CPU has AVX-512 (kernels.linear.packing_pays).
+        # our C kernel (kernels/linear.py) where this CPU has AVX2 or AVX-512 (kernels.linear.packing_pays).
         model = load_gpt(state, n_head=cfg.n_head, image_size=16 * cfg.grid_size)
     packed = is_packed(model.output.weight)
     official, official_fn = official_gpt(args.official, state, cfg) if args.official else (None, None)
@@ -152,7 +169,8 @@ def main() -> None:
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, {kernels}, "
         f"linear weights {'packed' if packed else 'unpacked'}"
-        + ("" if packed or args.unpacked else " (no AVX-512: packing does not pay here)")
+        + ("" if packed or args.unpacked else " (no AVX2 or AVX-512: packing does not pay here)")
+        + (", decoder layers in one C call" if fused_applies(model) else ", decoder layers one by one")
     )
     print(f"fp32 matmul peak {peak / 1e9:.1f} GFLOP/s (shape {shape}); memory read {bw / 1e9:.1f} GB/s")
     print(
@@ -177,13 +195,18 @@ def main() -> None:
     print("| decode step | ms | GB/s read meanwhile | ms to stream weights | x weight-streaming time |")
     print("|---|---|---|---|---|")
     step_ms = {}
-    for label, rows in (
-        ("batch 1, cfg (2 rows)", 2),
-        ("batch 1, no cfg (1 row)", 1),
-        ("batch 16, cfg (32 rows)", 32),
+    fused = fused_applies(model)
+    for label, rows, layered in (
+        ("batch 1, cfg (2 rows)", 2, False),
+        ("batch 1, cfg, layer by layer", 2, True),
+        ("batch 1, no cfg (1 row)", 1, False),
+        ("batch 16, cfg (32 rows)", 32, False),
     ):
-        t, step_bw = decode_step_and_bandwidth(model, rows)
-        step_ms[rows] = 1e3 * t
+        if layered and not fused:
+            continue  # every row above is already layer by layer
+        t, step_bw = decode_step_and_bandwidth(model, rows, fused=not layered)
+        if not layered:
+            step_ms[rows] = 1e3 * t
         stream_ms = 1e3 * stream_bytes / step_bw
         print(
             f"| {label} | {1e3 * t:.1f} | {step_bw / 1e9:.1f} | {stream_ms:.1f} | {1e3 * t / stream_ms:.2f} |"

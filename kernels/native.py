@@ -29,6 +29,9 @@ LIBS = ["-lm"]
 # runs the same instructions whatever the batch. Not the linear kernel: its row results must not
 # depend on how the compiler splits a tile's sum, which depends on the tile's row count.
 EXTRA = {"attention": (["-ffast-math"], ["-lmvec"])}
+# Flags a kernel's results rest on, never dropped: the fused decode layers round every loop's vector
+# and scalar forms alike only without contracted multiply-adds (kernels/cpu/decode.c).
+REQUIRED = {"decode": ["-ffp-contract=off"]}
 
 
 def cache_dir() -> Path:
@@ -53,7 +56,7 @@ def build(name: str, extra: bool = True) -> Path:
     source = SOURCE_DIR / f"{name}.c"
     cc = os.environ.get("CC", "gcc")
     extra_flags, extra_libs = EXTRA.get(name, ([], [])) if extra else ([], [])
-    command = [cc, *FLAGS, *extra_flags, str(source), *LIBS, *extra_libs]
+    command = [cc, *FLAGS, *REQUIRED.get(name, []), *extra_flags, str(source), *LIBS, *extra_libs]
     key = hashlib.sha256(
         b"\0".join([source.read_bytes(), " ".join(command).encode(), _cpu_signature().encode()])
     ).hexdigest()[:16]
@@ -94,12 +97,12 @@ def load(name: str) -> ctypes.CDLL | None:
 
 
 @functools.cache
-def function(name: str, symbol: str, *argtypes) -> ctypes._CFuncPtr | None:
-    """C function `symbol` of kernels/cpu/{name}.c, returning void and taking `argtypes`, or None
-    where the kernels cannot be built."""
+def function(name: str, symbol: str, *argtypes, restype=None) -> ctypes._CFuncPtr | None:
+    """C function `symbol` of kernels/cpu/{name}.c, taking `argtypes` and returning `restype`
+    (void by default), or None where the kernels cannot be built."""
     lib = load(name)
     if lib is None:
         return None
     fn = getattr(lib, symbol)
-    fn.argtypes, fn.restype = list(argtypes), None
+    fn.argtypes, fn.restype = list(argtypes), restype
     return fn

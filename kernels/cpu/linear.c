@@ -5,82 +5,115 @@
 // fraction of the memory bandwidth: it repacks W on every call and its small-M paths are not tuned
 // for the CPU. Here W is packed once, at load time, so that a product streams it exactly once, in
 // address order: each thread walks its own contiguous run of panels, which is what the hardware
-// prefetchers handle best. For each k the kernel loads 16 weights of each of two panels and
-// broadcasts x[m, k] for up to MR rows: an outer-product register tile of MR x 32 outputs, the
-// classic GEMM micro-kernel, so the same loop is bandwidth-bound at 1-2 rows and FMA-bound at 32.
+// prefetchers handle best. For each k the kernel loads the 16 weights of each panel in its tile and
+// broadcasts x[m, k] for up to MR rows: an outer-product register tile, the classic GEMM
+// micro-kernel, so the same loop is bandwidth-bound at 1-2 rows and FMA-bound at 32.
 //
-// Every output element is one sum over k in order, whatever M is: a row's result does not depend on
-// the other rows of the call, so batching never changes a request's numbers.
+// The tile is sized to the register file the compiler targets (-march=native): with AVX-512 (32
+// registers of 16 floats) 8 rows x 2 panels, 16 accumulators; with AVX2 (16 registers of 8) a
+// panel row is two registers, and 6 rows x 1 panel keeps 12 accumulators, the 2 weights and the
+// broadcast in registers. (The AVX-512 tile compiled for AVX2 needs 32 accumulators and spilled:
+// 0.5 GB/s at 8 rows, where this one streams at the read bandwidth.)
 //
-// Written with GCC vector extensions rather than intrinsics: AVX-512 here, AVX2 halves or NEON
-// quarters elsewhere, one source. Threads come from OpenMP; it resolves to the libgomp torch has
-// already loaded, so the kernel shares torch's thread pool instead of competing with it.
+// Every output element is one sum over k in order, whatever M is and whatever the tile: a row's
+// result does not depend on the other rows of the call, so batching never changes a request's
+// numbers, and AVX2 and AVX-512 builds give the same bits.
+//
+// Written with GCC vector extensions rather than intrinsics, one source for AVX-512, AVX2 and
+// NEON. Threads come from OpenMP; it resolves to the libgomp torch has already loaded, so the
+// kernel shares torch's thread pool instead of competing with it.
 
 #include <string.h>
 
-typedef float v16 __attribute__((vector_size(64)));
-
 #define LANES 16  // output columns per panel
-#define MR 8      // input rows per register tile: 8 x 2 panels = 16 accumulators
 
-static inline v16 load16(const float *p) {
-  v16 v;
+#if defined(__AVX512F__)
+#define VW 16  // floats per vector register
+#define MR 8   // input rows per register tile
+#define NP 2   // panels per register tile
+#elif defined(__AVX__)
+#define VW 8
+#define MR 6
+#define NP 1
+#else  // 128-bit vectors (NEON, SSE): 32 registers on AArch64
+#define VW 4
+#define MR 4
+#define NP 1
+#endif
+#define VPP (LANES / VW)  // vectors per panel row
+
+typedef float vec __attribute__((vector_size(VW * sizeof(float))));
+
+static inline vec loadv(const float *p) {
+  vec v;
   memcpy(&v, p, sizeof v);
   return v;
 }
 
-static inline void store16(float *p, v16 v) { memcpy(p, &v, sizeof v); }
+static inline void storev(float *p, vec v) { memcpy(p, &v, sizeof v); }
 
-// One tile: rows [0, mr) of x against np (1 or 2) panels. mr and np are constants at each call
+// A register of copies of a: one broadcast. Not `(vec){0} + a`, an add IEEE forbids folding (0 +
+// -0 is +0), one more dependent instruction per row and k; a - 0 is a for every a, so it folds.
+static inline vec splat(float a) { return a - (vec){0}; }
+
+// One tile: rows [0, mr) of x against np (1..NP) panels. mr and np are constants at each call
 // site, so the loops over them unroll and the accumulators live in registers.
 static inline __attribute__((always_inline)) void tile(const float *x, const float *wp, float *out,
                                                         long K, long N, int mr, int np) {
-  v16 acc[MR][2];
+  vec acc[MR][NP * VPP];
   for (int i = 0; i < mr; i++)
-    for (int j = 0; j < np; j++) acc[i][j] = (v16){0};
-  const float *w0 = wp, *w1 = wp + K * LANES;
+    for (int j = 0; j < np * VPP; j++) acc[i][j] = (vec){0};
   for (long k = 0; k < K; k++) {
-    v16 a = load16(w0 + k * LANES);
-    v16 b = np > 1 ? load16(w1 + k * LANES) : a;
+    vec w[NP * VPP];
+    for (int p = 0; p < np; p++)
+      for (int u = 0; u < VPP; u++) w[p * VPP + u] = loadv(wp + (p * K + k) * LANES + u * VW);
     for (int i = 0; i < mr; i++) {
-      v16 xb = (v16){0} + x[i * K + k];  // broadcast
-      acc[i][0] += xb * a;
-      if (np > 1) acc[i][1] += xb * b;
+      vec xb = splat(x[i * K + k]);
+      for (int j = 0; j < np * VPP; j++) acc[i][j] += xb * w[j];
     }
   }
   for (int i = 0; i < mr; i++)
-    for (int j = 0; j < np; j++) store16(out + i * N + j * LANES, acc[i][j]);
+    for (int p = 0; p < np; p++)
+      for (int u = 0; u < VPP; u++) storev(out + i * N + p * LANES + u * VW, acc[i][p * VPP + u]);
 }
 
-#define ROWS(np)                                                                    \
-  do {                                                                              \
-    long m = 0;                                                                     \
-    for (; m + MR <= M; m += MR) tile(x + m * K, wp, out + m * N, K, N, MR, np);    \
-    const float *xr = x + m * K;                                                    \
-    float *orow = out + m * N;                                                      \
-    switch (M - m) {                                                                \
-      case 7: tile(xr, wp, orow, K, N, 7, np); break;                               \
-      case 6: tile(xr, wp, orow, K, N, 6, np); break;                               \
-      case 5: tile(xr, wp, orow, K, N, 5, np); break;                               \
-      case 4: tile(xr, wp, orow, K, N, 4, np); break;                               \
-      case 3: tile(xr, wp, orow, K, N, 3, np); break;                               \
-      case 2: tile(xr, wp, orow, K, N, 2, np); break;                               \
-      case 1: tile(xr, wp, orow, K, N, 1, np); break;                               \
-    }                                                                               \
-  } while (0)
+// All M rows against np panels: full MR-row tiles, then one tile of the remainder.
+static inline __attribute__((always_inline)) void rows(const float *x, const float *wp, float *out,
+                                                        long M, long K, long N, int np) {
+  long m = 0;
+  for (; m + MR <= M; m += MR) tile(x + m * K, wp, out + m * N, K, N, MR, np);
+  const float *xr = x + m * K;
+  float *orow = out + m * N;
+  switch (M - m) {
+#if MR > 7
+    case 7: tile(xr, wp, orow, K, N, 7, np); break;
+    case 6: tile(xr, wp, orow, K, N, 6, np); break;
+#endif
+#if MR > 5
+    case 5: tile(xr, wp, orow, K, N, 5, np); break;
+    case 4: tile(xr, wp, orow, K, N, 4, np); break;
+#endif
+    case 3: tile(xr, wp, orow, K, N, 3, np); break;
+    case 2: tile(xr, wp, orow, K, N, 2, np); break;
+    case 1: tile(xr, wp, orow, K, N, 1, np); break;
+  }
+}
 
 // x: (M, K), wp: (N / 16, K, 16), out: (M, N); all contiguous, N a multiple of 16.
 void varserve_linear_panels(const float *x, const float *w_panels, float *out_all, long M, long N,
                             long K) {
-  long panels = N / LANES, pairs = (panels + 1) / 2;
+  long panels = N / LANES, groups = (panels + NP - 1) / NP;
 #pragma omp parallel for schedule(static)
-  for (long pair = 0; pair < pairs; pair++) {
-    long p = 2 * pair;
+  for (long g = 0; g < groups; g++) {
+    long p = NP * g;
     const float *wp = w_panels + p * K * LANES;
     float *out = out_all + p * LANES;
-    if (panels - p >= 2)
-      ROWS(2);
-    else
-      ROWS(1);
+#if NP > 1
+    if (panels - p < NP) {
+      rows(x, wp, out, M, K, N, 1);
+      continue;
+    }
+#endif
+    rows(x, wp, out, M, K, N, NP);
   }
 }

@@ -21,8 +21,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kernels import decode
 from kernels.linear import Linear
 from models.kv.dense import DenseTokenStore
+from models.kv.paged import PagedTokenStore
 from models.kv.store import KVStore, TokenSpan
 
 
@@ -213,6 +215,9 @@ class GPT(nn.Module):
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.output = Linear(cfg.dim, cfg.vocab_size, bias=False)
         self._rope_table: torch.Tensor | None = None  # float32 whatever the weights: not a buffer
+        # decode_step's layers in one C call where it applies (kernels/decode.py); False keeps the
+        # layer-by-layer path everywhere (the reference the fused one is tested against)
+        self.fused_decode = True
 
     # -- conditions -------------------------------------------------------------------------------
 
@@ -299,8 +304,50 @@ class GPT(nn.Module):
         """tokens: (R, S) long image tokens at absolute positions `positions` (R, S) long (image token
         i sits at cls_token_num + i), consecutive per row, each row at its own place.
 
-        -> logits (R, S, vocab) float32: at column j, for the image token after tokens[:, j]."""
-        return self._cached_forward(self.tok_embeddings(tokens), TokenSpan(positions, key_valid), store)
+        -> logits (R, S, vocab) float32: at column j, for the image token after tokens[:, j].
+
+        On CPU in float32 with packed weights (kernels.linear.packing_pays) over a paged or dense
+        token store, the layers run as one C call (kernels/decode.py), verify windows included, so
+        a window and a step run the same code; elsewhere (CUDA, bf16/fp16, unpacked) layer by layer."""
+        h, at = self.tok_embeddings(tokens), TokenSpan(positions, key_valid)
+        fused = self._fused_layers(h, at, store) if self.fused_decode else None
+        if fused is not None:
+            return self.output(self.norm(fused)).float()
+        return self._cached_forward(h, at, store)
+
+    def _fused_layers(self, h: torch.Tensor, at: TokenSpan, store: KVStore) -> torch.Tensor | None:
+        """h: (R, S, dim) -> the last layer's output (R, S, dim) through kernels/decode.py, writing
+        the store; None where that kernel does not apply (nothing written)."""
+        if h.requires_grad:
+            return None
+        if isinstance(store, PagedTokenStore):
+            pool = store.pool
+            k_cache, v_cache = pool.k.unbind(0), pool.v.unbind(0)
+            block_table = store.block_table
+        elif isinstance(store, DenseTokenStore):  # one block of T_max positions per row
+            k_cache, v_cache = store.k, store.v
+            block_table = decode.dense_block_table(store.k[0].shape[0])
+        else:
+            return None
+        weights = [
+            (
+                layer.attention_norm.weight,
+                layer.attention.wqkv.weight,
+                layer.attention.wo.weight,
+                layer.ffn_norm.weight,
+                layer.feed_forward.w1.weight,
+                layer.feed_forward.w3.weight,
+                layer.feed_forward.w2.weight,
+            )
+            for layer in self.layers
+        ]
+        if not decode.applies(h, weights, k_cache):
+            return None
+        c = self.config
+        return decode.decode_layers(
+            h, at.positions, self._rope_table_on(h.device), weights, k_cache, v_cache, block_table,
+            at.key_valid, c.n_head, c.norm_eps,
+        )  # fmt: skip
 
     def _cached_forward(
         self, h: torch.Tensor, at: TokenSpan, store: KVStore, every: bool = True
@@ -315,7 +362,11 @@ class GPT(nn.Module):
     def _rope(self, positions: torch.Tensor) -> torch.Tensor:
         """positions (R, S) -> (R, S, head_dim // 2, 2), gathered from a table built once (no host
         value is read, so a step never waits for the device)."""
-        if self._rope_table is None or self._rope_table.device != positions.device:
-            all_positions = torch.arange(self.config.max_seq_len + 1, device=positions.device)
+        return self._rope_table_on(positions.device)[positions]
+
+    def _rope_table_on(self, device: torch.device) -> torch.Tensor:
+        """(max_seq_len + 1, head_dim // 2, 2): `rope_2d` of every position a step may feed."""
+        if self._rope_table is None or self._rope_table.device != device:
+            all_positions = torch.arange(self.config.max_seq_len + 1, device=device)
             self._rope_table = rope_2d(all_positions, self.config)
-        return self._rope_table[positions]
+        return self._rope_table

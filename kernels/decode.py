@@ -1,0 +1,134 @@
+"""The decoder layers of a LlamaGen decode step in one C call on CPU (kernels/cpu/decode.c).
+
+At batch 1 a decode step is a stream over the weights (390 MB for GPT-B) broken by the PyTorch
+glue between the products: ~50 operators per layer (RMSNorm, RoPE through complex views, the
+cache's index_put, transposes, silu, residual adds), each a dispatcher round trip that costs more
+than its arithmetic at one or two rows. `decode_layers` runs every layer's glue in C around the
+same product and attention kernels the layer-by-layer path calls (`varserve_linear_panels` on
+16-column weight panels, `varserve_paged_attention`), handed to it by address, so it changes what
+runs between them, not what they compute.
+
+It takes the tokens of R rows, S consecutive per row (a decode step has S = 1, a verify window
+more), each row at its own positions, over a cache in the paged layout: per layer a pool
+(n_blocks, H_kv, block_size, D) and a block table (R, max_blocks) int32. A dense per-row cache
+(R, H_kv, T_max, D) is that layout with one block of T_max positions per row (`dense_block_table`).
+
+`applies(...)` says whether the kernel can run these tensors (float32 CPU, packed weights, the C
+kernels built); callers keep their PyTorch path otherwise (CUDA, other dtypes, no compiler).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import math
+from collections.abc import Sequence
+
+import torch
+
+from kernels import linear, native, paged_attention
+
+# attention_norm, wqkv, wo, ffn_norm, w1, w3, w2: the order decode.c reads each layer's weights in
+LAYER_WEIGHTS = ("attention_norm", "wqkv", "wo", "ffn_norm", "w1", "w3", "w2")
+
+
+def _kernel():
+    ptr, long, f32 = ctypes.c_void_p, ctypes.c_long, ctypes.c_float
+    # x, positions, rope, n_rope, weights, k_cache, v_cache, block_table, block_size, max_blocks,
+    # key_valid, valid_width, R, S, n_layer, dim, H, H_kv, D, hidden, eps, scale, linear, attention
+    args = (ptr, ptr, ptr, long, ptr, ptr, ptr, ptr, long, long, ptr) + (long,) * 9 + (f32, f32, ptr, ptr)
+    return native.function("decode", "varserve_decode_layers", *args, restype=ctypes.c_int)
+
+
+def _address(fn) -> int | None:
+    return None if fn is None else ctypes.cast(fn, ctypes.c_void_p).value
+
+
+def available() -> bool:
+    """The fused kernel and the two it calls are built."""
+    return (
+        _kernel() is not None and linear._kernel() is not None and paged_attention._cpu_kernel() is not None
+    )
+
+
+def applies(
+    x: torch.Tensor, weights: Sequence[Sequence[torch.Tensor]], k_cache: Sequence[torch.Tensor]
+) -> bool:
+    """Whether `decode_layers` can run: float32 CPU activations, weights and caches, every product's
+    weight packed in panels (kernels.linear.pack_weight), contiguous pools."""
+    if not x.is_cpu or x.dtype != torch.float32 or not available():
+        return False
+    f32 = torch.float32
+    for layer in weights:
+        # the norms 1-D, the products in panels (3-D); one pass of cheap checks, run every step
+        for w, dims in zip(layer, (1, 3, 3, 1, 3, 3, 3), strict=True):
+            if w.dim() != dims or w.dtype != f32 or not w.is_cpu or not w.is_contiguous():
+                return False
+    return all(c.dtype == f32 and c.is_cpu and c.is_contiguous() for c in k_cache)
+
+
+def dense_block_table(rows: int) -> torch.Tensor:
+    """(rows, 1) int32: row r's one block is r, for a dense cache seen as a pool of T_max-blocks."""
+    return torch.arange(rows, dtype=torch.int32)[:, None]
+
+
+def decode_layers(
+    x: torch.Tensor,
+    positions: torch.Tensor,
+    rope: torch.Tensor,
+    weights: Sequence[Sequence[torch.Tensor]],
+    k_cache: Sequence[torch.Tensor],
+    v_cache: Sequence[torch.Tensor],
+    block_table: torch.Tensor,
+    key_valid: torch.Tensor | None,
+    n_head: int,
+    eps: float,
+) -> torch.Tensor:
+    """x: (R, S, dim) float32, the embedded tokens at `positions` (R, S) long; rope: (n_rope, D / 2,
+    2) [cos, sin] per position (index = absolute position); weights: per layer the tensors named in
+    LAYER_WEIGHTS, products packed; k_cache, v_cache: per layer (n_blocks, H_kv, block_size, D);
+    block_table: (R, max_blocks) int32; key_valid: (R, W) bool, False at padded condition keys, or
+    None. Check `applies` first.
+
+    Writes the new keys and values of every layer into the cache -> (R, S, dim), the last layer's
+    output (before the final norm). x itself is overwritten with it."""
+    R, S, dim = x.shape
+    H_kv, block_size, D = k_cache[0].shape[1:]
+    hidden = weights[0][4].shape[0] * linear.PANEL
+    x = x.contiguous()
+    positions = positions.to(torch.long).contiguous()
+    table = block_table.to(torch.int32).contiguous()
+    rope = rope.contiguous()
+    valid = None if key_valid is None else key_valid.contiguous().view(torch.uint8)
+    pointers = [w.data_ptr() for layer in weights for w in layer]
+    k_ptrs, v_ptrs = [c.data_ptr() for c in k_cache], [c.data_ptr() for c in v_cache]
+    status = _kernel()(
+        x.data_ptr(),
+        positions.data_ptr(),
+        rope.data_ptr(),
+        rope.shape[0],
+        (ctypes.c_void_p * len(pointers))(*pointers),
+        (ctypes.c_void_p * len(k_ptrs))(*k_ptrs),
+        (ctypes.c_void_p * len(v_ptrs))(*v_ptrs),
+        table.data_ptr(),
+        block_size,
+        table.shape[1],
+        None if valid is None else valid.data_ptr(),
+        0 if valid is None else valid.shape[1],
+        R,
+        S,
+        len(weights),
+        dim,
+        n_head,
+        H_kv,
+        D,
+        hidden,
+        eps,
+        1.0 / math.sqrt(D),
+        _address(linear._kernel()),
+        _address(paged_attention._cpu_kernel()),
+    )
+    if status == -1:
+        raise IndexError(f"a position of {positions.tolist()} has no RoPE entry or no cache block")
+    if status != 0:
+        raise MemoryError("decode_layers: no memory for the step's activations")
+    return x
