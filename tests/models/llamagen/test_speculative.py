@@ -205,15 +205,44 @@ def test_auto_falls_back_to_plain_decoding_where_speculation_loses(shapes):
     assert generate(model, None, labels, params, decode=False, auto=free).forward_passes < 100
 
 
+class FreeWidth(AutoWindow):
+    """Measures pass costs as the real one does, but chooses as if every width cost one pass: the
+    window is then the one that commits the most tokens per pass, whatever this machine's timings."""
+
+    def pass_seconds(self, rows, L):
+        super().pass_seconds(rows, L)
+        return 1.0
+
+
 def test_auto_calibrates_once_per_method_and_keeps_measuring(shapes):
     model = shapes[0]
-    auto = AutoWindow(model, repeats=1)
-    params = [settings("scd", "auto", seed=5, cfg=2.0, top_k=20)]
-    out = generate(model, None, torch.tensor([1]), params, decode=False, auto=auto)
+    auto = FreeWidth(model, repeats=1)
+    first = generate(
+        model,
+        None,
+        torch.tensor([1]),
+        [settings("scd", "auto", seed=5, cfg=2.0, top_k=20)],
+        decode=False,
+        auto=auto,
+    )
     assert auto.calibrated("scd") and not auto.calibrated("sjd")
     assert all(auto.tokens_per_pass("scd", L) > 1 for L in WINDOWS[1:])
-    assert set(auto.forward) == {2}  # one guided image: 2 rows
-    assert out.forward_passes < 200  # measured: about 90 (window 8 to 32 on this machine)
+    assert set(auto.forward) == {2}  # one guided image: 2 rows, measured once
+    assert first.forward_passes < 256 and first.drafted[0] > 0
+    chosen = auto.choose(2, ["scd"], 1)
+    assert chosen > 1
+    calibrated = dict(auto.tokens)
+    second = generate(
+        model,
+        None,
+        torch.tensor([3]),
+        [settings("scd", "auto", seed=6, cfg=2.0, top_k=20)],
+        decode=False,
+        auto=auto,
+    )
+    assert second.forward_passes < 256 and second.drafted[0] > 0
+    # the finished image updated its window's tokens per pass, and only that one
+    assert {k for k in calibrated if auto.tokens[k] != calibrated[k]} == {("scd", chosen)}
 
 
 # -- the bundled model ----------------------------------------------------------------------------
