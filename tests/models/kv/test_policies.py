@@ -181,14 +181,14 @@ def test_scalekv_keeps_its_observation_window_then_ranks_by_mass():
     assert kept == [0, 1, *obs.tolist()]
 
 
-def test_heatkv_drops_the_lowest_scored_segments_and_protects_the_first_three_scales():
+def test_heatkv_drops_the_least_score_per_token_and_protects_the_first_three_scales():
     profile = PROFILES["mixed"]
     keep = HeatKV().kept(GEO, profile, 0.1)  # (depth, H, S - 1)
     assert bool(keep[:, :, :3].all())  # protected
     kept_tokens = (keep.long() * torch.tensor(GEO.sizes[:-1])).sum()
     assert kept_tokens <= 42 * GEO.depth * GEO.num_heads
-    # every dropped unprotected segment scores no higher than any kept unprotected one
-    score = torch.tensor(profile.segment_score)[:, :, : S - 1]
+    # every dropped unprotected segment scores no higher per token freed than any kept one
+    score = torch.tensor(profile.segment_score)[:, :, : S - 1] / torch.tensor(GEO.sizes[:-1])
     free = torch.zeros_like(keep)
     free[:, :, 3:] = True
     dropped, kept = score[free & ~keep], score[free & keep]
