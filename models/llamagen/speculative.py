@@ -86,15 +86,23 @@ def fill_drafts(
     by offset after the committed ones. A fresh draft copies the token one grid row up (on the
     first row: its left neighbour), so its q is one-hot."""
     V, N = q.shape[-1], tokens.shape[1]
-    rows = torch.arange(len(n), device=n.device)
-    for t in range(int(lo.min()), int(hi.max())):
-        fill = (t >= lo) & (t < hi)
-        pos = (n + t).clamp(max=N - 1)  # a row past its own drafts may point beyond the image
-        src = torch.where(pos >= grid, pos - grid, pos - 1)
-        tok = torch.where(fill, tokens[rows, src], tokens[rows, pos])
-        tokens[rows[fill], pos[fill]] = tok[fill]
-        one_hot = torch.nn.functional.one_hot(tok, V).to(q.dtype)
-        q[:, t] = torch.where(fill[:, None], one_hot, q[:, t])
+    T = int(hi.max())
+    t = torch.arange(T, device=n.device)
+    fill = (t >= lo[:, None]) & (t < hi[:, None])  # (b, T)
+    pos = (n[:, None] + t).clamp(max=N - 1)  # a row past its own drafts may point beyond the image
+    src = torch.where(pos >= grid, pos - grid, pos - 1)
+    rows = torch.arange(len(n), device=n.device)[:, None].expand_as(pos)[fill]
+    at, src = pos[fill], src[fill]
+    # A fresh draft may copy another (on the first grid row each copies its left neighbour; a
+    # window wider than a row copies drafts above it): sweep until every draft equals its source,
+    # which is what drafting them one by one in order gives (sources come before their drafts).
+    while True:
+        tok = tokens[rows, src]
+        if torch.equal(tok, tokens[rows, at]):
+            break
+        tokens[rows, at] = tok
+    one_hot = torch.nn.functional.one_hot(tokens.gather(1, pos), V).to(q.dtype)
+    q[:, :T] = torch.where(fill[..., None], one_hot, q[:, :T])
 
 
 def verify(
