@@ -6,8 +6,9 @@ Per model (llamagen-shapes c2i, llamagen-shapes-t2i), at the model's sampling de
 1. the measured cost curve: one verification pass of a window of L tokens over the rows of one
    guided image (2) and of eight (16), against L = 1;
 2. per method (none, sjd, scd, gsd at a fixed window; scd and gsd at "auto"): forward passes per
-   image, latency per image at batch 1 (images one at a time), images/s at batch 1 and 8, each
-   the best of two runs (the machine is shared), and the wall-clock speed-up over plain decoding;
+   image, latency per image at batch 1 (images one at a time), images/s at batch 1 and 8, over
+   `--rounds` rounds of every method in turn (the machine is shared: the median, and the speed-up
+   over plain decoding paired within each round, with its range);
 3. quality: `per-class` images of every shape per method (none, sjd, scd, gsd: auto samples as its
    method does), read by bench/quality.py's classifier
    (the shape, and for the text model the colour, asked for), and the total-variation distance
@@ -81,27 +82,43 @@ def cost_table(runner) -> None:
         print(f"| {rows} | {ratios} | {c[1] * 1e3:.1f} |")
 
 
-def speed_table(runner, window: int, latency_images: int) -> None:
+def speed_table(runner, window: int, latency_images: int, rounds: int) -> None:
+    """Every method once per round, in turn, `rounds` rounds after a warm-up of each: a neighbour's
+    burst then slows one round of every method rather than one method. Speed-ups are the median
+    over rounds of the time of `none` in that round over the method's (paired), with their range."""
     conditions, _ = quality.conditions_for(runner, 1)
-    print(f"\n{runner.spec.name}: speed (images at the model's defaults; speed-up = wall clock vs none)")
+    one = conditions[:latency_images]
+    eight = (conditions * 8)[:8]
+    table = methods(window)
+    for _, spec in table:  # warm-up (and the auto calibration and cost curve)
+        run(runner, one[:1], 100, spec, 1)
+        run(runner, eight, 200, spec, 8)
+    times = {name: ([], []) for name, _ in table}
+    passes = {}
+    for _ in range(rounds):
+        for name, spec in table:
+            b1 = run(runner, one, 100, spec, 1)
+            b8 = run(runner, eight, 200, spec, 8)
+            times[name][0].append(b1[3] / len(one))
+            times[name][1].append(b8[3] / 8)
+            passes[name] = np.mean(b1[2] + b8[2])
+    print(
+        f"\n{runner.spec.name}: speed (images at the model's defaults; {rounds} rounds, methods in turn; "
+        "median, speed-up = none's time / the method's in the same round, median [min, max])"
+    )
     print(
         "| method | passes/image | latency/image b1 (s) | images/s b1 | images/s b8 | speed-up b1 | speed-up b8 |"
     )
     print("|---|---|---|---|---|---|---|")
-    base = None
-    for name, spec in methods(window):
-        one = conditions[:latency_images]
-        eight = (conditions * 8)[:8]
-        run(runner, one[:1], 100, spec, 1)  # warm-up (and the auto cost curve)
-        b1 = min(run(runner, one, 100, spec, 1)[3] for _ in range(2)) / len(one)
-        b8_runs = [run(runner, eight, 200, spec, 8) for _ in range(2)]
-        b8 = min(r[3] for r in b8_runs) / 8
-        passes = np.mean(b8_runs[0][2] + run(runner, one, 100, spec, 1)[2])
-        if base is None:
-            base = (b1, b8)
+    base = times["none"]
+    for name, _ in table:
+        b1, b8 = (float(np.median(t)) for t in times[name])
+        cells = []
+        for i in (0, 1):
+            ratio = np.array(base[i]) / np.array(times[name][i])
+            cells.append(f"{np.median(ratio):.2f}x [{ratio.min():.2f}, {ratio.max():.2f}]")
         print(
-            f"| {name} | {passes:.1f} | {b1:.3f} | {1 / b1:.2f} | {1 / b8:.2f} | "
-            f"{base[0] / b1:.2f}x | {base[1] / b8:.2f}x |"
+            f"| {name} | {passes[name]:.1f} | {b1:.3f} | {1 / b1:.2f} | {1 / b8:.2f} | {cells[0]} | {cells[1]} |"
         )
 
 
@@ -136,6 +153,7 @@ def main() -> None:
     parser.add_argument("--window", type=int, default=16, help="the fixed window of sjd, scd and gsd")
     parser.add_argument("--models", nargs="+", default=list(MODELS))
     parser.add_argument("--no-quality", action="store_true", help="the cost curve and speed tables only")
+    parser.add_argument("--rounds", type=int, default=5, help="speed: rounds of every method in turn")
     args = parser.parse_args()
     torch.set_num_threads(1)
     specs = {s.name: s for s in load_config(DEFAULT_CONFIG)}
@@ -149,7 +167,7 @@ def main() -> None:
     for name in args.models:
         runner = load_runner(specs[name])
         cost_table(runner)
-        speed_table(runner, args.window, args.latency_images)
+        speed_table(runner, args.window, args.latency_images, args.rounds)
         if not args.no_quality:
             quality_table(runner, clf, args.window, args.per_class)
     print(f"\n(total {time.perf_counter() - t0:.0f} s, one thread)")

@@ -325,7 +325,7 @@ class Engine:
                 self.seqs[i].n += 1
                 self.seqs[i].drafts = 0
         if spec:
-            self._verify(spec, windows, cond, S, n_host)
+            self._verify(spec, windows, cond, S)
         self.n = torch.tensor([s.n for s in self.seqs], dtype=torch.long, device=self.device)
         self.positions = self._positions()
 
@@ -375,16 +375,14 @@ class Engine:
         for i in need:
             self.seqs[i].drafts = windows[i] - 1
 
-    def _verify(
-        self, spec: list[int], windows: list[int], cond: torch.Tensor, S: int, n_host: list[int]
-    ) -> None:
+    def _verify(self, spec: list[int], windows: list[int], cond: torch.Tensor, S: int) -> None:
         device, V, N = self.device, self.model.config.vocab_size, self.model.config.block_size
         seqs = [self.seqs[i] for i in spec]
-        idx = torch.tensor(spec, device=device)
-        qrows = torch.tensor([self._q_row[i] for i in spec], device=device)
-        p = target_probs(cond[idx], self.rows.sampler.select(spec))  # (b, S, V)
+        rows = self._speculative_rows(spec)
+        idx, qrows = rows.idx, rows.qrows
+        p = target_probs(cond[idx], rows.sampler)  # (b, S, V)
         L = torch.tensor([windows[i] for i in spec], device=device)
-        n = torch.tensor([n_host[i] for i in spec], device=device)
+        n = self.n[idx]
         # each image's own draws, as many as its window: accept tests and one race per column
         u = torch.full((len(spec), S), 2.0, device=device)  # 2: padding never accepts
         e = torch.full((len(spec), S, V), 0.5, device=device)
@@ -396,14 +394,12 @@ class Engine:
         at = (n[:, None] + t).clamp(max=N - 1)
         drafts = self.tokens[idx[:, None], at]  # (b, S)
         q = self.q[qrows, :S]
-        grouped = gsd = None
-        if any(s.settings.speculative.method == "gsd" for s in seqs):
+        grouped = None
+        if rows.gsd is not None:
             if self._groups is None:
                 self._groups = TokenGroups(self.model)
             grouped = self._groups.ratio(p, q, drafts, [s.settings.speculative for s in seqs])
-            gsd = torch.tensor([s.settings.speculative.method == "gsd" for s in seqs], device=device)
-        coupled = torch.tensor([s.settings.speculative.method in COUPLED for s in seqs], device=device)
-        k, window_tokens = verify(p, q, drafts, L, u, e, coupled, grouped, gsd)
+        k, window_tokens = verify(p, q, drafts, L, u, e, rows.coupled, grouped, rows.gsd)
         in_window = t < L[:, None]
         self.tokens[idx[:, None].expand_as(at)[in_window], at[in_window]] = window_tokens[in_window]
         # the next drafts' q: the targets of the columns after the committed ones
@@ -415,6 +411,21 @@ class Engine:
             s.drafts = w - 1 - kb
             s.drafted += w - 1
             s.accepted += kb
+
+    def _speculative_rows(self, spec: list[int]) -> _SpeculativeRows:
+        """What a pass's speculative rows share, built once per membership and set of rows."""
+        key = tuple(spec)
+        if key not in self._spec_rows:
+            seqs = [self.seqs[i] for i in spec]
+            methods = [s.settings.speculative.method for s in seqs]
+            self._spec_rows[key] = _SpeculativeRows(
+                torch.tensor(spec, device=self.device),
+                torch.tensor([self._q_row[i] for i in spec], device=self.device),
+                self.rows.sampler.select(spec),
+                torch.tensor([m in COUPLED for m in methods], device=self.device),
+                torch.tensor([m == "gsd" for m in methods], device=self.device) if "gsd" in methods else None,
+            )
+        return self._spec_rows[key]
 
     # -- rows -------------------------------------------------------------------------------------
 
@@ -465,6 +476,19 @@ class Engine:
             self.seqs[i].q = self.q[j]
         self.n = torch.tensor([s.n for s in self.seqs], dtype=torch.long, device=self.device)
         self.positions = self._positions()
+        self._spec_rows: dict[tuple[int, ...], _SpeculativeRows] = {}
+
+
+@dataclass
+class _SpeculativeRows:
+    """Some speculative sequences of the batch (indices `idx`, their q rows `qrows`), with their
+    sampler and which are coupled (SCD, GSD) and grouped (GSD, None when none is)."""
+
+    idx: torch.Tensor
+    qrows: torch.Tensor
+    sampler: SamplerRows
+    coupled: torch.Tensor
+    gsd: torch.Tensor | None
 
 
 class _Rows:
