@@ -179,6 +179,15 @@ def model_card(name: str, pool: WorkerPool) -> ModelCard:
                 d.kv_policy,
                 d.kv_budget,
             )
+        if info.speculative_methods:
+            s = d.speculative
+            card.speculative_methods = list(info.speculative_methods)
+            card.speculative_method, card.speculative_window = s.method, s.window
+            card.speculative_group, card.speculative_p_threshold, card.speculative_distance = (
+                s.group,
+                s.p_threshold,
+                s.distance,
+            )
         if info.kv_bytes_per_image is not None:
             card.kv_bytes_per_image = info.kv_bytes_per_image(settings_for(d, 0, 1)[0])
     return card

@@ -24,6 +24,7 @@ class ModelInfo:
     resolve_condition: Callable[[int | str], int | str]  # the runner's: ValueError for the user
     check_settings: Callable[[ImageSettings], None]  # the runner's: SettingError for the user
     kv_policies: tuple[str, ...] = ()  # the KV-cache policies it offers (next-scale models)
+    speculative_methods: tuple[str, ...] = ()  # the speculative methods it offers (next-token models)
     # next-scale models: the runner's planned KV bytes of one image under its policy and budget, which
     # the queue admits images by under --kv-cache-bytes (None: the model's batches are not limited so)
     kv_bytes_per_image: Callable[[ImageSettings], int] | None = None
@@ -46,6 +47,7 @@ def info_of(runner) -> ModelInfo:
         resolve_condition=runner.resolve,
         check_settings=runner.check,
         kv_policies=tuple(getattr(runner, "kv_policies", ())),
+        speculative_methods=tuple(getattr(runner, "speculative_methods", ())),
         kv_bytes_per_image=getattr(runner, "kv_bytes_per_image", None),
     )
 

@@ -93,6 +93,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=window_arg,
         help=f"with --speculative: tokens verified per forward pass, 1..{MAX_WINDOW}, or auto",
     )
+    for flag, kind, meaning in (  # GSD's grouping knobs: the request's speculative.group, ...
+        ("--gsd-group", in_range(int, 0), "neighbours either side in the ranking"),
+        ("--gsd-p-threshold", in_range(float, 0, 1, lo_open=True), "probability closeness to the draft's"),
+        ("--gsd-distance", in_range(float, 0, None, lo_open=True), "squared embedding distance / the mean's"),
+    ):
+        gen.add_argument(flag, type=kind, help=f"with --speculative gsd: {meaning}")
     gen.add_argument("--batch-size", type=in_range(int, 1, 256), default=16, help="images per forward batch")
     gen.add_argument("--out", type=Path, default=Path("out"), help="output directory")
     gen.set_defaults(subparser=gen)
@@ -168,12 +174,28 @@ def generate_command(args, parser: argparse.ArgumentParser) -> int:
         args.cfg_interval,
         args.kv_policy,
         args.kv_budget,
-        {k: v for k, v in (("method", args.speculative), ("window", args.window)) if v is not None},
+        {
+            k: v
+            for k, v in (
+                ("method", args.speculative),
+                ("window", args.window),
+                ("group", args.gsd_group),
+                ("p_threshold", args.gsd_p_threshold),
+                ("distance", args.gsd_distance),
+            )
+            if v is not None
+        },
     )
     try:
         runner.check(params[0])
     except SettingError as e:
-        flag = {"speculative.method": "speculative", "speculative.window": "window"}.get(e.field, e.field)
+        flag = {
+            "speculative.method": "speculative",
+            "speculative.window": "window",
+            "speculative.group": "gsd_group",
+            "speculative.p_threshold": "gsd_p_threshold",
+            "speculative.distance": "gsd_distance",
+        }.get(e.field, e.field)
         parser.error(f"--{flag.replace('_', '-')}: {e}")
     args.out.mkdir(parents=True, exist_ok=True)
     what = f"class {condition}" if args.prompt is None else f"prompt {condition!r}"

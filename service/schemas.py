@@ -229,6 +229,18 @@ class ModelCard(BaseModel):
     kv_policies: list[str] | None = Field(None, description="next-scale models: the kv_policy choices")
     kv_policy: str | None = Field(None, description="the model's default kv_policy")
     kv_budget: float | None = Field(None, description="the model's default kv_budget")
+    speculative_methods: list[str] | None = Field(
+        None, description="next-token models: the speculative.method choices"
+    )
+    speculative_method: str | None = Field(None, description="the model's default speculative.method")
+    speculative_window: int | str | None = Field(None, description="the model's default speculative.window")
+    speculative_group: int | None = Field(None, description="the model's default speculative.group (gsd)")
+    speculative_p_threshold: float | None = Field(
+        None, description="the model's default speculative.p_threshold (gsd)"
+    )
+    speculative_distance: float | None = Field(
+        None, description="the model's default speculative.distance (gsd)"
+    )
     kv_cache_bytes: int | None = Field(
         None,
         description="the server's --kv-cache-bytes (null: not set): next-scale batches plan at most "

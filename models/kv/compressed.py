@@ -151,7 +151,11 @@ class SlabScaleStore:
         off = self._offsets[layer, segs]
         kf = k[local].reshape(G * n, -1)  # (G * n, D), segment by segment
         vf = v[local].reshape(G * n, -1)
-        if p.append_only:  # new == old + n (take the scale) or new == old (take none of it)
+        # Append-only policies take a scale whole or not at all; any policy whose segments all keep
+        # everything (a budget of 1, or a scale before the budget binds) appends too, without the
+        # mass and ranking it would not use: `select` keeps columns in order, so the layout is the
+        # same either way.
+        if p.append_only or bool((new == old + n).all()):
             assert bool(((new == old) | (new == old + n)).all()), (p.name, old, new)
             take = (new == old + n).nonzero().flatten()
             if len(take):

@@ -21,6 +21,7 @@ from models.text import load_text_encoder
 
 class LlamaGenRunner:
     family = "llamagen"
+    speculative_methods = SPECULATIVE_METHODS
 
     def __init__(self, spec: ModelSpec):
         self.spec = spec

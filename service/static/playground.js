@@ -27,14 +27,18 @@
 
   // ===== KV-policy and speculative options =====
   // Extra request fields, each rendered only when the selected model's card carries the named
-  // card field (VAR cards carry kv_policies and kv_budget; no card offers speculative decoding
-  // yet). A card value that is a list gives the choices of a select; a number or string gives an
-  // input with that default; true gives a checkbox. Left empty, the field is not sent and the
-  // server's default applies.
+  // card field (VAR cards carry kv_policies and kv_budget, LlamaGen cards the speculative
+  // options). A card value that is a list gives the choices of a select; a number or string gives
+  // an input with that default; true gives a checkbox. Left empty, the field is not sent and the
+  // server's default applies. A dotted param is a key of an object field ("speculative.window").
   const EXTRA_OPTIONS = [
     { card: "kv_policies", param: "kv_policy", label: "KV policy" },
     { card: "kv_budget", param: "kv_budget", label: "KV budget" },
-    { card: "speculative", param: "speculative", label: "Speculative decoding" },
+    { card: "speculative_methods", param: "speculative.method", label: "Speculative decoding" },
+    { card: "speculative_window", param: "speculative.window", label: "Window (tokens per pass, or auto)" },
+    { card: "speculative_group", param: "speculative.group", label: "GSD group" },
+    { card: "speculative_p_threshold", param: "speculative.p_threshold", label: "GSD p threshold" },
+    { card: "speculative_distance", param: "speculative.distance", label: "GSD distance" },
   ];
 
   // What the page has done, for people and tests: timestamps are performance.now() milliseconds.
@@ -47,6 +51,7 @@
   };
   window.varservePlayground = state;
   Object.defineProperty(state, "sseParser", { value: () => sseParser() }); // for tests; not enumerable
+  Object.defineProperty(state, "requestBody", { value: (card) => requestBody(card) }); // for tests
 
   const $ = (id) => document.getElementById(id);
   const el = {};
@@ -331,11 +336,16 @@
     const interval = $("cfg_interval").value.trim();
     if (card.family === "llamagen" && interval !== "") body.cfg_interval = numberOrText(interval);
     for (const input of el.extraBody.querySelectorAll("[data-param]")) {
+      let value;
       if (input.type === "checkbox") {
-        if (input.checked) body[input.dataset.param] = true;
+        if (input.checked) value = true;
       } else if (input.value.trim() !== "") {
-        body[input.dataset.param] = input.type === "number" ? Number(input.value) : input.value.trim();
+        value = input.type === "number" ? Number(input.value) : numberOrText(input.value.trim());
       }
+      if (value === undefined) continue;
+      const [field, key] = input.dataset.param.split(".");
+      if (key === undefined) body[field] = value;
+      else body[field] = { ...(body[field] || {}), [key]: value };
     }
     let text = JSON.stringify(body);
     for (const [k, v] of Object.entries(raw)) text = `${text.slice(0, -1)},${JSON.stringify(k)}:${v}}`;

@@ -60,6 +60,18 @@ def test_bad_values_exit_non_zero_with_a_message(tmp_path):
         (["--class", 1, "--speculative", "sjd"], "--speculative: model 'var-fixture' is next-scale"),
         (["--class", 1, "--speculative", "fast"], "argument --speculative: invalid choice: 'fast'"),
         (["--class", 1, "--speculative", "sjd", "--window", 0], "argument --window: 0 is outside [1, 32]"),
+        (
+            ["--class", 1, "--speculative", "gsd", "--gsd-group", -1],
+            "argument --gsd-group: -1 is outside [0, inf]",
+        ),
+        (
+            ["--class", 1, "--speculative", "gsd", "--gsd-p-threshold", 0],
+            "argument --gsd-p-threshold: 0.0 is outside (0, 1]",
+        ),
+        (
+            ["--class", 1, "--speculative", "gsd", "--gsd-distance", 0],
+            "argument --gsd-distance: 0.0 is outside (0, inf]",
+        ),
     ]
     for args, message in cases:
         run = varserve("generate", "--config", CONFIG, "--out", tmp_path, *args)
@@ -90,6 +102,21 @@ def test_llamagen_class_model_and_condition_mismatch(tmp_path):
     assert run.returncode == 0, run.stderr
     # seed 2 is the second image above: with speculation, another draw of the same distribution
     assert Image.open(tmp_path / "s" / "0.png").size == (256, 256)
+    gsd = [
+        "--speculative",
+        "gsd",
+        "--window",
+        8,
+        "--gsd-group",
+        2,
+        "--gsd-p-threshold",
+        0.5,
+        "--gsd-distance",
+        3,
+    ]
+    run = varserve("generate", "--config", config, "--class", 2, "--seed", 2, *gsd, "--out", tmp_path / "g")
+    assert run.returncode == 0, run.stderr
+    assert Image.open(tmp_path / "g" / "0.png").size == (256, 256)
     run = varserve("generate", "--config", config, "--prompt", "a cat", "--out", tmp_path)
     assert run.returncode == 2
     assert "'llamagen-c2i-fixture' is class-conditional: use --class, not --prompt" in run.stderr

@@ -234,7 +234,7 @@ def test_kv_options_show_from_the_var_card_and_reach_the_server(browser, server)
     ]
     budget = browser.find_element(By.ID, "extra-kv_budget")
     assert budget.get_attribute("placeholder") == "1"
-    assert not browser.find_elements(By.ID, "extra-speculative")
+    assert not browser.find_elements(By.ID, "extra-speculative.method")
     policies.select_by_value("snapkv")
     budget.send_keys("0.1")
     browser.find_element(By.ID, "generate").click()
@@ -257,6 +257,38 @@ def test_kv_options_show_from_the_var_card_and_reach_the_server(browser, server)
         document.getElementById("model").dispatchEvent(new Event("change"));"""
     )
     assert not section.is_displayed()
+
+
+def test_speculative_options_render_from_a_next_token_card_and_are_sent_nested(browser, server):
+    """A next-token card's speculative options (here put on the fixture VAR's card, which offers
+    none) render as a method select and inputs with the card's defaults, and the request carries
+    them as one `speculative` object: the VAR model answers 400 naming that field."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
+
+    open_playground(browser, server)
+    browser.execute_script(
+        """const card = window.varservePlayground.models[0];
+        Object.assign(card, {speculative_methods: ["none", "sjd", "scd", "gsd"], speculative_window: "auto",
+                             speculative_group: 7, speculative_p_threshold: 0.15, speculative_distance: 1.0});
+        document.getElementById("model").dispatchEvent(new Event("change"));"""
+    )
+    method = Select(browser.find_element(By.ID, "extra-speculative.method"))
+    assert [o.get_attribute("value") for o in method.options] == ["", "none", "sjd", "scd", "gsd"]
+    window = browser.find_element(By.ID, "extra-speculative.window")
+    assert window.get_attribute("placeholder") == "auto"
+    assert browser.find_element(By.ID, "extra-speculative.group").get_attribute("placeholder") == "7"
+    method.select_by_value("gsd")
+    window.send_keys("8")
+    browser.find_element(By.ID, "extra-speculative.group").send_keys("2")
+    body = browser.execute_script(
+        "return JSON.parse(window.varservePlayground.requestBody(window.varservePlayground.models[0]).text)"
+    )
+    assert body["speculative"] == {"method": "gsd", "window": 8, "group": 2}, body
+    browser.find_element(By.ID, "generate").click()
+    error = browser.find_element(By.ID, "error")
+    wait(browser, lambda d: error.is_displayed(), "the error to show")
+    assert "speculative" in error.text and "next-scale" in error.text, error.text
 
 
 @pytest.mark.parametrize(

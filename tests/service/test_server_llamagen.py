@@ -107,6 +107,14 @@ def test_the_model_card_describes_a_next_token_class_model(server):
     assert card["resolution"] == f"{IMAGE_PX}x{IMAGE_PX}" and card["steps"] == GRID
     assert card["defaults"] == {"cfg_scale": 4.0, "top_k": 2000, "top_p": 1.0, "temperature": 1.0}
     assert card["kv_policies"] is None and card["kv_budget"] is None  # next-token: no KV policies
+    # its speculative options and the config's defaults, which the playground renders
+    assert card["speculative_methods"] == ["none", "sjd", "scd", "gsd"]
+    assert (card["speculative_method"], card["speculative_window"]) == ("none", "auto")
+    assert (card["speculative_group"], card["speculative_p_threshold"], card["speculative_distance"]) == (
+        7,
+        0.15,
+        1.0,
+    )
 
 
 @pytest.mark.parametrize("path", ["/v1/images/generations", "/v1/generate"])
