@@ -167,6 +167,7 @@ class SlabScaleStore:
                 self.pos[layer][slots] = (at.start + torch.arange(n, device=dev)).repeat(len(take)).int()
             return
         c = self._candidates(p, layer, si, at, rows, local, segs, old, off, q, k, scale)
+        c.keep = new
         tier, key = p.rank(c, self.profile)
         cols = select(tier.cpu(), key.cpu(), c.valid.cpu(), new)  # (G, max new), -1 padded
         taken = cols >= 0

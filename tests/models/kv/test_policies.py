@@ -181,6 +181,20 @@ def test_scalekv_keeps_its_observation_window_then_ranks_by_mass():
     assert kept == [0, 1, *obs.tolist()]
 
 
+def test_scalekv_ranks_its_window_with_the_rest_when_the_budget_cannot_hold_both():
+    """A segment keeping fewer than twice the window's 16 keys ranks them by mass with the stored
+    prefix: protecting them would leave no room for any earlier scale."""
+    obs = GEO.starts[4] + grid_centres(5)
+    mass = torch.zeros(1, 30 + 25)
+    mass[0, :5] = 9.0  # the 1x1 and 2x2 maps are heavy
+    c = candidates(4, [list(range(30))], mass=mass, obs=obs)
+    c.keep = torch.tensor([10])
+    kept = kept_positions(ScaleKV(), c, 10)[0]
+    assert kept[:5] == [0, 1, 2, 3, 4] and len(kept) == 10
+    c.keep = torch.tensor([32])  # room for both: the window first
+    assert set(obs.tolist()) <= set(kept_positions(ScaleKV(), c, 32)[0])
+
+
 def test_heatkv_drops_the_least_score_per_token_and_protects_the_first_three_scales():
     profile = PROFILES["mixed"]
     keep = HeatKV().kept(GEO, profile, 0.1)  # (depth, H, S - 1)
