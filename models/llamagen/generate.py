@@ -609,14 +609,11 @@ def generate(
     )
 
 
-def batch_pool(
-    model: GPT, seqs: list[Sequence], max_len: int | None = None, rows: int = 0, block_size: int = BLOCK_SIZE
-) -> BlockPool:
-    """A pool that holds exactly these sequences (plus `rows` more rows) to max_len positions each
-    (default the longest sequence): a static batch's."""
+def batch_pool(model: GPT, seqs: list[Sequence]) -> BlockPool:
+    """A pool that holds exactly these sequences' rows to their last position: a static batch's."""
     c, w = model.config, model.tok_embeddings.weight
-    blocks = (sum(s.rows for s in seqs) + rows) * -(-(max_len or c.max_seq_len) // block_size)
-    return BlockPool(c.n_layer, blocks, c.n_kv_head, block_size, c.head_dim, w.dtype, w.device)
+    blocks = sum(s.rows for s in seqs) * -(-c.max_seq_len // BLOCK_SIZE)
+    return BlockPool(c.n_layer, blocks, c.n_kv_head, BLOCK_SIZE, c.head_dim, w.dtype, w.device)
 
 
 def decode_tokens(vq: VQModel, tokens: torch.Tensor, grid: int) -> torch.Tensor:

@@ -31,6 +31,20 @@ class StepGate:
         return self.real()
 
 
+def second_joins_at_the_gate(server, gate, first_body, second_body):
+    """POST first_body; once its batch is held at the gate, POST second_body, wait for it to
+    queue, and let the batch go on: the second joins the running batch -> both responses."""
+    with ThreadPoolExecutor(2) as pool:
+        first = pool.submit(server.post, first_body)
+        assert gate.reached.wait(TIMEOUT_S)
+        second = pool.submit(server.post, second_body)
+        wait_until(
+            lambda: metric(server.metrics(), "varserve_num_requests_waiting") == 1, "the second to queue"
+        )
+        gate.go.set()
+        return first.result(TIMEOUT_S), second.result(TIMEOUT_S)
+
+
 def running_batch(server):
     return next(w._running[MODEL] for w in server.pool.workers if MODEL in w._running)
 
@@ -52,15 +66,7 @@ def test_a_request_joins_the_running_batch_and_gets_its_lone_image(server, monke
     monkeypatch.setattr(running, "step", gate)
     first_body = {"prompt": 1, "seed": 10, "cfg_scale": 1.0}
     second_body = {"prompt": 2, "seed": 20, "cfg_scale": 3.0, "top_k": 100}
-    with ThreadPoolExecutor(2) as pool:
-        first = pool.submit(server.post, first_body)
-        assert gate.reached.wait(TIMEOUT_S)  # the first image is 60 tokens in
-        second = pool.submit(server.post, second_body)
-        wait_until(
-            lambda: metric(server.metrics(), "varserve_num_requests_waiting") == 1, "the second to queue"
-        )
-        gate.go.set()
-        first, second = first.result(TIMEOUT_S), second.result(TIMEOUT_S)
+    first, second = second_joins_at_the_gate(server, gate, first_body, second_body)  # 60 tokens in
     a, b = first.json()["usage"], second.json()["usage"]
     assert a["batch_images"] == b["batch_images"] == 2  # they ran together
     assert a["forward_passes"] == b["forward_passes"] == 256  # a prefill, then a pass per token
@@ -147,15 +153,7 @@ def test_a_speculative_request_joins_the_running_batch_at_its_own_pace(server, m
         "top_k": 20,
         "speculative": {"method": "scd", "window": 8},
     }
-    with ThreadPoolExecutor(2) as pool:
-        plain = pool.submit(server.post, plain_body)
-        assert gate.reached.wait(TIMEOUT_S)
-        spec = pool.submit(server.post, spec_body)
-        wait_until(
-            lambda: metric(server.metrics(), "varserve_num_requests_waiting") == 1, "the second to queue"
-        )
-        gate.go.set()
-        plain, spec = plain.result(TIMEOUT_S), spec.result(TIMEOUT_S)
+    plain, spec = second_joins_at_the_gate(server, gate, plain_body, spec_body)
     a, b = plain.json()["usage"], spec.json()["usage"]
     assert a["batch_images"] == b["batch_images"] == 2  # they ran together
     assert a["forward_passes"] == 256 and b["forward_passes"] < 256

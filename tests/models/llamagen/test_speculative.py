@@ -217,14 +217,12 @@ class FreeWidth(AutoWindow):
 def test_auto_calibrates_once_per_method_and_keeps_measuring(shapes):
     model = shapes[0]
     auto = FreeWidth(model, repeats=1)
-    first = generate(
-        model,
-        None,
-        torch.tensor([1]),
-        [settings("scd", "auto", seed=5, cfg=2.0, top_k=20)],
-        decode=False,
-        auto=auto,
-    )
+
+    def one_auto_image(label, seed):
+        params = [settings("scd", "auto", seed=seed, cfg=2.0, top_k=20)]
+        return generate(model, None, torch.tensor([label]), params, decode=False, auto=auto)
+
+    first = one_auto_image(1, seed=5)
     assert auto.calibrated("scd") and not auto.calibrated("sjd")
     assert all(auto.tokens_per_pass("scd", L) > 1 for L in WINDOWS[1:])
     assert set(auto.forward) == {2}  # one guided image: 2 rows, measured once
@@ -232,14 +230,7 @@ def test_auto_calibrates_once_per_method_and_keeps_measuring(shapes):
     chosen = auto.choose(2, ["scd"], 1)
     assert chosen > 1
     calibrated = dict(auto.tokens)
-    second = generate(
-        model,
-        None,
-        torch.tensor([3]),
-        [settings("scd", "auto", seed=6, cfg=2.0, top_k=20)],
-        decode=False,
-        auto=auto,
-    )
+    second = one_auto_image(3, seed=6)
     assert second.forward_passes < 256 and second.drafted[0] > 0
     # the finished image updated its window's tokens per pass, and only that one
     assert {k for k in calibrated if auto.tokens[k] != calibrated[k]} == {("scd", chosen)}
