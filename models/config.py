@@ -10,6 +10,8 @@ dtype = "auto"                      # "auto" (float32 on cpu, bfloat16 on cuda),
 class_names = ["tench", ...]        # optional: names a class prompt may use instead of its index
 kv_profile = "var-d16.kvprofile.json"  # optional (VAR): the KV profile; default: <name>.kvprofile.json
                                     # beside this file when it exists (`varserve calibrate` writes it)
+window_profile = "t2i-xl.windows.json"  # optional (LlamaGen): what `auto` speculative windows start
+                                    # from; default: <name>.windows.json beside this file, likewise
 [model.defaults]                    # per-model sampling defaults, each optional
 cfg = 4.0
 top_k = 900
@@ -28,8 +30,10 @@ from pathlib import Path
 
 import torch
 
-from models.kv.profile import SUFFIX as PROFILE_SUFFIX
+from models.kv.profile import SUFFIX as KV_PROFILE_SUFFIX
 from models.kv.profile import KVProfile
+from models.llamagen.window_profile import SUFFIX as WINDOW_PROFILE_SUFFIX
+from models.llamagen.window_profile import WindowProfile
 from models.settings import KV_POLICY_NAMES, MAX_WINDOW, SPECULATIVE_METHODS, SamplingDefaults, Speculative
 
 if sys.version_info >= (3, 11):
@@ -52,6 +56,7 @@ MODEL_KEYS = {
     "class_names",
     "kv",
     "kv_profile",
+    "window_profile",
 }
 SAMPLING_KEYS = ("cfg", "top_k", "top_p", "temperature")
 KV_KEYS = ("kv_policy", "kv_budget")
@@ -88,6 +93,9 @@ class ModelSpec:
     # Next-scale: the KV profile file (models/kv/profile.py), or None: KVProfile.default applies.
     # Only the path: the runner loads it and checks it against the model's shape.
     kv_profile: Path | None = None
+    # Next-token: the `auto` windows' profile (models/llamagen/window_profile.py), or None: the
+    # first auto image of a method calibrates it.
+    window_profile: Path | None = None
 
 
 class ConfigError(ValueError):
@@ -186,31 +194,41 @@ def parse_model(table: dict, base_dir: Path, where: str) -> ModelSpec:
             speculative=parse_speculative(table.get("speculative", {}), where),
         ),
         class_names=parse_class_names(table.get("class_names"), where),
-        kv_profile=parse_kv_profile(table, base_dir, where),
+        kv_profile=parse_profile(table, base_dir, where, "var"),
+        window_profile=parse_profile(table, base_dir, where, "llamagen"),
     )
 
 
-def parse_kv_profile(table: dict, base_dir: Path, where: str) -> Path | None:
-    """Next-scale models: an explicit `kv_profile` (relative to the config) must exist; without one,
-    the calibrated `<name>.kvprofile.json` beside the config if there is one. Read once here so a
-    malformed file stops start-up naming it; the runner checks it against the model's shape."""
-    named = table.get("kv_profile")
-    if table["family"] != "var":
+# Each family's calibrated profile (`varserve calibrate`): its config key, file suffix and reader.
+PROFILES = {
+    "var": ("kv_profile", KV_PROFILE_SUFFIX, KVProfile.load, "next-scale (var)"),
+    "llamagen": ("window_profile", WINDOW_PROFILE_SUFFIX, WindowProfile.load, "next-token (llamagen)"),
+}
+
+
+def parse_profile(table: dict, base_dir: Path, where: str, family: str) -> Path | None:
+    """The `family`'s profile of a model of that family: an explicit path (relative to the config)
+    must exist; without one, the calibrated `<name><suffix>` beside the config if there is one.
+    Read once here so a malformed file stops start-up naming it; the runner checks it against the
+    model's shape."""
+    key, suffix, load, kind = PROFILES[family]
+    named = table.get(key)
+    if table["family"] != family:
         if named is not None:
-            raise ConfigError(f"{where}: 'kv_profile' is for next-scale (var) models")
+            raise ConfigError(f"{where}: '{key}' is for {kind} models")
         return None
     if named is None:
-        path = base_dir / f"{table['name']}{PROFILE_SUFFIX}"
+        path = base_dir / f"{table['name']}{suffix}"
         if not path.is_file():
             return None
     elif not isinstance(named, str) or not named:
-        raise ConfigError(f"{where}: 'kv_profile' must be a path (relative to the config)")
+        raise ConfigError(f"{where}: '{key}' must be a path (relative to the config)")
     else:
         path = base_dir / named
         if not path.is_file():
-            raise ConfigError(f"{where}: kv_profile '{named}': no such file ({path.resolve()})")
+            raise ConfigError(f"{where}: {key} '{named}': no such file ({path.resolve()})")
     try:
-        KVProfile.load(path.resolve())
+        load(path.resolve())
     except ValueError as e:
         raise ConfigError(f"{where}: {e}") from None
     return path.resolve()

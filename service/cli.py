@@ -104,7 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.set_defaults(subparser=gen)
     cal = sub.add_parser(
         "calibrate",
-        help="measure a next-scale model's attention and write its KV profile (models/kv/calibrate.py)",
+        help="measure a model and write its profile: a next-scale model's attention (its KV profile, "
+        "models/kv/calibrate.py) or a next-token model's speculative acceptance per window (its window "
+        "profile, models/llamagen/calibrate.py)",
     )
     cal.add_argument(
         "--config",
@@ -112,11 +114,18 @@ def build_parser() -> argparse.ArgumentParser:
         default=DEFAULT_CONFIG,
         help="model config (TOML; default: the bundled shape models)",
     )
-    cal.add_argument("--model", required=True, help="model name in the config (a next-scale model)")
+    cal.add_argument("--model", required=True, help="model name in the config")
     cal.add_argument(
-        "--prompts", type=in_range(int, 1, MAX_IMAGES), default=16, help="images generated (seeds 0..N-1)"
+        "--prompts",
+        type=in_range(int, 1, MAX_IMAGES),
+        help="images generated (seeds 0..N-1; default 16 for a next-scale model, 2 per method and "
+        "window for a next-token one)",
     )
-    cal.add_argument("--out", type=Path, help="profile file (default: <config dir>/<model>.kvprofile.json)")
+    cal.add_argument(
+        "--out",
+        type=Path,
+        help="profile file (default: <config dir>/<model>.kvprofile.json, or .windows.json for a next-token model)",
+    )
     cal.set_defaults(subparser=cal)
     serve = sub.add_parser("serve", help="run the HTTP server (settings also from VARSERVE_* variables)")
     add_serve_arguments(serve)
@@ -216,8 +225,6 @@ def generate_command(args, parser: argparse.ArgumentParser) -> int:
 
 def calibrate_command(args, parser: argparse.ArgumentParser) -> int:
     from models.config import ConfigError, load_config
-    from models.kv.calibrate import calibrate, summary
-    from models.kv.profile import profile_path
     from models.loading import CheckpointError
 
     try:
@@ -226,14 +233,21 @@ def calibrate_command(args, parser: argparse.ArgumentParser) -> int:
         print(f"varserve: error: {e}", file=sys.stderr)
         return 1
     spec = pick_model(specs, args.model, parser)
-    if spec.family != "var":
-        parser.error(
-            f"--model '{spec.name}' is a next-token ({spec.family}) model: calibrate is for next-scale (VAR) models"
-        )
+    if spec.family == "var":
+        from models.kv.calibrate import calibrate, summary
+        from models.kv.profile import profile_path
+
+        prompts = 16 if args.prompts is None else args.prompts
+    else:
+        from models.llamagen.calibrate import calibrate_windows as calibrate
+        from models.llamagen.calibrate import summary
+        from models.llamagen.window_profile import profile_path
+
+        prompts = 2 if args.prompts is None else args.prompts
     out = args.out if args.out is not None else profile_path(args.config, spec.name)
-    print(f"{spec.name}: calibrating on {args.prompts} images", file=sys.stderr)
+    print(f"{spec.name}: calibrating on {prompts} images", file=sys.stderr)
     try:
-        profile = calibrate(spec, args.prompts)
+        profile = calibrate(spec, prompts)
     except (CheckpointError, ValueError) as e:
         print(f"varserve: error: {e}", file=sys.stderr)
         return 1

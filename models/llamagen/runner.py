@@ -13,6 +13,7 @@ from models.config import ConfigError, ModelSpec
 from models.llamagen import generate as engine
 from models.llamagen.loading import load_gpt, load_vq
 from models.llamagen.speculative import AutoWindow
+from models.llamagen.window_profile import WindowProfile
 from models.loading import CheckpointError
 from models.runner import BatchResult, ImageStats
 from models.settings import MAX_WINDOW, SPECULATIVE_METHODS, ImageSettings, SettingError
@@ -48,8 +49,13 @@ class LlamaGenRunner:
         self.image_size = spec.image_size
         self.steps = c.grid_size
         self.image_tokens, self.condition_tokens = c.block_size, c.cls_token_num
-        # what `auto` windows are chosen from: pass costs and tokens per pass, measured as used
-        self.auto = AutoWindow(self.model)
+        # what `auto` windows are chosen from: pass costs and tokens per pass, measured as used,
+        # the tokens starting from the calibrated profile if there is one
+        profile = None if spec.window_profile is None else WindowProfile.load(spec.window_profile)
+        try:
+            self.auto = AutoWindow(self.model, profile=profile)
+        except ValueError as e:
+            raise ValueError(f"{spec.window_profile}: {e}") from None
         self.text_encoder = None
         if kind == "text":
             if spec.text_encoder is None:

@@ -38,6 +38,7 @@ import torch
 
 from models.kv.paged import BLOCK_SIZE, BlockPool, PagedTokenStore
 from models.llamagen.model import GPT
+from models.llamagen.window_profile import WindowProfile
 from models.runtime import device_clock
 from models.sampling import SamplerRows
 from models.settings import MAX_WINDOW, Speculative
@@ -203,12 +204,23 @@ class AutoWindow:
     joins, its company included; L = 1 (plain decoding) commits one token a pass and wins unless a
     window promises MARGIN more."""
 
-    def __init__(self, model: GPT, repeats: int = 7):
+    def __init__(self, model: GPT, repeats: int = 7, profile: WindowProfile | None = None):
+        """profile: tokens per pass and overheads calibrated offline (`varserve calibrate`); its
+        methods then need no calibration at their first image."""
         self.model, self.repeats = model, repeats
         self.forward: dict[int, dict[int, float]] = {}
         self.seconds: dict[tuple[int, int], float] = {}
         self.tokens: dict[tuple[str, int], float] = {}
         self.overhead: dict[int, float] = {}  # seconds per row a pass of width L adds to its forward
+        self.calibration_images: dict[str, int] = {}
+        if profile is not None:
+            if profile.image_tokens != model.config.block_size:
+                raise ValueError(
+                    f"a window profile of a {profile.image_tokens}-token model, not {model.config.block_size}"
+                )
+            for method, per_window in profile.tokens_per_pass.items():
+                self.tokens.update({(method, L): t for L, t in per_window.items()})
+            self.overhead.update(profile.overhead_s)
 
     def pass_seconds(self, rows: int, L: int) -> float:
         if (rows, L) not in self.seconds:
@@ -250,15 +262,27 @@ class AutoWindow:
 
     def calibrate(self, settings, run_alone: Callable[[object], tuple[int, int]]) -> None:
         """settings: an auto image's ImageSettings; run_alone(settings) generates one image of
-        these settings alone with this AutoWindow (which records its passes) -> (forward passes, rows)."""
+        these settings alone with this AutoWindow (which records its passes) -> (forward passes, rows).
+        Called again for a method (`varserve calibrate`), it averages over the images."""
         method = settings.speculative.method
+        n = self.calibration_images.get(method, 0)
         for L in CALIBRATION:
             passes, rows = run_alone(replace(settings, speculative=replace(settings.speculative, window=L)))
             # the engine recorded its pass times; its tokens per pass give the window's start value
-            self.tokens[method, L] = (self.model.config.block_size - 1) / (passes - 1)
+            tokens = (self.model.config.block_size - 1) / (passes - 1)  # the prefill pass drew one
+            self.tokens[method, L] = (self.tokens.get((method, L), 0.0) * n + tokens) / (n + 1)
             if rows not in self.forward:
                 self.forward[rows] = self._measure(rows)
             self.overhead[L] = max(0.0, self.seconds[rows, L] - self.forward[rows][L]) / rows
+        self.calibration_images[method] = n + 1
+
+    def profile(self, source: dict) -> WindowProfile:
+        """What calibration measured, for a file."""
+        per_method: dict[str, dict[int, float]] = {}
+        for (method, L), t in sorted(self.tokens.items()):
+            per_method.setdefault(method, {})[L] = round(t, 4)
+        overhead = {L: round(s, 7) for L, s in sorted(self.overhead.items())}
+        return WindowProfile(self.model.config.block_size, per_method, overhead, source)
 
     @torch.inference_mode()
     def _measure(self, rows: int) -> dict[int, float]:

@@ -59,8 +59,8 @@ def train(
     Every `save_every` steps the model, optimiser, schedule and `gen` (which loss_fn and after_step
     draw from) go to `checkpoint`; a run that finds the file carries on from it, so a stopped run
     loses at most `save_every` steps and ends as an uninterrupted one would. extend: a checkpoint of
-    a shorter run carries on under this run's longer schedule (its learning rate steps up to the
-    longer cosine's value at that step). after_step must keep no
+    a run of another length carries on under this run's schedule (its learning rate steps to this
+    cosine's value at that step), longer or shorter, as long as steps remain. after_step must keep no
     state across a multiple of save_every (the tokenizers' code-use counts reset there)."""
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=weight_decay)
@@ -73,10 +73,10 @@ def train(
     first, elapsed = 0, 0.0
     if checkpoint.is_file():
         state = torch.load(checkpoint, weights_only=True)
-        if state["steps"] != steps and not (extend and steps > state["steps"]):
+        if state["steps"] != steps and not (extend and steps > state["step"]):
             raise SystemExit(
-                f"{checkpoint}: a run of {state['steps']} steps, not {steps}; delete it to restart "
-                "(or pass --extend to lengthen it)"
+                f"{checkpoint}: a run of {state['steps']} steps at step {state['step']}, not {steps}; "
+                "delete it to restart (or pass --extend to carry it on under a schedule of this length)"
             )
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["opt"])

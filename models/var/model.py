@@ -21,6 +21,8 @@ DEFAULT_PATCH_NUMS = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
 # FFN's 4C-wide hidden state above all) stay in the CPU's caches across layers; on CUDA it only
 # bounds the activation memory of large batches.
 GROUP_TOKENS = 1024
+# Scales of at least this many tokens run their teacher-forced attention unmasked (block_causal_attention).
+UNMASKED_MIN_TOKENS = 64
 
 
 @dataclass(frozen=True)
@@ -53,6 +55,36 @@ def scale_index(patch_nums: tuple[int, ...]) -> torch.Tensor:
     return torch.cat([torch.full((pn * pn,), si) for si, pn in enumerate(patch_nums)])
 
 
+def unmasked_scales(patch_nums: tuple[int, ...]) -> list[tuple[int, int]]:
+    """[(start, end)] of every scale from the first of at least UNMASKED_MIN_TOKENS tokens on."""
+    spans, start = [], 0
+    for pn in patch_nums:
+        if spans or pn * pn >= UNMASKED_MIN_TOKENS:
+            spans.append((start, start + pn * pn))
+        start += pn * pn
+    return spans
+
+
+def block_causal_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor, spans: list[tuple[int, int]]
+) -> torch.Tensor:
+    """The teacher-forced pass's attention, = attention(q, k, v, bias) under the block-causal bias.
+    q, k, v: (B, H, L, D); spans: unmasked_scales(). A query of a scale reads exactly the keys before
+    its scale's end, so the large scales, most of the work, run unmasked on a key prefix (which skips
+    the masked third of the score matrix); the coarse scales before them run in one masked call.
+    -> (B, H, L, D)."""
+    if not spans:
+        return attention(q, k, v, bias, scale=1.0)
+    first = spans[0][0]
+    parts = []
+    if first > 0:
+        mask = bias[..., :first, :first]
+        parts.append(attention(q[:, :, :first], k[:, :, :first], v[:, :, :first], mask, scale=1.0))
+    for start, end in spans:
+        parts.append(attention(q[:, :, start:end], k[:, :, :end], v[:, :, :end], scale=1.0))
+    return torch.cat(parts, dim=2)
+
+
 def block_causal_bias(patch_nums: tuple[int, ...]) -> torch.Tensor:
     """(1, 1, L, L) additive mask: query of scale i sees keys of scale <= i."""
     lvl = scale_index(patch_nums)
@@ -74,6 +106,7 @@ class SelfAttention(nn.Module):
         self.scale_mul_1H11 = nn.Parameter(torch.full((1, H, 1, 1), 4.0).log())
         self.max_scale_log = math.log(100)
         self.proj = nn.Linear(C, C)
+        self.unmasked_spans = unmasked_scales(cfg.patch_nums)
 
     def forward(
         self,
@@ -83,7 +116,8 @@ class SelfAttention(nn.Module):
         layer: int,
         at: ScaleSpan | None,
     ) -> torch.Tensor:
-        """x: (b, l, C) -> (b, l, C). Without a store: attention over x itself under `bias`. With
+        """x: (b, l, C) -> (b, l, C). Without a store: the teacher-forced pass, x a whole sequence under
+        the block-causal `bias`. With
         one: the new keys of span `at` go to the store and the queries read it (every coarser scale
         and their own)."""
         B, L, C = x.shape
@@ -94,7 +128,7 @@ class SelfAttention(nn.Module):
         k = F.normalize(k, dim=-1)
         # l2-norm makes the 1/sqrt(D) scale moot: scale 1
         if store is None:
-            out = attention(q, k, v, bias, scale=1.0)  # (B, H, L, D)
+            out = block_causal_attention(q, k, v, bias, self.unmasked_spans)  # (B, H, L, D)
         else:
             store.write(layer, k, v, at)
             out = store.attend(layer, q, at, scale=1.0)

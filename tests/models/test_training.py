@@ -91,7 +91,7 @@ def test_a_stopped_run_resumes_to_the_same_weights(tmp_path, capsys):
 def test_a_checkpoint_of_another_run_length_is_refused(tmp_path):
     _run(tmp_path, None)
     model = nn.Linear(3, 1)
-    with pytest.raises(SystemExit, match="a run of 9 steps, not 5"):
+    with pytest.raises(SystemExit, match="a run of 9 steps at step 9, not 5"):
         train(
             model,
             lambda i: (model(torch.ones(1, 3)).sum(), {}),
@@ -139,5 +139,20 @@ def test_a_finished_run_can_be_extended_to_more_steps(tmp_path, capsys):
     train(model, loss_fn, 20, 4, 12, 0.05, torch.Generator(), "t", tmp_path / "t.pt", extend=True)
     assert "resuming at step 9/12" in capsys.readouterr().out
     assert not torch.equal(model.weight, before)
-    with pytest.raises(SystemExit, match="not 5"):  # shortening is never allowed
+    with pytest.raises(SystemExit, match="not 5"):  # never below the steps already run
         train(model, loss_fn, 20, 4, 5, 0.05, torch.Generator(), "t", tmp_path / "t.pt", extend=True)
+
+
+def test_a_stopped_run_can_be_carried_on_under_a_shorter_schedule(tmp_path, capsys):
+    with pytest.raises(KeyboardInterrupt):
+        _run(tmp_path, stop_after=4)  # a 9-step run, saved at step 4
+    model = nn.Linear(3, 1)
+    x = torch.randn(20, 3)
+
+    def loss_fn(idx):
+        return model(x[idx]).pow(2).mean(), {}
+
+    train(model, loss_fn, 20, 4, 6, 0.05, torch.Generator(), "t", tmp_path / "t.pt", extend=True)
+    out = capsys.readouterr().out
+    assert "resuming at step 4/6" in out and "trained 6 steps" in out
+    assert torch.load(tmp_path / "t.pt", weights_only=True)["steps"] == 6

@@ -133,7 +133,6 @@ def test_the_bundled_profile_is_found_and_fits_its_model():
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--model", "llamagen-shapes"], "calibrate is for next-scale (VAR) models"),
         (["--model", "nope"], "--model 'nope' is not in the config"),
         (["--model", "var-shapes", "--prompts", "0"], "argument --prompts: 0 is outside [1, 256]"),
     ],

@@ -1,9 +1,12 @@
 """VAR and its VQ-VAE against outputs of the official code (fixtures' README)."""
 
+import pytest
 import torch
 
+from kernels.attention import attention
 from models.settings import ImageSettings
 from models.var.generate import generate
+from models.var.model import block_causal_attention, block_causal_bias, unmasked_scales
 
 
 def test_teacher_forced_logits_match_reference(var_pair, var_reference):
@@ -58,3 +61,23 @@ def test_cached_generation_agrees_with_teacher_forced_pass(var_pair):
         guided = (1 + t) * cond[:, start : start + pn * pn] - t * uncond[:, start : start + pn * pn]
         assert (guided.argmax(-1) == out.tokens[si]).float().mean() >= 0.99, f"scale {si}"
         start += pn * pn
+
+
+@pytest.mark.parametrize(
+    "patch_nums",
+    [(1, 2, 3, 4, 5, 6, 8, 10, 13, 16), (1, 2, 3, 4), (8, 9), (1, 7, 8, 3)],
+    ids=["published", "all-small", "all-large", "large-then-small"],
+)
+def test_split_teacher_forced_attention_equals_masked_attention(patch_nums):
+    """The teacher-forced pass runs large scales unmasked on a key prefix: the same outputs and the
+    same gradients as one call under the block-causal mask, whichever scales are large."""
+    g = torch.Generator().manual_seed(0)
+    L = sum(p * p for p in patch_nums)
+    q, k, v = (torch.randn(2, 3, L, 8, generator=g).requires_grad_() for _ in range(3))
+    bias = block_causal_bias(patch_nums)
+    want = attention(q, k, v, bias, scale=1.0)
+    (dq, dk, dv) = torch.autograd.grad(want.square().sum(), (q, k, v))
+    got = block_causal_attention(q, k, v, bias, unmasked_scales(patch_nums))
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    for ours, theirs in zip(torch.autograd.grad(got.square().sum(), (q, k, v)), (dq, dk, dv), strict=True):
+        torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=0)
