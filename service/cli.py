@@ -244,8 +244,10 @@ def calibrate_command(args, parser: argparse.ArgumentParser) -> int:
         from models.llamagen.window_profile import profile_path
 
         prompts = 2 if args.prompts is None else args.prompts
-    out = args.out if args.out is not None else profile_path(args.config, spec.name)
-    print(f"{spec.name}: calibrating on {prompts} images", file=sys.stderr)
+    named = spec.kv_profile if spec.family == "var" else spec.window_profile
+    out = args.out or named or profile_path(args.config, spec.name)
+    images = f"{prompts} images" if spec.family == "var" else f"{prompts} images per method and window"
+    print(f"{spec.name}: calibrating on {images}", file=sys.stderr)
     try:
         profile = calibrate(spec, prompts)
     except (CheckpointError, ValueError) as e:

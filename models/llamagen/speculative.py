@@ -219,7 +219,15 @@ class AutoWindow:
                     f"a window profile of a {profile.image_tokens}-token model, not {model.config.block_size}"
                 )
             for method, per_window in profile.tokens_per_pass.items():
+                if sorted(per_window) != list(CALIBRATION):
+                    raise ValueError(
+                        f"tokens_per_pass.{method} covers windows {sorted(per_window)}, not {list(CALIBRATION)}"
+                    )
                 self.tokens.update({(method, L): t for L, t in per_window.items()})
+            if sorted(profile.overhead_s) != list(CALIBRATION):
+                raise ValueError(
+                    f"overhead_s covers windows {sorted(profile.overhead_s)}, not {list(CALIBRATION)}"
+                )
             self.overhead.update(profile.overhead_s)
 
     def pass_seconds(self, rows: int, L: int) -> float:
@@ -273,7 +281,9 @@ class AutoWindow:
             self.tokens[method, L] = (self.tokens.get((method, L), 0.0) * n + tokens) / (n + 1)
             if rows not in self.forward:
                 self.forward[rows] = self._measure(rows)
-            self.overhead[L] = max(0.0, self.seconds[rows, L] - self.forward[rows][L]) / rows
+            overhead = max(0.0, self.seconds[rows, L] - self.forward[rows][L]) / rows
+            k = sum(self.calibration_images.values())  # images calibrated before, any method
+            self.overhead[L] = (self.overhead.get(L, 0.0) * k + overhead) / (k + 1) if k else overhead
         self.calibration_images[method] = n + 1
 
     def profile(self, source: dict) -> WindowProfile:

@@ -16,6 +16,7 @@ image run alone at each window): models/llamagen/speculative.py:AutoWindow.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -32,14 +33,17 @@ class WindowProfile:
     source: dict = field(default_factory=dict)  # how it was measured: images, settings, machine
 
     def __post_init__(self):
+        if not self.tokens_per_pass:
+            raise ValueError("tokens_per_pass: no method")
         for method, per_window in self.tokens_per_pass.items():
             if method not in SPECULATIVE_METHODS or method == "none":
                 raise ValueError(f"tokens_per_pass: unknown method {method!r}")
             for L, tokens in per_window.items():
-                if not 1.0 <= tokens <= L:
+                if not 1.0 <= tokens <= L:  # NaN fails too
                     raise ValueError(f"tokens_per_pass.{method}.{L}: {tokens} is not in [1, {L}]")
-        if any(s < 0 for s in self.overhead_s.values()):
-            raise ValueError("overhead_s: a negative overhead")
+        for L, seconds in self.overhead_s.items():
+            if not (math.isfinite(seconds) and seconds >= 0):
+                raise ValueError(f"overhead_s.{L}: {seconds} is not a time")
 
     def save(self, path: Path) -> None:
         path.write_text(json.dumps(asdict(self), indent=1) + "\n")

@@ -83,6 +83,8 @@ def train(
         sched.load_state_dict(state["sched"])
         gen.set_state(state["gen"])
         first, elapsed = state["step"], state["elapsed"]
+        for group, base in zip(opt.param_groups, sched.base_lrs, strict=True):
+            group["lr"] = base * sched.lr_lambdas[0](first)  # this schedule's, if its length changed
         print(f"[{name}] resuming at step {first}/{steps} ({elapsed:.0f}s so far)", flush=True)
     model.train()
     start = time.perf_counter() - elapsed

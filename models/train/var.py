@@ -77,7 +77,11 @@ def main() -> None:
     p.add_argument("--var-steps", type=int, default=950)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--extend", action="store_true", help="carry a stopped stage's run on under a schedule of the given steps (longer or shorter)")
+    p.add_argument(
+        "--extend",
+        action="store_true",
+        help="carry a stopped stage's run on under a schedule of the given steps (longer or shorter)",
+    )
     args = p.parse_args()
     gen = setup(args.seed, args.threads)
     data = training_set()

@@ -72,7 +72,7 @@ def block_causal_attention(
     q, k, v: (B, H, L, D); spans: unmasked_scales(). A query of a scale reads exactly the keys before
     its scale's end, so the large scales, most of the work, run unmasked on a key prefix (which skips
     the masked third of the score matrix); the coarse scales before them run in one masked call.
-    -> (B, H, L, D)."""
+    Only for the block-causal bias: the large scales never read it. -> (B, H, L, D)."""
     if not spans:
         return attention(q, k, v, bias, scale=1.0)
     first = spans[0][0]

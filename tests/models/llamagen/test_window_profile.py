@@ -82,14 +82,23 @@ def test_bad_profiles_are_config_errors_naming_the_file(calibrated, tmp_path):
     with pytest.raises(ConfigError, match="window_profile 'none.json': no such file"):
         load_config(c2i_config(tmp_path / "other", extra='window_profile = "none.json"\n'))
     bad = tmp_path / "bad.json"
-    for broken in ({"image_tokens": 256}, {**doc, "tokens_per_pass": {"scd": {"4": 5.0}}}):
+    for broken in (
+        {"image_tokens": 256},
+        {**doc, "tokens_per_pass": {"scd": {"4": 5.0}}},  # more tokens than the window
+        {**doc, "tokens_per_pass": {}},
+        {**doc, "overhead_s": {**doc["overhead_s"], "2": float("nan")}},
+    ):
         bad.write_text(json.dumps(broken))
         with pytest.raises(ConfigError, match="bad.json: not a window profile"):
             load_config(c2i_config(tmp_path / "other", extra=f'window_profile = "{bad}"\n'))
-    bad.write_text(json.dumps({**doc, "image_tokens": 576}))  # another model's
-    spec = load_config(c2i_config(tmp_path / "other", extra=f'window_profile = "{bad}"\n'))[0]
-    with pytest.raises(ValueError, match="bad.json: a window profile of a 576-token model, not 256"):
-        LlamaGenRunner(spec)
+    for broken, message in (
+        ({**doc, "image_tokens": 576}, "a window profile of a 576-token model, not 256"),  # another model's
+        ({**doc, "tokens_per_pass": {"sjd": {"2": 1.5}}}, r"tokens_per_pass.sjd covers windows \[2\]"),
+    ):
+        bad.write_text(json.dumps(broken))
+        spec = load_config(c2i_config(tmp_path / "other", extra=f'window_profile = "{bad}"\n'))[0]
+        with pytest.raises(ValueError, match=f"bad.json: {message}"):
+            LlamaGenRunner(spec)
     var = next(s for s in load_config(DEFAULT_CONFIG) if s.name == "var-shapes")
     (tmp_path / "v").mkdir()
     var_config = tmp_path / "v" / "models.toml"

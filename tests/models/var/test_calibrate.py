@@ -116,6 +116,10 @@ def test_cli_writes_a_profile_that_loads_and_that_the_config_picks_up(tmp_path, 
     (tmp_path / "other").mkdir()
     named = bundled_config(tmp_path / "other", "x", 'kv_profile = "../vs.kvprofile.json"\n')
     assert load_config(named)[0].kv_profile == path.resolve()
+    capsys.readouterr()
+    assert main(["calibrate", "--config", str(named), "--model", "x", "--prompts", "1"]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == str(path.resolve())  # the file the config names
+    assert KVProfile.load(path).source["images"] == 1
     missing = bundled_config(tmp_path / "other", "x", 'kv_profile = "none.json"\n')
     with pytest.raises(ConfigError, match="kv_profile 'none.json': no such file"):
         load_config(missing)
