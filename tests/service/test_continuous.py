@@ -97,8 +97,9 @@ def test_a_stream_that_leaves_frees_its_blocks_and_the_others_run_on(server, mon
         # the stream is closed: its two guided images leave at the next step
         gate.go.set()
         wait_until(lambda: running.images <= 1, "the leaving request's images to go")
-        # two guided images 40 tokens in gave back 2 rows x 3 blocks (41 positions) each
-        assert held - running.blocks_used >= 2 * 2 * 3, (held, running.blocks_used)
+        # two guided images 40 tokens in gave back 2 rows x 3 blocks (41 positions) each; the staying
+        # image decodes on meanwhile, and may take a block or two more (32 tokens)
+        assert running.blocks_used <= held - 2 * 2 * 3 + 2, (held, running.blocks_used)
         result = staying.result(TIMEOUT_S)
     monkeypatch.undo()
     assert images(server.post(stay)) == images(result)

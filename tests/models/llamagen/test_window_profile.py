@@ -108,3 +108,20 @@ def test_bad_profiles_are_config_errors_naming_the_file(calibrated, tmp_path):
     )
     with pytest.raises(ConfigError, match="'window_profile' is for next-token"):
         load_config(var_config)
+
+
+@pytest.mark.parametrize("name", ["llamagen-shapes", "llamagen-shapes-t2i"])
+def test_the_bundled_profiles_are_found_and_fit_their_models(name):
+    spec = next(s for s in load_config(DEFAULT_CONFIG) if s.name == name)
+    assert spec.window_profile == DEFAULT_CONFIG.parent / f"{name}.windows.json"
+    profile = WindowProfile.load(spec.window_profile)
+    assert profile.image_tokens == 256 and set(profile.tokens_per_pass) == {"sjd", "scd", "gsd"}
+    assert all(sorted(w) == list(CALIBRATION) for w in profile.tokens_per_pass.values())
+    assert sorted(profile.overhead_s) == list(CALIBRATION)
+    d = spec.defaults
+    assert profile.source["sampling"] == {
+        "cfg": d.cfg,
+        "top_k": d.top_k,
+        "top_p": d.top_p,
+        "temperature": d.temperature,
+    }
