@@ -206,19 +206,24 @@ PROFILES = {
 }
 
 
+def profile_path(config_dir: Path, model_name: str, family: str) -> Path:
+    """A model's calibrated profile by default: `<name><suffix>` in its config's folder."""
+    return Path(config_dir) / f"{model_name}{PROFILES[family][1]}"
+
+
 def parse_profile(table: dict, base_dir: Path, where: str, family: str) -> Path | None:
     """The `family`'s profile of a model of that family: an explicit path (relative to the config)
     must exist; without one, the calibrated `<name><suffix>` beside the config if there is one.
     Read once here so a malformed file stops start-up naming it; the runner checks it against the
     model's shape."""
-    key, suffix, load, kind = PROFILES[family]
+    key, _, load, kind = PROFILES[family]
     named = table.get(key)
     if table["family"] != family:
         if named is not None:
             raise ConfigError(f"{where}: '{key}' is for {kind} models")
         return None
     if named is None:
-        path = base_dir / f"{table['name']}{suffix}"
+        path = profile_path(base_dir, table["name"], family)
         if not path.is_file():
             return None
     elif not isinstance(named, str) or not named:

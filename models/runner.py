@@ -85,9 +85,9 @@ class Runner(Protocol):
     def preview(self, step: Step) -> torch.Tensor:
         """The images as far as generated: (B, 3, H, W) in [0, 1]."""
 
-    # Optional, next-scale runners: kv_bytes_per_image(settings) -> int, the KV bytes the store
-    # allocates for one image under its policy and budget, planned before it runs; the server's
-    # queue admits images by it under --kv-cache-bytes (service/catalog.py ModelInfo).
+    # Optional: kv_bytes_per_image(settings) -> int, the KV bytes a static batch's store allocates
+    # for one image (next-scale: under its policy and budget), planned before it runs; the server's
+    # queue forms static batches by it under --kv-cache-bytes (service/catalog.py ModelInfo).
 
 
 def load_runner(spec: ModelSpec) -> Runner:

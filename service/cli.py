@@ -224,7 +224,7 @@ def generate_command(args, parser: argparse.ArgumentParser) -> int:
 
 
 def calibrate_command(args, parser: argparse.ArgumentParser) -> int:
-    from models.config import ConfigError, load_config
+    from models.config import ConfigError, load_config, profile_path
     from models.loading import CheckpointError
 
     try:
@@ -235,17 +235,15 @@ def calibrate_command(args, parser: argparse.ArgumentParser) -> int:
     spec = pick_model(specs, args.model, parser)
     if spec.family == "var":
         from models.kv.calibrate import calibrate, summary
-        from models.kv.profile import profile_path
 
         prompts = 16 if args.prompts is None else args.prompts
     else:
         from models.llamagen.calibrate import calibrate_windows as calibrate
         from models.llamagen.calibrate import summary
-        from models.llamagen.window_profile import profile_path
 
         prompts = 2 if args.prompts is None else args.prompts
     named = spec.kv_profile if spec.family == "var" else spec.window_profile
-    out = args.out or named or profile_path(args.config, spec.name)
+    out = args.out or named or profile_path(Path(args.config).parent, spec.name, spec.family)
     images = f"{prompts} images" if spec.family == "var" else f"{prompts} images per method and window"
     print(f"{spec.name}: calibrating on {images}", file=sys.stderr)
     try:

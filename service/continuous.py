@@ -8,6 +8,13 @@ the batch drains and that model's batch runs next.
 
 Each image keeps its own generator, so its tokens are the same alone, in a static batch or
 joining a running one (tests/service/test_continuous.py).
+
+Joiners are paced when memory binds (a --kv-cache-bytes pool that cannot hold max_batch_size whole
+images): one image per block_size / max_batch_size steps. Admission never lets a sequence wait for
+a block, so images admitted together, at the same progress, finish together: under overload such
+a convoy refills at once, and the batch stays at the whole caches the pool holds, a static
+batch's size. Spaced out over their progress, images hold about half their whole cache on
+average, and the same pool runs about twice as many.
 """
 
 from __future__ import annotations
@@ -33,6 +40,11 @@ class ContinuousRun:
         self.metrics = worker.metrics
         self.jobs: list[Job] = []  # the requests with images in the batch
         self.grid = runner.steps  # token rows: a preview after each
+        self.steps = 0  # decode steps run
+        max_images = worker.settings.max_batch_size
+        # the spacing of joiners where memory binds (the module docstring); 0: none
+        self.pace = runner.image_tokens // max_images if batch.whole_images < max_images else 0
+        self._next_join = 0  # the first step at which the next image may join
 
     def run(self, first: list[Job]) -> None:
         self._admit(first)
@@ -49,6 +61,7 @@ class ContinuousRun:
                     break
                 t0 = time.monotonic()
                 self.batch.step()
+                self.steps += 1
                 elapsed = time.monotonic() - t0
                 step_time.observe(elapsed)
                 self.metrics.forward_passes.labels(self.model).inc()
@@ -69,7 +82,7 @@ class ContinuousRun:
 
     def _joiners(self) -> list[Job]:
         room = self.worker.settings.max_batch_size - self.batch.images
-        if room <= 0:
+        if room <= 0 or self.steps < self._next_join:
             return []
 
         def fits(jobs: list[Job]) -> bool:
@@ -88,11 +101,14 @@ class ContinuousRun:
             if not self.batch.fits([p for j in [*fitting, job] for p in j.params]):
                 break
             fitting.append(job)
+            if self.pace:  # one request at a time, its images spaced from the next one's
+                break
         if len(fitting) < len(jobs):
             self.worker.queue.put_back(jobs[len(fitting) :])
         if not fitting:
             return
         self.worker.start_jobs(fitting, self.model)
+        self._next_join = self.steps + self.pace * sum(job.n for job in fitting)
         conditions = [job.conditions[i] for job in fitting for i in range(job.n)]
         settings = [job.params[i] for job in fitting for i in range(job.n)]
         tags = [(job, i) for job in fitting for i in range(job.n)]

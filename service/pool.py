@@ -45,8 +45,8 @@ class WorkerPool:
         ]
 
     def planned_kv_bytes(self, job: Job) -> int | None:
-        """The KV bytes the job's images plan, from what its model's worker published (None: the
-        model plans none, a next-token model, or is not loaded yet)."""
+        """The KV bytes the job's images plan in a static batch, from what its model's worker
+        published (None: the model is not loaded yet)."""
         info = self.catalog.loaded(job.model)
         if info is None or info.kv_bytes_per_image is None:
             return None

@@ -2,9 +2,9 @@
 
 A batch is the oldest waiting request of the worker's models plus later requests of the same
 model and KV policy and budget (`batch_key`), up to max_batch_size images and, with a KV-cache
-limit (--kv-cache-bytes), while the batch's planned KV bytes fit it (`kv_bytes_of`: a next-scale
-model's store bytes per image under its policy and budget, so compressed requests form larger
-batches under the same memory); it waits at most max_wait after the oldest request arrived for
+limit (--kv-cache-bytes), while the batch's planned KV bytes fit it (`kv_bytes_of`: the bytes a
+static batch's store allocates per image; a next-scale model's under its policy and budget, so
+compressed requests form larger batches under the same memory); it waits at most max_wait after the oldest request arrived for
 company. The oldest request always goes, even alone above the limit: it runs by itself rather than
 wait for room that never comes. Requests that were cancelled or ran out of time while waiting never
 reach a batch.
@@ -46,8 +46,8 @@ class RequestQueue:
         kv_cache_bytes: int | None = None,
         kv_bytes_of: Callable[[Job], int | None] | None = None,
     ):
-        """kv_bytes_of(job): the planned KV bytes of the job's images, None for a model whose
-        batches the limit does not bound (next-token models: their block pool does)."""
+        """kv_bytes_of(job): the planned KV bytes of the job's images in a static batch, None for
+        a model that plans none. (Requests joining a running batch are admitted by its block pool.)"""
         self.max_size = max_size
         self.kv_cache_bytes = kv_cache_bytes
         self._kv_bytes_of = kv_bytes_of or (lambda job: None)

@@ -243,13 +243,14 @@ class ModelCard(BaseModel):
     )
     kv_cache_bytes: int | None = Field(
         None,
-        description="the server's --kv-cache-bytes (null: not set): next-scale batches plan at most "
-        "this many KV bytes (a larger request runs alone); next-token models' block pools",
+        description="the server's --kv-cache-bytes (null: not set): static batches plan at most "
+        "this many KV bytes (a larger request runs alone); next-token models' running batch has a "
+        "block pool of this size",
     )
     kv_bytes_per_image: int | None = Field(
         None,
-        description="next-scale models: planned KV bytes of one image at the default kv_policy and "
-        "kv_budget (what it counts against kv_cache_bytes)",
+        description="planned KV bytes of one image in a static batch at the model's defaults "
+        "(next-scale: its kv_policy and kv_budget): what it counts against kv_cache_bytes",
     )
 
 

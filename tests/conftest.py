@@ -11,6 +11,21 @@ FIXTURES = (REPO.parent / "shared" / "fixtures").resolve()
 REFERENCE = FIXTURES / "reference"
 
 
+def one_bundled_model(tmp_path: Path, bundled: str, name: str, extra: str = "") -> Path:
+    """A config in tmp_path of one bundled model's checkpoints under another name (so what a test
+    writes beside the config lands in tmp_path); extra: TOML appended to its table."""
+    from models.config import DEFAULT_CONFIG, load_config
+
+    spec = next(s for s in load_config(DEFAULT_CONFIG) if s.name == bundled)
+    shape = f"n_head = {spec.n_head}\nimage_size = {spec.image_size}\n" if spec.family == "llamagen" else ""
+    config = tmp_path / "models.toml"
+    config.write_text(
+        f'[[model]]\nname = "{name}"\nfamily = "{spec.family}"\nweights = "{spec.weights}"\n'
+        f'tokenizer = "{spec.tokenizer}"\n{shape}device = "cpu"\n{extra}'
+    )
+    return config
+
+
 @pytest.fixture(scope="session")
 def var_pair():
     from models.var.loading import load_var

@@ -85,10 +85,6 @@ class KVProfile:
             raise ValueError(f"{path}: not a KV profile ({type(e).__name__}: {e})") from None
 
 
-def profile_path(config_path: Path, model_name: str) -> Path:
-    return Path(config_path).parent / f"{model_name}{SUFFIX}"
-
-
 def _tuples(x):
     return tuple(_tuples(v) for v in x) if isinstance(x, list) else x
 

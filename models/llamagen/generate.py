@@ -17,6 +17,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from models.kv.paged import BLOCK_SIZE, BlockPool, OutOfBlocks, PagedTokenStore
@@ -190,23 +191,20 @@ class Engine:
         what it accepts, not known in advance, so it counts at its whole cache until it ends. Under
         continuous batching the sequences are spread over their progress, so the peak stays well
         under the static batch's whole cache."""
-        c = self.model.config
+        c, bs = self.model.config, self.pool.block_size
         whole = self.pool.blocks_for(c.max_seq_len)
         # during the k-th decode step from now a plain sequence with n tokens holds the blocks of
         # positions 0..cls + n + k - 1, unless it has finished (newcomers: n = 1 after their
-        # prefill, which holds fewer blocks than their first step)
+        # prefill, which holds fewer blocks than their first step); one array op per sequence and
+        # step, as the scheduler asks every step while requests wait
         running = [(s.rows, s.n, s.speculative) for s in self.seqs] + [
             (s.rows, 1, s.speculative) for s in seqs
         ]
-        for k in range(c.block_size):
-            held = sum(
-                rows * (whole if speculative else self.pool.blocks_for(c.cls_token_num + n + k))
-                for rows, n, speculative in running
-                if speculative or n + k < c.block_size
-            )
-            if held > self.pool.n_blocks:
-                return False
-        return True
+        rows, n, speculative = (np.array(x, dtype=np.int64)[:, None] for x in zip(*running, strict=True))
+        k = np.arange(c.block_size)[None, :]
+        blocks = np.where(speculative, whole, -(-(c.cls_token_num + n + k) // bs))
+        held = (rows * blocks * ((n + k < c.block_size) | speculative)).sum(0)
+        return int(held.max()) <= self.pool.n_blocks
 
     def add(self, seqs: list[Sequence]) -> None:
         """Prefill `seqs` (one forward pass of their rows) and sample their first tokens.

@@ -77,6 +77,15 @@ class LlamaGenRunner:
     def engine_rows(self, settings: list[ImageSettings]) -> int:
         return engine.engine_rows(settings)
 
+    def kv_bytes_per_image(self, settings: ImageSettings) -> int:
+        """KV bytes a static batch allocates for this image: every row's blocks to the last
+        position (engine.batch_pool), both rows when guided. The server's queue forms static
+        batches by it under --kv-cache-bytes (continuous batching admits by blocks instead)."""
+        c, w = self.model.config, self.model.tok_embeddings.weight
+        block_nbytes = 2 * c.n_layer * c.n_kv_head * engine.BLOCK_SIZE * c.head_dim * w.element_size()
+        rows = engine.engine_rows([settings])
+        return rows * -(-c.max_seq_len // engine.BLOCK_SIZE) * block_nbytes
+
     def check(self, settings: ImageSettings) -> None:
         self.conditions.check_negative_prompt(settings.negative_prompt, engine.is_guided(settings))
         if not -1 <= settings.cfg_interval < self.image_tokens:
@@ -153,7 +162,7 @@ class LlamaGenRunner:
         c, w = self.model.config, self.model.tok_embeddings.weight
         bs = engine.BLOCK_SIZE
         block_nbytes = 2 * c.n_layer * c.n_kv_head * bs * c.head_dim * w.element_size()
-        per_image = 2 * -(-c.max_seq_len // bs)
+        per_image = 2 * -(-c.max_seq_len // bs)  # blocks of a guided image
         blocks = max_images * per_image if kv_cache_bytes is None else kv_cache_bytes // block_nbytes
         if blocks < per_image:
             raise ConfigError(
@@ -229,6 +238,12 @@ class RunningBatch:
     @property
     def kv_bytes(self) -> int:
         return self.engine.pool.num_used * self.engine.pool.block_nbytes
+
+    @property
+    def whole_images(self) -> int:
+        """Guided images whose whole caches the pool holds at once (a static batch's limit)."""
+        pool = self.engine.pool
+        return pool.n_blocks // (2 * pool.blocks_for(self.runner.model.config.max_seq_len))
 
     def fits(self, settings: list[ImageSettings]) -> bool:
         return self.engine.fits([engine.Sequence(torch.zeros(()), s) for s in settings])

@@ -61,7 +61,3 @@ class WindowProfile:
             )
         except (OSError, KeyError, TypeError, ValueError, AttributeError) as e:
             raise ValueError(f"{path}: not a window profile ({type(e).__name__}: {e})") from None
-
-
-def profile_path(config_path: Path, model_name: str) -> Path:
-    return Path(config_path).parent / f"{model_name}{SUFFIX}"

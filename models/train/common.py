@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 from torch import nn
 
 from models.train.outer_levels import check_equivalent, fix_outer_levels
@@ -53,6 +54,7 @@ def train(
     log_every: int = 50,
     save_every: int = 50,
     extend: bool = False,
+    warm_start: Path | None = None,
 ) -> None:
     """AdamW with linear warm-up and cosine decay. loss_fn: batch indices -> (loss, logged values).
 
@@ -61,7 +63,10 @@ def train(
     loses at most `save_every` steps and ends as an uninterrupted one would. extend: a checkpoint of
     a run of another length carries on under this run's schedule (its learning rate steps to this
     cosine's value at that step), longer or shorter, as long as steps remain. after_step must keep no
-    state across a multiple of save_every (the tokenizers' code-use counts reset there)."""
+    state across a multiple of save_every (the tokenizers' code-use counts reset there). warm_start:
+    a safetensors file of the model's weights (a stage's saved output) that a run without a
+    checkpoint starts from instead of its initialisation, under a fresh optimiser and schedule; the
+    checkpoints of such a run resume it as any other."""
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=weight_decay)
     warmup = max(1, steps // 20)
@@ -86,6 +91,11 @@ def train(
         for group, base in zip(opt.param_groups, sched.base_lrs, strict=True):
             group["lr"] = base * sched.lr_lambdas[0](first)  # this schedule's, if its length changed
         print(f"[{name}] resuming at step {first}/{steps} ({elapsed:.0f}s so far)", flush=True)
+    elif warm_start is not None:
+        if not warm_start.is_file():
+            raise SystemExit(f"--warm-start: {warm_start} is not a file (a stage's saved weights)")
+        model.load_state_dict(load_file(warm_start))  # fp16 on disk, cast into the fp32 parameters
+        print(f"[{name}] warm start from {warm_start}, {steps} steps", flush=True)
     model.train()
     start = time.perf_counter() - elapsed
     for step in range(first, steps):
@@ -130,6 +140,7 @@ class Run:
     checkpoints: Path  # the folder; each stage names its own file in it
     extend: bool = False
     save_every: int = 50
+    warm_start: Path | None = None  # the stage's saved weights to start from (without a checkpoint)
 
     def train(
         self,
@@ -158,6 +169,7 @@ class Run:
             after_step=after_step,
             save_every=self.save_every,
             extend=self.extend,
+            warm_start=self.warm_start,
         )
 
 

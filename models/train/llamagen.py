@@ -126,14 +126,34 @@ def main() -> None:
         action="store_true",
         help="carry a stopped stage's run on under a schedule of the given steps (longer or shorter)",
     )
+    p.add_argument(
+        "--warm-start",
+        action="store_true",
+        help="without a checkpoint, start a stage from the weights it saved in --out (a fresh optimiser "
+        "and schedule of the given steps), e.g. to train the bundled models on where their checkpoints are gone",
+    )
     args = p.parse_args()
     gen = setup(args.seed, args.threads)
     data = training_set()
     run = Run(args.vq_steps, args.batch_size, args.checkpoints, args.extend)
     vq_path = args.out / "llamagen_shapes_vq.safetensors"
+    c2i_path, t2i_path = (
+        args.out / "llamagen_shapes_c2i.safetensors",
+        args.out / "llamagen_shapes_t2i.safetensors",
+    )
+
+    def warm(stage_run: Run, path: Path) -> Run:
+        return replace(stage_run, warm_start=path) if args.warm_start else stage_run
+
     if args.stage in ("all", "vq"):
         vq = train_tokenizer(
-            VQModel(VQ_CONFIG), llamagen_vq_forward, data.images, gen, run, "vq", "llamagen_vq.pt"
+            VQModel(VQ_CONFIG),
+            llamagen_vq_forward,
+            data.images,
+            gen,
+            warm(run, vq_path),
+            "vq",
+            "llamagen_vq.pt",
         )
         save(half(vq.state_dict()), vq_path)
     if args.stage == "vq":
@@ -142,12 +162,12 @@ def main() -> None:
     gpt_run = replace(run, steps=args.gpt_steps)  # c2i and t2i alike
     if args.stage in ("all", "c2i"):
         gen = torch.Generator().manual_seed(args.seed + 1)  # the same draws whatever ran before
-        model = train_c2i(tokens, data.shape, gen, gpt_run)
-        save(half(model.state_dict()), args.out / "llamagen_shapes_c2i.safetensors")
+        model = train_c2i(tokens, data.shape, gen, warm(gpt_run, c2i_path))
+        save(half(model.state_dict()), c2i_path)
     if args.stage in ("all", "t2i"):
         gen = torch.Generator().manual_seed(args.seed + 2)
-        model = train_t2i(data, tokens, gen, args.seed, gpt_run)
-        save(half(model.state_dict()), args.out / "llamagen_shapes_t2i.safetensors")
+        model = train_t2i(data, tokens, gen, args.seed, warm(gpt_run, t2i_path))
+        save(half(model.state_dict()), t2i_path)
 
 
 if __name__ == "__main__":

@@ -82,21 +82,30 @@ def main() -> None:
         action="store_true",
         help="carry a stopped stage's run on under a schedule of the given steps (longer or shorter)",
     )
+    p.add_argument(
+        "--warm-start",
+        action="store_true",
+        help="without a checkpoint, start a stage from the weights it saved in --out (a fresh optimiser "
+        "and schedule of the given steps), e.g. to train the bundled models on where their checkpoints are gone",
+    )
     args = p.parse_args()
     gen = setup(args.seed, args.threads)
     data = training_set()
     run = Run(args.vae_steps, args.batch_size, args.checkpoints, args.extend)
     vae_path = args.out / "var_shapes_vae.safetensors"
     if args.stage in ("all", "vae"):
+        vae_run = replace(run, warm_start=vae_path) if args.warm_start else run
         vae = train_tokenizer(
-            VQVAE(VAE_CONFIG), var_vqvae_forward, data.images, gen, run, "vae", "var_vae.pt"
+            VQVAE(VAE_CONFIG), var_vqvae_forward, data.images, gen, vae_run, "vae", "var_vae.pt"
         )
         save(half(vae.state_dict()), vae_path)
     if args.stage in ("all", "var"):
         gen = torch.Generator().manual_seed(args.seed + 1)  # the same draws whether or not vae ran first
         vae = build_vqvae(read_state_dict(vae_path), vae_path, PATCH_NUMS).float()  # as served
-        model = train_var(vae, data.images, data.shape, gen, replace(run, steps=args.var_steps))
-        save(half(model.state_dict()), args.out / "var_shapes.safetensors")
+        var_path = args.out / "var_shapes.safetensors"
+        var_run = replace(run, steps=args.var_steps, warm_start=var_path if args.warm_start else None)
+        model = train_var(vae, data.images, data.shape, gen, var_run)
+        save(half(model.state_dict()), var_path)
 
 
 if __name__ == "__main__":

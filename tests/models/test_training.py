@@ -156,3 +156,60 @@ def test_a_stopped_run_can_be_carried_on_under_a_shorter_schedule(tmp_path, caps
     out = capsys.readouterr().out
     assert "resuming at step 4/6" in out and "trained 6 steps" in out
     assert torch.load(tmp_path / "t.pt", weights_only=True)["steps"] == 6
+
+
+def test_a_warm_start_begins_from_saved_weights_and_then_resumes_from_its_checkpoints(tmp_path, capsys):
+    from models.train.common import half, save
+
+    saved = nn.Linear(3, 1)
+    save(half(saved.state_dict()), tmp_path / "w.safetensors")
+    model = nn.Linear(3, 1)
+    x = torch.randn(20, 3)
+    seen = []
+
+    def loss_fn(idx):
+        seen.append(model.weight.detach().clone())  # the weights the first step starts from
+        return model(x[idx]).pow(2).mean(), {}
+
+    train(
+        model,
+        loss_fn,
+        20,
+        4,
+        3,
+        0.05,
+        torch.Generator(),
+        "t",
+        tmp_path / "t.pt",
+        warm_start=tmp_path / "w.safetensors",
+    )
+    assert "warm start from" in capsys.readouterr().out
+    torch.testing.assert_close(seen[0], saved.weight.detach().half().float(), rtol=0, atol=0)
+    # its checkpoint, not the file, carries it on
+    train(
+        model,
+        loss_fn,
+        20,
+        4,
+        5,
+        0.05,
+        torch.Generator(),
+        "t",
+        tmp_path / "t.pt",
+        extend=True,
+        warm_start=tmp_path / "w.safetensors",
+    )
+    assert "resuming at step 3/5" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="--warm-start: .*missing.safetensors is not a file"):
+        train(
+            model,
+            loss_fn,
+            20,
+            4,
+            3,
+            0.05,
+            torch.Generator(),
+            "t",
+            tmp_path / "u.pt",
+            warm_start=tmp_path / "missing.safetensors",
+        )

@@ -1,6 +1,7 @@
-"""--kv-cache-bytes on a next-scale model, on a real server with the fixture VAR: concurrent
-requests run in batches of as many images as the limit's planned KV bytes allow, a request above
-the limit runs alone, and the card and metrics report the limit and the bytes in use."""
+"""--kv-cache-bytes on a real server: with the fixture VAR, concurrent requests run in batches of
+as many images as the limit's planned KV bytes allow, a request above the limit runs alone, and the
+card and metrics report the limit and the bytes in use; static batches of a next-token model keep
+to it too."""
 
 from concurrent.futures import ThreadPoolExecutor
 
@@ -46,3 +47,23 @@ def test_concurrent_full_requests_run_in_batches_the_kv_limit_allows(monkeypatch
         assert [r.status_code for r in responses] == [200] * 6
         assert [r.json()["usage"]["batch_images"] for r in responses] == [1, 2, 2, 2, 2, 3]
         assert in_use() == 0  # no batch runs
+
+
+def test_static_batches_of_a_next_token_model_keep_to_the_limit():
+    """--batching static with a next-token model: a batch preallocates its images' whole caches,
+    so under a limit of two guided images' caches four concurrent requests run two at a time."""
+    config = CONFIG.parent / "fixtures-llamagen.toml"
+    spec = load_config(config)[0]
+    per_image = load_runner(spec).kv_bytes_per_image(settings_for(spec.defaults, 0, 1)[0])
+    assert (
+        per_image == 2 * (2 * 2 * 2 * 16 * 64 * 4) * 16
+    )  # 2 rows x 16 blocks of K, V x 2 layers x 2 heads x 16 x 64 fp32
+    with ThreadServer(
+        config=config, batching="static", max_batch_size=4, max_wait_ms=200, kv_cache_bytes=2 * per_image
+    ) as server:
+        (card,) = server.client.get("/v1/models").json()["data"]
+        assert card["kv_bytes_per_image"] == per_image
+        with ThreadPoolExecutor(4) as pool:
+            responses = list(pool.map(server.post, [{"prompt": i, "seed": i} for i in range(4)]))
+    assert [r.status_code for r in responses] == [200] * 4
+    assert max(r.json()["usage"]["batch_images"] for r in responses) == 2

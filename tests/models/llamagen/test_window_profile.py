@@ -14,17 +14,12 @@ from models.llamagen.speculative import CALIBRATION, AutoWindow
 from models.llamagen.window_profile import WindowProfile
 from models.settings import settings_for
 from service.cli import main
+from tests.conftest import one_bundled_model
 
 
 def c2i_config(tmp_path, name="lg", extra=""):
-    spec = next(s for s in load_config(DEFAULT_CONFIG) if s.name == "llamagen-shapes")
-    config = tmp_path / "models.toml"
-    config.write_text(
-        f'[[model]]\nname = "{name}"\nfamily = "llamagen"\nweights = "{spec.weights}"\n'
-        f'tokenizer = "{spec.tokenizer}"\nn_head = {spec.n_head}\nimage_size = {spec.image_size}\n'
-        f'device = "cpu"\n{extra}[model.defaults]\ncfg = 2.0\ntop_k = 20\ntop_p = 0.0\n'
-    )
-    return config
+    defaults = "[model.defaults]\ncfg = 2.0\ntop_k = 20\ntop_p = 0.0\n"
+    return one_bundled_model(tmp_path, "llamagen-shapes", name, extra + defaults)
 
 
 @pytest.fixture(scope="module")

@@ -10,6 +10,7 @@ from models.kv.profile import KVProfile
 from models.settings import ImageSettings
 from models.var.generate import generate
 from service.cli import main
+from tests.conftest import one_bundled_model
 
 PATCH_NUMS = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
 SIZES = torch.tensor([pn * pn for pn in PATCH_NUMS], dtype=torch.float64)
@@ -90,13 +91,7 @@ def test_segment_scores_are_the_mean_over_later_scales_of_one_querys_mass():
 
 
 def bundled_config(tmp_path, name="vs", extra=""):
-    spec = next(s for s in load_config(DEFAULT_CONFIG) if s.name == "var-shapes")
-    config = tmp_path / "models.toml"
-    config.write_text(
-        f'[[model]]\nname = "{name}"\nfamily = "var"\nweights = "{spec.weights}"\n'
-        f'tokenizer = "{spec.tokenizer}"\ndevice = "cpu"\n{extra}'
-    )
-    return config
+    return one_bundled_model(tmp_path, "var-shapes", name, extra)
 
 
 def test_cli_writes_a_profile_that_loads_and_that_the_config_picks_up(tmp_path, capsys):
