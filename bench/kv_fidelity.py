@@ -1,7 +1,7 @@
 """What the compressed KV cache costs in fidelity and buys in bytes and speed (issue 14), on the
 bundled `var-shapes` model (680 tokens, ten scales, the bundled calibrated KV profile):
 
-- cells: `full` once, then window, snapkv, hack, scalekv, heatkv at each budget (100, 50, 25, 10,
+- cells: `full` once, then window, snapkv, hack, scalekv, heatkv, valuekv at each budget (100, 50, 25, 10,
   5 %); every cell makes the same `--images` images (image i: class i mod 8, seed `--seed` + i,
   the model's default sampling), compared image by image with `full`'s;
 - bytes: stored, working and full KV bytes per image from BatchResult (at the fidelity batch, 16,
@@ -44,7 +44,7 @@ from models.kv.profile import KVProfile
 from models.runner import Runner, load_runner
 from models.settings import ImageSettings
 
-COMPRESSING = ("window", "snapkv", "hack", "scalekv", "heatkv")
+COMPRESSING = ("window", "snapkv", "hack", "scalekv", "heatkv", "valuekv")
 BUDGETS = (1.0, 0.5, 0.25, 0.1, 0.05)
 PSNR_CAP = 100.0  # dB for an identical image: above any 8-bit difference (one level in one value: 89 dB)
 BATCH = 16  # the fidelity runs' batch, and the larger speed batch

@@ -40,7 +40,7 @@ class Speculative:
 
 # The KV-cache policies of next-scale models (models/kv/policies.py implements them); named here so
 # the HTTP side can check a request without importing the engine stack.
-KV_POLICY_NAMES = ("full", "window", "snapkv", "hack", "scalekv", "heatkv")
+KV_POLICY_NAMES = ("full", "window", "snapkv", "hack", "scalekv", "heatkv", "valuekv")
 
 
 @dataclass(frozen=True)

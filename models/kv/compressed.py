@@ -166,7 +166,7 @@ class SlabScaleStore:
                 self.v[layer][slots] = vf[src]
                 self.pos[layer][slots] = (at.start + torch.arange(n, device=dev)).repeat(len(take)).int()
             return
-        c = self._candidates(p, layer, si, at, rows, local, segs, old, off, q, k, scale)
+        c = self._candidates(p, layer, si, at, rows, local, segs, old, off, q, k, v, scale)
         c.keep = new
         tier, key = p.rank(c, self.profile)
         cols = select(tier.cpu(), key.cpu(), c.valid.cpu(), new)  # (G, max new), -1 padded
@@ -188,8 +188,9 @@ class SlabScaleStore:
         self.pos[layer][dest_old] = kept_pos
         self.pos[layer][dest_cur] = (at.start + col[~is_old] - max_old).int().to(dev)
 
-    def _candidates(self, p, layer, si, at, rows, local, segs, old, off, q, k, scale) -> Candidates:
-        """[stored, padded to the longest | current] of each segment, with positions, scales and mass."""
+    def _candidates(self, p, layer, si, at, rows, local, segs, old, off, q, k, v, scale) -> Candidates:
+        """[stored, padded to the longest | current] of each segment, with positions, scales, mass
+        and, for a policy that `uses_values`, value norms."""
         dev, n, G = self.device, k.shape[2], len(segs)
         max_old = int(old.max())
         cols = torch.arange(max_old)
@@ -218,4 +219,8 @@ class SlabScaleStore:
             )
             mass_old = torch.where(valid_old.to(dev), mass_slab[slot_old], 0.0)
             mass = torch.cat([mass_old, mass_cur.reshape(G, n)], 1)
-        return Candidates(layer, si, heads, pos, scale_ids, valid, mass, obs_pos)
+        value_norm = None
+        if getattr(p, "uses_values", False):
+            norm_old = torch.where(valid_old.to(dev), self.v[layer][slot_old].float().norm(dim=-1), 0.0)
+            value_norm = torch.cat([norm_old, v[local].reshape(G, n, -1).float().norm(dim=-1)], 1)
+        return Candidates(layer, si, heads, pos, scale_ids, valid, mass, obs_pos, value_norm=value_norm)

@@ -72,7 +72,7 @@ def test_speculative_defaults_are_read_for_next_token_models(tmp_path):
         ),
         (
             'name = "a"\nfamily = "var"\nweights = "w"\ntokenizer = "t"\nkv = {kv_policy = "lru"}',
-            "kv.kv_policy 'lru' is not one of full, window, snapkv, hack, scalekv, heatkv",
+            "kv.kv_policy 'lru' is not one of full, window, snapkv, hack, scalekv, heatkv, valuekv",
         ),
         (
             'name = "a"\nfamily = "var"\nweights = "w"\ntokenizer = "t"\nkv = {kv_budget = 0}',

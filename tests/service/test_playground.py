@@ -231,6 +231,7 @@ def test_kv_options_show_from_the_var_card_and_reach_the_server(browser, server)
         "hack",
         "scalekv",
         "heatkv",
+        "valuekv",
     ]
     budget = browser.find_element(By.ID, "extra-kv_budget")
     assert budget.get_attribute("placeholder") == "1"

@@ -171,7 +171,7 @@ def var_shapes():
     return load_runner(next(s for s in load_config(DEFAULT_CONFIG) if s.name == "var-shapes"))
 
 
-@pytest.mark.parametrize("policy", ["window", "snapkv", "hack", "scalekv", "heatkv"])
+@pytest.mark.parametrize("policy", ["window", "snapkv", "hack", "scalekv", "heatkv", "valuekv"])
 def test_var_shapes_batches_at_least_5x_more_images_at_10_percent_than_full(var_shapes, policy):
     def planned(j: Job) -> int:
         return sum(var_shapes.kv_bytes_per_image(p) for p in j.params)

@@ -230,7 +230,7 @@ def test_image_metrics_count_images_pixels_and_the_time_of_each_stage(server):
 
 def test_kv_policy_and_budget_reach_the_engine_and_the_model_card_offers_them(server):
     (card,) = server.client.get("/v1/models").json()["data"]
-    assert card["kv_policies"] == ["full", "window", "snapkv", "hack", "scalekv", "heatkv"]
+    assert card["kv_policies"] == ["full", "window", "snapkv", "hack", "scalekv", "heatkv", "valuekv"]
     assert (card["kv_policy"], card["kv_budget"]) == ("full", 1.0)
     dense = server.post({"prompt": 3, "n": 2, "seed": 9}).json()["usage"]
     for name in ("snapkv", "heatkv"):

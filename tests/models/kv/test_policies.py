@@ -13,6 +13,7 @@ from models.kv.policies import (
     ScaleGeometry,
     ScaleKV,
     SnapKV,
+    ValueKV,
     Window,
     budget_tokens,
     grid_centres,
@@ -104,6 +105,50 @@ def kept_positions(p, c: Candidates, keep: int, profile=PROFILES["default"]) -> 
     tier, key = p.rank(c, profile)
     cols = select(tier, key, c.valid, torch.full((c.pos.shape[0],), keep))
     return [[int(c.pos[g, j]) for j in row if j >= 0] for g, row in enumerate(cols)]
+
+
+def test_valuekv_keeps_the_most_mass_times_squared_value_norm():
+    c = candidates(
+        2, [[0, 1, 2, 3, 4]], mass=[[4.0, 2.0, 0.1, 2.0, 0.0, 1.0, 1.0, 3.0, 1.0, 0.0, 0.0, 0.0, 0.0, 1.0]]
+    )
+    # the sink-like position 0 draws the most mass with a small value; pos 3's value is twice pos 1's
+    c.value_norm = torch.tensor([[0.25, 1.0, 1.0, 2.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0]])
+    # scores: 0.25, 2, 0.1, 8, 0, then 1, 1, 3, 1, ...: pos 3, 7, 1, then the 1.0s by index: 5, 6
+    assert kept_positions(ValueKV(), c, 5) == [[1, 3, 5, 6, 7]]
+    assert kept_positions(SnapKV(), c, 5) == [[0, 1, 3, 5, 7]]  # by mass alone the sink stays
+
+
+def test_the_store_hands_valuekv_the_norms_of_its_candidates_values():
+    from models.kv.compressed import SlabScaleStore
+    from models.kv.store import ScaleSpan
+
+    torch.manual_seed(0)
+    geo = ScaleGeometry((1, 2, 3), depth=1, num_heads=2)
+    store = SlabScaleStore(
+        geo, [(ValueKV(), 0.5)], KVProfile.default(geo.patch_nums, 1, 2), 8, torch.float32, "cpu"
+    )
+    seen = []
+    rank = ValueKV.rank
+
+    def spy(self, c, profile):
+        seen.append(c.value_norm.clone())
+        return rank(self, c, profile)
+
+    ValueKV.rank = spy
+    try:
+        values = []
+        for si, start in enumerate(geo.starts):
+            n = geo.sizes[si]
+            q, k, v = torch.randn(3, 1, 2, n, 8).unbind(0)
+            values.append(v)
+            at = ScaleSpan(slice(0, 1), start, start + n)
+            store.write(0, k, v, at)
+            store.attend(0, q, at)
+    finally:
+        ValueKV.rank = rank
+    (norms,) = seen  # budget 0.5 of 5 stored tokens: 2 per segment, ranked only after scale 1
+    stored = torch.cat([values[0], values[1]], 2)[0]  # (H, 5, D): what scale 1's candidates are
+    torch.testing.assert_close(norms, stored.norm(dim=-1))
 
 
 def test_window_keeps_the_sink_scales_then_the_most_recent_positions():
