@@ -28,13 +28,17 @@ class ModelInfo:
     # next-scale models: the runner's planned KV bytes of one image under its policy and budget, which
     # the queue admits images by under --kv-cache-bytes (None: the model's batches are not limited so)
     kv_bytes_per_image: Callable[[ImageSettings], int] | None = None
+    # models with a running batch: why a request's images can never fit its KV block pool, even
+    # alone (None: they can), so the HTTP side refuses them instead of queueing them for ever
+    never_fits: Callable[[list[ImageSettings]], str | None] | None = None
 
     @property
     def resolution(self) -> str:
         return f"{self.image_size}x{self.image_size}"
 
 
-def info_of(runner) -> ModelInfo:
+def info_of(runner, running=None) -> ModelInfo:
+    """running: the model's running batch (continuous batching), if it has one."""
     return ModelInfo(
         name=runner.spec.name,
         family=runner.family,
@@ -49,6 +53,7 @@ def info_of(runner) -> ModelInfo:
         kv_policies=tuple(getattr(runner, "kv_policies", ())),
         speculative_methods=tuple(getattr(runner, "speculative_methods", ())),
         kv_bytes_per_image=getattr(runner, "kv_bytes_per_image", None),
+        never_fits=None if running is None else running.never_fits,
     )
 
 

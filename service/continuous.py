@@ -103,12 +103,15 @@ class ContinuousRun:
             fitting.append(job)
             if self.pace:  # one request at a time, its images spaced from the next one's
                 break
+        if not fitting and not self.batch.images:  # alone on an empty pool: it never fits
+            # (the HTTP side refuses such requests first; this is for any that get past it)
+            job, jobs = jobs[0], jobs[1:]
+            self.worker.fail([job], 400, self.batch.never_fits(job.params) or "no room in the KV pool")
         if len(fitting) < len(jobs):
             self.worker.queue.put_back(jobs[len(fitting) :])
         if not fitting:
             return
         self.worker.start_jobs(fitting, self.model)
-        self._next_join = self.steps + self.pace * sum(job.n for job in fitting)
         conditions = [job.conditions[i] for job in fitting for i in range(job.n)]
         settings = [job.params[i] for job in fitting for i in range(job.n)]
         tags = [(job, i) for job in fitting for i in range(job.n)]
@@ -121,6 +124,7 @@ class ContinuousRun:
             self.worker.fail(fitting, 500, f"generation failed: {type(e).__name__}: {e}")
             return
         elapsed = time.monotonic() - t0
+        self._next_join = self.steps + self.pace * sum(job.n for job in fitting)
         self.metrics.forward_passes.labels(self.model).inc()
         self.metrics.batch_size.labels(self.model).observe(self.batch.images)
         self.jobs.extend(fitting)

@@ -58,6 +58,8 @@ def admit(
         info.check_settings(params[0])  # the images differ in their seeds only
     except SettingError as e:
         raise ApiError(400, str(e), e.field) from None
+    if info.never_fits is not None and (why := info.never_fits(params)):
+        raise ApiError(400, why, "n")
     now = time.monotonic()
     job = Job(
         id=request_id,

@@ -149,9 +149,11 @@ class RequestQueue:
             return joining
 
     def put_back(self, jobs: list[Job]) -> None:
-        """Jobs taken but not started (no room after all) go back to the front, in order."""
+        """Jobs taken but not started (no room after all) go back where their arrival puts them: a
+        batch's later jobs may have passed older ones of other models or sizes, and stay behind
+        them."""
         with self._changed:
-            self._waiting.extendleft(reversed(jobs))
+            self._waiting = deque(sorted([*jobs, *self._waiting], key=lambda job: job.arrival))
             self._on_depth(len(self._waiting))
             self._changed.notify_all()
 

@@ -122,7 +122,7 @@ class Worker(threading.Thread):
             self._running[spec.name] = running
             self.metrics.kv_blocks_free.labels(spec.name).set(running.blocks_free)
         self.runners[spec.name] = runner
-        self.catalog.publish(info_of(runner))
+        self.catalog.publish(info_of(runner, self._running.get(spec.name)))
         self.metrics.model_loaded.labels(spec.name).set(1)
         load_s = round(time.monotonic() - t0, 3)
         event(

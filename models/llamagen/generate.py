@@ -200,6 +200,8 @@ class Engine:
         running = [(s.rows, s.n, s.speculative) for s in self.seqs] + [
             (s.rows, 1, s.speculative) for s in seqs
         ]
+        if not running:
+            return True
         rows, n, speculative = (np.array(x, dtype=np.int64)[:, None] for x in zip(*running, strict=True))
         k = np.arange(c.block_size)[None, :]
         blocks = np.where(speculative, whole, -(-(c.cls_token_num + n + k) // bs))

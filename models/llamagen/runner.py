@@ -248,6 +248,27 @@ class RunningBatch:
     def fits(self, settings: list[ImageSettings]) -> bool:
         return self.engine.fits([engine.Sequence(torch.zeros(()), s) for s in settings])
 
+    def blocks_needed(self, settings: list[ImageSettings]) -> int:
+        """Blocks these images hold at their end, all at once (what joining together needs). Plain
+        Python, no tensors: the HTTP side asks it too (`never_fits`)."""
+        return engine.engine_rows(settings) * self.engine.pool.blocks_for(
+            self.runner.model.config.max_seq_len
+        )
+
+    def never_fits(self, settings: list[ImageSettings]) -> str | None:
+        """Why a request of these images can never run in this pool, even alone (None: it can)."""
+        need = self.blocks_needed(settings)
+        if need <= self.blocks_total:
+            return None
+        return (
+            f"n: {len(settings)} images need {need} KV blocks at once, more than the pool's "
+            f"{self.blocks_total} (--kv-cache-bytes): ask for fewer images per request"
+        )
+
+    @property
+    def blocks_total(self) -> int:
+        return self.engine.pool.n_blocks
+
     @torch.inference_mode()
     def add(self, conditions: list[int | str], settings: list[ImageSettings], tags: list) -> None:
         """One prefill pass for the newcomers (raises OutOfBlocks when the pool cannot hold them)."""

@@ -91,6 +91,8 @@ def train(
         for group, base in zip(opt.param_groups, sched.base_lrs, strict=True):
             group["lr"] = base * sched.lr_lambdas[0](first)  # this schedule's, if its length changed
         print(f"[{name}] resuming at step {first}/{steps} ({elapsed:.0f}s so far)", flush=True)
+        if warm_start is not None and first == steps:
+            print(f"[{name}] --warm-start: {checkpoint} is a finished run, nothing to train", flush=True)
     elif warm_start is not None:
         if not warm_start.is_file():
             raise SystemExit(f"--warm-start: {warm_start} is not a file (a stage's saved weights)")

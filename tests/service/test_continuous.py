@@ -3,6 +3,7 @@ a request joins a batch that is already running and gets the image it gets alone
 leaves gives its blocks back at the next step while the others run on, and admission waits for
 free blocks."""
 
+import dataclasses
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -204,3 +205,25 @@ def test_where_memory_binds_joiners_are_spaced_and_the_pool_runs_more_images_tha
         assert sum(sizes) / len(sizes) > 3.2, sizes
         assert running.blocks_free == running.engine.pool.n_blocks
         assert images(s.post(bodies[5])) == images(responses[5])  # still its lone image
+
+
+def test_a_request_the_pool_can_never_hold_is_refused_and_the_next_one_runs(monkeypatch):
+    """A pool of 1.5 guided images: a request of two guided images would wait forever for room that
+    never comes (and hold up the queue behind it), so it is a 400 naming n, from the HTTP side
+    before it queues, or from the running batch for one that gets past (checked here too); the
+    next one runs."""
+    block_nbytes = 2 * 2 * 2 * 16 * 64 * 4  # as in test_admission_waits_for_free_blocks
+    kv_bytes = block_nbytes * (BLOCKS_PER_IMAGE + BLOCKS_PER_IMAGE // 2)
+    with ThreadServer(config=CONFIG, max_batch_size=4, max_wait_ms=0, kv_cache_bytes=kv_bytes) as s:
+        too_big = s.post({"prompt": 1, "n": 2, "seed": 1, "cfg_scale": 2.0})
+        assert too_big.status_code == 400 and too_big.json()["error"]["param"] == "n", too_big.text
+        message = too_big.json()["error"]["message"]
+        assert message.startswith("n: 2 images need 64 KV blocks at once, more than the pool's 48"), message
+        assert images(s.post({"prompt": 1, "seed": 1, "cfg_scale": 2.0}))
+        # past the HTTP side's check (as if it had none), the running batch refuses it itself
+        info = s.pool.catalog.loaded(MODEL)
+        monkeypatch.setitem(s.pool.catalog._loaded, MODEL, dataclasses.replace(info, never_fits=None))
+        assert (
+            s.post({"prompt": 1, "n": 2, "seed": 1, "cfg_scale": 2.0}).json()["error"]["message"] == message
+        )
+        assert images(s.post({"prompt": 2, "seed": 2, "cfg_scale": 2.0}))

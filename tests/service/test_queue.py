@@ -41,6 +41,17 @@ def test_a_batch_takes_the_oldest_request_and_same_model_company_up_to_max_image
     assert len(q) == 1
 
 
+def test_jobs_put_back_return_to_where_their_arrival_puts_them():
+    q = RequestQueue(max_size=10)
+    jobs = [job("a", 2), job("b", 1), job("a", 3), job("a", 1)]
+    for j in jobs:
+        q.submit(j)
+    batch = q.take_batch({"a", "b"}, max_images=4, max_wait_s=0, stop=NEVER)
+    assert batch == [jobs[0], jobs[3]]  # the 1-image request passed the b one and the 3-image one
+    q.put_back(batch[1:])  # only the first started (a running batch admitting one at a time)
+    assert list(q._waiting) == [jobs[1], jobs[2], jobs[3]]  # behind the older requests it passed
+
+
 def test_requests_share_a_batch_only_with_the_same_kv_policy_and_budget():
     q = RequestQueue(max_size=10)
     jobs = [
