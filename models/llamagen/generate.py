@@ -609,10 +609,21 @@ def generate(
     )
 
 
+def row_blocks(model: GPT) -> int:
+    """Blocks one row holds at its last position: its whole cache."""
+    return -(-model.config.max_seq_len // BLOCK_SIZE)
+
+
+def block_nbytes(model: GPT) -> int:
+    """Bytes of one block of the model's pool: K and V of every layer for BLOCK_SIZE positions."""
+    c, w = model.config, model.tok_embeddings.weight
+    return 2 * c.n_layer * c.n_kv_head * BLOCK_SIZE * c.head_dim * w.element_size()
+
+
 def batch_pool(model: GPT, seqs: list[Sequence]) -> BlockPool:
     """A pool that holds exactly these sequences' rows to their last position: a static batch's."""
     c, w = model.config, model.tok_embeddings.weight
-    blocks = sum(s.rows for s in seqs) * -(-c.max_seq_len // BLOCK_SIZE)
+    blocks = sum(s.rows for s in seqs) * row_blocks(model)
     return BlockPool(c.n_layer, blocks, c.n_kv_head, BLOCK_SIZE, c.head_dim, w.dtype, w.device)
 
 

@@ -81,10 +81,9 @@ class LlamaGenRunner:
         """KV bytes a static batch allocates for this image: every row's blocks to the last
         position (engine.batch_pool), both rows when guided. The server's queue forms static
         batches by it under --kv-cache-bytes (continuous batching admits by blocks instead)."""
-        c, w = self.model.config, self.model.tok_embeddings.weight
-        block_nbytes = 2 * c.n_layer * c.n_kv_head * engine.BLOCK_SIZE * c.head_dim * w.element_size()
-        rows = engine.engine_rows([settings])
-        return rows * -(-c.max_seq_len // engine.BLOCK_SIZE) * block_nbytes
+        return (
+            engine.engine_rows([settings]) * engine.row_blocks(self.model) * engine.block_nbytes(self.model)
+        )
 
     def check(self, settings: ImageSettings) -> None:
         self.conditions.check_negative_prompt(settings.negative_prompt, engine.is_guided(settings))
@@ -160,9 +159,8 @@ class LlamaGenRunner:
         batch of max_images guided images would preallocate). ConfigError when it cannot hold one
         guided image."""
         c, w = self.model.config, self.model.tok_embeddings.weight
-        bs = engine.BLOCK_SIZE
-        block_nbytes = 2 * c.n_layer * c.n_kv_head * bs * c.head_dim * w.element_size()
-        per_image = 2 * -(-c.max_seq_len // bs)  # blocks of a guided image
+        bs, block_nbytes = engine.BLOCK_SIZE, engine.block_nbytes(self.model)
+        per_image = 2 * engine.row_blocks(self.model)  # blocks of a guided image
         blocks = max_images * per_image if kv_cache_bytes is None else kv_cache_bytes // block_nbytes
         if blocks < per_image:
             raise ConfigError(
@@ -251,9 +249,7 @@ class RunningBatch:
     def blocks_needed(self, settings: list[ImageSettings]) -> int:
         """Blocks these images hold at their end, all at once (what joining together needs). Plain
         Python, no tensors: the HTTP side asks it too (`never_fits`)."""
-        return engine.engine_rows(settings) * self.engine.pool.blocks_for(
-            self.runner.model.config.max_seq_len
-        )
+        return engine.engine_rows(settings) * engine.row_blocks(self.runner.model)
 
     def never_fits(self, settings: list[ImageSettings]) -> str | None:
         """Why a request of these images can never run in this pool, even alone (None: it can)."""

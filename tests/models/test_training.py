@@ -171,45 +171,26 @@ def test_a_warm_start_begins_from_saved_weights_and_then_resumes_from_its_checkp
         seen.append(model.weight.detach().clone())  # the weights the first step starts from
         return model(x[idx]).pow(2).mean(), {}
 
-    train(
-        model,
-        loss_fn,
-        20,
-        4,
-        3,
-        0.05,
-        torch.Generator(),
-        "t",
-        tmp_path / "t.pt",
-        warm_start=tmp_path / "w.safetensors",
-    )
-    assert "warm start from" in capsys.readouterr().out
-    torch.testing.assert_close(seen[0], saved.weight.detach().half().float(), rtol=0, atol=0)
-    # its checkpoint, not the file, carries it on
-    train(
-        model,
-        loss_fn,
-        20,
-        4,
-        5,
-        0.05,
-        torch.Generator(),
-        "t",
-        tmp_path / "t.pt",
-        extend=True,
-        warm_start=tmp_path / "w.safetensors",
-    )
-    assert "resuming at step 3/5" in capsys.readouterr().out
-    with pytest.raises(SystemExit, match="--warm-start: .*missing.safetensors is not a file"):
+    def run(steps, checkpoint="t.pt", weights="w.safetensors", **kw):
+        gen = torch.Generator()
         train(
             model,
             loss_fn,
             20,
             4,
-            3,
+            steps,
             0.05,
-            torch.Generator(),
+            gen,
             "t",
-            tmp_path / "u.pt",
-            warm_start=tmp_path / "missing.safetensors",
+            tmp_path / checkpoint,
+            warm_start=tmp_path / weights,
+            **kw,
         )
+
+    run(3)
+    assert "warm start from" in capsys.readouterr().out
+    torch.testing.assert_close(seen[0], saved.weight.detach().half().float(), rtol=0, atol=0)
+    run(5, extend=True)  # its checkpoint, not the file, carries it on
+    assert "resuming at step 3/5" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="--warm-start: .*missing.safetensors is not a file"):
+        run(3, checkpoint="u.pt", weights="missing.safetensors")
