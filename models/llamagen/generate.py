@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from kernels.speculative import commit, fill_drafts
 from models.kv.paged import BLOCK_SIZE, BlockPool, OutOfBlocks, PagedTokenStore
 from models.llamagen.model import GPT
 from models.llamagen.speculative import (
@@ -27,9 +28,7 @@ from models.llamagen.speculative import (
     WINDOWS,
     AutoWindow,
     TokenGroups,
-    fill_drafts,
     target_probs,
-    verify,
     window_flops,
 )
 from models.llamagen.tokenizer import VQModel
@@ -367,11 +366,9 @@ class Engine:
             return
         idx = torch.tensor(need, device=self.device)
         qrows = torch.tensor([self._q_row[i] for i in need], device=self.device)
-        tokens, q = self.tokens[idx], self.q[qrows]
         lo = torch.tensor([self.seqs[i].drafts for i in need], device=self.device)
         hi = torch.tensor([windows[i] - 1 for i in need], device=self.device)
-        fill_drafts(tokens, q, self.n[idx], lo, hi, self.model.config.grid_size)
-        self.tokens[idx], self.q[qrows] = tokens, q
+        fill_drafts(self.tokens, self.q, idx, qrows, self.n[idx], lo, hi, self.model.config.grid_size)
         for i in need:
             self.seqs[i].drafts = windows[i] - 1
 
@@ -390,21 +387,15 @@ class Engine:
             g, w = s.generator, windows[i]
             u[j, :w] = torch.rand(w, generator=g, device=g.device).to(device)
             e[j, :w] = torch.rand(w, V, generator=g, device=g.device).to(device)
-        t = torch.arange(S, device=device)
-        at = (n[:, None] + t).clamp(max=N - 1)
-        drafts = self.tokens[idx[:, None], at]  # (b, S)
-        q = self.q[qrows, :S]
         grouped = None
         if rows.gsd is not None:
             if self._groups is None:
                 self._groups = TokenGroups(self.model)
-            grouped = self._groups.ratio(p, q, drafts, [s.settings.speculative for s in seqs])
-        k, window_tokens = verify(p, q, drafts, L, u, e, rows.coupled, grouped, rows.gsd)
-        in_window = t < L[:, None]
-        self.tokens[idx[:, None].expand_as(at)[in_window], at[in_window]] = window_tokens[in_window]
-        # the next drafts' q: the targets of the columns after the committed ones
-        src = (k[:, None] + 1 + t).clamp(max=S - 1)
-        self.q[qrows, :S] = p.gather(1, src[..., None].expand(-1, -1, V))
+            at = (n[:, None] + torch.arange(S, device=device)).clamp(max=N - 1)
+            drafts = self.tokens[idx[:, None], at]  # (b, S)
+            knobs = [s.settings.speculative for s in seqs]
+            grouped = self._groups.ratio(p, self.q[qrows, :S], drafts, knobs)
+        k = commit(p, self.q, qrows, self.tokens, idx, n, L, u, e, rows.coupled, grouped, rows.gsd)
         for s, i, kb in zip(seqs, spec, k.tolist(), strict=True):
             w = windows[i]
             s.n += kb + 1

@@ -36,6 +36,7 @@ from dataclasses import replace
 
 import torch
 
+from kernels import speculative as kernels
 from models.kv.paged import BLOCK_SIZE, BlockPool, PagedTokenStore
 from models.llamagen.model import GPT
 from models.llamagen.window_profile import WindowProfile
@@ -61,94 +62,7 @@ COUPLED = ("scd", "gsd")
 def target_probs(logits: torch.Tensor, sampler: SamplerRows) -> torch.Tensor:
     """logits (B, S, V) float32 -> (B, S, V) the distribution plain decoding samples from: the same
     candidates as models.sampling.sample (top-k, temperature, then top-p), renormalised."""
-    B, S, V = logits.shape
-    k = torch.tensor([min(k, V) if k > 0 else V for k in sampler.top_k_values], device=logits.device)
-    cand_logits, cand_idx = logits.topk(int(k.max()), dim=-1, sorted=True)
-    rank = torch.arange(cand_logits.shape[-1], device=logits.device)
-    cand_logits = cand_logits.masked_fill(rank >= k.view(B, 1, 1), -torch.inf)
-    probs = (cand_logits / sampler.temperature.clamp(min=1e-5).view(B, 1, 1)).softmax(-1)
-    top_p = sampler.top_p.view(B, 1, 1)
-    use_p = (top_p > 0) & (top_p < 1)
-    if bool(use_p.any()):
-        drop = use_p & (probs.cumsum(-1) - probs >= top_p)
-        drop[..., 0] = False
-        probs = probs.masked_fill(drop, 0.0)
-        probs = probs / probs.sum(-1, keepdim=True)
-    return torch.zeros_like(logits).scatter_(-1, cand_idx, probs)
-
-
-def race(weights: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
-    """A draw from the categorical proportional to `weights` (..., V) (unnormalised, >= 0) with
-    uniform noise (..., V): the exponential race plain decoding runs, argmax w / E, E ~ Exp(1)."""
-    return (weights / -torch.log1p(-uniform)).argmax(-1)
-
-
-def fill_drafts(
-    tokens: torch.Tensor, q: torch.Tensor, n: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, grid: int
-) -> None:
-    """Tops rows up from `lo` to `hi` drafts, in place: tokens (b, N) each row's committed tokens
-    (the first n (b,)) and drafts after them; q (b, W, V) the distribution each draft was drawn from,
-    by offset after the committed ones. A fresh draft copies the token one grid row up (on the
-    first row: its left neighbour), so its q is one-hot."""
-    V, N = q.shape[-1], tokens.shape[1]
-    T = int(hi.max())
-    t = torch.arange(T, device=n.device)
-    fill = (t >= lo[:, None]) & (t < hi[:, None])  # (b, T)
-    pos = (n[:, None] + t).clamp(max=N - 1)  # a row past its own drafts may point beyond the image
-    src = torch.where(pos >= grid, pos - grid, pos - 1)
-    rows = torch.arange(len(n), device=n.device)[:, None].expand_as(pos)[fill]
-    at, src = pos[fill], src[fill]
-    # A fresh draft may copy another (on the first grid row each copies its left neighbour; a
-    # window wider than a row copies drafts above it): sweep until every draft equals its source,
-    # which is what drafting them one by one in order gives (sources come before their drafts).
-    while True:
-        tok = tokens[rows, src]
-        if torch.equal(tok, tokens[rows, at]):
-            break
-        tokens[rows, at] = tok
-    one_hot = torch.nn.functional.one_hot(tokens.gather(1, pos), V).to(q.dtype)
-    q[:, :T] = torch.where(fill[..., None], one_hot, q[:, :T])
-
-
-def verify(
-    p: torch.Tensor,
-    q: torch.Tensor,
-    drafts: torch.Tensor,
-    windows: torch.Tensor,
-    u: torch.Tensor,
-    e: torch.Tensor,
-    coupled: torch.Tensor,
-    grouped: torch.Tensor | None = None,
-    use_group: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """One pass's verification of b speculative rows, S columns.
-
-    p: (b, S, V) targets; q: (b, S, V) the drafts' distributions (column S-1 holds no draft);
-    drafts: (b, S) the tokens at each column's offset; windows: (b,) each row's window L (columns
-    >= L are padding); u: (b, S) uniforms of the acceptance tests; e: (b, S, V) the races' noise;
-    coupled: (b,) bool, later rejected drafts redrawn from their residual (SCD, GSD); grouped:
-    (b, S) GSD's grouped test (TokenGroups.ratio), taken instead of p/q where use_group (b,) bool.
-
-    -> accepted (b,) drafts up to the first rejection, and window_tokens (b, S): the accepted drafts,
-    the token drawn at the first rejection (or past the last draft), then the next pass's drafts."""
-    S = p.shape[1]
-    t = torch.arange(S, device=p.device)
-    p_d = p.gather(-1, drafts[..., None])[..., 0]
-    q_d = q.gather(-1, drafts[..., None])[..., 0].clamp(min=1e-30)
-    ratio = (p_d / q_d).clamp(max=1.0)
-    if grouped is not None:
-        ratio = torch.where(use_group[:, None], grouped, ratio)
-    is_draft = t < (windows - 1)[:, None]
-    passed = (u < ratio) & is_draft  # every draft's own test
-    accepted = passed.long().cumprod(1).sum(1)
-    residual = (p - q).clamp(min=0)
-    residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, p)
-    from_residual, from_p = race(residual, e), race(p, e)
-    # the token of a rejected column: its residual draw; past the last draft, a draw of p
-    redrawn = torch.where(is_draft, from_residual, from_p)
-    later = torch.where(coupled[:, None], torch.where(passed, drafts, redrawn), from_p)
-    k = accepted[:, None]
-    return accepted, torch.where(t < k, drafts, torch.where(t == k, redrawn, later))
+    return kernels.target_probs(logits, sampler.top_k, sampler.temperature, sampler.top_p)
 
 
 class TokenGroups:

@@ -12,7 +12,7 @@ from models.config import DEFAULT_CONFIG, load_config
 from models.llamagen.generate import generate
 from models.llamagen.loading import load_gpt
 from models.llamagen.model import GPT, GPTConfig
-from models.llamagen.speculative import WINDOWS, AutoWindow, fill_drafts, target_probs
+from models.llamagen.speculative import WINDOWS, AutoWindow, target_probs
 from models.sampling import SamplerRows
 from models.settings import ImageSettings, Speculative
 from tests.conftest import REFERENCE
@@ -250,29 +250,3 @@ def test_speculation_takes_far_fewer_passes_on_the_bundled_model(shapes, method)
     out = generate(model, None, torch.tensor([0, 4]), params, decode=False)
     # measured: about 95 (SJD), 80 (SCD), 70 (GSD) passes per image at window 16, against 256
     assert max(out.passes_per_image) < 160, out.passes_per_image
-
-
-def drafted_one_by_one(tokens, q, n, lo, hi, grid):
-    """fill_drafts' meaning, one draft at a time in order."""
-    for b in range(len(n)):
-        for t in range(int(lo[b]), int(hi[b])):
-            pos = int(n[b]) + t
-            tokens[b, pos] = tokens[b, pos - grid if pos >= grid else pos - 1]
-            q[b, t] = torch.nn.functional.one_hot(tokens[b, pos], q.shape[-1]).float()
-
-
-@pytest.mark.parametrize("seed", range(4))
-def test_fresh_drafts_copy_the_token_above_or_on_the_first_row_the_left_one(seed):
-    g = torch.Generator().manual_seed(seed)
-    grid, N, V, W = 4, 16, 7, 12
-    # rows on the first grid row (chains of left neighbours), past it, with drafts held already,
-    # and windows wider than a grid row (drafts copying drafts above)
-    n = torch.tensor([1, 2, 5, 3, 9])
-    lo = torch.tensor([0, 1, 0, 2, 0])
-    hi = torch.tensor([3, 6, 9, 4, 6])
-    tokens = torch.randint(V, (5, N), generator=g)
-    q = torch.rand(5, W, V, generator=g)
-    expected_tokens, expected_q = tokens.clone(), q.clone()
-    drafted_one_by_one(expected_tokens, expected_q, n, lo, hi, grid)
-    fill_drafts(tokens, q, n, lo, hi, grid)
-    assert torch.equal(tokens, expected_tokens) and torch.equal(q, expected_q)

@@ -1,0 +1,296 @@
+"""Speculative decoding's per-pass arithmetic: the target distributions of a verification window
+and the acceptance tests over it. References in PyTorch, our C kernels on CPU in float32
+(kernels/cpu/speculative.c), and the dispatch, in one file; the rules are written out in the
+references' docstrings (models/llamagen/speculative.py says what the engine feeds them).
+
+- `target_probs(logits, top_k, temperature, top_p)` -> the distribution plain decoding samples
+  from (models/sampling.py's candidates: top-k, temperature, then top-p, renormalised).
+- `commit(p, q, qrows, tokens, idx, n, windows, u, e, coupled, grouped, use_group)` -> the
+  accepted lengths, having written each row's window of tokens (`verify_reference`: SJD's test
+  and residual, SCD's coupled later drafts, GSD's grouped test) and its next drafts' q in place.
+- `fill_drafts(tokens, q, idx, qrows, n, lo, hi, grid)`: fresh drafts, in place.
+
+Rows of a pass are rows `idx` of the batch's token table (B, N) (each row's n committed tokens,
+then its drafts) and rows `qrows` of its draft distributions (B_spec, W, V) (by offset after the
+committed tokens), so the engine hands over its own tensors and nothing is gathered or scattered.
+
+Both draws of `verify` are exponential races (argmax w / E, E = -log1p(-uniform) ~ Exp(1)) over
+the tokens with w > 0: a token the weights give no mass never wins, even where its uniform is 0.
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+import torch
+
+from kernels import native
+
+__all__ = [
+    "commit",
+    "commit_reference",
+    "fill_drafts",
+    "fill_drafts_reference",
+    "race",
+    "target_probs",
+    "target_probs_reference",
+    "verify_reference",
+]
+
+
+def _c(symbol: str, *argtypes):
+    return native.function("speculative", symbol, *argtypes, restype=ctypes.c_int)
+
+
+def _target_probs_kernel():
+    ptr, long = ctypes.c_void_p, ctypes.c_long
+    return _c("varserve_target_probs", *(ptr,) * 5, long, long, long)
+
+
+def _commit_kernel():
+    ptr, long = ctypes.c_void_p, ctypes.c_long
+    return _c("varserve_commit", *(ptr,) * 13, *(long,) * 5)
+
+
+def _fill_kernel():
+    ptr, long = ctypes.c_void_p, ctypes.c_long
+    return native.function("speculative", "varserve_fill_drafts", *(ptr,) * 7, *(long,) * 5)
+
+
+def _on_cpu(*tensors: torch.Tensor) -> bool:
+    return all(t.is_cpu for t in tensors)
+
+
+# -- references -------------------------------------------------------------------------------
+
+
+def target_probs_reference(
+    logits: torch.Tensor, top_k: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor
+) -> torch.Tensor:
+    """logits (b, S, V) float32; top_k (b,) long (<= 0: no limit); temperature, top_p (b,) float ->
+    (b, S, V) float32: per column the top_k largest logits, divided by the temperature, softmax;
+    where 0 < top_p < 1 the candidates after the smallest most likely prefix whose mass reaches
+    top_p are dropped (the most likely always stays) and the rest renormalised; zero elsewhere."""
+    b, S, V = logits.shape
+    k = torch.where(top_k > 0, top_k.clamp(max=V), V)
+    cand_logits, cand_idx = logits.topk(int(k.max()), dim=-1, sorted=True)
+    rank = torch.arange(cand_logits.shape[-1], device=logits.device)
+    cand_logits = cand_logits.masked_fill(rank >= k.view(b, 1, 1), -torch.inf)
+    probs = (cand_logits / temperature.clamp(min=1e-5).view(b, 1, 1)).softmax(-1)
+    use_p = ((top_p > 0) & (top_p < 1)).view(b, 1, 1)
+    if bool(use_p.any()):
+        drop = use_p & (probs.cumsum(-1) - probs >= top_p.view(b, 1, 1))
+        drop[..., 0] = False
+        probs = probs.masked_fill(drop, 0.0)
+        probs = probs / probs.sum(-1, keepdim=True)
+    return torch.zeros_like(logits).scatter_(-1, cand_idx, probs)
+
+
+def race(weights: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
+    """A draw from the categorical proportional to `weights` (..., V) (unnormalised, >= 0) with
+    uniform noise (..., V) in [0, 1): argmax w / E, E = -log1p(-uniform) ~ Exp(1), over w > 0."""
+    score = weights / -torch.log1p(-uniform)
+    return score.masked_fill(weights <= 0, -1.0).argmax(-1)
+
+
+def verify_reference(
+    p: torch.Tensor,
+    q: torch.Tensor,
+    drafts: torch.Tensor,
+    windows: torch.Tensor,
+    u: torch.Tensor,
+    e: torch.Tensor,
+    coupled: torch.Tensor,
+    grouped: torch.Tensor | None = None,
+    use_group: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One pass's verification of b rows, S columns.
+
+    p: (b, S, V) targets; q: (b, S, V) the drafts' distributions (column S-1 holds no draft);
+    drafts: (b, S) the tokens at each column's offset; windows: (b,) each row's window L (columns
+    >= L are padding); u: (b, S) uniforms of the acceptance tests; e: (b, S, V) the races' noise;
+    coupled: (b,) bool, later rejected drafts redrawn from their residual (SCD, GSD); grouped:
+    (b, S) a grouped test's ratio, taken instead of min(1, p/q) where use_group (b,) bool.
+
+    A draft passes when u < min(1, p(d) / q(d)); the accepted length runs to the first rejection.
+    -> accepted (b,), and window_tokens (b, S): the accepted drafts, the token drawn at the first
+    rejection (from the residual norm(max(0, p - q)), or from p past the last draft), then the next
+    pass's drafts: a draw of p, or (coupled) the draft itself where it passed its own test and
+    its residual's draw where not."""
+    S = p.shape[1]
+    t = torch.arange(S, device=p.device)
+    p_d = p.gather(-1, drafts[..., None])[..., 0]
+    q_d = q.gather(-1, drafts[..., None])[..., 0].clamp(min=1e-30)
+    ratio = (p_d / q_d).clamp(max=1.0)
+    if grouped is not None:
+        ratio = torch.where(use_group[:, None], grouped, ratio)
+    is_draft = t < (windows - 1)[:, None]
+    passed = (u < ratio) & is_draft  # every draft's own test
+    accepted = passed.long().cumprod(1).sum(1)
+    residual = (p - q).clamp(min=0)
+    residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, p)
+    from_residual, from_p = race(residual, e), race(p, e)
+    redrawn = torch.where(is_draft, from_residual, from_p)
+    later = torch.where(coupled[:, None], torch.where(passed, drafts, redrawn), from_p)
+    k = accepted[:, None]
+    return accepted, torch.where(t < k, drafts, torch.where(t == k, redrawn, later))
+
+
+def commit_reference(
+    p: torch.Tensor,
+    q: torch.Tensor,
+    qrows: torch.Tensor,
+    tokens: torch.Tensor,
+    idx: torch.Tensor,
+    n: torch.Tensor,
+    windows: torch.Tensor,
+    u: torch.Tensor,
+    e: torch.Tensor,
+    coupled: torch.Tensor,
+    grouped: torch.Tensor | None = None,
+    use_group: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """One pass's verification of b rows committed in place. p, e: (b, S, V); q: (B_spec, W, V),
+    row j's drafts' distributions at qrows[j]; tokens: (B, N), row j's at idx[j] with n[j] (b,)
+    committed; windows, u, coupled, grouped, use_group: as verify_reference.
+
+    Writes the window's tokens (verify_reference) at n[j] + t for t < windows[j], and q rows t < S
+    to p's column min(k + 1 + t, S - 1) (the targets of the columns after the committed ones:
+    the next drafts' q) -> accepted (b,) long."""
+    S, V, N = p.shape[1], p.shape[2], tokens.shape[1]
+    t = torch.arange(S, device=p.device)
+    at = (n[:, None] + t).clamp(max=N - 1)
+    drafts = tokens[idx[:, None], at]  # (b, S)
+    k, window_tokens = verify_reference(p, q[qrows, :S], drafts, windows, u, e, coupled, grouped, use_group)
+    in_window = t < windows[:, None]
+    tokens[idx[:, None].expand_as(at)[in_window], at[in_window]] = window_tokens[in_window]
+    src = (k[:, None] + 1 + t).clamp(max=S - 1)
+    q[qrows, :S] = p.gather(1, src[..., None].expand(-1, -1, V))
+    return k
+
+
+def fill_drafts_reference(
+    tokens: torch.Tensor,
+    q: torch.Tensor,
+    idx: torch.Tensor,
+    qrows: torch.Tensor,
+    n: torch.Tensor,
+    lo: torch.Tensor,
+    hi: torch.Tensor,
+    grid: int,
+) -> None:
+    """Tops b rows up from `lo` to `hi` drafts (b,), in place: tokens (B, N), row j's at idx[j] with
+    n[j] committed; q (B_spec, W, V), row j's at qrows[j]. A fresh draft copies the token one grid
+    row up (on the first grid row: its left neighbour), as drafting them one by one in order
+    gives, so its q is one-hot."""
+    V, N = q.shape[-1], tokens.shape[1]
+    T = int(hi.max())
+    t = torch.arange(T, device=n.device)
+    fill = (t >= lo[:, None]) & (t < hi[:, None])  # (b, T)
+    pos = (n[:, None] + t).clamp(max=N - 1)  # a row past its own drafts may point beyond the image
+    src = torch.where(pos >= grid, pos - grid, pos - 1)
+    rows = idx[:, None].expand_as(pos)[fill]
+    at, src = pos[fill], src[fill]
+    # A fresh draft may copy another (on the first grid row each copies its left neighbour; a
+    # window wider than a row copies drafts above it): sweep until every draft equals its source
+    # (sources come before their drafts).
+    while True:
+        tok = tokens[rows, src]
+        if torch.equal(tok, tokens[rows, at]):
+            break
+        tokens[rows, at] = tok
+    one_hot = torch.nn.functional.one_hot(tokens[idx[:, None], pos], V).to(q.dtype)
+    q[qrows, :T] = torch.where(fill[..., None], one_hot, q[qrows, :T])
+
+
+# -- dispatch ---------------------------------------------------------------------------------
+
+
+def target_probs(
+    logits: torch.Tensor, top_k: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor
+) -> torch.Tensor:
+    """As target_probs_reference: our C kernel for float32 CPU tensors, else the reference."""
+    kernel = _target_probs_kernel()
+    if kernel is None or logits.dtype != torch.float32 or not _on_cpu(logits, top_k, temperature, top_p):
+        return target_probs_reference(logits, top_k, temperature, top_p)
+    b, S, V = logits.shape
+    logits = logits.contiguous()
+    top_k = top_k.to(torch.long).contiguous()
+    temperature = temperature.to(torch.float32).contiguous()
+    top_p = top_p.to(torch.float32).contiguous()
+    out = torch.empty_like(logits)
+    ptrs = (t.data_ptr() for t in (logits, top_k, temperature, top_p, out))
+    if kernel(*ptrs, b, S, V) != 0:
+        raise MemoryError("target_probs: no memory for the candidates")
+    return out
+
+
+def _c_applies(floats: tuple[torch.Tensor, ...], longs: tuple[torch.Tensor, ...]) -> bool:
+    """Our C kernels take contiguous float32 and int64 CPU tensors (in-place ones as they are)."""
+    return all(x.is_cpu and x.dtype == torch.float32 and x.is_contiguous() for x in floats) and all(
+        x.is_cpu and x.dtype == torch.long and x.is_contiguous() for x in longs
+    )
+
+
+def commit(
+    p: torch.Tensor,
+    q: torch.Tensor,
+    qrows: torch.Tensor,
+    tokens: torch.Tensor,
+    idx: torch.Tensor,
+    n: torch.Tensor,
+    windows: torch.Tensor,
+    u: torch.Tensor,
+    e: torch.Tensor,
+    coupled: torch.Tensor,
+    grouped: torch.Tensor | None = None,
+    use_group: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """As commit_reference: our C kernel for float32 CPU tensors, else the reference."""
+    kernel = _commit_kernel()
+    p, u, e = p.contiguous(), u.contiguous(), e.contiguous()
+    qrows, idx, n, windows = (x.to(torch.long).contiguous() for x in (qrows, idx, n, windows))
+    floats = (p, q, u, e) + (() if grouped is None else (grouped.contiguous(),))
+    if kernel is None or not _c_applies(floats, (qrows, tokens, idx, n, windows)):
+        return commit_reference(p, q, qrows, tokens, idx, n, windows, u, e, coupled, grouped, use_group)
+    b, S, V = p.shape
+    coupled = coupled.to(torch.uint8).contiguous()
+    optional = (None, None)
+    if grouped is not None:
+        grouped, use_group = floats[-1], use_group.to(torch.uint8).contiguous()
+        optional = (grouped.data_ptr(), use_group.data_ptr())
+    accepted = torch.empty(b, dtype=torch.long)
+    in_order = (p, q, qrows, tokens, idx, n, windows, u, e, coupled)
+    status = kernel(
+        *(x.data_ptr() for x in in_order),
+        *optional,
+        accepted.data_ptr(),
+        b,
+        S,
+        V,
+        q.shape[1],
+        tokens.shape[1],
+    )
+    if status != 0:
+        raise MemoryError("commit: no memory for the residuals")
+    return accepted
+
+
+def fill_drafts(
+    tokens: torch.Tensor,
+    q: torch.Tensor,
+    idx: torch.Tensor,
+    qrows: torch.Tensor,
+    n: torch.Tensor,
+    lo: torch.Tensor,
+    hi: torch.Tensor,
+    grid: int,
+) -> None:
+    """As fill_drafts_reference: our C kernel for float32 CPU tensors, else the reference."""
+    kernel = _fill_kernel()
+    idx, qrows, n, lo, hi = (x.to(torch.long).contiguous() for x in (idx, qrows, n, lo, hi))
+    if kernel is None or not _c_applies((q,), (tokens, idx, qrows, n, lo, hi)):
+        return fill_drafts_reference(tokens, q, idx, qrows, n, lo, hi, grid)
+    V, W, N = q.shape[-1], q.shape[1], tokens.shape[1]
+    ptrs = (x.data_ptr() for x in (tokens, q, idx, qrows, n, lo, hi))
+    kernel(*ptrs, len(idx), V, W, N, grid)
