@@ -1,6 +1,6 @@
 """Speculative decoding on the bundled next-token models: passes, speed and quality per method.
 
-    python -m bench.speculative [--per-class 12] [--latency-images 3] [--window 16]
+    python -m bench.speculative [--per-class 12] [--latency-images 3] [--window 16] [--threads 1]
 
 Per model (llamagen-shapes c2i, llamagen-shapes-t2i), at the model's sampling defaults:
 1. the measured cost curve: one verification pass of a window of L tokens over the rows of one
@@ -154,8 +154,9 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=list(MODELS))
     parser.add_argument("--no-quality", action="store_true", help="the cost curve and speed tables only")
     parser.add_argument("--rounds", type=int, default=5, help="speed: rounds of every method in turn")
+    parser.add_argument("--threads", type=int, default=1, help="CPU threads (the server takes every core)")
     args = parser.parse_args()
-    torch.set_num_threads(1)
+    torch.set_num_threads(args.threads)
     specs = {s.name: s for s in load_config(DEFAULT_CONFIG)}
     t0 = time.perf_counter()
     clf = None
@@ -170,7 +171,7 @@ def main() -> None:
         speed_table(runner, args.window, args.latency_images, args.rounds)
         if not args.no_quality:
             quality_table(runner, clf, args.window, args.per_class)
-    print(f"\n(total {time.perf_counter() - t0:.0f} s, one thread)")
+    print(f"\n(total {time.perf_counter() - t0:.0f} s, {args.threads} thread(s))")
 
 
 if __name__ == "__main__":

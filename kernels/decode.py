@@ -50,20 +50,33 @@ def available() -> bool:
     )
 
 
-def applies(
-    x: torch.Tensor, weights: Sequence[Sequence[torch.Tensor]], k_cache: Sequence[torch.Tensor]
-) -> bool:
-    """Whether `decode_layers` can run: float32 CPU activations, weights and caches, every product's
-    weight packed in panels (kernels.linear.pack_weight), contiguous pools."""
-    if not x.is_cpu or x.dtype != torch.float32 or not available():
+def weights_apply(weights: Sequence[Sequence[torch.Tensor]]) -> bool:
+    """Whether `decode_layers` can take these weights: float32 CPU, the norms 1-D, every product's
+    weight packed in panels (kernels.linear.pack_weight), contiguous. Callers that keep their
+    weights may ask once per set (checking 7 tensors a layer every step cost 60 us at batch 1)."""
+    if not available():
         return False
     f32 = torch.float32
     for layer in weights:
-        # the norms 1-D, the products in panels (3-D); one pass of cheap checks, run every step
         for w, dims in zip(layer, (1, 3, 3, 1, 3, 3, 3), strict=True):
             if w.dim() != dims or w.dtype != f32 or not w.is_cpu or not w.is_contiguous():
                 return False
-    return all(c.dtype == f32 and c.is_cpu and c.is_contiguous() for c in k_cache)
+    return True
+
+
+def applies(
+    x: torch.Tensor,
+    weights: Sequence[Sequence[torch.Tensor]],
+    k_cache: Sequence[torch.Tensor],
+    weights_ok: bool | None = None,
+) -> bool:
+    """Whether `decode_layers` can run: float32 CPU activations, weights (`weights_apply`, or
+    `weights_ok` when the caller knows it) and caches, contiguous pools."""
+    if not x.is_cpu or x.dtype != torch.float32 or not available():
+        return False
+    if not (weights_apply(weights) if weights_ok is None else weights_ok):
+        return False
+    return all(c.dtype == torch.float32 and c.is_cpu and c.is_contiguous() for c in k_cache)
 
 
 def dense_block_table(rows: int) -> torch.Tensor:

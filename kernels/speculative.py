@@ -9,6 +9,7 @@ references' docstrings (models/llamagen/speculative.py says what the engine feed
   accepted lengths, having written each row's window of tokens (`verify_reference`: SJD's test
   and residual, SCD's coupled later drafts, GSD's grouped test) and its next drafts' q in place.
 - `fill_drafts(tokens, q, idx, qrows, n, lo, hi, grid)`: fresh drafts, in place.
+- `grouped_ratio(p, q, drafts, embeddings, half, p_threshold, d_threshold)` -> GSD's grouped test.
 
 Rows of a pass are rows `idx` of the batch's token table (B, N) (each row's n committed tokens,
 then its drafts) and rows `qrows` of its draft distributions (B_spec, W, V) (by offset after the
@@ -31,6 +32,8 @@ __all__ = [
     "commit_reference",
     "fill_drafts",
     "fill_drafts_reference",
+    "grouped_ratio",
+    "grouped_ratio_reference",
     "race",
     "target_probs",
     "target_probs_reference",
@@ -55,6 +58,11 @@ def _commit_kernel():
 def _fill_kernel():
     ptr, long = ctypes.c_void_p, ctypes.c_long
     return native.function("speculative", "varserve_fill_drafts", *(ptr,) * 7, *(long,) * 5)
+
+
+def _grouped_kernel():
+    ptr, long = ctypes.c_void_p, ctypes.c_long
+    return _c("varserve_grouped_ratio", *(ptr,) * 8, *(long,) * 4)
 
 
 def _on_cpu(*tensors: torch.Tensor) -> bool:
@@ -203,6 +211,39 @@ def fill_drafts_reference(
     q[qrows, :T] = torch.where(fill[..., None], one_hot, q[qrows, :T])
 
 
+def grouped_ratio_reference(
+    p: torch.Tensor,
+    q: torch.Tensor,
+    drafts: torch.Tensor,
+    embeddings: torch.Tensor,
+    half: torch.Tensor,
+    p_threshold: torch.Tensor,
+    d_threshold: torch.Tensor,
+) -> torch.Tensor:
+    """GSD's grouped test. p, q: (b, S, V); drafts: (b, S); embeddings: (V, dim); half: (b,) long;
+    p_threshold, d_threshold: (b,) -> (b, S) min(1, sum_G p / sum_G q).
+
+    The group of a draft d: the draft, and the tokens at most half[j] places either side of it in
+    the ranking of p (descending, ties by index, so the tokens without mass follow in index order)
+    with |p_c - p_d| < p_threshold and squared embedding distance to d <= d_threshold."""
+    device, V = p.device, p.shape[-1]
+    G = int(half.max())
+    p_d = p.gather(-1, drafts[..., None])
+    order = p.sort(dim=-1, descending=True, stable=True).indices  # (b, S, V)
+    at = (order == drafts[..., None]).float().argmax(-1, keepdim=True)  # the draft's rank
+    offsets = torch.arange(-G, G + 1, device=device)
+    cand_at = at + offsets
+    member = (cand_at >= 0) & (cand_at < V) & (offsets.abs() <= half.view(-1, 1, 1))
+    cand = order.gather(-1, cand_at.clamp(0, V - 1))  # (b, S, 2G + 1)
+    p_c, q_c = p.gather(-1, cand), q.gather(-1, cand)
+    dist = (embeddings[cand] - embeddings[drafts][..., None, :]).pow(2).sum(-1)
+    member &= ((p_c - p_d).abs() < p_threshold.view(-1, 1, 1)) & (dist <= d_threshold.view(-1, 1, 1))
+    member |= offsets == 0  # the draft itself
+    group_p = (p_c * member).sum(-1)
+    group_q = (q_c * member).sum(-1).clamp(min=1e-30)
+    return (group_p / group_q).clamp(max=1.0)
+
+
 # -- dispatch ---------------------------------------------------------------------------------
 
 
@@ -294,3 +335,28 @@ def fill_drafts(
     V, W, N = q.shape[-1], q.shape[1], tokens.shape[1]
     ptrs = (x.data_ptr() for x in (tokens, q, idx, qrows, n, lo, hi))
     kernel(*ptrs, len(idx), V, W, N, grid)
+
+
+def grouped_ratio(
+    p: torch.Tensor,
+    q: torch.Tensor,
+    drafts: torch.Tensor,
+    embeddings: torch.Tensor,
+    half: torch.Tensor,
+    p_threshold: torch.Tensor,
+    d_threshold: torch.Tensor,
+) -> torch.Tensor:
+    """As grouped_ratio_reference: our C kernel for float32 CPU tensors, else the reference."""
+    kernel = _grouped_kernel()
+    p, q, embeddings = p.contiguous(), q.contiguous(), embeddings.contiguous()
+    p_threshold = p_threshold.to(torch.float32).contiguous()
+    d_threshold = d_threshold.to(torch.float32).contiguous()
+    drafts, half = drafts.to(torch.long).contiguous(), half.to(torch.long).contiguous()
+    if kernel is None or not _c_applies((p, q, embeddings, p_threshold, d_threshold), (drafts, half)):
+        return grouped_ratio_reference(p, q, drafts, embeddings, half, p_threshold, d_threshold)
+    b, S, V = p.shape
+    out = torch.empty(b, S)
+    ptrs = (x.data_ptr() for x in (p, q, drafts, embeddings, half, p_threshold, d_threshold, out))
+    if kernel(*ptrs, b, S, V, embeddings.shape[1]) != 0:
+        raise MemoryError("grouped_ratio: no memory for the ranking")
+    return out

@@ -231,3 +231,74 @@ void varserve_fill_drafts(long *tokens_all, float *q_all, const long *idx, const
     }
   }
 }
+
+// The index of the z-th token (0-based, in index order) without mass, given the tokens with mass
+// in ascending index order: skip every one at or before the candidate.
+static long zero_token(long z, const long *ascending, long n) {
+  long i = z;
+  for (long s = 0; s < n && ascending[s] <= i; s++) i++;
+  return i;
+}
+
+// GSD's grouped test (kernels/speculative.py: grouped_ratio_reference). p, q: (b, S, V); drafts:
+// (b, S) long; embeddings: (V, dim); half: (b,) long; p_threshold, d_threshold: (b,). The ranking
+// is p descending, ties (the tokens without mass among them) by index. Out: (b, S).
+// Returns 0, or -1 when out of memory.
+int varserve_grouped_ratio(const float *p, const float *q, const long *drafts,
+                           const float *embeddings, const long *half, const float *p_threshold,
+                           const float *d_threshold, float *out, long b, long S, long V, long dim) {
+  int status = 0;
+#pragma omp parallel for schedule(static) if (b * S * V > (1L << 18)) reduction(| : status)
+  for (long j = 0; j < b; j++) {
+    candidate *ranked = malloc(sizeof(candidate) * V);
+    long *ascending = malloc(sizeof(long) * V);
+    if (!ranked || !ascending) {
+      free(ranked);
+      free(ascending);
+      status |= 1;
+      continue;
+    }
+    for (long t = 0; t < S; t++) {
+      long row = j * S + t, d = drafts[row];
+      const float *pt = p + row * V, *qt = q + row * V, *ed = embeddings + d * dim;
+      long n = 0;
+      for (long i = 0; i < V; i++)
+        if (pt[i] > 0.0f) {
+          ranked[n] = (candidate){pt[i], i};
+          ascending[n++] = i;
+        }
+      qsort(ranked, n, sizeof(candidate), compare);  // ascending is in index order already
+      float p_d = pt[d];
+      long at = -1;
+      if (p_d > 0.0f) {
+        for (long r = 0; r < n && at < 0; r++)
+          if (ranked[r].index == d) at = r;
+      } else {  // after every token with mass, among those without by index
+        long before = 0;
+        while (before < n && ascending[before] < d) before++;
+        at = n + d - before;
+      }
+      float group_p = 0.0f, group_q = 0.0f;
+      for (long off = -half[j]; off <= half[j]; off++) {
+        long r = at + off;
+        if (r < 0 || r >= V) continue;
+        long c = r < n ? ranked[r].index : zero_token(r - n, ascending, n);
+        int member = off == 0;
+        if (!member && fabsf(pt[c] - p_d) < p_threshold[j]) {
+          const float *ec = embeddings + c * dim;
+          float dist = 0.0f;
+          for (long x = 0; x < dim; x++) dist += (ec[x] - ed[x]) * (ec[x] - ed[x]);
+          member = dist <= d_threshold[j];
+        }
+        if (member) {
+          group_p += pt[c];
+          group_q += qt[c];
+        }
+      }
+      out[row] = fminf(group_p / (group_q > 1e-30f ? group_q : 1e-30f), 1.0f);
+    }
+    free(ranked);
+    free(ascending);
+  }
+  return status ? -1 : 0;
+}

@@ -300,20 +300,19 @@ class Engine:
         spec = [i for i in range(B) if windows[i] > 1]
         n_host = [s.n for s in self.seqs]
         self._fill_drafts(spec, windows)
+        # every row's input tokens (its newest committed token and its drafts) and their positions,
+        # the padding columns at the scratch position, built on the host and gathered from the
+        # token table at once (a dozen small ops on the device cost more than the lists)
+        flat, positions = [], []
+        for i, w in zip(list(range(B)) + self._null_of, row_windows, strict=True):
+            first = n_host[i] - 1
+            flat += [i * N + first + t for t in range(w)] + [i * N] * (S - w)
+            positions += [c.cls_token_num + first + t for t in range(w)] + [self.scratch] * (S - w)
+        rows = len(row_windows)
+        tokens = self.tokens.view(-1)[torch.tensor(flat, device=self.device)].view(rows, S)
+        positions = torch.tensor(positions, device=self.device).view(rows, S)
         n = self.n
-        t = torch.arange(S, device=self.device)
-        L = torch.tensor(windows, device=self.device)
-        at = (n[:, None] - 1 + t).clamp(max=N - 1)  # (B, S) the token index of each column
-        valid = t < L[:, None]
-        tokens = torch.where(valid, self.tokens.gather(1, at), 0)
-        positions = torch.where(valid, c.cls_token_num + at, self.scratch)
-        null = self.rows.null_of
-        logits = self.model.decode_step(
-            torch.cat([tokens, tokens[null]]),
-            torch.cat([positions, positions[null]]),
-            self.store,
-            self.rows.key_valid,
-        )
+        logits = self.model.decode_step(tokens, positions, self.store, self.rows.key_valid)
         cond = self.rows.guide(logits, n)  # (B, S, V)
         plain = [i for i in range(B) if windows[i] == 1]  # drawn as plain decoding draws
         if plain:
@@ -377,16 +376,24 @@ class Engine:
         seqs = [self.seqs[i] for i in spec]
         rows = self._speculative_rows(spec)
         idx, qrows = rows.idx, rows.qrows
-        p = target_probs(cond[idx], rows.sampler)  # (b, S, V)
+        every = len(spec) == len(self.seqs)  # no rows to pick out
+        p = target_probs(cond if every else cond[idx], rows.sampler)  # (b, S, V)
         L = torch.tensor([windows[i] for i in spec], device=device)
-        n = self.n[idx]
-        # each image's own draws, as many as its window: accept tests and one race per column
-        u = torch.full((len(spec), S), 2.0, device=device)  # 2: padding never accepts
-        e = torch.full((len(spec), S, V), 0.5, device=device)
+        n = self.n if every else self.n[idx]
+        # each image's own draws, as many as its window: accept tests and one race per column,
+        # drawn straight into place where the generator lives on the device
+        u = torch.empty(len(spec), S, device=device)
+        e = torch.empty(len(spec), S, V, device=device)
         for j, (s, i) in enumerate(zip(seqs, spec, strict=True)):
             g, w = s.generator, windows[i]
-            u[j, :w] = torch.rand(w, generator=g, device=g.device).to(device)
-            e[j, :w] = torch.rand(w, V, generator=g, device=g.device).to(device)
+            if g.device == u.device:
+                torch.rand(w, generator=g, out=u[j, :w])
+                torch.rand(w, V, generator=g, out=e[j, :w])
+            else:
+                u[j, :w] = torch.rand(w, generator=g, device=g.device).to(device)
+                e[j, :w] = torch.rand(w, V, generator=g, device=g.device).to(device)
+            if w < S:
+                u[j, w:], e[j, w:] = 2.0, 0.5  # padding: never accepts
         grouped = None
         if rows.gsd is not None:
             if self._groups is None:

@@ -219,6 +219,7 @@ class GPT(nn.Module):
         # layer-by-layer path everywhere (the reference the fused one is tested against)
         self.fused_decode = True
         self._layer_weights_key: tuple | None = None
+        self._layer_weights_ok = False
         self._layer_weights_list: list[tuple[torch.Tensor, ...]] = []
 
     # -- conditions -------------------------------------------------------------------------------
@@ -332,7 +333,7 @@ class GPT(nn.Module):
         else:
             return None
         weights = self._layer_weights()
-        if not decode.applies(h, weights, k_cache):
+        if not decode.applies(h, weights, k_cache, self._layer_weights_ok):
             return None
         c = self.config
         return decode.decode_layers(
@@ -359,6 +360,7 @@ class GPT(nn.Module):
                 )
                 for layer in self.layers
             ]
+            self._layer_weights_ok = decode.weights_apply(self._layer_weights_list)
             self._layer_weights_key = key
         return self._layer_weights_list
 

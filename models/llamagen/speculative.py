@@ -68,9 +68,9 @@ def target_probs(logits: torch.Tensor, sampler: SamplerRows) -> torch.Tensor:
 class TokenGroups:
     """GSD's groups: the `group` tokens either side of the draft in the target's ranking whose
     probability is within `p_threshold` of the draft's and whose squared input-embedding distance
-    to it is within `distance` x the mean over token pairs. (The official slice takes 7 below and 6
-    above; ours is symmetric, and a draft near the end of the ranking keeps the neighbours it has
-    rather than being rejected.)"""
+    to it is within `distance` x the mean over token pairs (kernels/speculative.py: grouped_ratio).
+    (The official slice takes 7 below and 6 above; ours is symmetric, a draft near the end of the
+    ranking keeps the neighbours it has rather than being rejected, and ties rank by index.)"""
 
     def __init__(self, model: GPT):
         e = model.tok_embeddings.weight.detach().float()
@@ -82,26 +82,11 @@ class TokenGroups:
         self, p: torch.Tensor, q: torch.Tensor, drafts: torch.Tensor, knobs: list[Speculative]
     ) -> torch.Tensor:
         """p, q: (b, S, V); drafts: (b, S); knobs: each row's settings -> (b, S) min(1, sum_G p / sum_G q)."""
-        device, V = p.device, p.shape[-1]
-        G = max(s.group for s in knobs)
-        half = torch.tensor([s.group for s in knobs], device=device).view(-1, 1, 1)
-        p_thr = torch.tensor([s.p_threshold for s in knobs], device=device).view(-1, 1, 1)
-        d_thr = torch.tensor([s.distance * self.mean_sq for s in knobs], device=device).view(-1, 1, 1)
-        p_d = p.gather(-1, drafts[..., None])
-        order = p.argsort(-1, descending=True)  # (b, S, V)
-        at = (order == drafts[..., None]).float().argmax(-1, keepdim=True)  # the draft's rank
-        offsets = torch.arange(-G, G + 1, device=device)
-        cand_at = at + offsets
-        member = (cand_at >= 0) & (cand_at < V) & (offsets.abs() <= half)
-        cand = order.gather(-1, cand_at.clamp(0, V - 1))  # (b, S, 2G + 1)
-        p_c, q_c = p.gather(-1, cand), q.gather(-1, cand)
-        e = self.embeddings
-        dist = (e[cand] - e[drafts][..., None, :]).pow(2).sum(-1)
-        member &= ((p_c - p_d).abs() < p_thr) & (dist <= d_thr)
-        member |= offsets == 0  # the draft itself
-        group_p = (p_c * member).sum(-1)
-        group_q = (q_c * member).sum(-1).clamp(min=1e-30)
-        return (group_p / group_q).clamp(max=1.0)
+        device = p.device
+        half = torch.tensor([s.group for s in knobs], device=device)
+        p_thr = torch.tensor([s.p_threshold for s in knobs], device=device)
+        d_thr = torch.tensor([s.distance * self.mean_sq for s in knobs], device=device)
+        return kernels.grouped_ratio(p, q, drafts, self.embeddings, half, p_thr, d_thr)
 
 
 class AutoWindow:

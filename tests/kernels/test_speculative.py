@@ -157,3 +157,50 @@ def test_fresh_drafts_copy_the_token_above_or_on_the_first_row_the_left_one(seed
     drafted_one_by_one(expected_tokens, expected_q, idx, qrows, n, lo, hi, grid)
     fill(tokens, q, idx, qrows, n, lo, hi, grid)
     assert torch.equal(tokens, expected_tokens) and torch.equal(q, expected_q)
+
+
+@needs_c
+@pytest.mark.parametrize("seed", range(4))
+def test_grouped_ratio_kernel_matches_the_reference(seed):
+    g = torch.Generator().manual_seed(seed)
+    b, S, V, dim = 4, 8, 96, 16
+    p = ks.target_probs_reference(
+        random_logits(g, b, S, V), torch.tensor([20, 0, 5, 20]), torch.ones(b), torch.zeros(b)
+    )
+    # drafts in the support (some near its tail: neighbours among the tokens without mass) and
+    # outside it, drafted with more probability than their target gives them
+    ranked = p.sort(dim=-1, descending=True).indices
+    in_support = ranked.gather(-1, torch.randint(5, (b, S, 1), generator=g))[..., 0]
+    drafts = torch.where(
+        torch.rand(b, S, generator=g) < 0.7, in_support, torch.randint(V, (b, S), generator=g)
+    )
+    other = ks.target_probs_reference(
+        random_logits(g, b, S, V), torch.full((b,), 20), torch.ones(b), torch.zeros(b)
+    )
+    q = 0.5 * other + 0.5 * torch.nn.functional.one_hot(drafts, V)
+    embeddings = torch.randn(V, dim, generator=g)
+    half = torch.tensor([7, 3, 0, 7])
+    p_thr = torch.tensor([0.15, 0.5, 0.15, 1.0])
+    d_thr = torch.full((b,), 2.0 * dim)  # about the mean squared distance: some neighbours join
+    ratio = ks.grouped_ratio(p, q, drafts, embeddings, half, p_thr, d_thr)
+    expected = ks.grouped_ratio_reference(p, q, drafts, embeddings, half, p_thr, d_thr)
+    torch.testing.assert_close(ratio, expected, rtol=1e-5, atol=1e-7)
+    plain = (p.gather(-1, drafts[..., None]) / q.gather(-1, drafts[..., None]).clamp(min=1e-30)).clamp(max=1)[
+        ..., 0
+    ]
+    torch.testing.assert_close(ratio[2], plain[2])  # a group of the draft alone: SJD's ratio
+    assert (ratio[3] - plain[3]).abs().max() > 1e-3  # wide groups: neighbours joined somewhere
+
+
+def test_grouped_ratio_reference_sums_the_group():
+    V = 6
+    p = torch.tensor([0.4, 0.3, 0.2, 0.1, 0.0, 0.0]).view(1, 1, V)
+    q = torch.tensor([0.1, 0.6, 0.1, 0.1, 0.1, 0.0]).view(1, 1, V)
+    embeddings = torch.eye(V)  # every pair at squared distance 2
+    drafts = torch.tensor([[1]])
+    one = torch.ones(1)
+    # neighbours 0 and 2 within 0.15 of p_d = 0.3 (0.1 apart): (0.4 + 0.3 + 0.2) / (0.1 + 0.6 + 0.1)
+    r = ks.grouped_ratio_reference(p, q, drafts, embeddings, torch.tensor([1]), 0.15 * one, 2.0 * one)
+    torch.testing.assert_close(r, torch.tensor([[1.0]]))
+    r = ks.grouped_ratio_reference(p, q, drafts, embeddings, torch.tensor([1]), 0.15 * one, 1.0 * one)
+    torch.testing.assert_close(r, torch.tensor([[0.5]]))  # too far apart: the draft alone, 0.3 / 0.6
