@@ -73,7 +73,11 @@ def _on_cpu(*tensors: torch.Tensor) -> bool:
 
 
 def target_probs_reference(
-    logits: torch.Tensor, top_k: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor
+    logits: torch.Tensor,
+    top_k: torch.Tensor,
+    temperature: torch.Tensor,
+    top_p: torch.Tensor,
+    plan: tuple[int, bool] | None = None,
 ) -> torch.Tensor:
     """logits (b, S, V) float32; top_k (b,) long (<= 0: no limit); temperature, top_p (b,) float ->
     (b, S, V) float32: per column the top_k largest logits, divided by the temperature, softmax;
@@ -81,12 +85,13 @@ def target_probs_reference(
     top_p are dropped (the most likely always stays) and the rest renormalised; zero elsewhere."""
     b, S, V = logits.shape
     k = torch.where(top_k > 0, top_k.clamp(max=V), V)
-    cand_logits, cand_idx = logits.topk(int(k.max()), dim=-1, sorted=True)
+    k_max, any_p = plan if plan is not None else (int(k.max()), bool(((top_p > 0) & (top_p < 1)).any()))
+    cand_logits, cand_idx = logits.topk(k_max, dim=-1, sorted=True)
     rank = torch.arange(cand_logits.shape[-1], device=logits.device)
     cand_logits = cand_logits.masked_fill(rank >= k.view(b, 1, 1), -torch.inf)
     probs = (cand_logits / temperature.clamp(min=1e-5).view(b, 1, 1)).softmax(-1)
-    use_p = ((top_p > 0) & (top_p < 1)).view(b, 1, 1)
-    if bool(use_p.any()):
+    if any_p:
+        use_p = ((top_p > 0) & (top_p < 1)).view(b, 1, 1)
         drop = use_p & (probs.cumsum(-1) - probs >= top_p.view(b, 1, 1))
         drop[..., 0] = False
         probs = probs.masked_fill(drop, 0.0)
@@ -248,12 +253,18 @@ def grouped_ratio_reference(
 
 
 def target_probs(
-    logits: torch.Tensor, top_k: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor
+    logits: torch.Tensor,
+    top_k: torch.Tensor,
+    temperature: torch.Tensor,
+    top_p: torch.Tensor,
+    plan: tuple[int, bool] | None = None,
 ) -> torch.Tensor:
-    """As target_probs_reference: our C kernel for float32 CPU tensors, else the reference."""
+    """As target_probs_reference: our C kernel for float32 CPU tensors, else the reference.
+    plan: (the largest k, whether any row uses top-p) where the caller knows them on the host,
+    so the reference never reads them back from the device."""
     kernel = _target_probs_kernel()
     if kernel is None or logits.dtype != torch.float32 or not _on_cpu(logits, top_k, temperature, top_p):
-        return target_probs_reference(logits, top_k, temperature, top_p)
+        return target_probs_reference(logits, top_k, temperature, top_p, plan)
     b, S, V = logits.shape
     logits = logits.contiguous()
     top_k = top_k.to(torch.long).contiguous()
