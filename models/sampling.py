@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
+from kernels.speculative import race
 from models.settings import ImageSettings
 
 
@@ -118,8 +119,8 @@ def sample(
     # vocabulary id from the row's own generator. Unlike an inverse-CDF draw, a last-bit change in
     # the logits (another batch size picks another matmul kernel) or one candidate entering or
     # leaving the top-p set only changes the outcome if that candidate was about to win.
+    # A candidate top-k or top-p dropped (probability 0) never wins, even where its uniform is 0.
     uniform = torch.stack([torch.rand(l, V, generator=g, device=g.device) for g in generators])
-    race = -torch.log1p(-uniform.to(logits.device).gather(-1, cand_idx))  # Exp(1), only where needed
-    choice = (probs / race).argmax(-1, keepdim=True)
+    choice = race(probs, uniform.to(logits.device).gather(-1, cand_idx))[..., None]  # only where needed
     tokens = cand_idx.gather(-1, choice).squeeze(-1)
     return torch.where((k == 1).view(B, 1), logits.argmax(-1), tokens)

@@ -110,3 +110,18 @@ def test_sampler_rows_decide_on_the_host_what_sample_reads_from_the_tensors():
     )
     group = SamplerRows.of(settings, "cpu")[2:5]
     assert group.top_k_values == (400, 1, 50) and len(group.generators) == 3
+
+
+def test_a_dropped_candidate_never_wins_even_at_a_zero_uniform(monkeypatch):
+    # top-p keeps {0, 1} of four; the uniforms of the dropped ones are exactly 0 (Exp(1) = 0 there),
+    # which made their score 0 / 0 = NaN, and argmax picks NaN
+    logits = torch.tensor([0.5, 0.3, 0.15, 0.05]).log().expand(1, 200, 4).contiguous()
+    real_rand = torch.rand
+
+    def rand_with_zeros(*shape, **kw):
+        u = real_rand(*shape, **kw)
+        u[..., 2:] = 0.0
+        return u
+
+    monkeypatch.setattr(torch, "rand", rand_with_zeros)
+    assert set(run(logits, 0, 0.7).unique().tolist()) == {0, 1}
