@@ -229,6 +229,7 @@ void varserve_paged_attention(const float *q, const float *k, const float *v, co
           for (long i = i0; whole && valid && i < i0 + VW; i++)
             whole = !(t0 + i < valid_width && !valid[t0 + i]);
           for (long s = 0; s < S; s++) {
+            if (t0 + i0 > pos[s]) continue;  // keys past the query: never read (below)
             float scores[VW];
             dot_keys(qr + s * D, kb + i0 * D, D, scores);
             if (whole && t0 + i0 + VW - 1 <= pos[s]) {
@@ -251,10 +252,14 @@ void varserve_paged_attention(const float *q, const float *k, const float *v, co
         }
       }
     }
+    // Each query's softmax over exactly the keys it sees, 0..pos[s]: over the row's L keys (the
+    // longest query's, a padding column's scratch position past every real one) its sums would be
+    // split between vector lanes and tail by L, so its numbers would move with its company.
     for (long s = 0; s < S; s++) {
-      for (long t = 0; t < L; t++) top[s] = p[s * L + t] > top[s] ? p[s * L + t] : top[s];
+      long seen = pos[s] + 1 < L ? pos[s] + 1 : L;
+      for (long t = 0; t < seen; t++) top[s] = p[s * L + t] > top[s] ? p[s * L + t] : top[s];
       total[s] = 0.0f;
-      for (long t = 0; t < L; t++) {
+      for (long t = 0; t < seen; t++) {
         float w = expf(p[s * L + t] - top[s]);
         p[s * L + t] = w;
         total[s] += w;

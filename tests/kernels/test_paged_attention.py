@@ -136,3 +136,22 @@ def test_padding_columns_at_a_scratch_position_leave_the_real_queries_alone(kern
     want = paged_attention_reference(q, k_pool, v_pool, table, positions, key_valid)
     torch.testing.assert_close(got[0], want[0], atol=2e-5, rtol=1e-5)
     torch.testing.assert_close(got[1, :, :3], want[1, :, :3], atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.skipif(native.load("attention") is None, reason="no C compiler")
+def test_c_kernel_gives_a_query_the_same_bits_alone_as_in_any_window():
+    """A query's numbers depend only on its own position and keys: alone, in a window of real
+    queries, or beside padding columns at the scratch position (whose longer rows once changed how
+    its sums split between vector lanes and tail), so an image's tokens never move with its company."""
+    q, k_pool, v_pool, table, positions, key_valid = paged_case([30, 12], 6, padded=True)
+    scratch = table.shape[1] * 16 - 1
+    padded = positions.clone()
+    padded[1, 3:] = scratch
+    window = paged_attention_cpu(q, k_pool, v_pool, table, padded, key_valid)
+    for r, real in ((0, 6), (1, 3)):
+        for s in range(real):
+            alone = paged_attention_cpu(
+                q[r : r + 1, :, s : s + 1], k_pool, v_pool, table[r : r + 1], positions[r : r + 1, s : s + 1],
+                key_valid[r : r + 1],
+            )  # fmt: skip
+            assert torch.equal(window[r, :, s], alone[0, :, 0]), (r, s)
