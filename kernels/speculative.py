@@ -28,6 +28,7 @@ import torch
 from kernels import native
 
 __all__ = [
+    "candidate_probs",
     "commit",
     "commit_reference",
     "fill_drafts",
@@ -41,8 +42,8 @@ __all__ = [
 ]
 
 
-def _c(symbol: str, *argtypes):
-    return native.function("speculative", symbol, *argtypes, restype=ctypes.c_int)
+def _c(symbol: str, *argtypes, restype=ctypes.c_int):
+    return native.function("speculative", symbol, *argtypes, restype=restype)
 
 
 def _target_probs_kernel():
@@ -57,7 +58,7 @@ def _commit_kernel():
 
 def _fill_kernel():
     ptr, long = ctypes.c_void_p, ctypes.c_long
-    return native.function("speculative", "varserve_fill_drafts", *(ptr,) * 7, *(long,) * 5)
+    return _c("varserve_fill_drafts", *(ptr,) * 7, *(long,) * 5, restype=None)
 
 
 def _grouped_kernel():
@@ -65,11 +66,54 @@ def _grouped_kernel():
     return _c("varserve_grouped_ratio", *(ptr,) * 8, *(long,) * 4)
 
 
-def _on_cpu(*tensors: torch.Tensor) -> bool:
-    return all(t.is_cpu for t in tensors)
+def _c_applies(floats: tuple[torch.Tensor, ...], longs: tuple[torch.Tensor, ...]) -> bool:
+    """Our C kernels take contiguous float32 and int64 CPU tensors (in-place ones as they are)."""
+    return all(x.is_cpu and x.dtype == torch.float32 and x.is_contiguous() for x in floats) and all(
+        x.is_cpu and x.dtype == torch.long and x.is_contiguous() for x in longs
+    )
 
 
 # -- references -------------------------------------------------------------------------------
+
+
+def candidate_probs(
+    logits: torch.Tensor,
+    top_k: torch.Tensor,
+    temperature: torch.Tensor,
+    top_p: torch.Tensor,
+    plan: tuple[int, bool, bool] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The candidates plain decoding samples from (models/sampling.py), on (b, S, k_max) instead of
+    the whole vocabulary: logits (b, S, V) float32; top_k (b,) long (<= 0: no limit); temperature,
+    top_p (b,) float -> (probs, cand_idx), both (b, S, k_max).
+
+    Per column the top_k largest logits, divided by the temperature, softmax; where 0 < top_p < 1
+    the candidates after the smallest most likely prefix whose mass reaches top_p get probability 0
+    (the most likely always stays); not renormalised. plan: (largest k, whether the candidates must
+    be ordered, whether any row uses top-p) when the caller knows them on the host
+    (SamplerRows.plan); else they are read from the tensors."""
+    b = logits.shape[0]
+    V = logits.shape[-1]
+    k = torch.where(top_k > 0, top_k.clamp(max=V), V)
+    use_p = ((top_p > 0) & (top_p < 1)).view(b, 1, 1)
+    if plan is None:
+        plan = (int(k.max()), bool(use_p.any()) or bool((k != k.max()).any()), bool(use_p.any()))
+    k_max, ordered, any_p = plan
+    # Only the k_max best candidates can survive top-k, and top-p works on what top-k left. Their
+    # order only matters to top-p and to rows with a smaller k; a race does not care. Skipping the
+    # sort saved 0.3 of 3.7 ms per step at batch 16 (k = 2000 of 16384).
+    cand_logits, cand_idx = logits.topk(k_max, dim=-1, sorted=ordered)  # descending when ordered
+    if ordered:
+        rank = torch.arange(k_max, device=logits.device)
+        cand_logits = cand_logits.masked_fill(rank >= k.view(b, 1, 1), -torch.inf)
+    cand_logits = cand_logits / temperature.clamp(min=1e-5).view(b, 1, 1)
+    probs = cand_logits.softmax(-1)
+    if any_p:
+        mass_before = probs.cumsum(-1) - probs  # probability of the strictly better candidates
+        drop = use_p & (mass_before >= top_p.view(b, 1, 1))
+        drop[..., 0] = False
+        probs = probs.masked_fill(drop, 0.0)
+    return probs, cand_idx
 
 
 def target_probs_reference(
@@ -77,25 +121,12 @@ def target_probs_reference(
     top_k: torch.Tensor,
     temperature: torch.Tensor,
     top_p: torch.Tensor,
-    plan: tuple[int, bool] | None = None,
+    plan: tuple[int, bool, bool] | None = None,
 ) -> torch.Tensor:
-    """logits (b, S, V) float32; top_k (b,) long (<= 0: no limit); temperature, top_p (b,) float ->
-    (b, S, V) float32: per column the top_k largest logits, divided by the temperature, softmax;
-    where 0 < top_p < 1 the candidates after the smallest most likely prefix whose mass reaches
-    top_p are dropped (the most likely always stays) and the rest renormalised; zero elsewhere."""
-    b, S, V = logits.shape
-    k = torch.where(top_k > 0, top_k.clamp(max=V), V)
-    k_max, any_p = plan if plan is not None else (int(k.max()), bool(((top_p > 0) & (top_p < 1)).any()))
-    cand_logits, cand_idx = logits.topk(k_max, dim=-1, sorted=True)
-    rank = torch.arange(cand_logits.shape[-1], device=logits.device)
-    cand_logits = cand_logits.masked_fill(rank >= k.view(b, 1, 1), -torch.inf)
-    probs = (cand_logits / temperature.clamp(min=1e-5).view(b, 1, 1)).softmax(-1)
-    if any_p:
-        use_p = ((top_p > 0) & (top_p < 1)).view(b, 1, 1)
-        drop = use_p & (probs.cumsum(-1) - probs >= top_p.view(b, 1, 1))
-        drop[..., 0] = False
-        probs = probs.masked_fill(drop, 0.0)
-        probs = probs / probs.sum(-1, keepdim=True)
+    """logits (b, S, V) float32 -> (b, S, V) float32: `candidate_probs` renormalised (after top-p)
+    and scattered over the vocabulary, zero elsewhere."""
+    probs, cand_idx = candidate_probs(logits, top_k, temperature, top_p, plan)
+    probs = probs / probs.sum(-1, keepdim=True)
     return torch.zeros_like(logits).scatter_(-1, cand_idx, probs)
 
 
@@ -257,31 +288,22 @@ def target_probs(
     top_k: torch.Tensor,
     temperature: torch.Tensor,
     top_p: torch.Tensor,
-    plan: tuple[int, bool] | None = None,
+    plan: tuple[int, bool, bool] | None = None,
 ) -> torch.Tensor:
     """As target_probs_reference: our C kernel for float32 CPU tensors, else the reference.
-    plan: (the largest k, whether any row uses top-p) where the caller knows them on the host,
-    so the reference never reads them back from the device."""
+    plan: as candidate_probs', so the reference never reads it back from the device."""
     kernel = _target_probs_kernel()
-    if kernel is None or logits.dtype != torch.float32 or not _on_cpu(logits, top_k, temperature, top_p):
-        return target_probs_reference(logits, top_k, temperature, top_p, plan)
-    b, S, V = logits.shape
-    logits = logits.contiguous()
-    top_k = top_k.to(torch.long).contiguous()
+    logits, top_k = logits.contiguous(), top_k.to(torch.long).contiguous()
     temperature = temperature.to(torch.float32).contiguous()
     top_p = top_p.to(torch.float32).contiguous()
+    if kernel is None or not _c_applies((logits, temperature, top_p), (top_k,)):
+        return target_probs_reference(logits, top_k, temperature, top_p, plan)
+    b, S, V = logits.shape
     out = torch.empty_like(logits)
     ptrs = (t.data_ptr() for t in (logits, top_k, temperature, top_p, out))
     if kernel(*ptrs, b, S, V) != 0:
         raise MemoryError("target_probs: no memory for the candidates")
     return out
-
-
-def _c_applies(floats: tuple[torch.Tensor, ...], longs: tuple[torch.Tensor, ...]) -> bool:
-    """Our C kernels take contiguous float32 and int64 CPU tensors (in-place ones as they are)."""
-    return all(x.is_cpu and x.dtype == torch.float32 and x.is_contiguous() for x in floats) and all(
-        x.is_cpu and x.dtype == torch.long and x.is_contiguous() for x in longs
-    )
 
 
 def commit(

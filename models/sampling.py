@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels.speculative import race
+from kernels.speculative import candidate_probs, race
 from models.settings import ImageSettings
 
 
@@ -71,12 +71,16 @@ class SamplerRows:
             tuple(self.top_p_values[i] for i in rows),
         )
 
-    def sample(self, logits: torch.Tensor) -> torch.Tensor:
-        """logits: (B, l, V) float32 -> tokens (B, l) long."""
-        V = logits.shape[-1]
+    def plan(self, V: int) -> tuple[int, bool, bool]:
+        """What kernels.speculative.candidate_probs would read from the tensors, from the host:
+        (largest k, whether the candidates must be ordered, whether any row uses top-p)."""
         k = [min(k, V) if k > 0 else V for k in self.top_k_values]
         use_p = any(0 < p < 1 for p in self.top_p_values)
-        plan = (max(k), use_p or len(set(k)) > 1, use_p)
+        return max(k), use_p or len(set(k)) > 1, use_p
+
+    def sample(self, logits: torch.Tensor) -> torch.Tensor:
+        """logits: (B, l, V) float32 -> tokens (B, l) long."""
+        plan = self.plan(logits.shape[-1])
         return sample(logits, self.top_k, self.top_p, self.temperature, self.generators, plan)
 
 
@@ -91,30 +95,12 @@ def sample(
     """logits: (B, l, V) float32; top_k: (B,) long; top_p, temperature: (B,) float -> tokens (B, l) long.
 
     Top-k is applied before top-p, top-p keeps the smallest set of most likely tokens whose mass
-    reaches p (the most likely token always stays). A row with top_k == 1 is exact argmax.
-    plan: (largest k, whether candidates must be ordered, whether any row uses top-p) when the
-    caller knows them on the host (SamplerRows); else they are read from the tensors."""
+    reaches p (the most likely token always stays): kernels.speculative.candidate_probs, which the
+    speculative targets share. A row with top_k == 1 is exact argmax. plan: (largest k, whether
+    candidates must be ordered, whether any row uses top-p) when the caller knows them on the host
+    (SamplerRows); else they are read from the tensors."""
     B, l, V = logits.shape
-    k = torch.where(top_k > 0, top_k.clamp(max=V), V)
-    use_p = ((top_p > 0) & (top_p < 1)).view(B, 1, 1)
-    if plan is None:
-        plan = (int(k.max()), bool(use_p.any()) or bool((k != k.max()).any()), bool(use_p.any()))
-    k_max, ordered, any_p = plan
-    # Only the k_max best candidates can survive top-k, and top-p works on what top-k left, so
-    # everything below happens on (B, l, k_max) instead of the full vocabulary. Their order only
-    # matters to top-p and to rows with a smaller k; the race below does not care. Skipping the sort
-    # saved 0.3 of 3.7 ms per step at batch 16 (k = 2000 of 16384).
-    cand_logits, cand_idx = logits.topk(k_max, dim=-1, sorted=ordered)  # descending when ordered
-    if ordered:
-        rank = torch.arange(k_max, device=logits.device)
-        cand_logits = cand_logits.masked_fill(rank >= k.view(B, 1, 1), -torch.inf)
-    cand_logits = cand_logits / temperature.clamp(min=1e-5).view(B, 1, 1)
-    probs = cand_logits.softmax(-1)
-    if any_p:
-        mass_before = probs.cumsum(-1) - probs  # probability of the strictly better candidates
-        drop = use_p & (mass_before >= top_p.view(B, 1, 1))
-        drop[..., 0] = False
-        probs = probs.masked_fill(drop, 0.0)
+    probs, cand_idx = candidate_probs(logits, top_k, temperature, top_p, plan)
     # Exponential race (Gumbel-max): token = argmax p_j / E_j with E_j ~ Exp(1) drawn for every
     # vocabulary id from the row's own generator. Unlike an inverse-CDF draw, a last-bit change in
     # the logits (another batch size picks another matmul kernel) or one candidate entering or
@@ -123,4 +109,5 @@ def sample(
     uniform = torch.stack([torch.rand(l, V, generator=g, device=g.device) for g in generators])
     choice = race(probs, uniform.to(logits.device).gather(-1, cand_idx))[..., None]  # only where needed
     tokens = cand_idx.gather(-1, choice).squeeze(-1)
+    k = torch.where(top_k > 0, top_k.clamp(max=V), V)
     return torch.where((k == 1).view(B, 1), logits.argmax(-1), tokens)

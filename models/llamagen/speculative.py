@@ -62,9 +62,7 @@ COUPLED = ("scd", "gsd")
 def target_probs(logits: torch.Tensor, sampler: SamplerRows) -> torch.Tensor:
     """logits (B, S, V) float32 -> (B, S, V) the distribution plain decoding samples from: the same
     candidates as models.sampling.sample (top-k, temperature, then top-p), renormalised."""
-    V = logits.shape[-1]
-    k_max = max(min(k, V) if k > 0 else V for k in sampler.top_k_values)
-    plan = (k_max, any(0 < p < 1 for p in sampler.top_p_values))
+    plan = sampler.plan(logits.shape[-1])
     return kernels.target_probs(logits, sampler.top_k, sampler.temperature, sampler.top_p, plan)
 
 

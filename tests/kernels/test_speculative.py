@@ -37,7 +37,9 @@ def test_target_probs_kernel_matches_the_reference(S, V):
     expected = ks.target_probs_reference(logits, top_k, temperature, top_p)
     torch.testing.assert_close(p, expected, rtol=1e-5, atol=1e-6)
     # the host's plan (largest k, any top-p) changes nothing but what is read back
-    assert torch.equal(ks.target_probs_reference(logits, top_k, temperature, top_p, (V, True)), expected)
+    assert torch.equal(
+        ks.target_probs_reference(logits, top_k, temperature, top_p, (V, True, True)), expected
+    )
     assert torch.equal(p > 0, expected > 0)  # the same support
     assert ((p > 0).sum(-1)[1] == min(20, V)).all() and ((p > 0).sum(-1)[3] == 1).all()
 
