@@ -14,7 +14,7 @@ import platform
 from dataclasses import replace
 
 from models.kv.calibrate import calibration_classes
-from models.llamagen.speculative import CALIBRATION
+from models.llamagen.speculative import CALIBRATION, WINDOWS
 from models.llamagen.window_profile import WindowProfile
 from models.settings import SPECULATIVE_METHODS, settings_for
 
@@ -58,6 +58,7 @@ def calibrate_windows(spec, n: int) -> WindowProfile:
         "images": n,
         "methods": methods,
         "windows": list(CALIBRATION),
+        "overhead_windows": list(WINDOWS),
         "sampling": {"cfg": d.cfg, "top_k": d.top_k, "top_p": d.top_p, "temperature": d.temperature},
         "gsd": {
             "group": d.speculative.group,

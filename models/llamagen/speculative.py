@@ -95,10 +95,11 @@ class AutoWindow:
     over R rows takes, and the tokens a pass of window L commits per image, per method.
 
     Seconds start from one measured verification forward per (R, L) (a fresh store, positions in
-    the middle of the image, the median of `repeats`) and then follow the engine's own passes (a running
-    mean, so the verification's own cost counts too). Tokens per pass are calibrated on the first
-    `auto` image of a method: that image is run once at each window of CALIBRATION, alone (a few
-    seconds, once per model), and then follow every auto image run at that window. An auto image
+    the middle of the image, the median of `repeats`) plus R times the width's calibrated overhead
+    per row (drafting, verification or sampling, and the step's glue; plain decoding's too), and then
+    follow the engine's own passes (a running mean). Tokens per pass are calibrated on the first
+    `auto` image of a method: that image is run once at each window, alone (a few seconds, once
+    per model), and then follow every auto image run at that window. An auto image
     takes, at its first decode pass and for all its passes (drafts mature over passes at one window,
     so switching would cost acceptance), the window with the most tokens per second of the pass it
     joins, its company included; L = 1 (plain decoding) commits one token a pass and wins unless a
@@ -113,6 +114,7 @@ class AutoWindow:
         self.tokens: dict[tuple[str, int], float] = {}
         self.overhead: dict[int, float] = {}  # seconds per row a pass of width L adds to its forward
         self.calibration_images: dict[str, int] = {}
+        self._calibration_passes: dict[tuple[int, int], list[float]] | None = None  # while calibrating
         if profile is not None:
             if profile.image_tokens != model.config.block_size:
                 raise ValueError(
@@ -124,9 +126,10 @@ class AutoWindow:
                         f"tokens_per_pass.{method} covers windows {sorted(per_window)}, not {list(CALIBRATION)}"
                     )
                 self.tokens.update({(method, L): t for L, t in per_window.items()})
-            if sorted(profile.overhead_s) != list(CALIBRATION):
+            # profiles written before plain passes were calibrated lack window 1 (taken as 0)
+            if sorted(profile.overhead_s) not in (list(WINDOWS), list(CALIBRATION)):
                 raise ValueError(
-                    f"overhead_s covers windows {sorted(profile.overhead_s)}, not {list(CALIBRATION)}"
+                    f"overhead_s covers windows {sorted(profile.overhead_s)}, not {list(WINDOWS)}"
                 )
             self.overhead.update(profile.overhead_s)
 
@@ -146,6 +149,8 @@ class AutoWindow:
         return all((method, L) in self.tokens for L in CALIBRATION)
 
     def record_pass(self, rows: int, L: int, seconds: float) -> None:
+        if self._calibration_passes is not None:
+            self._calibration_passes.setdefault((rows, L), []).append(seconds)
         old = self.pass_seconds(rows, L)
         self.seconds[rows, L] = old + EMA * (seconds - old)
 
@@ -171,19 +176,36 @@ class AutoWindow:
     def calibrate(self, settings, run_alone: Callable[[object], tuple[int, int]]) -> None:
         """settings: an auto image's ImageSettings; run_alone(settings) generates one image of
         these settings alone with this AutoWindow (which records its passes) -> (forward passes, rows).
-        Called again for a method (`varserve calibrate`), it averages over the images."""
+        Called again for a method (`varserve calibrate`), it averages over the images.
+
+        The image runs at every window, plain decoding's (1) included: a width's overhead is the mean
+        of its passes over the image less the forward measured at mid-image, for plain passes too
+        (sampling and the step's glue), so that every width's first estimate is counted alike: a
+        plain pass counted as its bare forward made `auto` choose plain decoding where windows won.
+        The mean, not the running mean, which weighs the image's last passes, whose attention reads
+        the most keys. The width's seconds at these rows restart from that estimate."""
         method = settings.speculative.method
         n = self.calibration_images.get(method, 0)
-        for L in CALIBRATION:
-            passes, rows = run_alone(replace(settings, speculative=replace(settings.speculative, window=L)))
-            # the engine recorded its pass times; its tokens per pass give the window's start value
-            tokens = (self.model.config.block_size - 1) / (passes - 1)  # the prefill pass drew one
-            self.tokens[method, L] = (self.tokens.get((method, L), 0.0) * n + tokens) / (n + 1)
+        k = sum(self.calibration_images.values())  # images calibrated before, any method
+        for L in WINDOWS:
+            self._calibration_passes = {}
+            try:
+                passes, rows = run_alone(
+                    replace(settings, speculative=replace(settings.speculative, window=L))
+                )
+                times = self._calibration_passes.get((rows, L), [])
+            finally:
+                self._calibration_passes = None
+            if L > 1:  # its tokens per pass give the window's start value (the prefill pass drew one)
+                tokens = (self.model.config.block_size - 1) / (passes - 1)
+                self.tokens[method, L] = (self.tokens.get((method, L), 0.0) * n + tokens) / (n + 1)
+            if not times:
+                continue
             if rows not in self.forward:
                 self.forward[rows] = self._measure(rows)
-            overhead = max(0.0, self.seconds[rows, L] - self.forward[rows][L]) / rows
-            k = sum(self.calibration_images.values())  # images calibrated before, any method
+            overhead = max(0.0, sum(times) / len(times) - self.forward[rows][L]) / rows
             self.overhead[L] = (self.overhead.get(L, 0.0) * k + overhead) / (k + 1) if k else overhead
+            self.seconds[rows, L] = self.forward[rows][L] + self.overhead[L] * rows
         self.calibration_images[method] = n + 1
 
     def profile(self, source: dict) -> WindowProfile:

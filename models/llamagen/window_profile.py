@@ -6,8 +6,9 @@ beside the model's config, `<config dir>/<model name>.windows.json`).
   that window (1 <= tokens <= window), over the calibration images. A property of the model and
   its sampling settings, not of the machine.
 - `overhead_s` {window: seconds}: what a pass of that window adds per row to its forward pass
-  (drafting and verification on the host), as measured on the calibrating machine. The engine's
-  running means of its own pass times replace it as passes run.
+  (drafting and verification, or plain decoding's sampling at window 1, and the step's glue), as
+  measured on the calibrating machine. The engine's running means of its own pass times replace it
+  as passes run. Profiles without window 1 (written before it was calibrated) count it as 0.
 
 Without a file, the first `auto` image of a method calibrates it at run time (a few seconds, that
 image run alone at each window): models/llamagen/speculative.py:AutoWindow.

@@ -237,6 +237,32 @@ def test_auto_calibrates_once_per_method_and_keeps_measuring(shapes):
     assert {k for k in calibrated if auto.tokens[k] != calibrated[k]} == {("scd", chosen)}
 
 
+def test_calibration_counts_every_width_alike_plain_decoding_included(shapes):
+    """Each width's first estimate is its mid-image forward plus the mean overhead of its passes over
+    the calibration image, plain decoding's passes too: with passes that cost the forward plus a
+    per-row overhead and drift over the image (cheap early, dear late, zero on average), calibration
+    finds the overhead, and the prior of a batch it never saw counts plain decoding's glue as well.
+    (Before, window 1 had no overhead, and a width's cost was its running mean, i.e. the image's end.)"""
+    model = shapes[0]
+    auto = AutoWindow(model, repeats=1)
+    forward = {L: 1e-3 * L for L in WINDOWS}
+    auto._measure = lambda rows: dict(forward)
+    per_row = {L: 2e-4 * (1 + L) for L in WINDOWS}
+
+    def run_alone(s):
+        L, rows, passes = s.speculative.window, 2, 1 + 255 // s.speculative.window
+        for k in range(passes - 1):
+            drift = 5e-4 * (2 * k / (passes - 2) - 1)  # -0.5 ms at the first pass .. +0.5 ms at the last
+            auto.record_pass(rows, L, forward[L] + rows * per_row[L] + drift)
+        return passes, rows
+
+    auto.calibrate(settings("scd", "auto"), run_alone)
+    assert auto.overhead == pytest.approx(per_row, rel=1e-6)
+    for L in WINDOWS:
+        assert auto.pass_seconds(2, L) == pytest.approx(forward[L] + 2 * per_row[L], rel=1e-6)
+        assert auto.pass_seconds(4, L) == pytest.approx(forward[L] + 4 * per_row[L], rel=1e-6)
+
+
 # -- the bundled model ----------------------------------------------------------------------------
 
 
