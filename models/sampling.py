@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels.speculative import candidate_probs, race
+from kernels import speculative as kernels
 from models.settings import ImageSettings
 
 
@@ -96,18 +96,19 @@ def sample(
 
     Top-k is applied before top-p, top-p keeps the smallest set of most likely tokens whose mass
     reaches p (the most likely token always stays): kernels.speculative.candidate_probs, which the
-    speculative targets share. A row with top_k == 1 is exact argmax. plan: (largest k, whether
-    candidates must be ordered, whether any row uses top-p) when the caller knows them on the host
-    (SamplerRows); else they are read from the tensors."""
+    speculative targets share; kernels.speculative.sample draws from them. A row with top_k == 1
+    is exact argmax. plan: (largest k, whether candidates must be ordered, whether any row uses
+    top-p) when the caller knows them on the host (SamplerRows); else they are read from the
+    tensors."""
     B, l, V = logits.shape
-    probs, cand_idx = candidate_probs(logits, top_k, temperature, top_p, plan)
     # Exponential race (Gumbel-max): token = argmax p_j / E_j with E_j ~ Exp(1) drawn for every
     # vocabulary id from the row's own generator. Unlike an inverse-CDF draw, a last-bit change in
     # the logits (another batch size picks another matmul kernel) or one candidate entering or
     # leaving the top-p set only changes the outcome if that candidate was about to win.
-    # A candidate top-k or top-p dropped (probability 0) never wins, even where its uniform is 0.
-    uniform = torch.stack([torch.rand(l, V, generator=g, device=g.device) for g in generators])
-    choice = race(probs, uniform.to(logits.device).gather(-1, cand_idx))[..., None]  # only where needed
-    tokens = cand_idx.gather(-1, choice).squeeze(-1)
-    k = torch.where(top_k > 0, top_k.clamp(max=V), V)
-    return torch.where((k == 1).view(B, 1), logits.argmax(-1), tokens)
+    uniform = torch.empty(B, l, V, device=logits.device)
+    for row, g in zip(uniform, generators, strict=True):
+        if g.device == uniform.device:
+            torch.rand(l, V, generator=g, out=row)  # straight into place
+        else:
+            row.copy_(torch.rand(l, V, generator=g, device=g.device))
+    return kernels.sample(logits, top_k, temperature, top_p, uniform, plan)

@@ -58,11 +58,53 @@ static void select_first(candidate *c, long n, long k) {
   }
 }
 
+// One column's candidates: c[0, kept) are the top_k largest of logits x (V,) (k <= V), divided by
+// the temperature, softmax; with use_p the candidates after the smallest prefix (in order) whose
+// mass reaches top_p are dropped (the first always stays); the rest renormalised. c: V of scratch.
+// Returns kept.
+static long column_candidates(const float *x, long k, int use_p, float top_p, float temp,
+                              candidate *c, long V) {
+  for (long i = 0; i < V; i++) c[i] = (candidate){x[i], i};
+  if (k < V) select_first(c, V, k);
+  if (use_p) qsort(c, k, sizeof(candidate), compare);
+  float top = -INFINITY;
+  for (long i = 0; i < k; i++) top = fmaxf(top, c[i].value / temp);
+  float sum = 0.0f;
+  for (long i = 0; i < k; i++) {
+    c[i].value = expf(c[i].value / temp - top);
+    sum += c[i].value;
+  }
+  long kept = k;
+  if (use_p) {
+    // the mass of the strictly better candidates, against top_p
+    float mass = 0.0f, kept_sum = 0.0f;
+    for (long i = 0; i < k; i++) {
+      float prob = c[i].value / sum;
+      if (i > 0 && mass >= top_p) {
+        kept = i;
+        break;
+      }
+      mass += prob;
+      kept_sum += prob;
+      c[i].value = prob;
+    }
+    sum = kept_sum;
+  }
+  for (long i = 0; i < kept; i++) c[i].value /= sum;
+  return kept;
+}
+
+// Column j's settings, as the reference reads them.
+static void column_settings(const long *top_k, const float *temperature, const float *top_p,
+                            long j, long V, long *k, int *use_p, float *temp) {
+  *k = top_k[j] > 0 && top_k[j] < V ? top_k[j] : V;
+  *use_p = top_p[j] > 0.0f && top_p[j] < 1.0f;
+  *temp = temperature[j] > 1e-5f ? temperature[j] : 1e-5f;
+}
+
 // logits: (b, S, V); top_k: (b,) (<= 0: the whole vocabulary); temperature, top_p: (b,);
-// out p: (b, S, V), written whole. Per column: the top_k largest logits, divided by the
-// temperature, softmax; with 0 < top_p < 1 the candidates after the smallest prefix (in order)
-// whose mass reaches top_p are dropped (the first always stays) and the rest renormalised.
-// Returns 0, or -1 when out of memory (nothing useful written).
+// out p: (b, S, V), written whole: each column's candidates (column_candidates) at their tokens,
+// zero elsewhere. Returns 0, or -1 when out of memory (nothing useful written).
 int varserve_target_probs(const float *logits, const long *top_k, const float *temperature,
                           const float *top_p, float *out, long b, long S, long V) {
   int status = 0;
@@ -73,43 +115,57 @@ int varserve_target_probs(const float *logits, const long *top_k, const float *t
       status |= 1;
       continue;
     }
-    long k = top_k[j] > 0 && top_k[j] < V ? top_k[j] : V;
-    int use_p = top_p[j] > 0.0f && top_p[j] < 1.0f;
-    float temp = temperature[j] > 1e-5f ? temperature[j] : 1e-5f;
+    long k;
+    int use_p;
+    float temp;
+    column_settings(top_k, temperature, top_p, j, V, &k, &use_p, &temp);
     for (long t = 0; t < S; t++) {
-      const float *x = logits + (j * S + t) * V;
       float *p = out + (j * S + t) * V;
-      for (long i = 0; i < V; i++) c[i] = (candidate){x[i], i};
-      if (k < V) select_first(c, V, k);
-      if (use_p) qsort(c, k, sizeof(candidate), compare);
-      float top = -INFINITY;
-      for (long i = 0; i < k; i++) top = fmaxf(top, c[i].value / temp);
-      float sum = 0.0f;
-      for (long i = 0; i < k; i++) {
-        c[i].value = expf(c[i].value / temp - top);
-        sum += c[i].value;
-      }
-      long kept = k;
-      if (use_p) {
-        // the mass of the strictly better candidates, against top_p
-        float mass = 0.0f, kept_sum = 0.0f;
-        for (long i = 0; i < k; i++) {
-          float prob = c[i].value / sum;
-          if (i > 0 && mass >= top_p[j]) {
-            kept = i;
-            break;
-          }
-          mass += prob;
-          kept_sum += prob;
-          c[i].value = prob;
-        }
-        sum = kept_sum;
-        for (long i = 0; i < kept; i++) c[i].value /= sum;
-      } else {
-        for (long i = 0; i < k; i++) c[i].value /= sum;
-      }
+      long kept = column_candidates(logits + (j * S + t) * V, k, use_p, top_p[j], temp, c, V);
       memset(p, 0, sizeof(float) * V);
       for (long i = 0; i < kept; i++) p[c[i].index] = c[i].value;
+    }
+    free(c);
+  }
+  return status ? -1 : 0;
+}
+
+// Plain decoding's draw (models/sampling.py: sample): logits (b, S, V) and settings as above,
+// uniform (b, S, V) in [0, 1), each column's noise per vocabulary id -> tokens (b, S): the
+// exponential race argmax p / -log1p(-u) over the column's candidates (a dropped one never wins;
+// equal scores, as where two uniforms are 0, go to the smaller token). With top_k 1 the one
+// candidate is the largest logit, the first of equals: argmax. The reference's candidates among
+// logits tied at the k-th place are torch.topk's; here the smaller tokens. Returns 0, or -1 when
+// out of memory.
+int varserve_sample(const float *logits, const long *top_k, const float *temperature,
+                    const float *top_p, const float *uniform, long *tokens, long b, long S,
+                    long V) {
+  int status = 0;
+#pragma omp parallel for schedule(static) if (b * S * V > (1L << 18)) reduction(| : status)
+  for (long j = 0; j < b; j++) {
+    candidate *c = malloc(sizeof(candidate) * V);
+    if (!c) {
+      status |= 1;
+      continue;
+    }
+    long k;
+    int use_p;
+    float temp;
+    column_settings(top_k, temperature, top_p, j, V, &k, &use_p, &temp);
+    for (long t = 0; t < S; t++) {
+      const float *u = uniform + (j * S + t) * V;
+      long kept = column_candidates(logits + (j * S + t) * V, k, use_p, top_p[j], temp, c, V);
+      long best = c[0].index;
+      float best_score = -1.0f;
+      for (long i = 0; i < kept; i++) {
+        if (!(c[i].value > 0.0f)) continue;
+        float score = c[i].value / -log1pf(-u[c[i].index]);
+        if (score > best_score || (score == best_score && c[i].index < best)) {
+          best = c[i].index;
+          best_score = score;
+        }
+      }
+      tokens[j * S + t] = best;
     }
     free(c);
   }

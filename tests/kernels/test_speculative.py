@@ -55,6 +55,36 @@ def test_target_probs_reference_follows_its_rules():
     torch.testing.assert_close(p[2, 0], (logits[2, 0] / 2).softmax(-1))
 
 
+@needs_c
+@pytest.mark.parametrize("S, V", [(1, 16), (16, 512), (5, 100), (3, 4096)])
+def test_sample_kernel_draws_the_references_tokens(S, V):
+    g = torch.Generator().manual_seed(S + V)
+    b = 4 * len(SAMPLING)
+    logits = random_logits(g, b, S, V)  # continuous: no ties at the k-th place
+    top_k = torch.tensor([k for k, _ in SAMPLING] * 4)
+    top_p = torch.tensor([p for _, p in SAMPLING] * 4)
+    temperature = torch.rand(b, generator=g) + 0.5
+    uniform = torch.rand(b, S, V, generator=g)
+    tokens = ks.sample(logits, top_k, temperature, top_p, uniform)
+    assert tokens.dtype == torch.long and tokens.shape == (b, S)
+    assert torch.equal(tokens, ks.sample_reference(logits, top_k, temperature, top_p, uniform))
+    assert torch.equal(tokens[3::5], logits[3::5].argmax(-1))  # top_k 1
+
+
+@needs_c
+def test_sample_kernel_breaks_ties_by_token():
+    """Equal scores go to the smaller token (every uniform 0: every candidate scores inf), top_k 1
+    among equal logits is argmax's first, and a dropped candidate never wins."""
+    logits = torch.tensor([[[0.0, 2.0, 1.0, 2.0, 2.0, -1.0]]]).expand(3, 1, 6).contiguous()
+    top_k, top_p = torch.tensor([3, 1, 0]), torch.tensor([0.0, 0.0, 0.5])
+    zero = torch.zeros(3, 1, 6)
+    assert ks.sample(logits, top_k, torch.ones(3), top_p, zero)[:, 0].tolist() == [1, 1, 1]
+    uniform = torch.full((3, 1, 6), 0.5)
+    uniform[:, :, 0] = 0.0  # token 0 would win any race it entered, but no rule keeps it
+    uniform[:, :, 3] = 1e-6  # token 3 wins among the kept
+    assert ks.sample(logits, top_k, torch.ones(3), top_p, uniform)[:, 0].tolist() == [3, 1, 3]
+
+
 def window_case(seed, b=6, S=8, V=64, W=12, N=40):
     """Engine-shaped inputs: rows idx of a token table with n committed tokens and drafts, q rows
     at qrows, drafts drawn from q (so tests pass often), windows up to S."""
