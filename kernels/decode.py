@@ -34,8 +34,10 @@ LAYER_WEIGHTS = ("attention_norm", "wqkv", "wo", "ffn_norm", "w1", "w3", "w2")
 def _kernel():
     ptr, long, f32 = ctypes.c_void_p, ctypes.c_long, ctypes.c_float
     # x, positions, rope, n_rope, weights, k_cache, v_cache, block_table, block_size, max_blocks,
-    # key_valid, valid_width, R, S, n_layer, dim, H, H_kv, D, hidden, eps, scale, linear, attention
+    # key_valid, valid_width, R, S, n_layer, dim, H, H_kv, D, hidden, eps, scale, linear, attention,
+    # final_norm, head, vocab, logits
     args = (ptr, ptr, ptr, long, ptr, ptr, ptr, ptr, long, long, ptr) + (long,) * 9 + (f32, f32, ptr, ptr)
+    args += (ptr, ptr, long, ptr)
     return native.function("decode", "varserve_decode_layers", *args, restype=ctypes.c_int)
 
 
@@ -95,6 +97,8 @@ def decode_layers(
     key_valid: torch.Tensor | None,
     n_head: int,
     eps: float,
+    final_norm: torch.Tensor | None = None,
+    head: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """x: (R, S, dim) float32, the embedded tokens at `positions` (R, S) long; rope: (n_rope, D / 2,
     2) [cos, sin] per position (index = absolute position); weights: per layer the tensors named in
@@ -103,7 +107,8 @@ def decode_layers(
     None. Check `applies` first.
 
     Writes the new keys and values of every layer into the cache -> (R, S, dim), the last layer's
-    output (before the final norm). x itself is overwritten with it."""
+    output, normalised by `final_norm` (dim,) when given (x itself is overwritten with it); or,
+    with `head` too (the output head's packed weight, float32), the logits (R, S, vocab)."""
     R, S, dim = x.shape
     H_kv, block_size, D = k_cache[0].shape[1:]
     hidden = weights[0][4].shape[0] * linear.PANEL
@@ -114,6 +119,11 @@ def decode_layers(
     valid = None if key_valid is None else key_valid.contiguous().view(torch.uint8)
     pointers = [w.data_ptr() for layer in weights for w in layer]
     k_ptrs, v_ptrs = [c.data_ptr() for c in k_cache], [c.data_ptr() for c in v_cache]
+    logits = None
+    if head is not None:
+        if final_norm is None or not linear.is_packed(head):
+            raise ValueError("decode_layers: an output head needs the final norm and a packed weight")
+        logits = torch.empty(R, S, head.shape[0] * linear.PANEL, dtype=torch.float32)
     status = _kernel()(
         x.data_ptr(),
         positions.data_ptr(),
@@ -139,9 +149,13 @@ def decode_layers(
         1.0 / math.sqrt(D),
         _address(linear._kernel()),
         _address(paged_attention._cpu_kernel()),
+        None if final_norm is None else final_norm.data_ptr(),
+        None if head is None else head.data_ptr(),
+        0 if logits is None else logits.shape[-1],
+        None if logits is None else logits.data_ptr(),
     )
     if status == -1:
         raise IndexError(f"a position of {positions.tolist()} has no RoPE entry or no cache block")
     if status != 0:
         raise MemoryError("decode_layers: no memory for the step's activations")
-    return x
+    return x if logits is None else logits

@@ -19,7 +19,9 @@
 // forms round differently.
 //
 // Shapes (M = R * S tokens, row r's token s at m = r * S + s):
-//   x: (M, dim), the embedded tokens in, the last layer's output out (before the final norm);
+//   x: (M, dim), the embedded tokens in, the last layer's output out (after the final norm when
+//     final_norm (dim) is given);
+//   head: the output head's panels (vocab / 16, dim, 16) or NULL; logits (M, vocab) its output;
 //   positions: (R, S) long; rope: (n_rope, D / 2, 2) [cos, sin] per position and rotated pair;
 //   weights: n_layer * 7 pointers, per layer attention_norm (dim), wqkv panels ((H + 2 H_kv) D / 16,
 //     dim, 16), wo panels (dim / 16, H D, 16), ffn_norm (dim), w1 and w3 panels (hidden / 16, dim,
@@ -155,7 +157,8 @@ int varserve_decode_layers(float *x, const long *positions, const float *rope, l
                            const int *block_table, long block_size, long max_blocks,
                            const unsigned char *key_valid, long valid_width, long R, long S,
                            long n_layer, long dim, long H, long H_kv, long D, long hidden, float eps,
-                           float scale, linear_fn linear, attention_fn attention) {
+                           float scale, linear_fn linear, attention_fn attention,
+                           const float *final_norm, const float *head, long vocab, float *logits) {
   long M = R * S, qkv_dim = (H + 2 * H_kv) * D, q_dim = H * D;
   for (long m = 0; m < M; m++) {
     long pos = positions[m];
@@ -205,6 +208,10 @@ int varserve_decode_layers(float *x, const long *positions, const float *rope, l
     linear(h1, w[6], o, M, dim, hidden);
     add_into(x, o, M * dim);
   }
+  // the model's final norm (in place) and output head, when given: at batch 1 each was a PyTorch
+  // call dearer than its arithmetic
+  if (final_norm) rms_norm(x, final_norm, x, M, dim, eps);
+  if (head) linear(x, head, logits, M, vocab, dim);
   free(work);
   return 0;
 }

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kernels import decode
-from kernels.linear import Linear
+from kernels.linear import Linear, is_packed
 from models.kv.dense import DenseTokenStore
 from models.kv.paged import PagedTokenStore
 from models.kv.store import KVStore, TokenSpan
@@ -220,6 +220,7 @@ class GPT(nn.Module):
         self.fused_decode = True
         self._layer_weights_key: tuple | None = None
         self._layer_weights_ok = False
+        self._head_in_c = False  # the output head runs in the fused decode call
         self._layer_weights_list: list[tuple[torch.Tensor, ...]] = []
 
     # -- conditions -------------------------------------------------------------------------------
@@ -313,14 +314,15 @@ class GPT(nn.Module):
         token store, the layers run as one C call (kernels/decode.py), verify windows included, so
         a window and a step run the same code; elsewhere (CUDA, bf16/fp16, unpacked) layer by layer."""
         h, at = self.tok_embeddings(tokens), TokenSpan(positions, key_valid)
-        fused = self._fused_layers(h, at, store) if self.fused_decode else None
-        if fused is not None:
-            return self.output(self.norm(fused)).float()
+        logits = self._fused_layers(h, at, store) if self.fused_decode else None
+        if logits is not None:
+            return logits
         return self._cached_forward(h, at, store)
 
     def _fused_layers(self, h: torch.Tensor, at: TokenSpan, store: KVStore) -> torch.Tensor | None:
-        """h: (R, S, dim) -> the last layer's output (R, S, dim) through kernels/decode.py, writing
-        the store; None where that kernel does not apply (nothing written)."""
+        """h: (R, S, dim) -> logits (R, S, vocab) float32 through kernels/decode.py (the layers, the
+        final norm and, where its weight is packed, the output head in one call), writing the
+        store; None where that kernel does not apply (nothing written)."""
         if h.requires_grad:
             return None
         if isinstance(store, PagedTokenStore):
@@ -336,17 +338,20 @@ class GPT(nn.Module):
         if not decode.applies(h, weights, k_cache, self._layer_weights_ok):
             return None
         c = self.config
-        return decode.decode_layers(
+        head = self.output.weight if self._head_in_c else None
+        out = decode.decode_layers(
             h, at.positions, self._rope_table_on(h.device), weights, k_cache, v_cache, block_table,
-            at.key_valid, c.n_head, c.norm_eps,
+            at.key_valid, c.n_head, c.norm_eps, self.norm.weight, head,
         )  # fmt: skip
+        return out if head is not None else self.output(out).float()
 
     def _layer_weights(self) -> list[tuple[torch.Tensor, ...]]:
         """Each layer's weights in kernels/decode.py's order, gathered once: at batch 1 walking the
         modules for them cost a third of a millisecond a step. Rebuilt when the weights' storage
         moved (a cast, a device move, a re-pack)."""
         first, last = self.layers[0].attention.wqkv.weight, self.layers[-1].feed_forward.w2.weight
-        key = (first.data_ptr(), last.data_ptr(), first.dtype, first.device)
+        head = self.output.weight
+        key = (first.data_ptr(), last.data_ptr(), head.data_ptr(), first.dtype, first.device)
         if self._layer_weights_key != key:
             self._layer_weights_list = [
                 (
@@ -360,7 +365,11 @@ class GPT(nn.Module):
                 )
                 for layer in self.layers
             ]
-            self._layer_weights_ok = decode.weights_apply(self._layer_weights_list)
+            norm = self.norm.weight
+            self._layer_weights_ok = decode.weights_apply(self._layer_weights_list) and (
+                norm.dim() == 1 and norm.dtype == torch.float32 and norm.is_contiguous()
+            )
+            self._head_in_c = is_packed(head) and head.dtype == torch.float32 and head.is_contiguous()
             self._layer_weights_key = key
         return self._layer_weights_list
 

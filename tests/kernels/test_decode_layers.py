@@ -19,10 +19,10 @@ pytestmark = pytest.mark.skipif(not decode.available(), reason="no C compiler fo
 HEADS = [(4, 4, 16), (4, 2, 16), (8, 2, 8), (4, 2, 12)]
 
 
-def packed_gpt(n_head, n_kv_head, head_dim, model_type="c2i", cls_token_num=1, seed=0) -> GPT:
+def packed_gpt(n_head, n_kv_head, head_dim, model_type="c2i", cls_token_num=1, seed=0, vocab=64) -> GPT:
     torch.manual_seed(seed)
     cfg = GPTConfig(
-        dim=n_head * head_dim, n_layer=2, n_head=n_head, n_kv_head=n_kv_head, ffn_hidden=96, vocab_size=64,
+        dim=n_head * head_dim, n_layer=2, n_head=n_head, n_kv_head=n_kv_head, ffn_hidden=96, vocab_size=vocab,
         block_size=64, model_type=model_type, num_classes=10, cls_token_num=cls_token_num, caption_dim=16,
     )  # fmt: skip
     model = GPT(cfg).eval().requires_grad_(False)
@@ -95,6 +95,20 @@ def test_decode_steps_match_the_layer_by_layer_path(n_head, n_kv_head, head_dim,
     for layer in range(model.config.n_layer):  # the keys and values each path wrote
         for got, want in zip(cache_of(fused_store, layer), cache_of(layers_store, layer), strict=True):
             torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("vocab", [64, 60])
+def test_the_output_head_runs_in_the_call_where_its_weight_is_packed(vocab):
+    """The final norm always, and the output head where its weight is packed (a vocabulary of whole
+    16-column panels), run inside the fused call; a vocabulary of 60 keeps the head in PyTorch.
+    Either way the logits are the layer-by-layer path's."""
+    model = packed_gpt(4, 2, 16, vocab=vocab)
+    assert decode.linear.is_packed(model.output.weight) == (vocab % 16 == 0)
+    run = decode_run(torch.tensor([1, 4]), steps=6, starts=torch.tensor([0, 9]), make_store=paged_store)
+    (fused, _), (layers, _) = both_paths(model, run)
+    assert fused.shape == (6, 2, 1, vocab) and fused.dtype == torch.float32
+    torch.testing.assert_close(fused, layers, atol=1e-5, rtol=1e-5)
+    assert model._head_in_c == (vocab % 16 == 0)
 
 
 @pytest.mark.parametrize("n_head, n_kv_head, head_dim", HEADS[1:3])
