@@ -84,6 +84,15 @@ def _c_applies(floats: tuple[torch.Tensor, ...], longs: tuple[torch.Tensor, ...]
     )
 
 
+def _row_settings(top_k: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor):
+    """The per-row sampling settings as the C kernels read them: int64, float32, float32."""
+    return (
+        top_k.to(torch.long).contiguous(),
+        temperature.to(torch.float32).contiguous(),
+        top_p.to(torch.float32).contiguous(),
+    )
+
+
 # -- references -------------------------------------------------------------------------------
 
 
@@ -322,11 +331,11 @@ def sample(
     plan: tuple[int, bool, bool] | None = None,
 ) -> torch.Tensor:
     """As sample_reference: our C kernel for float32 CPU tensors (one call where the reference
-    is a dozen operators, ~0.13 ms a step at batch 1), else the reference."""
+    is a dozen operators: 118 against 39 us a step at batch 1 on this CPU, 165 against 87 at 8,
+    the uniforms' draws included), else the reference."""
     kernel = _sample_kernel()
-    logits, uniform, top_k = logits.contiguous(), uniform.contiguous(), top_k.to(torch.long).contiguous()
-    temperature = temperature.to(torch.float32).contiguous()
-    top_p = top_p.to(torch.float32).contiguous()
+    logits, uniform = logits.contiguous(), uniform.contiguous()
+    top_k, temperature, top_p = _row_settings(top_k, temperature, top_p)
     if kernel is None or not _c_applies((logits, temperature, top_p, uniform), (top_k,)):
         return sample_reference(logits, top_k, temperature, top_p, uniform, plan)
     b, S, V = logits.shape
@@ -347,9 +356,8 @@ def target_probs(
     """As target_probs_reference: our C kernel for float32 CPU tensors, else the reference.
     plan: as candidate_probs', so the reference never reads it back from the device."""
     kernel = _target_probs_kernel()
-    logits, top_k = logits.contiguous(), top_k.to(torch.long).contiguous()
-    temperature = temperature.to(torch.float32).contiguous()
-    top_p = top_p.to(torch.float32).contiguous()
+    logits = logits.contiguous()
+    top_k, temperature, top_p = _row_settings(top_k, temperature, top_p)
     if kernel is None or not _c_applies((logits, temperature, top_p), (top_k,)):
         return target_probs_reference(logits, top_k, temperature, top_p, plan)
     b, S, V = logits.shape

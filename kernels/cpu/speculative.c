@@ -94,19 +94,15 @@ static long column_candidates(const float *x, long k, int use_p, float top_p, fl
   return kept;
 }
 
-// Column j's settings, as the reference reads them.
-static void column_settings(const long *top_k, const float *temperature, const float *top_p,
-                            long j, long V, long *k, int *use_p, float *temp) {
-  *k = top_k[j] > 0 && top_k[j] < V ? top_k[j] : V;
-  *use_p = top_p[j] > 0.0f && top_p[j] < 1.0f;
-  *temp = temperature[j] > 1e-5f ? temperature[j] : 1e-5f;
-}
-
-// logits: (b, S, V); top_k: (b,) (<= 0: the whole vocabulary); temperature, top_p: (b,);
-// out p: (b, S, V), written whole: each column's candidates (column_candidates) at their tokens,
-// zero elsewhere. Returns 0, or -1 when out of memory (nothing useful written).
-int varserve_target_probs(const float *logits, const long *top_k, const float *temperature,
-                          const float *top_p, float *out, long b, long S, long V) {
+// Every column of logits (b, S, V) with its row's settings (top_k (b,), <= 0: the whole
+// vocabulary; temperature, top_p (b,)), its candidates (column_candidates) then either written out
+// as probabilities (probs: (b, S, V), zero off the candidates) or raced with the column's noise
+// (uniform (b, S, V) in [0, 1) per vocabulary id, tokens (b, S)): argmax p / -log1p(-u) over the
+// candidates, equal scores (as where two uniforms are 0) to the smaller token. Returns 0, or -1
+// when out of memory (nothing useful written).
+static int each_column(const float *logits, const long *top_k, const float *temperature,
+                       const float *top_p, long b, long S, long V, float *probs,
+                       const float *uniform, long *tokens) {
   int status = 0;
 #pragma omp parallel for schedule(static) if (b * S * V > (1L << 18)) reduction(| : status)
   for (long j = 0; j < b; j++) {
@@ -115,51 +111,22 @@ int varserve_target_probs(const float *logits, const long *top_k, const float *t
       status |= 1;
       continue;
     }
-    long k;
-    int use_p;
-    float temp;
-    column_settings(top_k, temperature, top_p, j, V, &k, &use_p, &temp);
+    long k = top_k[j] > 0 && top_k[j] < V ? top_k[j] : V;
+    int use_p = top_p[j] > 0.0f && top_p[j] < 1.0f;
+    float temp = temperature[j] > 1e-5f ? temperature[j] : 1e-5f;
     for (long t = 0; t < S; t++) {
-      float *p = out + (j * S + t) * V;
-      long kept = column_candidates(logits + (j * S + t) * V, k, use_p, top_p[j], temp, c, V);
-      memset(p, 0, sizeof(float) * V);
-      for (long i = 0; i < kept; i++) p[c[i].index] = c[i].value;
-    }
-    free(c);
-  }
-  return status ? -1 : 0;
-}
-
-// Plain decoding's draw (models/sampling.py: sample): logits (b, S, V) and settings as above,
-// uniform (b, S, V) in [0, 1), each column's noise per vocabulary id -> tokens (b, S): the
-// exponential race argmax p / -log1p(-u) over the column's candidates (a dropped one never wins;
-// equal scores, as where two uniforms are 0, go to the smaller token). With top_k 1 the one
-// candidate is the largest logit, the first of equals: argmax. The reference's candidates among
-// logits tied at the k-th place are torch.topk's; here the smaller tokens. Returns 0, or -1 when
-// out of memory.
-int varserve_sample(const float *logits, const long *top_k, const float *temperature,
-                    const float *top_p, const float *uniform, long *tokens, long b, long S,
-                    long V) {
-  int status = 0;
-#pragma omp parallel for schedule(static) if (b * S * V > (1L << 18)) reduction(| : status)
-  for (long j = 0; j < b; j++) {
-    candidate *c = malloc(sizeof(candidate) * V);
-    if (!c) {
-      status |= 1;
-      continue;
-    }
-    long k;
-    int use_p;
-    float temp;
-    column_settings(top_k, temperature, top_p, j, V, &k, &use_p, &temp);
-    for (long t = 0; t < S; t++) {
-      const float *u = uniform + (j * S + t) * V;
-      long kept = column_candidates(logits + (j * S + t) * V, k, use_p, top_p[j], temp, c, V);
+      long at = (j * S + t) * V;
+      long kept = column_candidates(logits + at, k, use_p, top_p[j], temp, c, V);
+      if (probs) {
+        memset(probs + at, 0, sizeof(float) * V);
+        for (long i = 0; i < kept; i++) probs[at + c[i].index] = c[i].value;
+        continue;
+      }
       long best = c[0].index;
       float best_score = -1.0f;
       for (long i = 0; i < kept; i++) {
         if (!(c[i].value > 0.0f)) continue;
-        float score = c[i].value / -log1pf(-u[c[i].index]);
+        float score = c[i].value / -log1pf(-uniform[at + c[i].index]);
         if (score > best_score || (score == best_score && c[i].index < best)) {
           best = c[i].index;
           best_score = score;
@@ -170,6 +137,22 @@ int varserve_sample(const float *logits, const long *top_k, const float *tempera
     free(c);
   }
   return status ? -1 : 0;
+}
+
+// The target distributions of a pass: out p (b, S, V), written whole (each_column).
+int varserve_target_probs(const float *logits, const long *top_k, const float *temperature,
+                          const float *top_p, float *out, long b, long S, long V) {
+  return each_column(logits, top_k, temperature, top_p, b, S, V, out, NULL, NULL);
+}
+
+// Plain decoding's draw (models/sampling.py: sample): tokens (b, S) raced over each column's
+// candidates with uniform (b, S, V) (each_column). With top_k 1 the one candidate is the largest
+// logit, the first of equals: argmax. The reference's candidates among logits tied at the k-th
+// place are torch.topk's; here the smaller tokens.
+int varserve_sample(const float *logits, const long *top_k, const float *temperature,
+                    const float *top_p, const float *uniform, long *tokens, long b, long S,
+                    long V) {
+  return each_column(logits, top_k, temperature, top_p, b, S, V, NULL, uniform, tokens);
 }
 
 // A draw proportional to w (V,) >= 0 with uniforms e (V,): argmax w / -log1p(-e) over the tokens
