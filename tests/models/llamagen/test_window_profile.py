@@ -10,7 +10,7 @@ import torch
 from models.config import DEFAULT_CONFIG, ConfigError, load_config
 from models.llamagen.generate import generate
 from models.llamagen.runner import LlamaGenRunner
-from models.llamagen.speculative import CALIBRATION, AutoWindow
+from models.llamagen.speculative import CALIBRATION, WINDOWS, AutoWindow
 from models.llamagen.window_profile import WindowProfile
 from models.settings import settings_for
 from service.cli import main
@@ -40,6 +40,7 @@ def test_cli_writes_a_profile_that_the_config_and_the_runner_pick_up(calibrated,
         assert sorted(per_window) == list(CALIBRATION)
         assert all(1 < t <= L for L, t in per_window.items())  # every window commits more than one
     assert profile.source["images"] == 1 and profile.source["model"] == "lg"
+    assert sorted(profile.overhead_s) == list(WINDOWS)  # every width's overhead, plain decoding's too
     spec = load_config(config)[0]
     assert spec.window_profile == path.resolve()
 
@@ -112,7 +113,7 @@ def test_the_bundled_profiles_are_found_and_fit_their_models(name):
     profile = WindowProfile.load(spec.window_profile)
     assert profile.image_tokens == 256 and set(profile.tokens_per_pass) == {"sjd", "scd", "gsd"}
     assert all(sorted(w) == list(CALIBRATION) for w in profile.tokens_per_pass.values())
-    assert sorted(profile.overhead_s) == list(CALIBRATION)
+    assert sorted(profile.overhead_s) == list(WINDOWS)  # plain decoding's window 1 included
     d = spec.defaults
     assert profile.source["sampling"] == {
         "cfg": d.cfg,
