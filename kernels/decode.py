@@ -52,18 +52,28 @@ def available() -> bool:
     )
 
 
-def weights_apply(weights: Sequence[Sequence[torch.Tensor]]) -> bool:
-    """Whether `decode_layers` can take these weights: float32 CPU, the norms 1-D, every product's
-    weight packed in panels (kernels.linear.pack_weight), contiguous. Callers that keep their
-    weights may ask once per set (checking 7 tensors a layer every step cost 60 us at batch 1)."""
+def _takes(w: torch.Tensor, dims: int) -> bool:
+    """A weight the kernel reads: float32, CPU, contiguous, `dims` dimensions (3: packed panels)."""
+    return w.dim() == dims and w.dtype == torch.float32 and w.is_cpu and w.is_contiguous()
+
+
+def weights_apply(weights: Sequence[Sequence[torch.Tensor]], final_norm: torch.Tensor | None = None) -> bool:
+    """Whether `decode_layers` can take these weights (and the final norm's, when given): float32
+    CPU, the norms 1-D, every product's weight packed in panels (kernels.linear.pack_weight),
+    contiguous. Callers that keep their weights may ask once per set (checking 7 tensors a layer
+    every step cost 60 us at batch 1)."""
     if not available():
         return False
-    f32 = torch.float32
-    for layer in weights:
-        for w, dims in zip(layer, (1, 3, 3, 1, 3, 3, 3), strict=True):
-            if w.dim() != dims or w.dtype != f32 or not w.is_cpu or not w.is_contiguous():
-                return False
-    return True
+    if final_norm is not None and not _takes(final_norm, 1):
+        return False
+    return all(
+        _takes(w, dims) for layer in weights for w, dims in zip(layer, (1, 3, 3, 1, 3, 3, 3), strict=True)
+    )
+
+
+def head_applies(head: torch.Tensor) -> bool:
+    """Whether `decode_layers` can run this output head weight too (packed panels, as the products)."""
+    return linear.is_packed(head) and _takes(head, 3)
 
 
 def applies(
@@ -121,7 +131,7 @@ def decode_layers(
     k_ptrs, v_ptrs = [c.data_ptr() for c in k_cache], [c.data_ptr() for c in v_cache]
     logits = None
     if head is not None:
-        if final_norm is None or not linear.is_packed(head):
+        if final_norm is None or not head_applies(head):
             raise ValueError("decode_layers: an output head needs the final norm and a packed weight")
         logits = torch.empty(R, S, head.shape[0] * linear.PANEL, dtype=torch.float32)
     status = _kernel()(

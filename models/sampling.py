@@ -18,6 +18,15 @@ def make_generators(seeds: list[int], device: torch.device | str) -> list[torch.
     return [torch.Generator(device=device).manual_seed(int(s)) for s in seeds]
 
 
+def rand_into(out: torch.Tensor, generator: torch.Generator) -> None:
+    """Fills `out` with uniforms in [0, 1) from `generator`: drawn straight into place where the
+    generator lives on out's device, else drawn on its own device and copied (the same numbers)."""
+    if generator.device == out.device:
+        torch.rand(out.shape, generator=generator, out=out)
+    else:
+        out.copy_(torch.rand(out.shape, generator=generator, device=generator.device))
+
+
 @dataclass
 class SamplerRows:
     """The sampling settings of a batch's images as tensors, built once per batch, with each
@@ -107,8 +116,5 @@ def sample(
     # leaving the top-p set only changes the outcome if that candidate was about to win.
     uniform = torch.empty(B, l, V, device=logits.device)
     for row, g in zip(uniform, generators, strict=True):
-        if g.device == uniform.device:
-            torch.rand(l, V, generator=g, out=row)  # straight into place
-        else:
-            row.copy_(torch.rand(l, V, generator=g, device=g.device))
+        rand_into(row, g)
     return kernels.sample(logits, top_k, temperature, top_p, uniform, plan)

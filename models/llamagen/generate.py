@@ -33,7 +33,7 @@ from models.llamagen.speculative import (
 )
 from models.llamagen.tokenizer import VQModel
 from models.runtime import device_clock
-from models.sampling import SamplerRows, make_generators
+from models.sampling import SamplerRows, make_generators, rand_into
 from models.settings import MAX_WINDOW, ImageSettings
 
 
@@ -385,13 +385,9 @@ class Engine:
         u = torch.empty(len(spec), S, device=device)
         e = torch.empty(len(spec), S, V, device=device)
         for j, (s, i) in enumerate(zip(seqs, spec, strict=True)):
-            g, w = s.generator, windows[i]
-            if g.device == u.device:
-                torch.rand(w, generator=g, out=u[j, :w])
-                torch.rand(w, V, generator=g, out=e[j, :w])
-            else:
-                u[j, :w] = torch.rand(w, generator=g, device=g.device).to(device)
-                e[j, :w] = torch.rand(w, V, generator=g, device=g.device).to(device)
+            w = windows[i]
+            rand_into(u[j, :w], s.generator)
+            rand_into(e[j, :w], s.generator)
             if w < S:
                 u[j, w:], e[j, w:] = 2.0, 0.5  # padding: never accepts
         grouped = None

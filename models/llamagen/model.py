@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kernels import decode
-from kernels.linear import Linear, is_packed
+from kernels.linear import Linear
 from models.kv.dense import DenseTokenStore
 from models.kv.paged import PagedTokenStore
 from models.kv.store import KVStore, TokenSpan
@@ -365,11 +365,8 @@ class GPT(nn.Module):
                 )
                 for layer in self.layers
             ]
-            norm = self.norm.weight
-            self._layer_weights_ok = decode.weights_apply(self._layer_weights_list) and (
-                norm.dim() == 1 and norm.dtype == torch.float32 and norm.is_contiguous()
-            )
-            self._head_in_c = is_packed(head) and head.dtype == torch.float32 and head.is_contiguous()
+            self._layer_weights_ok = decode.weights_apply(self._layer_weights_list, self.norm.weight)
+            self._head_in_c = decode.head_applies(head)
             self._layer_weights_key = key
         return self._layer_weights_list
 
