@@ -91,6 +91,17 @@ def applies(
     return all(c.dtype == torch.float32 and c.is_cpu and c.is_contiguous() for c in k_cache)
 
 
+class LayerWeights(list):
+    """Each layer's weights as `decode_layers` reads them (a tuple in LAYER_WEIGHTS order per
+    layer), with the C table of their addresses built once: rebuilt every step it cost as much as
+    a small layer's arithmetic at batch 1. Build it anew when a weight's storage moves."""
+
+    def __init__(self, layers: Sequence[Sequence[torch.Tensor]]):
+        super().__init__(tuple(layer) for layer in layers)
+        addresses = [w.data_ptr() for layer in self for w in layer]
+        self.pointers = (ctypes.c_void_p * len(addresses))(*addresses)
+
+
 def dense_block_table(rows: int) -> torch.Tensor:
     """(rows, 1) int32: row r's one block is r, for a dense cache seen as a pool of T_max-blocks."""
     return torch.arange(rows, dtype=torch.int32)[:, None]
@@ -112,7 +123,7 @@ def decode_layers(
 ) -> torch.Tensor:
     """x: (R, S, dim) float32, the embedded tokens at `positions` (R, S) long; rope: (n_rope, D / 2,
     2) [cos, sin] per position (index = absolute position); weights: per layer the tensors named in
-    LAYER_WEIGHTS, products packed; k_cache, v_cache: per layer (n_blocks, H_kv, block_size, D);
+    LAYER_WEIGHTS, products packed (a `LayerWeights` brings its address table); k_cache, v_cache: per layer (n_blocks, H_kv, block_size, D);
     block_table: (R, max_blocks) int32; key_valid: (R, W) bool, False at padded condition keys, or
     None. Check `applies` first.
 
@@ -127,7 +138,10 @@ def decode_layers(
     table = block_table.to(torch.int32).contiguous()
     rope = rope.contiguous()
     valid = None if key_valid is None else key_valid.contiguous().view(torch.uint8)
-    pointers = [w.data_ptr() for layer in weights for w in layer]
+    pointers = getattr(weights, "pointers", None)
+    if pointers is None:
+        addresses = [w.data_ptr() for layer in weights for w in layer]
+        pointers = (ctypes.c_void_p * len(addresses))(*addresses)
     k_ptrs, v_ptrs = [c.data_ptr() for c in k_cache], [c.data_ptr() for c in v_cache]
     logits = None
     if head is not None:
@@ -139,7 +153,7 @@ def decode_layers(
         positions.data_ptr(),
         rope.data_ptr(),
         rope.shape[0],
-        (ctypes.c_void_p * len(pointers))(*pointers),
+        pointers,
         (ctypes.c_void_p * len(k_ptrs))(*k_ptrs),
         (ctypes.c_void_p * len(v_ptrs))(*v_ptrs),
         table.data_ptr(),

@@ -32,7 +32,7 @@ from models.llamagen.speculative import (
     window_flops,
 )
 from models.llamagen.tokenizer import VQModel
-from models.runtime import device_clock
+from models.runtime import device_clock, host_longs
 from models.sampling import SamplerRows, make_generators, rand_into
 from models.settings import MAX_WINDOW, ImageSettings
 
@@ -227,7 +227,7 @@ class Engine:
         prefill_store = PagedTokenStore(self.pool, self.max_len)
         prefill_store.set_rows(rows.tables)
         logits = self.model.prefill(self._condition_embeddings(seqs, rows), prefill_store, rows.key_valid)
-        first = rows.sample(logits[:, None], torch.zeros(len(seqs), dtype=torch.long, device=self.device))
+        first = rows.sample(logits[:, None], [0] * len(seqs))
         for i, s in enumerate(seqs):
             s.tokens[0] = first[i, 0]
             s.n, s.forward_passes = 1, s.forward_passes + 1
@@ -282,7 +282,7 @@ class Engine:
         last = self.tokens.gather(1, self.n[:, None] - 1)[:, 0]  # (B,) each sequence's newest token
         step_tokens = torch.cat([last, last[self.rows.null_of]])[:, None]  # null rows feed their partner's
         logits = self.model.decode_step(step_tokens, self.positions, self.store, self.rows.key_valid)
-        sampled = self.rows.sample(logits[:, -1:], self.n)[:, 0]
+        sampled = self.rows.sample(logits[:, -1:], [s.n for s in self.seqs])[:, 0]
         self.tokens.scatter_(1, self.n[:, None], sampled[:, None])
         self.positions += 1
         self.n += 1
@@ -309,11 +309,10 @@ class Engine:
             flat += [i * N + first + t for t in range(w)] + [i * N] * (S - w)
             positions += [c.cls_token_num + first + t for t in range(w)] + [self.scratch] * (S - w)
         rows = len(row_windows)
-        tokens = self.tokens.view(-1)[torch.tensor(flat, device=self.device)].view(rows, S)
-        positions = torch.tensor(positions, device=self.device).view(rows, S)
-        n = self.n
+        tokens = self.tokens.view(-1)[host_longs(flat, self.device)].view(rows, S)
+        positions = host_longs(positions, self.device).view(rows, S)
         logits = self.model.decode_step(tokens, positions, self.store, self.rows.key_valid)
-        cond = self.rows.guide(logits, n)  # (B, S, V)
+        cond = self.rows.guide(logits, n_host)  # (B, S, V)
         plain = [i for i in range(B) if windows[i] == 1]  # drawn as plain decoding draws
         if plain:
             idx = torch.tensor(plain, device=self.device)
@@ -324,7 +323,7 @@ class Engine:
                 self.seqs[i].drafts = 0
         if spec:
             self._verify(spec, windows, cond, S)
-        self.n = torch.tensor([s.n for s in self.seqs], dtype=torch.long, device=self.device)
+        self.n = host_longs([s.n for s in self.seqs], self.device)
         self.positions = self._positions()
 
     # -- speculative decoding ---------------------------------------------------------------------
@@ -363,10 +362,15 @@ class Engine:
         need = [i for i in spec if self.seqs[i].drafts < windows[i] - 1]
         if not need:
             return
-        idx = torch.tensor(need, device=self.device)
-        qrows = torch.tensor([self._q_row[i] for i in need], device=self.device)
-        lo = torch.tensor([self.seqs[i].drafts for i in need], device=self.device)
-        hi = torch.tensor([windows[i] - 1 for i in need], device=self.device)
+        idx, qrows, lo, hi = host_longs(
+            [
+                need,
+                [self._q_row[i] for i in need],
+                [self.seqs[i].drafts for i in need],
+                [windows[i] - 1 for i in need],
+            ],
+            self.device,
+        )
         fill_drafts(self.tokens, self.q, idx, qrows, self.n[idx], lo, hi, self.model.config.grid_size)
         for i in need:
             self.seqs[i].drafts = windows[i] - 1
@@ -378,7 +382,7 @@ class Engine:
         idx, qrows = rows.idx, rows.qrows
         every = len(spec) == len(self.seqs)  # no rows to pick out
         p = target_probs(cond if every else cond[idx], rows.sampler)  # (b, S, V)
-        L = torch.tensor([windows[i] for i in spec], device=device)
+        L = host_longs([windows[i] for i in spec], device)
         n = self.n if every else self.n[idx]
         # each image's own draws, as many as its window: accept tests and one race per column,
         # drawn straight into place where the generator lives on the device
@@ -444,9 +448,7 @@ class Engine:
     def _positions(self) -> torch.Tensor:
         """(rows, 1) each row's input position this step: cls_token_num + n - 1."""
         c = self.model.config
-        return torch.tensor(
-            [[c.cls_token_num + s.n - 1] for s in self._row_seqs], dtype=torch.long, device=self.device
-        ).reshape(-1, 1)
+        return host_longs([c.cls_token_num + s.n - 1 for s in self._row_seqs], self.device).reshape(-1, 1)
 
     def _layout(self) -> None:
         c = self.model.config
@@ -499,10 +501,13 @@ class _Rows:
         self.guided_seqs = [seqs[i] for i in guided]
         self.tables = [s.blocks[0] for s in seqs] + [s.blocks[1] for s in self.guided_seqs]
         self.sampler = SamplerRows.of([s.settings for s in seqs], device, [s.generator for s in seqs])
-        self.cfg_table = torch.tensor(
-            [[_cfg_at(s.settings, t) for t in range(c.block_size)] for s in self.guided_seqs],
-            device=device,
-        ).reshape(len(guided), c.block_size)
+        # each guided image's cfg per image token, on the host: a pass reads its columns' there and
+        # hands the device one number where they agree (the usual case, no cfg_interval)
+        self.cfg_host = [[_cfg_at(s.settings, t) for t in range(c.block_size)] for s in self.guided_seqs]
+        self._null_of_host = guided
+        self._all_guided = guided == list(range(len(seqs)))
+        agreed = {x for table in self.cfg_host for x in table}
+        self.uniform_cfg = agreed.pop() if len(agreed) == 1 else None
         # the official sampler masks a guided image's null row as its own row; a negative caption
         # brings its own padding
         masks = [s.cond_mask for s in seqs] + [
@@ -519,24 +524,32 @@ class _Rows:
         """Rows: every sequence's own, then the guided ones' null rows."""
         return len(self.tables)
 
-    def guide(self, logits: torch.Tensor, token_index: torch.Tensor) -> torch.Tensor:
-        """logits: (rows, S, V), own rows then null rows; token_index: (B,) the image token of each
-        sequence's first column -> (B, S, V): uncond + cfg * (cond - uncond) for the guided images,
-        each column with its own token's cfg (cfg_interval)."""
+    def guide(self, logits: torch.Tensor, first: list[int]) -> torch.Tensor:
+        """logits: (rows, S, V), own rows then null rows; first: per sequence, the image token of
+        its first column -> (B, S, V): uncond + cfg * (cond - uncond) for the guided images, each
+        column with its own token's cfg (cfg_interval)."""
         B, S = len(self.seqs), logits.shape[1]
         cond = logits[:B]
-        if len(self.null_of):
-            token = (token_index[self.null_of][:, None] + torch.arange(S, device=logits.device)).clamp(
-                max=self.block_size - 1
-            )
-            scale = self.cfg_table.gather(1, token)[..., None]  # (G, S, 1)
-            cond = cond.index_copy(0, self.null_of, torch.lerp(logits[B:], cond[self.null_of], scale))
-        return cond
+        if not self.guided_seqs:
+            return cond
+        scale = self.uniform_cfg
+        if scale is None:
+            last = self.block_size - 1
+            scale = torch.tensor(
+                [
+                    [table[min(first[i] + t, last)] for t in range(S)]
+                    for i, table in zip(self._null_of_host, self.cfg_host, strict=True)
+                ],
+                dtype=torch.float32,
+                device=logits.device,
+            )[..., None]  # (G, S, 1)
+        if self._all_guided:  # null row j belongs to sequence j: no rows to pick out
+            return torch.lerp(logits[B:], cond, scale)
+        return cond.index_copy(0, self.null_of, torch.lerp(logits[B:], cond[self.null_of], scale))
 
-    def sample(self, logits: torch.Tensor, token_index: torch.Tensor) -> torch.Tensor:
-        """logits: (rows, 1, V); token_index: (B,) the image token each sequence samples now ->
-        (B, 1) tokens."""
-        return self.sampler.sample(self.guide(logits, token_index))
+    def sample(self, logits: torch.Tensor, first: list[int]) -> torch.Tensor:
+        """logits: (rows, 1, V); first: per sequence, the image token it samples now -> (B, 1) tokens."""
+        return self.sampler.sample(self.guide(logits, first))
 
 
 def _cfg_at(settings: ImageSettings, token: int) -> float:

@@ -222,6 +222,9 @@ class GPT(nn.Module):
         self._layer_weights_ok = False
         self._head_in_c = False  # the output head runs in the fused decode call
         self._layer_weights_list: list[tuple[torch.Tensor, ...]] = []
+        # the modules whose weights' storage says when that list is stale (held here: walking the
+        # module tree for them cost more per step than the check)
+        self._watched = (self.layers[0].attention.wqkv, self.layers[-1].feed_forward.w2, self.output)
 
     # -- conditions -------------------------------------------------------------------------------
 
@@ -349,11 +352,10 @@ class GPT(nn.Module):
         """Each layer's weights in kernels/decode.py's order, gathered once: at batch 1 walking the
         modules for them cost a third of a millisecond a step. Rebuilt when the weights' storage
         moved (a cast, a device move, a re-pack)."""
-        first, last = self.layers[0].attention.wqkv.weight, self.layers[-1].feed_forward.w2.weight
-        head = self.output.weight
+        first, last, head = (m.weight for m in self._watched)
         key = (first.data_ptr(), last.data_ptr(), head.data_ptr(), first.dtype, first.device)
         if self._layer_weights_key != key:
-            self._layer_weights_list = [
+            self._layer_weights_list = decode.LayerWeights(
                 (
                     layer.attention_norm.weight,
                     layer.attention.wqkv.weight,
@@ -364,7 +366,7 @@ class GPT(nn.Module):
                     layer.feed_forward.w2.weight,
                 )
                 for layer in self.layers
-            ]
+            )
             self._layer_weights_ok = decode.weights_apply(self._layer_weights_list, self.norm.weight)
             self._head_in_c = decode.head_applies(head)
             self._layer_weights_key = key
