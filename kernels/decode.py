@@ -123,9 +123,9 @@ def decode_layers(
 ) -> torch.Tensor:
     """x: (R, S, dim) float32, the embedded tokens at `positions` (R, S) long; rope: (n_rope, D / 2,
     2) [cos, sin] per position (index = absolute position); weights: per layer the tensors named in
-    LAYER_WEIGHTS, products packed (a `LayerWeights` brings its address table); k_cache, v_cache: per layer (n_blocks, H_kv, block_size, D);
-    block_table: (R, max_blocks) int32; key_valid: (R, W) bool, False at padded condition keys, or
-    None. Check `applies` first.
+    LAYER_WEIGHTS, products packed (a `LayerWeights` brings its address table, else one is built);
+    k_cache, v_cache: per layer (n_blocks, H_kv, block_size, D); block_table: (R, max_blocks) int32;
+    key_valid: (R, W) bool, False at padded condition keys, or None. Check `applies` first.
 
     Writes the new keys and values of every layer into the cache -> (R, S, dim), the last layer's
     output, normalised by `final_norm` (dim,) when given (x itself is overwritten with it); or,
@@ -138,10 +138,7 @@ def decode_layers(
     table = block_table.to(torch.int32).contiguous()
     rope = rope.contiguous()
     valid = None if key_valid is None else key_valid.contiguous().view(torch.uint8)
-    pointers = getattr(weights, "pointers", None)
-    if pointers is None:
-        addresses = [w.data_ptr() for layer in weights for w in layer]
-        pointers = (ctypes.c_void_p * len(addresses))(*addresses)
+    pointers = (weights if isinstance(weights, LayerWeights) else LayerWeights(weights)).pointers
     k_ptrs, v_ptrs = [c.data_ptr() for c in k_cache], [c.data_ptr() for c in v_cache]
     logits = None
     if head is not None:

@@ -294,7 +294,7 @@ class Engine:
         """A pass S columns wide: each row its newest committed token and its drafts, the columns
         past its window padding at the scratch position; null rows read their image's."""
         c, B, N = self.model.config, len(self.seqs), self.model.config.block_size
-        row_windows = windows + [windows[j] for j in self._null_of]
+        row_windows = windows + [windows[j] for j in self.rows.null_of_host]
         for r, (s, w) in enumerate(zip(self._row_seqs, row_windows, strict=True)):
             self.store.grow(r, c.cls_token_num + s.n - 1 + w)
         spec = [i for i in range(B) if windows[i] > 1]
@@ -304,7 +304,7 @@ class Engine:
         # the padding columns at the scratch position, built on the host and gathered from the
         # token table at once (a dozen small ops on the device cost more than the lists)
         flat, positions = [], []
-        for i, w in zip(list(range(B)) + self._null_of, row_windows, strict=True):
+        for i, w in zip(list(range(B)) + self.rows.null_of_host, row_windows, strict=True):
             first = n_host[i] - 1
             flat += [i * N + first + t for t in range(w)] + [i * N] * (S - w)
             positions += [c.cls_token_num + first + t for t in range(w)] + [self.scratch] * (S - w)
@@ -454,7 +454,6 @@ class Engine:
         c = self.model.config
         self.rows = _Rows(self.model, self.seqs, self.device, self.max_len)
         self._row_seqs = self.seqs + self.rows.guided_seqs  # the sequence of each row
-        self._null_of = self.rows.null_of.tolist()
         self.store.set_rows(self.rows.tables)
         B = len(self.seqs)
         self.tokens = (
@@ -504,7 +503,7 @@ class _Rows:
         # each guided image's cfg per image token, on the host: a pass reads its columns' there and
         # hands the device one number where they agree (the usual case, no cfg_interval)
         self.cfg_host = [[_cfg_at(s.settings, t) for t in range(c.block_size)] for s in self.guided_seqs]
-        self._null_of_host = guided
+        self.null_of_host = guided  # null_of on the host
         self._all_guided = guided == list(range(len(seqs)))
         agreed = {x for table in self.cfg_host for x in table}
         self.uniform_cfg = agreed.pop() if len(agreed) == 1 else None
@@ -538,7 +537,7 @@ class _Rows:
             scale = torch.tensor(
                 [
                     [table[min(first[i] + t, last)] for t in range(S)]
-                    for i, table in zip(self._null_of_host, self.cfg_host, strict=True)
+                    for i, table in zip(self.null_of_host, self.cfg_host, strict=True)
                 ],
                 dtype=torch.float32,
                 device=logits.device,
