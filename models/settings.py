@@ -67,6 +67,9 @@ class ImageSettings:
     # the full stored prefix kept (1.0: everything).
     kv_policy: str = "full"
     kv_budget: float = 1.0
+    # VAR: fold the keys a policy evicts into their nearest kept key instead of dropping them
+    # (models/kv/compressed.py); for policies that rank keys one by one, ignored by full and heatkv.
+    kv_merge: bool = False
     # LlamaGen: speculative decoding (several tokens per forward pass).
     speculative: Speculative = field(default_factory=Speculative)
 
@@ -90,6 +93,7 @@ class SamplingDefaults:
     temperature: float = 1.0
     kv_policy: str = "full"
     kv_budget: float = 1.0
+    kv_merge: bool = False
     speculative: Speculative = field(default_factory=Speculative)  # the config's [model.speculative]
 
 
@@ -106,6 +110,7 @@ def settings_for(
     kv_policy: str | None = None,
     kv_budget: float | None = None,
     speculative: dict | None = None,
+    kv_merge: bool | None = None,
 ) -> list[ImageSettings]:
     """The settings of a request's n images: what it gave, else the model's defaults. Image i has
     seed first_seed + i, so each image can be regenerated alone. speculative: the keys the request
@@ -122,6 +127,7 @@ def settings_for(
             cfg_interval=-1 if cfg_interval is None else cfg_interval,
             kv_policy=defaults.kv_policy if kv_policy is None else kv_policy,
             kv_budget=defaults.kv_budget if kv_budget is None else kv_budget,
+            kv_merge=defaults.kv_merge if kv_merge is None else kv_merge,
             speculative=spec,
         )
         for i in range(n)

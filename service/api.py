@@ -174,10 +174,11 @@ def model_card(name: str, pool: WorkerPool) -> ModelCard:
         card.class_names = list(spec.class_names) if spec.class_names else None
         card.steps = info.steps
         if info.kv_policies:
-            card.kv_policies, card.kv_policy, card.kv_budget = (
+            card.kv_policies, card.kv_policy, card.kv_budget, card.kv_merge = (
                 list(info.kv_policies),
                 d.kv_policy,
                 d.kv_budget,
+                d.kv_merge,
             )
         if info.speculative_methods:
             s = d.speculative

@@ -84,6 +84,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="next-scale models: fraction of the full stored KV prefix kept (default: the model's)",
     )
     gen.add_argument(
+        "--kv-merge",
+        action=argparse.BooleanOptionalAction,
+        help="next-scale models: fold evicted keys into their nearest kept key (default: the model's)",
+    )
+    gen.add_argument(
         "--speculative",
         choices=SPECULATIVE_METHODS,
         help="next-token models: speculative decoding (sjd, scd: the model's own distribution; gsd: lossy)",
@@ -194,6 +199,7 @@ def generate_command(args, parser: argparse.ArgumentParser) -> int:
             )
             if v is not None
         },
+        kv_merge=args.kv_merge,
     )
     try:
         runner.check(params[0])

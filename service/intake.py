@@ -52,6 +52,7 @@ def admit(
         cfg_interval=body.cfg_interval,
         kv_policy=body.kv_policy,
         kv_budget=body.kv_budget,
+        kv_merge=body.kv_merge,
         speculative=None if body.speculative is None else body.speculative.model_dump(exclude_none=True),
     )
     try:

@@ -29,7 +29,7 @@ def batch_key(job: Job) -> tuple:
     bytes would not be its own policy's. Speculative and plain next-token requests share batches:
     each sequence passes its own window (models/llamagen/generate.py)."""
     s = job.params[0]
-    return job.model, s.kv_policy, 1.0 if s.kv_policy == "full" else s.kv_budget
+    return job.model, s.kv_policy, 1.0 if s.kv_policy == "full" else s.kv_budget, s.kv_merge
 
 
 class QueueFull(Exception):

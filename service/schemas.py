@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StringConstraints, field_validator
 
 from models.settings import KV_POLICY_NAMES, MAX_WINDOW
 
@@ -97,6 +97,12 @@ class GenerationFields(BaseModel):
         le=1,
         description="next-scale models: the fraction of the full stored KV prefix a compressing policy "
         "keeps ('full' ignores it). Default: the model's",
+    )
+    kv_merge: StrictBool | None = Field(
+        None,
+        description="next-scale models: fold the keys a policy evicts into their nearest kept key instead "
+        "of dropping them (window, snapkv, hack, scalekv, valuekv; full and heatkv ignore it); "
+        "next-token models take false only. Default: the model's",
     )
     speculative: SpeculativeFields | None = Field(
         None,
@@ -229,6 +235,7 @@ class ModelCard(BaseModel):
     kv_policies: list[str] | None = Field(None, description="next-scale models: the kv_policy choices")
     kv_policy: str | None = Field(None, description="the model's default kv_policy")
     kv_budget: float | None = Field(None, description="the model's default kv_budget")
+    kv_merge: bool | None = Field(None, description="the model's default kv_merge")
     speculative_methods: list[str] | None = Field(
         None, description="next-token models: the speculative.method choices"
     )

@@ -119,6 +119,7 @@ static inline __attribute__((always_inline)) void tile(v8 acc[MR][2], long K, co
 // qp and ob (RB x D), col (Np) for the mass.
 struct args {
   const float *q, *kc, *vc, *ks, *vs;
+  const float *bias;  // (S) natural-log logit offsets of the slab's keys, or NULL
   long sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, sks, sksd, svs;
   const void *offsets, *lengths;
   int wide;  // offsets and lengths are int64, else int32
@@ -176,6 +177,8 @@ static void segment(const struct args *A, long seg, long r0, long r1, float *kt,
     for (long m = 0; m < tiles * MR; m++) {
       float *row = s + m * Np;
       for (long j = N; j < Np; j++) row[j] = -1e30f;
+      if (A->bias)  // a merged key stands for several: its log count, in the loop's base 2
+        for (long j = 0; j < n; j++) row[j] += A->bias[off + j] * 1.4426950408889634f;
       v8 mx = load8(row);
       for (long j = 8; j < Np; j += 8) mx = vmax(load8(row + j), mx);
       const float top = hmax(mx);
@@ -235,12 +238,14 @@ static void *alloc(long floats) {
 // k_slab: (S, D) at any strides, v_slab: (S, D) with d contiguous; offsets, lengths: (B * H,)
 // int64 if wide, else int32. out: (B, H, Lq, D) with d contiguous, or NULL (mass only: v_cur,
 // v_slab unused); lse: (B * H * Lq) or NULL; mass_slab (S) and mass_cur (B * H * Lc), zeroed by
-// the caller, or both NULL. Strides in elements. Returns 0; -2 if a segment is not inside the
+// the caller, or both NULL; bias: (S) added to the logit of each stored key (natural log; a merged
+// key's log count), or NULL. Strides in elements. Returns 0; -2 if a segment is not inside the
 // slab; -1 if a buffer could not be allocated. Nothing is written unless 0.
 int varserve_scale_attention(const float *q, long sqb, long sqh, long sqm, long sqd,       //
                              const float *kc, long skb, long skh, long skn, long skd,      //
                              const float *vc, long svb, long svh, long svn,                //
                              const float *ks, long sks, long sksd, const float *vs, long svs,  //
+                             const float *bias,                                           //
                              const void *offsets, const void *lengths, int wide, long S,   //
                              float *out, long sob, long soh, long som,                     //
                              float *lse, float *mass_slab, float *mass_cur,                //
@@ -267,7 +272,7 @@ int varserve_scale_attention(const float *q, long sqb, long sqh, long sqm, long 
       .q = q, .sqb = sqb, .sqh = sqh, .sqm = sqm, .sqd = sqd,
       .kc = kc, .skb = skb, .skh = skh, .skn = skn, .skd = skd,
       .vc = vc, .svb = svb, .svh = svh, .svn = svn,
-      .ks = ks, .sks = sks, .sksd = sksd, .vs = vs, .svs = svs,
+      .ks = ks, .sks = sks, .sksd = sksd, .vs = vs, .svs = svs, .bias = bias,
       .offsets = offsets, .lengths = lengths, .wide = wide,
       .out = out, .sob = sob, .soh = soh, .som = som,
       .lse = lse, .mass_slab = mass_slab, .mass_cur = mass_cur,

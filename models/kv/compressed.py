@@ -20,6 +20,18 @@ the policy needs it. The choice is gathered into a copy first and then written b
 segment's own slots (a segment only shrinks or grows within its slots, so nothing else moves).
 Lengths are the plan's, known on the host: no step reads a device value to size anything.
 
+**Merging** (a row's `merge`, the request's `kv_merge`; policies that rank keys one by one:
+window, snapkv, hack, scalekv, valuekv): a key the policy evicts is not lost but folded into the
+kept key of its segment nearest to it (largest dot product with the kept keys, ties by the lower
+column). A kept key then stands for c keys: it becomes their count-weighted mean (its norm the
+mean of theirs, so l2-normalised keys stay unit), its value their count-weighted mean, and
+`bias[layer]` (S_layer,) fp32 holds log c, which the kernel adds to its logit, so that one slot
+weighs in the softmax as the c keys it replaced would if they were alike (exactly so when they
+are equal; tests/kernels: a bias of log c equals c copies). Counts carry on: a merged key merged
+again adds its whole count. The bias slab is counted in `nbytes` (4 bytes a slot beside K and V's
+2 x D x itemsize: 1.6 % at D = 32 in fp32). Merges are per segment (one einsum over the
+segment's candidates), so an image still never depends on its batch.
+
 Rows may carry different policies and budgets (each row is planned and ranked by its own; rows of
 one policy are ranked together). The server still batches only requests of one policy and budget
 (service/queue.py): on the CPU path, attention pads every segment of a group of rows to the
@@ -55,7 +67,7 @@ def select(tier: torch.Tensor, key: torch.Tensor, valid: torch.Tensor, keep: tor
 
 
 class SlabScaleStore:
-    """See the module docstring. row_policies: (policy, budget) per engine row."""
+    """See the module docstring. row_policies: (policy, budget, merge) per engine row."""
 
     def __init__(
         self,
@@ -73,13 +85,13 @@ class SlabScaleStore:
         self._scale_of_pos = geo.scale_of_position().to(device)
         # rows of one (policy, budget) are planned once and ranked together
         groups: dict[tuple, list[int]] = {}
-        for r, (p, b) in enumerate(row_policies):
-            groups.setdefault((p, b), []).append(r)
-        self.groups = [(p, b, rows, p.plan(geo, profile, b)) for (p, b), rows in groups.items()]
+        for r, (p, b, merge) in enumerate(row_policies):
+            groups.setdefault((p, b, merge and not p.append_only), []).append(r)
+        self.groups = [(p, b, m, rows, p.plan(geo, profile, b)) for (p, b, m), rows in groups.items()]
         # lengths[si][layer]: (R * H,) held before scale si (0 before the first); the host copy is
         # the plan itself, per group
         held = torch.zeros(S, geo.depth, R, H, dtype=torch.long)
-        for _, _, rows, counts in self.groups:
+        for _, _, _, rows, counts in self.groups:
             held[1:, :, rows] = counts[:, :, None, :]
         self._held = held.view(S, geo.depth, R * H)
         cap = self._held.max(0).values  # (depth, R * H)
@@ -90,6 +102,11 @@ class SlabScaleStore:
         self.k = [torch.empty(int(n), head_dim, dtype=dtype, device=device) for n in cap.sum(1)]
         self.v = [torch.empty_like(k) for k in self.k]
         self.pos = [torch.full((int(n),), -1, dtype=torch.int32, device=device) for n in cap.sum(1)]
+        # log counts of merged keys (0: a key for itself; rows that do not merge keep 0 throughout)
+        merging = any(m for _, _, m, _, _ in self.groups)
+        self.bias = (
+            [torch.zeros(int(n), dtype=torch.float32, device=device) for n in cap.sum(1)] if merging else None
+        )
         self._current: tuple[int, ScaleSpan, torch.Tensor, torch.Tensor] | None = None
         self._current_peak = 0
 
@@ -117,17 +134,22 @@ class SlabScaleStore:
             self.offsets[layer, segs],
             self.lengths[si, layer, segs],
             scale,
+            bias_slab=self._bias(layer),
         )
         if si < len(self.geo.sizes) - 1:
-            for p, _, rows, counts in self.groups:
+            for p, _, merge, rows, counts in self.groups:
                 mine = [r for r in rows if at.rows.start <= r < at.rows.stop]
                 if mine:
-                    self._keep(p, counts, layer, si, at, mine, q, k, v, scale)
+                    self._keep(p, merge, counts, layer, si, at, mine, q, k, v, scale)
         return out
+
+    def _bias(self, layer: int) -> torch.Tensor | None:
+        return None if self.bias is None else self.bias[layer]
 
     @property
     def nbytes(self) -> int:
-        return sum(k.nbytes + v.nbytes for k, v in zip(self.k, self.v, strict=True))
+        kv = sum(k.nbytes + v.nbytes for k, v in zip(self.k, self.v, strict=True))
+        return kv + (sum(b.nbytes for b in self.bias) if self.bias is not None else 0)
 
     @property
     def working_nbytes(self) -> int:
@@ -140,7 +162,7 @@ class SlabScaleStore:
         off, n = int(self._offsets[layer, segment]), int(self._held[si + 1, layer, segment])
         return self.pos[layer][off : off + n].long().cpu()
 
-    def _keep(self, p, counts, layer, si, at, rows: list[int], q, k, v, scale) -> None:
+    def _keep(self, p, merge, counts, layer, si, at, rows: list[int], q, k, v, scale) -> None:
         H, n, dev = self.geo.num_heads, k.shape[2], self.device
         local = torch.tensor(rows, device=dev) - at.rows.start  # rows within q, k, v
         segs = (torch.tensor(rows)[:, None] * H + torch.arange(H)).flatten()  # (G,) on the host
@@ -170,6 +192,9 @@ class SlabScaleStore:
         c.keep = new
         tier, key = p.rank(c, self.profile)
         cols = select(tier.cpu(), key.cpu(), c.valid.cpu(), new)  # (G, max new), -1 padded
+        if merge:
+            self._write_merged(layer, cols, c.valid, c.pos, old, off, kf.view(G, n, -1), vf.view(G, n, -1))
+            return
         taken = cols >= 0
         g = torch.arange(G)[:, None].expand_as(cols)[taken]
         j = torch.arange(cols.shape[1])[None, :].expand_as(cols)[taken]
@@ -216,6 +241,7 @@ class SlabScaleStore:
                 self.lengths[si, layer, segs_d],
                 scale,
                 max_len=max_old,
+                bias_slab=self._bias(layer),
             )
             mass_old = torch.where(valid_old.to(dev), mass_slab[slot_old], 0.0)
             mass = torch.cat([mass_old, mass_cur.reshape(G, n)], 1)
@@ -224,3 +250,49 @@ class SlabScaleStore:
             norm_old = torch.where(valid_old.to(dev), self.v[layer][slot_old].float().norm(dim=-1), 0.0)
             value_norm = torch.cat([norm_old, v[local].reshape(G, n, -1).float().norm(dim=-1)], 1)
         return Candidates(layer, si, heads, pos, scale_ids, valid, mass, obs_pos, value_norm=value_norm)
+
+    def _write_merged(self, layer, cols, valid, pos, old, off, k_new, v_new) -> None:
+        """Keep `cols` (G, W) of each segment's candidates [stored | current] (-1 padded), every other
+        valid candidate folded into its nearest kept key (see the module docstring), and write the
+        kept keys, values, log counts and positions to the front of each segment's slots.
+        valid, pos: (G, M); old: (G,) stored lengths on the host; k_new, v_new: (G, n, D)."""
+        dev, G, n, D = self.device, *k_new.shape
+        max_old = int(old.max())
+        cols_old = torch.arange(max_old)
+        valid_old = (cols_old[None, :] < old[:, None]).to(dev)
+        slot_old = torch.where(valid_old, (off[:, None] + cols_old[None, :]).to(dev), 0)
+        # padding columns read slot 0, possibly never written (torch.empty): zeroed, not just unweighted
+        stored_ok = valid_old[..., None]
+        keys = torch.cat([torch.where(stored_ok, self.k[layer][slot_old], 0), k_new], 1).float()  # (G, M, D)
+        values = torch.cat([torch.where(stored_ok, self.v[layer][slot_old], 0), v_new], 1).float()
+        log_count = torch.cat(
+            [torch.where(valid_old, self.bias[layer][slot_old], 0.0), torch.zeros(G, n, device=dev)], 1
+        )
+        count = torch.where(valid, log_count.exp(), 0.0)  # (G, M)
+        cols = cols.to(dev)
+        taken = cols >= 0  # (G, W)
+        kept_col = cols.clamp(min=0)
+        kept = torch.zeros_like(valid)
+        rows_of = torch.arange(G, device=dev)[:, None].expand_as(cols)
+        kept[rows_of[taken], kept_col[taken]] = True
+        kept_keys = keys.gather(1, kept_col[..., None].expand(-1, -1, D))  # (G, W, D)
+        # each evicted candidate's nearest kept key (argmax: the first of equal ones)
+        sim = torch.einsum("gmd,gwd->gmw", keys, kept_keys).masked_fill(~taken[:, None, :], -torch.inf)
+        nearest = sim.argmax(-1)  # (G, M)
+        # assignment (G, M, W) of every valid candidate to the kept key it is folded into (itself if kept)
+        own = torch.full_like(nearest, -1)
+        own[rows_of[taken], kept_col[taken]] = torch.arange(cols.shape[1], device=dev).expand_as(cols)[taken]
+        target = torch.where(kept, own, nearest)
+        weight = torch.zeros(G, valid.shape[1], cols.shape[1], device=dev)
+        weight.scatter_(2, target.clamp(min=0)[..., None], (count * valid)[..., None])
+        total = weight.sum(1)  # (G, W): each kept key's new count
+        safe = total.clamp(min=1e-30)[..., None]
+        key_sum = torch.einsum("gmw,gmd->gwd", weight, keys)
+        norm = torch.einsum("gmw,gm->gw", weight, keys.norm(dim=-1))[..., None] / safe
+        merged_k = key_sum * (norm / key_sum.norm(dim=-1, keepdim=True).clamp(min=1e-30))
+        merged_v = torch.einsum("gmw,gmd->gwd", weight, values) / safe
+        dest = (off.to(dev)[:, None] + torch.arange(cols.shape[1], device=dev))[taken]
+        self.k[layer][dest] = merged_k[taken].to(self.k[layer].dtype)
+        self.v[layer][dest] = merged_v[taken].to(self.v[layer].dtype)
+        self.bias[layer][dest] = total[taken].log()
+        self.pos[layer][dest] = pos.gather(1, kept_col)[taken].int()

@@ -99,6 +99,11 @@ class LlamaGenRunner:
                 f"model '{self.spec.name}' is next-token: it keeps its full KV cache (kv_policy 'full'); "
                 f"'{settings.kv_policy}' is for next-scale models",
             )
+        if settings.kv_merge:
+            raise SettingError(
+                "kv_merge",
+                f"model '{self.spec.name}' is next-token: it keeps its full KV cache, nothing is merged",
+            )
         s = settings.speculative
         if s.method not in SPECULATIVE_METHODS:
             raise SettingError(

@@ -101,7 +101,9 @@ def scale_store(
         return store, full_bytes
     geo = ScaleGeometry(tuple(c.patch_nums), c.depth, c.num_heads)
     profile = profile or KVProfile.default(geo.patch_nums, c.depth, c.num_heads)
-    per_image = [(policy(s.kv_policy), 1.0 if s.kv_policy == "full" else s.kv_budget) for s in settings]
+    per_image = [
+        (policy(s.kv_policy), 1.0 if s.kv_policy == "full" else s.kv_budget, s.kv_merge) for s in settings
+    ]
     return SlabScaleStore(
         geo, per_image * (2 if guided else 1), profile, c.head_dim, dtype, device
     ), full_bytes
@@ -122,10 +124,14 @@ def planned_kv_bytes(model: VAR, settings: list[ImageSettings], profile: KVProfi
     geo = ScaleGeometry(tuple(c.patch_nums), c.depth, c.num_heads)
     profile = profile or KVProfile.default(geo.patch_nums, c.depth, c.num_heads)
     tokens = 0  # per row, summed over (layer, head) segments
+    merging = False
     for s in settings:
-        counts = policy(s.kv_policy).plan(geo, profile, 1.0 if s.kv_policy == "full" else s.kv_budget)
+        p = policy(s.kv_policy)
+        counts = p.plan(geo, profile, 1.0 if s.kv_policy == "full" else s.kv_budget)
         tokens += int(counts.max(0).values.sum())
-    return 2 * copies * tokens * c.head_dim * itemsize
+        merging |= s.kv_merge and not p.append_only
+    # a store with merging rows holds a log count (fp32) per slot of every row (SlabScaleStore.bias)
+    return copies * tokens * (2 * c.head_dim * itemsize + (4 if merging else 0))
 
 
 @torch.inference_mode()

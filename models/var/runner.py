@@ -65,7 +65,11 @@ class VARRunner:
         """KV bytes the store allocates for this image (both rows when guided) under its policy and
         budget, planned without running (engine.planned_kv_bytes); a batch of one policy and budget
         allocates the sum over its images. The server's queue admits images by it."""
-        key = (settings.kv_policy, 1.0 if settings.kv_policy == "full" else settings.kv_budget)
+        key = (
+            settings.kv_policy,
+            1.0 if settings.kv_policy == "full" else settings.kv_budget,
+            settings.kv_merge,
+        )
         key += (engine.is_guided([settings]),)
         if key not in self._kv_bytes:  # plans are static: computed once per key (heatkv's sorts)
             self._kv_bytes[key] = engine.planned_kv_bytes(self.model, [settings], self.kv_profile)

@@ -457,3 +457,98 @@ def test_dispatch_follows_the_device(monkeypatch):
         sa.scale_attention(q, kc, vc, ks, vs, off, ln),
         sa.scale_attention_reference(q, kc, vc, ks, vs, off, ln),
     )
+
+
+# --------------------------------------------------------------------------------------------
+# bias_slab: a stored key standing for several merged keys (its log count on its logit)
+
+
+def duplicated(ks, vs, off, ln, counts):
+    """The layout in which each stored slot appears counts[slot] times in its segment: what a slot
+    with bias log(count) must be equivalent to. -> (ks, vs, off, ln, map) where map[j] is the
+    original slot of expanded slot j (-1 outside every segment)."""
+    rows, starts, lens = [], [], []
+    for o, n in zip(off.tolist(), ln.tolist(), strict=True):
+        starts.append(sum(len(r) for r in rows))
+        seg = [s for s in range(o, o + n) for _ in range(int(counts[s]))]
+        rows.append(seg)
+        lens.append(len(seg))
+    flat = torch.tensor([s for r in rows for s in r], dtype=torch.long)
+    dtype = off.dtype
+    return ks[flat], vs[flat], torch.tensor(starts, dtype=dtype), torch.tensor(lens, dtype=dtype), flat
+
+
+def biased_case(name, dtype=torch.float32, device="cpu"):
+    B, H, Lq, D, lengths = RAGGED[name]
+    q, kc, vc, ks, vs, off, ln, used = case(B, H, Lq, D, lengths, dtype, device=device)
+    g = torch.Generator().manual_seed(5)
+    counts = torch.randint(1, 5, (len(ks),), generator=g)
+    bias = counts.float().log().masked_fill(~used.cpu(), torch.nan).to(device)  # unused: never read
+    return (q, kc, vc, ks, vs, off, ln, used), counts, bias
+
+
+def expected_with_counts(q, kc, vc, ks, vs, off, ln, counts):
+    """(out, mass_slab, mass_cur) of plain attention over the duplicated layout, the mass of each
+    original slot summed over its copies."""
+    cpu = [t.cpu().float() for t in (q, kc, vc, ks, vs)]
+    dks, dvs, doff, dln, flat = duplicated(cpu[3], cpu[4], off.cpu(), ln.cpu(), counts)
+    out = sa.scale_attention_reference(*cpu[:3], dks, dvs, doff, dln)
+    dms, mc = sa.attention_mass_reference(cpu[0], cpu[1], dks, doff, dln)
+    ms = torch.zeros(len(ks)).index_add_(0, flat, dms)
+    return out, ms, mc
+
+
+@pytest.mark.parametrize("name", ["empty-and-one", "guidance-rows", "lq1", "long-tail"])
+def test_a_log_count_bias_equals_that_many_copies_of_the_key(name):
+    (q, kc, vc, ks, vs, off, ln, used), counts, bias = biased_case(name)
+    out_ref, ms_ref, mc_ref = expected_with_counts(q, kc, vc, ks, vs, off, ln, counts)
+    paths = {
+        "reference": (
+            sa.scale_attention_reference(q, kc, vc, ks, vs, off, ln, bias_slab=bias),
+            sa.attention_mass_reference(q, kc, ks, off, ln, bias_slab=bias),
+        ),
+        "pytorch": (
+            sa.scale_attention_torch(q, kc, vc, ks, vs, off, ln, bias_slab=bias),
+            sa.attention_mass_torch(q, kc, ks, off, ln, bias_slab=bias),
+        ),
+        "cpu": (
+            sa.scale_attention(q, kc, vc, ks, vs, off, ln, bias_slab=bias),
+            sa.attention_mass(q, kc, ks, off, ln, bias_slab=bias),
+        ),
+    }
+    for path, (out, (ms, mc)) in paths.items():
+        torch.testing.assert_close(out, out_ref, **C_TOL, msg=lambda m, p=path: f"{p}: {m}")
+        torch.testing.assert_close(ms[used], ms_ref[used], **C_TOL, msg=lambda m, p=path: f"{p}: {m}")
+        torch.testing.assert_close(mc, mc_ref, **C_TOL, msg=lambda m, p=path: f"{p}: {m}")
+    # and the bias matters: without it the result is another one
+    assert max_err(sa.scale_attention(q, kc, vc, ks, vs, off, ln), out_ref) > 1e-2
+
+
+@needs_c
+def test_c_kernel_takes_the_bias(c_only):
+    (q, kc, vc, ks, vs, off, ln, used), counts, bias = biased_case("guidance-rows")
+    out_ref, ms_ref, mc_ref = expected_with_counts(q, kc, vc, ks, vs, off, ln, counts)
+    out, lse = sa.scale_attention(q, kc, vc, ks, vs, off, ln, return_lse=True, bias_slab=bias)
+    ms, mc = sa.attention_mass(q, kc, ks, off, ln, bias_slab=bias)
+    torch.testing.assert_close(out, out_ref, **C_TOL)
+    torch.testing.assert_close(ms[used], ms_ref[used], **C_TOL)
+    torch.testing.assert_close(mc, mc_ref, **C_TOL)
+
+
+@needs_triton
+@pytest.mark.parametrize("name", ["empty-and-one", "guidance-rows", "long-tail"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_triton_takes_the_bias(name, dtype):
+    (q, kc, vc, ks, vs, off, ln, used), counts, bias = biased_case(name, dtype, DEVICE)
+    out_ref, ms_ref, mc_ref = expected_with_counts(q, kc, vc, ks, vs, off, ln, counts)
+    out, lse = sa.scale_attention_triton(
+        q, kc, vc, ks, vs, off, ln, return_lse=True, bias_slab=bias, block_m=16, block_n=16
+    )
+    ms, mc = sa.attention_mass_triton(q, kc, ks, off, ln, lse=lse, bias_slab=bias, block_m=16, block_n=16)
+    tol = TOL[dtype] if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(out.cpu().float(), out_ref, **TOL[dtype])
+    torch.testing.assert_close(ms[used].cpu(), ms_ref[used.cpu()], **tol)
+    torch.testing.assert_close(mc.cpu(), mc_ref, **tol)
+    # without a given lse the mass runs its own forward, with the bias
+    ms2, _ = sa.attention_mass_triton(q, kc, ks, off, ln, bias_slab=bias, block_m=16, block_n=16)
+    torch.testing.assert_close(ms2[used].cpu(), ms_ref[used.cpu()], **tol)

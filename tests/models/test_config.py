@@ -82,6 +82,15 @@ def test_speculative_defaults_are_read_for_next_token_models(tmp_path):
             'name = "a"\nfamily = "var"\nweights = "w"\ntokenizer = "t"\nkv = {kv_budget = "1"}',
             "kv.kv_budget '1' must be a number",
         ),
+        (
+            'name = "a"\nfamily = "var"\nweights = "w"\ntokenizer = "t"\nkv = {kv_merge = "yes"}',
+            "kv.kv_merge 'yes' must be true or false",
+        ),
+        (
+            'name = "a"\nfamily = "llamagen"\nweights = "w"\ntokenizer = "t"\nimage_size = 256\nn_head = 4\n'
+            "kv = {kv_merge = true}",
+            "kv.kv_merge: next-token models keep their full KV cache",
+        ),
         ('name = "a"\nfamily = "var"\nweights = "w"\ntokenizer = "t"\nkv = {policy = "hack"}', "'kv.policy'"),
         ('name = "a"\nfamily = "var"\nweights = "w"\ntokenizer = "t"\nkv = 3', "'kv' must be a table"),
         (

@@ -81,6 +81,8 @@ def images_of(response) -> list[str]:
         ({"prompt": 1, "kv_budget": 0}, 422, "kv_budget", "greater than 0"),
         ({"prompt": 1, "kv_budget": 1.5}, 422, "kv_budget", "less than or equal to 1"),
         ({"prompt": 1, "kv_budget": "half"}, 422, "kv_budget", "valid number"),
+        ({"prompt": 1, "kv_merge": "yes"}, 422, "kv_merge", "valid boolean"),
+        ({"prompt": 1, "kv_merge": 1}, 422, "kv_merge", "valid boolean"),
         (
             {"prompt": 1, "speculative": {"method": "sjd"}},
             400,
@@ -231,8 +233,19 @@ def test_image_metrics_count_images_pixels_and_the_time_of_each_stage(server):
 def test_kv_policy_and_budget_reach_the_engine_and_the_model_card_offers_them(server):
     (card,) = server.client.get("/v1/models").json()["data"]
     assert card["kv_policies"] == ["full", "window", "snapkv", "hack", "scalekv", "heatkv", "valuekv"]
-    assert (card["kv_policy"], card["kv_budget"]) == ("full", 1.0)
+    assert (card["kv_policy"], card["kv_budget"], card["kv_merge"]) == ("full", 1.0, False)
     dense = server.post({"prompt": 3, "n": 2, "seed": 9}).json()["usage"]
+    # merging: the same budget plus a 4-byte log count per slot, and other images than without it
+    plain = server.post({"prompt": 3, "n": 2, "seed": 9, "kv_policy": "snapkv", "kv_budget": 0.1})
+    merged = server.post(
+        {"prompt": 3, "n": 2, "seed": 9, "kv_policy": "snapkv", "kv_budget": 0.1, "kv_merge": True}
+    )
+    assert merged.status_code == 200, merged.text
+    c = server.runner("var-fixture").model.cfg
+    plain_bytes, merged_bytes = plain.json()["usage"]["kv_bytes"], merged.json()["usage"]["kv_bytes"]
+    slots = plain_bytes // (2 * c.head_dim * 4)  # fp32 K and V per slot
+    assert merged_bytes == plain_bytes + 4 * slots
+    assert images_of(merged) != images_of(plain)
     for name in ("snapkv", "heatkv"):
         r = server.post({"prompt": 3, "n": 2, "seed": 9, "kv_policy": name, "kv_budget": 0.1})
         assert r.status_code == 200, r.text

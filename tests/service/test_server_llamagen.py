@@ -128,6 +128,11 @@ def test_the_model_card_describes_a_next_token_class_model(server):
         ({"class_label": "-1"}, "class_label", "class -1 is out of range 0..9"),
         ({"prompt": 1, "size": "64x64"}, "size", f"it makes {IMAGE_PX}x{IMAGE_PX}"),
         ({"prompt": 1, "kv_policy": "snapkv"}, "kv_policy", "is next-token: it keeps its full KV cache"),
+        (
+            {"prompt": 1, "kv_merge": True},
+            "kv_merge",
+            "is next-token: it keeps its full KV cache, nothing is merged",
+        ),
     ],
 )
 def test_bad_conditions_answer_400_naming_the_field(server, path, body, param, words):

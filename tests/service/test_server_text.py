@@ -36,7 +36,8 @@ def test_a_negative_prompt_is_the_engines_on_both_routes(server):
     assert images == [d["b64_json"] for d in openai_shape.json()["data"]]
 
     runner = server.runner(MODEL)
-    settings = [ImageSettings(seed=s, cfg=3.0, top_k=20, negative_prompt="a blue square") for s in (5, 6)]
+    top_k = runner.spec.defaults.top_k
+    settings = [ImageSettings(seed=s, cfg=3.0, top_k=top_k, negative_prompt="a blue square") for s in (5, 6)]
     direct = to_pil(runner.generate([PROMPT] * 2, settings).images)
     assert [pixels(b) for b in images] == [p.tobytes() for p in direct]
     without = server.post({**body, "negative_prompt": None})

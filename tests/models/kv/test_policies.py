@@ -125,7 +125,7 @@ def test_the_store_hands_valuekv_the_norms_of_its_candidates_values():
     torch.manual_seed(0)
     geo = ScaleGeometry((1, 2, 3), depth=1, num_heads=2)
     store = SlabScaleStore(
-        geo, [(ValueKV(), 0.5)], KVProfile.default(geo.patch_nums, 1, 2), 8, torch.float32, "cpu"
+        geo, [(ValueKV(), 0.5, False)], KVProfile.default(geo.patch_nums, 1, 2), 8, torch.float32, "cpu"
     )
     seen = []
     rank = ValueKV.rank

@@ -15,15 +15,25 @@ def runner():
     return load_runner(next(s for s in load_config(DEFAULT_CONFIG) if s.name == "var-shapes"))
 
 
+@pytest.mark.parametrize("merge", [False, True])
 @pytest.mark.parametrize("name", KV_POLICIES)
 @pytest.mark.parametrize("cfg", [2.0, 0.0])
-def test_planned_bytes_are_the_store_the_batch_allocates(runner, name, cfg):
-    settings = [ImageSettings(seed=i, cfg=cfg, top_k=20, kv_policy=name, kv_budget=0.1) for i in range(2)]
+def test_planned_bytes_are_the_store_the_batch_allocates(runner, name, cfg, merge):
+    settings = [
+        ImageSettings(seed=i, cfg=cfg, top_k=20, kv_policy=name, kv_budget=0.1, kv_merge=merge)
+        for i in range(2)
+    ]
     out = runner.generate([0, 5], settings)
     planned = sum(runner.kv_bytes_per_image(s) for s in settings)
     assert planned == (out.kv_bytes_working if name == "full" else out.kv_bytes)
-    if name != "full":
-        assert planned <= 0.1 * out.kv_bytes_full
+    if name == "full":
+        return
+    # merging adds a 4-byte log count per slot beside K and V's 2 x 32 x 4 bytes (heatkv never merges)
+    extra = 1 + 4 / (2 * 32 * 4) if merge and name != "heatkv" else 1
+    assert planned <= 0.1 * out.kv_bytes_full * extra
+    if extra > 1:
+        plain = [ImageSettings(seed=i, cfg=cfg, kv_policy=name, kv_budget=0.1) for i in range(2)]
+        assert planned == round(sum(runner.kv_bytes_per_image(s) for s in plain) * extra)
 
 
 def test_guidance_doubles_an_image_and_full_ignores_its_budget(runner):

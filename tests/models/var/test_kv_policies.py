@@ -39,7 +39,7 @@ def capture_stores(monkeypatch, force: str | None = None) -> list:
         store, full = build(model, settings, guided, profile)
         if force is not None:
             geo = geometry(model)
-            rows = [(policy(force), 1.0)] * (2 * len(settings) if guided else len(settings))
+            rows = [(policy(force), 1.0, False)] * (2 * len(settings) if guided else len(settings))
             profile = profile or KVProfile.default(geo.patch_nums, geo.depth, geo.num_heads)
             store = SlabScaleStore(geo, rows, profile, model.cfg.head_dim, torch.float32, "cpu")
         stores.append(store)
@@ -151,13 +151,22 @@ def test_guidance_rows_are_segments_of_their_own(shapes, monkeypatch):
     assert a.kv_bytes == 2 * b.kv_bytes  # unguided: no null rows, half the segments
 
 
-@pytest.mark.parametrize("name", KV_POLICIES)
-def test_an_image_does_not_depend_on_its_batch(name, shapes):
+MERGING = [n for n in KV_POLICIES if not policy(n).append_only]
+
+
+@pytest.mark.parametrize("name, merge", [(n, False) for n in KV_POLICIES] + [(n, True) for n in MERGING])
+def test_an_image_does_not_depend_on_its_batch(name, merge, shapes):
     model, vae, profile = shapes
     labels = [3, 0, 7]
     params = [
         ImageSettings(
-            seed=50 + i, kv_policy=name, kv_budget=0.1, cfg=1.0 + i, top_k=20, temperature=0.8 + 0.2 * i
+            seed=50 + i,
+            kv_policy=name,
+            kv_budget=0.1,
+            kv_merge=merge,
+            cfg=1.0 + i,
+            top_k=20,
+            temperature=0.8 + 0.2 * i,
         )
         for i in range(3)
     ]
