@@ -71,7 +71,7 @@ class Cell:
 def cells_of(policies, budgets, merge: str = "off") -> list[Cell]:
     """full, then every policy at every budget, without merging, with it ("on": only with it, for
     the policies it applies to) or both."""
-    mergeable = [p for p in policies if not policy(p).append_only]
+    mergeable = [p for p in policies if policy(p).evicts]
     plain = [Cell(p, b) for p in policies for b in budgets] if merge != "on" else []
     merged = [Cell(p, b, True) for p in mergeable for b in budgets] if merge != "off" else []
     return [Cell("full", 1.0)] + plain + merged
@@ -214,7 +214,7 @@ def planned_bytes(
     most its plan ever holds (the store allocates exactly that), K and V."""
     p = policy(cell.policy)
     counts = p.plan(geo, profile, 1.0 if cell.policy == "full" else cell.budget)  # (S - 1, depth, H)
-    per_slot = 2 * head_dim * itemsize + (4 if cell.merge and not p.append_only else 0)  # + log count
+    per_slot = 2 * head_dim * itemsize + (4 if cell.merge and p.evicts else 0)  # + log count
     return int(counts.max(0).values.sum()) * rows * per_slot
 
 

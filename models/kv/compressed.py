@@ -20,9 +20,9 @@ the policy needs it. The choice is gathered into a copy first and then written b
 segment's own slots (a segment only shrinks or grows within its slots, so nothing else moves).
 Lengths are the plan's, known on the host: no step reads a device value to size anything.
 
-**Merging** (a row's `merge`, the request's `kv_merge`; policies that rank keys one by one:
-window, snapkv, hack, scalekv, valuekv): a key the policy evicts is not lost but folded into the
-kept key of its segment nearest to it (largest dot product with the kept keys, ties by the lower
+**Merging** (a row's `merge`, the request's `kv_merge`; every policy but full, which evicts
+nothing): a key the policy evicts (for heatkv, the keys of a scale a segment drops whole) is not
+lost but folded into the kept key of its segment nearest to it (largest dot product with the kept keys, ties by the lower
 column). A kept key then stands for c keys: it becomes their count-weighted mean (its norm the
 mean of theirs, so l2-normalised keys stay unit), its value their count-weighted mean, and
 `bias[layer]` (S_layer,) fp32 holds log c, which the kernel adds to its logit, so that one slot
@@ -86,7 +86,7 @@ class SlabScaleStore:
         # rows of one (policy, budget) are planned once and ranked together
         groups: dict[tuple, list[int]] = {}
         for r, (p, b, merge) in enumerate(row_policies):
-            groups.setdefault((p, b, merge and not p.append_only), []).append(r)
+            groups.setdefault((p, b, merge and p.evicts), []).append(r)
         self.groups = [(p, b, m, rows, p.plan(geo, profile, b)) for (p, b, m), rows in groups.items()]
         # lengths[si][layer]: (R * H,) held before scale si (0 before the first); the host copy is
         # the plan itself, per group
@@ -179,7 +179,20 @@ class SlabScaleStore:
         # same either way.
         if p.append_only or bool((new == old + n).all()):
             assert bool(((new == old) | (new == old + n)).all()), (p.name, old, new)
-            take = (new == old + n).nonzero().flatten()
+            take = new == old + n
+            if merge and not bool(take.all()):
+                # a segment that drops the scale (heatkv) folds its keys into what it holds
+                c = self._candidates(p, layer, si, at, rows, local, segs, old, off, q, k, v, scale)
+                max_old = int(old.max())
+                cols = torch.arange(max_old + n)[None, :].expand(G, -1)
+                keep = (cols < old[:, None]) | ((cols >= max_old) & take[:, None])
+                cols = torch.sort(cols.masked_fill(~keep, max_old + n), dim=1).values[:, : int(new.max())]
+                cols = cols.masked_fill(cols == max_old + n, -1)
+                self._write_merged(
+                    layer, cols, c.valid, c.pos, old, off, kf.view(G, n, -1), vf.view(G, n, -1)
+                )
+                return
+            take = take.nonzero().flatten()
             if len(take):
                 slots = (off[take] + old[take])[:, None] + torch.arange(n)
                 src = (take[:, None] * n + torch.arange(n)).flatten().to(dev)
@@ -187,6 +200,8 @@ class SlabScaleStore:
                 self.k[layer][slots] = kf[src]
                 self.v[layer][slots] = vf[src]
                 self.pos[layer][slots] = (at.start + torch.arange(n, device=dev)).repeat(len(take)).int()
+                if merge:  # a key for itself (the slot may hold an earlier count)
+                    self.bias[layer][slots] = 0.0
             return
         c = self._candidates(p, layer, si, at, rows, local, segs, old, off, q, k, v, scale)
         c.keep = new

@@ -193,6 +193,7 @@ def grid_centres(pn: int, cells: int = 4) -> torch.Tensor:
 class Full:
     name = "full"
     append_only = True  # keeps every new key: the store appends without ranking
+    evicts = False  # nothing to merge (kv_merge has no effect)
 
     def plan(self, geo: ScaleGeometry, profile: KVProfile, budget: float) -> torch.Tensor:
         return grow(geo, _uniform(geo, geo.stored_len))
@@ -209,6 +210,7 @@ class Window:
     sink_scales: int = 2
     name = "window"
     append_only = False
+    evicts = True
 
     def plan(self, geo, profile, budget):
         return grow(geo, _uniform(geo, budget_tokens(geo, budget)))
@@ -226,6 +228,7 @@ class Window:
 class SnapKV:
     name = "snapkv"
     append_only = False
+    evicts = True
 
     def plan(self, geo, profile, budget):
         return grow(geo, _uniform(geo, budget_tokens(geo, budget)))
@@ -244,6 +247,7 @@ class HACK:
     sink_scales: int = 2
     name = "hack"
     append_only = False
+    evicts = True
 
     def class_budgets(self, geo: ScaleGeometry, profile: KVProfile, budget: float) -> tuple[int, int]:
         """(B_C, B_S): contextual and structural tokens per head, a * B_C + (1 - a) * B_S <= B."""
@@ -281,6 +285,7 @@ class ScaleKV:
     window_cells: int = 4
     name = "scalekv"
     append_only = False
+    evicts = True
 
     def layer_budgets(self, geo: ScaleGeometry, roles: tuple[str, ...], available: int, B: int) -> list[int]:
         """Tokens per layer at one scale: drafters large, refiners small, sum <= depth * B."""
@@ -321,6 +326,7 @@ class HeatKV:
     sink_scales: int = 3
     name = "heatkv"
     append_only = True  # a kept segment takes its whole scale, a dropped one nothing
+    evicts = True
 
     def kept(self, geo: ScaleGeometry, profile: KVProfile, budget: float) -> torch.Tensor:
         """(depth, H, S - 1) bool: the (layer, head, scale) segments the static schedule keeps."""

@@ -59,7 +59,7 @@ def segment_counts(store, si):
     )
 
 
-@pytest.mark.parametrize("p", [SnapKV(), ValueKV(), Window(), HACK()], ids=lambda p: p.name)
+@pytest.mark.parametrize("p", [SnapKV(), ValueKV(), Window(), HACK(), policy("heatkv")], ids=lambda p: p.name)
 def test_the_counts_account_for_every_key_produced(p):
     store = store_of(p, 0.3, True, rows=2)  # 4 of 14 stored tokens per segment
     scales = random_scales(rows=2)
@@ -100,8 +100,9 @@ def test_the_bias_slab_is_counted_and_only_where_rows_merge():
     assert plain.bias is None
     slots = sum(len(k) for k in merged.k)
     assert merged.nbytes == plain.nbytes + 4 * slots
-    # append-only policies never rank, so they never merge: no slab for them
-    assert store_of(policy("heatkv"), 0.3, True).bias is None
+    # full evicts nothing: no slab; heatkv folds the scales it drops
+    assert store_of(policy("full"), 1.0, True).bias is None
+    assert store_of(policy("heatkv"), 0.3, True).bias is not None
 
 
 def test_merging_agrees_with_the_kernel_reference():

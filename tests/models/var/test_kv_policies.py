@@ -151,7 +151,7 @@ def test_guidance_rows_are_segments_of_their_own(shapes, monkeypatch):
     assert a.kv_bytes == 2 * b.kv_bytes  # unguided: no null rows, half the segments
 
 
-MERGING = [n for n in KV_POLICIES if not policy(n).append_only]
+MERGING = [n for n in KV_POLICIES if policy(n).evicts]
 
 
 @pytest.mark.parametrize("name, merge", [(n, False) for n in KV_POLICIES] + [(n, True) for n in MERGING])
