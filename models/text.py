@@ -58,6 +58,16 @@ class HFTextEncoder:
             self.model = model_class.from_pretrained(path, local_files_only=True).to(device).eval()
         except (OSError, ValueError) as e:
             raise TextEncoderError(f"{path}: cannot load a {self.name} encoder ({e})") from None
+        except ImportError as e:
+            if "from 'kernels'" not in str(e):
+                raise
+            # transformers imports Hugging Face's `kernels` where it finds that distribution
+            # installed, and gets varserve's kernels/ package of the same import name instead
+            raise TextEncoderError(
+                f"transformers {transformers.__version__} imports Hugging Face's `kernels` package, whose "
+                "import name varserve's own kernels/ package has: install transformers<5.25 without "
+                "`kernels` (pip install 'transformers<5.25' && pip uninstall kernels)"
+            ) from None
         finally:
             if bar_was_on:
                 transformers.utils.logging.enable_progress_bar()

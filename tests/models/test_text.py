@@ -58,3 +58,25 @@ def test_missing_directory_is_a_clear_error(tmp_path):
         T5TextEncoder(tmp_path / "flan-t5-xl")
     with pytest.raises(TextEncoderError, match="cannot load a T5 encoder"):
         T5TextEncoder(tmp_path)
+
+
+def test_transformers_importing_hub_kernels_as_ours_is_a_clear_error(tiny_t5, monkeypatch):
+    # transformers >= 5.25 imports Hugging Face's `kernels` by the import name of our kernels/
+    # package; what that import raises must name the clash and the way out, not a bare ImportError
+    import transformers
+
+    def clash(*args, **kwargs):
+        raise ImportError(
+            "cannot import name 'CUDAProperties' from 'kernels' (/work/main/kernels/__init__.py)"
+        )
+
+    monkeypatch.setattr(transformers.T5EncoderModel, "from_pretrained", clash)
+    with pytest.raises(TextEncoderError, match=r"Hugging Face's `kernels`.*transformers<5.25"):
+        T5TextEncoder(tiny_t5)
+
+    def other(*args, **kwargs):
+        raise ImportError("No module named 'sentencepiece'")
+
+    monkeypatch.setattr(transformers.T5EncoderModel, "from_pretrained", other)
+    with pytest.raises(ImportError, match="sentencepiece"):
+        T5TextEncoder(tiny_t5)
