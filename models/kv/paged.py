@@ -97,6 +97,8 @@ class PagedTokenStore:
         """The batch's rows, in row order, each with the blocks it already holds."""
         self.tables = tables
         self._block_table = None
+        # rows arrive holding their prefill's blocks, which may be all they ever need
+        self.peak_blocks = max(self.peak_blocks, sum(map(len, tables)))
 
     def grow(self, row: int, positions: int) -> None:
         """Row `row` will hold positions 0..positions-1: take the blocks that needs (OutOfBlocks)."""

@@ -81,3 +81,14 @@ def test_rows_hold_the_blocks_their_positions_need():
     for blocks in store.tables:
         pool.release(blocks)
     assert pool.num_free == 8
+
+
+def test_bytes_count_the_blocks_rows_arrive_with():
+    # a row whose prefill blocks hold its whole cache never grows: its bytes are still counted
+    pool = BlockPool(n_layer=1, n_blocks=8, n_kv_head=1, block_size=16, head_dim=16)
+    store = PagedTokenStore(pool, max_len=16)
+    store.set_rows([pool.allocate(1), pool.allocate(1)])
+    store.grow(0, 16)
+    assert store.nbytes == 2 * pool.block_nbytes
+    store.set_rows([store.tables[0]])  # a row leaves: the peak stays
+    assert store.nbytes == 2 * pool.block_nbytes
