@@ -44,7 +44,7 @@ from __future__ import annotations
 import torch
 
 from kernels.scale_attention import attention_mass, scale_attention
-from models.kv.policies import Candidates, ScaleGeometry
+from models.kv.policies import Candidates, ScaleGeometry, plan_evicts
 from models.kv.profile import KVProfile
 from models.kv.store import ScaleSpan
 
@@ -72,7 +72,7 @@ class SlabScaleStore:
     def __init__(
         self,
         geo: ScaleGeometry,
-        row_policies: list[tuple[object, float]],
+        row_policies: list[tuple[object, float, bool]],
         profile: KVProfile,
         head_dim: int,
         dtype: torch.dtype,
@@ -87,7 +87,11 @@ class SlabScaleStore:
         groups: dict[tuple, list[int]] = {}
         for r, (p, b, merge) in enumerate(row_policies):
             groups.setdefault((p, b, merge and p.evicts), []).append(r)
-        self.groups = [(p, b, m, rows, p.plan(geo, profile, b)) for (p, b, m), rows in groups.items()]
+        self.groups = []
+        for (p, b, m), rows in groups.items():
+            counts = p.plan(geo, profile, b)  # (S - 1, depth, H) held after each scale
+            # a plan that keeps every key (a budget of 1) has nothing to merge: no log-count slab
+            self.groups.append((p, b, m and plan_evicts(geo, counts), rows, counts))
         # lengths[si][layer]: (R * H,) held before scale si (0 before the first); the host copy is
         # the plan itself, per group
         held = torch.zeros(S, geo.depth, R, H, dtype=torch.long)

@@ -165,6 +165,12 @@ def grow(geo: ScaleGeometry, target: torch.Tensor) -> torch.Tensor:
     return counts
 
 
+def plan_evicts(geo: ScaleGeometry, counts: torch.Tensor) -> bool:
+    """counts: (S - 1, depth, H) a plan -> whether some segment holds fewer keys than were produced
+    (what kv_merge needs a log-count slab for)."""
+    return bool((counts < torch.tensor(geo.starts[1:])[:, None, None]).any())
+
+
 def _uniform(geo: ScaleGeometry, tokens) -> torch.Tensor:
     """(S - 1, depth, H) filled with `tokens` (an int, or a (depth, H) tensor)."""
     return (

@@ -100,8 +100,9 @@ def test_the_bias_slab_is_counted_and_only_where_rows_merge():
     assert plain.bias is None
     slots = sum(len(k) for k in merged.k)
     assert merged.nbytes == plain.nbytes + 4 * slots
-    # full evicts nothing: no slab; heatkv folds the scales it drops
+    # full evicts nothing, nor does any policy at a budget of 1: no slab; heatkv folds the scales it drops
     assert store_of(policy("full"), 1.0, True).bias is None
+    assert store_of(SnapKV(), 1.0, True).bias is None
     assert store_of(policy("heatkv"), 0.3, True).bias is not None
 
 
