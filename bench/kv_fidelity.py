@@ -39,7 +39,7 @@ import torch
 
 from bench.quality import predict, train_classifier
 from models.config import DEFAULT_CONFIG, load_config
-from models.kv.policies import ScaleGeometry, policy
+from models.kv.policies import ScaleGeometry, plan_evicts, policy
 from models.kv.profile import KVProfile
 from models.runner import Runner, load_runner
 from models.settings import ImageSettings
@@ -214,7 +214,8 @@ def planned_bytes(
     most its plan ever holds (the store allocates exactly that), K and V."""
     p = policy(cell.policy)
     counts = p.plan(geo, profile, 1.0 if cell.policy == "full" else cell.budget)  # (S - 1, depth, H)
-    per_slot = 2 * head_dim * itemsize + (4 if cell.merge and p.evicts else 0)  # + log count
+    merging = cell.merge and p.evicts and plan_evicts(geo, counts)
+    per_slot = 2 * head_dim * itemsize + (4 if merging else 0)  # + log count
     return int(counts.max(0).values.sum()) * rows * per_slot
 
 

@@ -298,18 +298,25 @@ class SlabScaleStore:
         # each evicted candidate's nearest kept key (argmax: the first of equal ones)
         sim = torch.einsum("gmd,gwd->gmw", keys, kept_keys).masked_fill(~taken[:, None, :], -torch.inf)
         nearest = sim.argmax(-1)  # (G, M)
-        # assignment (G, M, W) of every valid candidate to the kept key it is folded into (itself if kept)
+        # every valid candidate's kept key (itself if kept), as a flat (g, w) index: sums over the
+        # candidates of a kept key are one index_add each (no (G, M, W) weight matrix)
+        W = cols.shape[1]
         own = torch.full_like(nearest, -1)
-        own[rows_of[taken], kept_col[taken]] = torch.arange(cols.shape[1], device=dev).expand_as(cols)[taken]
+        own[rows_of[taken], kept_col[taken]] = torch.arange(W, device=dev).expand_as(cols)[taken]
         target = torch.where(kept, own, nearest)
-        weight = torch.zeros(G, valid.shape[1], cols.shape[1], device=dev)
-        weight.scatter_(2, target.clamp(min=0)[..., None], (count * valid)[..., None])
-        total = weight.sum(1)  # (G, W): each kept key's new count
+        flat = (torch.arange(G, device=dev)[:, None] * W + target.clamp(min=0)).flatten()
+        weight = (count * valid).flatten()  # (G * M,): 0 for padding columns
+        total = torch.zeros(G * W, device=dev).index_add_(0, flat, weight).view(G, W)  # new counts
         safe = total.clamp(min=1e-30)[..., None]
-        key_sum = torch.einsum("gmw,gmd->gwd", weight, keys)
-        norm = torch.einsum("gmw,gm->gw", weight, keys.norm(dim=-1))[..., None] / safe
+        key_sum = torch.zeros(G * W, D, device=dev).index_add_(0, flat, keys.view(-1, D) * weight[:, None])
+        key_sum = key_sum.view(G, W, D)
+        norm_sum = torch.zeros(G * W, device=dev).index_add_(0, flat, keys.view(-1, D).norm(dim=-1) * weight)
+        norm = norm_sum.view(G, W, 1) / safe
         merged_k = key_sum * (norm / key_sum.norm(dim=-1, keepdim=True).clamp(min=1e-30))
-        merged_v = torch.einsum("gmw,gmd->gwd", weight, values) / safe
+        value_sum = torch.zeros(G * W, D, device=dev).index_add_(
+            0, flat, values.view(-1, D) * weight[:, None]
+        )
+        merged_v = value_sum.view(G, W, D) / safe
         dest = (off.to(dev)[:, None] + torch.arange(cols.shape[1], device=dev))[taken]
         self.k[layer][dest] = merged_k[taken].to(self.k[layer].dtype)
         self.v[layer][dest] = merged_v[taken].to(self.v[layer].dtype)
