@@ -29,8 +29,9 @@ mean of theirs, so l2-normalised keys stay unit), its value their count-weighted
 weighs in the softmax as the c keys it replaced would if they were alike (exactly so when they
 are equal; tests/kernels: a bias of log c equals c copies). Counts carry on: a merged key merged
 again adds its whole count. The bias slab is counted in `nbytes` (4 bytes a slot beside K and V's
-2 x D x itemsize: 1.6 % at D = 32 in fp32). Merges are per segment (one einsum over the
-segment's candidates), so an image still never depends on its batch.
+2 x D x itemsize: 1.6 % at D = 32 in fp32; none where the plan keeps every key). Merges are per
+segment (each segment's candidates against its own kept keys, then sums onto the kept slots), so
+an image still never depends on its batch.
 
 Rows may carry different policies and budgets (each row is planned and ranked by its own; rows of
 one policy are ranked together). The server still batches only requests of one policy and budget
@@ -64,6 +65,24 @@ def select(tier: torch.Tensor, key: torch.Tensor, valid: torch.Tensor, keep: tor
     taken = torch.arange(width)[None, :] < keep[:, None]
     cols = torch.sort(order.masked_fill(~taken, M), dim=1).values
     return cols.masked_fill(cols == M, -1)
+
+
+def sum_onto(target: torch.Tensor, x: torch.Tensor, slots: int) -> torch.Tensor:
+    """target: (G, M) long, the slot in [0, slots) of each of a row's M items; x: (G, M, C) -> (G,
+    slots, C): per slot, the sum of its items' x. On CPU one index_add, which adds in index order;
+    elsewhere a one-hot product (sum_onto_dense), since index_add on a GPU adds by atomics in no
+    fixed order and an image must not change from run to run."""
+    if x.device.type != "cpu":
+        return sum_onto_dense(target, x, slots)
+    G, M, C = x.shape
+    flat = (torch.arange(G, device=x.device)[:, None] * slots + target).flatten()
+    out = torch.zeros(G * slots, C, dtype=x.dtype, device=x.device)
+    return out.index_add_(0, flat, x.reshape(G * M, C)).view(G, slots, C)
+
+
+def sum_onto_dense(target: torch.Tensor, x: torch.Tensor, slots: int) -> torch.Tensor:
+    """sum_onto as a (G, slots, M) one-hot matrix times x."""
+    return torch.nn.functional.one_hot(target, slots).to(x.dtype).transpose(1, 2) @ x
 
 
 class SlabScaleStore:
@@ -298,25 +317,22 @@ class SlabScaleStore:
         # each evicted candidate's nearest kept key (argmax: the first of equal ones)
         sim = torch.einsum("gmd,gwd->gmw", keys, kept_keys).masked_fill(~taken[:, None, :], -torch.inf)
         nearest = sim.argmax(-1)  # (G, M)
-        # every valid candidate's kept key (itself if kept), as a flat (g, w) index: sums over the
-        # candidates of a kept key are one index_add each (no (G, M, W) weight matrix)
+        # every valid candidate's kept key (itself if kept); per kept key, the sums over its
+        # candidates of count, count x key, count x |key| and count x value in one pass
         W = cols.shape[1]
         own = torch.full_like(nearest, -1)
         own[rows_of[taken], kept_col[taken]] = torch.arange(W, device=dev).expand_as(cols)[taken]
-        target = torch.where(kept, own, nearest)
-        flat = (torch.arange(G, device=dev)[:, None] * W + target.clamp(min=0)).flatten()
-        weight = (count * valid).flatten()  # (G * M,): 0 for padding columns
-        total = torch.zeros(G * W, device=dev).index_add_(0, flat, weight).view(G, W)  # new counts
-        safe = total.clamp(min=1e-30)[..., None]
-        key_sum = torch.zeros(G * W, D, device=dev).index_add_(0, flat, keys.view(-1, D) * weight[:, None])
-        key_sum = key_sum.view(G, W, D)
-        norm_sum = torch.zeros(G * W, device=dev).index_add_(0, flat, keys.view(-1, D).norm(dim=-1) * weight)
-        norm = norm_sum.view(G, W, 1) / safe
-        merged_k = key_sum * (norm / key_sum.norm(dim=-1, keepdim=True).clamp(min=1e-30))
-        value_sum = torch.zeros(G * W, D, device=dev).index_add_(
-            0, flat, values.view(-1, D) * weight[:, None]
+        target = torch.where(kept, own, nearest).clamp(min=0)  # padding columns weigh 0
+        weight = (count * valid)[..., None]  # (G, M, 1)
+        per_candidate = torch.cat(
+            [weight, keys * weight, keys.norm(dim=-1, keepdim=True) * weight, values * weight], 2
         )
-        merged_v = value_sum.view(G, W, D) / safe
+        sums = sum_onto(target, per_candidate, W)  # (G, W, 2 + 2D)
+        total = sums[..., 0]  # each kept key's new count
+        safe = total.clamp(min=1e-30)[..., None]
+        key_sum, norm = sums[..., 1 : 1 + D], sums[..., 1 + D : 2 + D] / safe
+        merged_k = key_sum * (norm / key_sum.norm(dim=-1, keepdim=True).clamp(min=1e-30))
+        merged_v = sums[..., 2 + D :] / safe
         dest = (off.to(dev)[:, None] + torch.arange(cols.shape[1], device=dev))[taken]
         self.k[layer][dest] = merged_k[taken].to(self.k[layer].dtype)
         self.v[layer][dest] = merged_v[taken].to(self.v[layer].dtype)

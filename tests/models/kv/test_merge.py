@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from kernels.scale_attention import scale_attention_reference
-from models.kv.compressed import SlabScaleStore
+from models.kv.compressed import SlabScaleStore, sum_onto, sum_onto_dense
 from models.kv.policies import HACK, ScaleGeometry, SnapKV, ValueKV, Window, policy
 from models.kv.profile import KVProfile
 from models.kv.store import ScaleSpan
@@ -121,3 +121,14 @@ def test_merging_agrees_with_the_kernel_reference():
     )
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
     assert len(outs) == len(GEO.sizes) - 1
+
+
+def test_sums_onto_slots_by_index_add_equal_the_one_hot_product():
+    # the CPU path (index_add) and the one GPUs take (a one-hot product, deterministic there)
+    g = torch.Generator().manual_seed(5)
+    target = torch.randint(0, 7, (3, 40), generator=g)
+    x = torch.randn(3, 40, 9, generator=g)
+    got = sum_onto(target, x, 7)
+    assert got.shape == (3, 7, 9)
+    torch.testing.assert_close(got, sum_onto_dense(target, x, 7), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got[1, 2], x[1][target[1] == 2].sum(0), atol=1e-5, rtol=1e-5)
