@@ -214,7 +214,7 @@ def planned_bytes(
     most its plan ever holds (the store allocates exactly that), K and V."""
     p = policy(cell.policy)
     counts = p.plan(geo, profile, 1.0 if cell.policy == "full" else cell.budget)  # (S - 1, depth, H)
-    merging = cell.merge and p.evicts and plan_evicts(geo, counts)
+    merging = cell.merge and plan_evicts(geo, counts)  # full's plan keeps every key
     per_slot = 2 * head_dim * itemsize + (4 if merging else 0)  # + log count
     return int(counts.max(0).values.sum()) * rows * per_slot
 

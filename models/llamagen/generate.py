@@ -7,8 +7,8 @@ a thin loop over `step()`.
 
 Guidance is per sequence: a guided image (cfg != 1) runs a null-condition row beside its own, and
 logits = uncond + cfg * (cond - uncond). Rows are laid out as every sequence's own row, then the
-null rows of the guided ones; `null_of` pairs them explicitly (models/llamagen/rows.py). A text sequence's null row reads
-the learned null caption, or its negative caption when it has one.
+null rows of the guided ones; `null_of` pairs them explicitly (models/llamagen/rows.py). A text
+sequence's null row reads the learned null caption, or its negative caption when it has one.
 
 """
 

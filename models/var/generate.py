@@ -129,7 +129,7 @@ def planned_kv_bytes(model: VAR, settings: list[ImageSettings], profile: KVProfi
         p = policy(s.kv_policy)
         counts = p.plan(geo, profile, 1.0 if s.kv_policy == "full" else s.kv_budget)
         tokens += int(counts.max(0).values.sum())
-        merging |= s.kv_merge and p.evicts and plan_evicts(geo, counts)
+        merging |= s.kv_merge and plan_evicts(geo, counts)  # full's plan keeps every key
     # a store with merging rows holds a log count (fp32) per slot of every row (SlabScaleStore.bias)
     return copies * tokens * (2 * c.head_dim * itemsize + (4 if merging else 0))
 
