@@ -1,10 +1,19 @@
 """Shared fixtures: the reference checkpoints and vectors computed by the official code
-(`../shared/fixtures`, beside the repository)."""
+(`../shared/fixtures`, beside the repository).
 
+Without a GPU, Triton kernels run in Triton's interpreter on CPU tensors. The interpreter is chosen
+when a kernel is decorated, so the variable is set here, before any test module imports a kernel
+module (tests/kernels/conftest.py was too late once a test under tests/bench imported the engine:
+collected first, it decorated the kernels for a GPU driver that is not there)."""
+
+import os
 from pathlib import Path
 
 import pytest
 import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURES = (REPO.parent / "shared" / "fixtures").resolve()

@@ -46,7 +46,17 @@ from models.settings import MAX_WINDOW, Speculative
 
 WINDOWS = (1, 2, 4, 8, 16, 32)  # what `auto` chooses from; 1 is plain decoding
 CALIBRATION = WINDOWS[1:]
-EMA = 0.1  # weight of a new measurement in auto's running means
+EMA = 0.1  # weight of a new image's tokens per pass in auto's running mean
+# A width's pass cost is the mean of its timed passes, its first estimate counting as PRIOR_PASSES of
+# them, and after PASS_MEMORY a running mean of that span (about 1000 passes, four plain images or a
+# dozen at window 16): passes dear late in an image (their attention reads the most keys) and cheap
+# at its end (narrow windows) then weigh as in the image. A running mean of weight 0.1 reflected
+# the last ~10 passes, the end of the last image: on the t2i model it put window 4 at 0.41 ms
+# against the 0.53 ms its passes took on average, and `auto` chose windows that lost 6 % against
+# plain decoding (0.94x [0.89, 0.97] at batch 1).
+PRIOR_PASSES = 16
+PASS_MEMORY = 128
+TIME_EVERY = 8  # the engine times one pass in this many for auto (every pass of a calibration image)
 # Speculation must promise 25 % more tokens per second than plain decoding to be chosen: a window's
 # cost is first known from the calibration image and then followed as it runs, and on the bundled
 # models its passes in use came out up to 40 % dearer than calibrated (4.6 against 6.5 ms at
@@ -97,7 +107,7 @@ class AutoWindow:
     Seconds start from one measured verification forward per (R, L) (a fresh store, positions in
     the middle of the image, the median of `repeats`) plus R times the width's calibrated overhead
     per row (drafting, verification or sampling, and the step's glue; plain decoding's too), and then
-    follow the engine's own passes (a running mean). Tokens per pass are calibrated on the first
+    follow the engine's own passes (their mean over the last PASS_MEMORY). Tokens per pass are calibrated on the first
     `auto` image of a method: that image is run once at each window, alone (a few seconds, once
     per model), and then follow every auto image run at that window. An auto image
     takes, at its first decode pass and for all its passes (drafts mature over passes at one window,
@@ -111,6 +121,7 @@ class AutoWindow:
         self.model, self.repeats = model, repeats
         self.forward: dict[int, dict[int, float]] = {}
         self.seconds: dict[tuple[int, int], float] = {}
+        self.passes: dict[tuple[int, int], int] = {}  # passes recorded per (rows, width), prior included
         self.tokens: dict[tuple[str, int], float] = {}
         self.overhead: dict[int, float] = {}  # seconds per row a pass of width L adds to its forward
         self.calibration_images: dict[str, int] = {}
@@ -142,6 +153,11 @@ class AutoWindow:
             self.seconds[rows, L] = self.forward[rows][L] + self.overhead.get(L, 0.0) * rows
         return self.seconds[rows, L]
 
+    @property
+    def calibrating(self) -> bool:
+        """Running a calibration image, whose every pass counts."""
+        return self._calibration_passes is not None
+
     def tokens_per_pass(self, method: str, L: int) -> float:
         return 1.0 if L == 1 else self.tokens[method, L]
 
@@ -152,7 +168,9 @@ class AutoWindow:
         if self._calibration_passes is not None:
             self._calibration_passes.setdefault((rows, L), []).append(seconds)
         old = self.pass_seconds(rows, L)
-        self.seconds[rows, L] = old + EMA * (seconds - old)
+        n = self.passes.get((rows, L), PRIOR_PASSES) + 1
+        self.passes[rows, L] = min(n, PASS_MEMORY)
+        self.seconds[rows, L] = old + (seconds - old) / min(n, PASS_MEMORY)
 
     def record_tokens(self, method: str, L: int, tokens: list[float]) -> None:
         for t in tokens:
@@ -206,6 +224,7 @@ class AutoWindow:
             overhead = max(0.0, sum(times) / len(times) - self.forward[rows][L]) / rows
             self.overhead[L] = (self.overhead.get(L, 0.0) * k + overhead) / (k + 1) if k else overhead
             self.seconds[rows, L] = self.forward[rows][L] + self.overhead[L] * rows
+            self.passes.pop((rows, L), None)  # a fresh estimate, worth PRIOR_PASSES passes again
         self.calibration_images[method] = n + 1
 
     def profile(self, source: dict) -> WindowProfile:

@@ -263,6 +263,24 @@ def test_calibration_counts_every_width_alike_plain_decoding_included(shapes):
         assert auto.pass_seconds(4, L) == pytest.approx(forward[L] + 4 * per_row[L], rel=1e-6)
 
 
+def test_a_widths_cost_follows_the_mean_of_its_passes_not_the_end_of_the_last_image(shapes):
+    """Passes cost more late in an image (their attention reads more keys) and the last ones are
+    narrow: the estimate that auto compares widths by is their mean over whole images. (A running
+    mean of weight 0.1 ended each image near its last passes' cost and chose losing windows.)"""
+    auto = AutoWindow(shapes[0], repeats=1)
+    auto._measure = lambda rows: {L: 1e-3 for L in WINDOWS}
+    assert auto.pass_seconds(2, 4) == 1e-3  # the prior, before any pass
+    for _ in range(12):  # images of 16 timed passes: 0.5 .. 1.5 ms, mean 1 ms, dearest at the end
+        for k in range(16):
+            auto.record_pass(2, 4, 0.5e-3 + 1e-3 * k / 15)
+    assert auto.pass_seconds(2, 4) == pytest.approx(1e-3, rel=0.02)
+    for _ in range(40):  # the machine slows down for good: the estimate follows
+        for k in range(16):
+            auto.record_pass(2, 4, 2 * (0.5e-3 + 1e-3 * k / 15))
+    assert auto.pass_seconds(2, 4) == pytest.approx(2e-3, rel=0.05)
+    assert auto.pass_seconds(2, 1) == 1e-3  # other widths keep their own
+
+
 # -- the bundled model ----------------------------------------------------------------------------
 
 
