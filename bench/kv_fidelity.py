@@ -7,9 +7,10 @@ bundled `var-shapes` model (680 tokens, ten scales, the bundled calibrated KV pr
 - bytes: stored, working and full KV bytes per image from BatchResult (at the fidelity batch, 16,
   and the working peak also at batch 1), and their ratios to full;
 - speed: images/s at batch 1 (`--speed-images` single-image runs, default 16, per round) and
-  batch 16 (one batch per round), whole images (VQ-VAE decode included) and the engine alone
-  (less BatchResult.decode_s); `--rounds` rounds in which every cell runs once in turn, so all
-  cells see the same neighbours' load; the best round counts (the least disturbed one);
+  batch 16 (`--speed-batches` batches per round, default 2), whole images (VQ-VAE decode included) and the engine alone
+  (less BatchResult.decode_s), over `--rounds` rounds; every batch is made by each cell in turn,
+  full first, and a cell's speed against full is the ratio of the summed times of the pairs, with
+  a 95 % bootstrap interval over them (bench/measure.py: paired_speedup);
 - fidelity: token agreement with full per scale and overall, PSNR against full's image (8-bit, as
   served; an identical image is capped at 100 dB, so the mean is also given over the images that
   differ, with the share identical), and the shape classifier's accuracy on the intended class
@@ -17,7 +18,7 @@ bundled `var-shapes` model (680 tokens, ten scales, the bundled calibrated KV pr
 - without the model: KV bytes at batch 16 for the published VAR-d16 and VAR-d30 shapes at 256 px
   from each policy's plan (models/kv/policies.py), beside the papers' accounting.
 
-    OMP_NUM_THREADS=1 python -m bench.kv_fidelity [--images 200] [--speed-images 16] [--rounds 2]
+    OMP_NUM_THREADS=1 python -m bench.kv_fidelity [--images 200] [--speed-images 16] [--speed-batches 2] [--rounds 3]
         [--policies window snapkv ...] [--budgets 100 50 25 10 5] [--merge off|on|both] [--no-speed]
 
 One thread on a shared machine: on this 2-core VM with other work running, a batch of 16 took
@@ -37,6 +38,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from bench.measure import paired_speedup
 from bench.quality import predict, train_classifier
 from models.config import DEFAULT_CONFIG, load_config
 from models.kv.policies import ScaleGeometry, plan_evicts, policy
@@ -185,26 +187,44 @@ class Speed:
     images_per_s: float  # whole images: engine + VQ-VAE decode
     engine_images_per_s: float  # the engine alone
     working: float  # working bytes per image at this batch
+    vs_full: tuple[float, float, float]  # full's summed time / this cell's, 95 % interval (paired)
 
 
 def speeds(runner: Runner, cells: list[Cell], batch: int, images: int, rounds: int) -> dict[Cell, Speed]:
-    """Images/s of each cell at `batch`: `images` images per round (in batches of `batch`), every
-    cell once per round in turn, after a warm-up batch of each; the best round counts."""
+    """Images/s of each cell at `batch` over `rounds` rounds of `images` images (in batches of
+    `batch`), after a warm-up batch of each: every batch is made by each cell in turn, full first,
+    so a cell's time is paired with full's on the same images a moment before, and the speed-up
+    against full is the ratio of the summed times with a bootstrap interval over the pairs (a
+    neighbour's burst slows a pair, not a cell; the best round, as before, gave 0.83-0.94 for
+    cells that paired rounds put at 1.0)."""
     classes, seeds = workload(images, 1000)
-    best = {c: (math.inf, math.inf, 0.0) for c in cells}
-    for r in range(rounds + 1):  # round 0 warms up, one batch of each cell
-        for cell in cells:
-            total = engine = 0.0
-            for start in range(0, batch if r == 0 else images, batch):
-                part = slice(start, start + batch)
+    for cell in cells:  # warm-up
+        runner.generate(classes[:batch], settings_of(runner, cell, seeds[:batch]))
+    total = {c: [] for c in cells}
+    engine = {c: [] for c in cells}
+    working = {}
+    for _ in range(rounds):
+        for start in range(0, images, batch):
+            part = slice(start, start + batch)
+            for cell in cells:
                 t0 = time.perf_counter()
                 out = runner.generate(classes[part], settings_of(runner, cell, seeds[part]))
                 elapsed = time.perf_counter() - t0
-                total, engine = total + elapsed, engine + elapsed - out.decode_s
-            if r:
-                t, e, _ = best[cell]
-                best[cell] = (min(t, total), min(e, engine), out.kv_bytes_working / len(out.tokens))
-    return {c: Speed(batch, images / t, images / e, w) for c, (t, e, w) in best.items()}
+                total[cell].append(elapsed)
+                engine[cell].append(elapsed - out.decode_s)
+                working[cell] = out.kv_bytes_working / len(out.tokens)
+    n = images * rounds
+    base = np.array(total[cells[0]])
+    return {
+        c: Speed(
+            batch,
+            n / sum(total[c]),
+            n / sum(engine[c]),
+            working[c],
+            paired_speedup(base, np.array(total[c])),
+        )
+        for c in cells
+    }
 
 
 def planned_bytes(
@@ -303,13 +323,14 @@ def speed_table(cells, by_batch: list[dict[Cell, Speed]]):
     head = ["policy", "budget"]
     for s in by_batch:
         b = next(iter(s.values())).batch
-        head += [f"img/s b{b}", f"engine img/s b{b}", f"b{b} / full"]
+        head += [f"img/s b{b}", f"engine img/s b{b}", f"b{b} vs full (95 % interval)"]
     rows = []
     for c in cells:
         line = cell_cols(c)
         for s in by_batch:
             line += [f"{s[c].images_per_s:.2f}", f"{s[c].engine_images_per_s:.2f}"]
-            line += [f"{s[c].images_per_s / s[cells[0]].images_per_s:.2f}"]
+            ratio, low, high = s[c].vs_full
+            line += [f"{ratio:.2f} [{low:.2f}, {high:.2f}]"]
         rows.append(line)
     return head, rows
 
@@ -329,7 +350,8 @@ def main() -> None:
     p.add_argument("--policies", nargs="+", default=list(COMPRESSING))
     p.add_argument("--budgets", nargs="+", type=float, default=[100 * b for b in BUDGETS], help="percent")
     p.add_argument("--speed-images", type=int, default=16, help="batch-1 images per cell and round")
-    p.add_argument("--rounds", type=int, default=2, help="timed rounds (best counts; default 2)")
+    p.add_argument("--rounds", type=int, default=3, help="timed rounds (default 3)")
+    p.add_argument("--speed-batches", type=int, default=2, help=f"batches of {BATCH} per cell and round")
     p.add_argument("--no-speed", action="store_true")
     p.add_argument(
         "--merge",
@@ -378,7 +400,7 @@ def main() -> None:
     b1 = b16 = None
     if not args.no_speed:
         t0 = time.perf_counter()
-        b16 = speeds(runner, cells, BATCH, BATCH, args.rounds)
+        b16 = speeds(runner, cells, BATCH, BATCH * args.speed_batches, args.rounds)
         b1 = speeds(runner, cells, 1, args.speed_images, args.rounds)
         print(f"speed runs: {time.perf_counter() - t0:.0f} s", flush=True)
 
@@ -386,8 +408,9 @@ def main() -> None:
     print(markdown(*bytes_table(cells, runs, b1)))
     if b16:
         print(
-            f"\n## Images/s (best of {args.rounds} rounds, cells in turn; b1: {args.speed_images} "
-            f"single-image runs per round, b{BATCH}: one batch per round; engine = less the VQ-VAE decode)\n"
+            f"\n## Images/s ({args.rounds} rounds; b1: {args.speed_images} single images per round, "
+            f"b{BATCH}: {args.speed_batches} batches per round; each image or batch made by every cell in "
+            "turn, full first, and paired with full's; engine = less the VQ-VAE decode)\n"
         )
         print(markdown(*speed_table(cells, [b1, b16])))
     print("\n## Token agreement with full, per scale\n")

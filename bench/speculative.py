@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from bench import quality
+from bench.measure import paired_speedup
 from models.config import DEFAULT_CONFIG, load_config
 from models.llamagen.speculative import WINDOWS, AutoWindow
 from models.runner import load_runner
@@ -81,16 +82,6 @@ def cost_table(runner) -> None:
         c = {L: cost.pass_seconds(rows, L) for L in WINDOWS}
         ratios = " | ".join(f"{c[L] / c[1]:.2f}" for L in WINDOWS)
         print(f"| {rows} | {ratios} | {c[1] * 1e3:.1f} |")
-
-
-def paired_speedup(base: np.ndarray, other: np.ndarray, draws: int = 2000) -> tuple[float, float, float]:
-    """base, other: seconds of the same images, paired -> speed-up sum(base) / sum(other) with a 95 %
-    bootstrap interval over the pairs (seeded: the same figures from the same times)."""
-    rng = np.random.default_rng(0)
-    picks = rng.integers(0, len(base), size=(draws, len(base)))
-    ratios = base[picks].sum(1) / other[picks].sum(1)
-    low, high = np.quantile(ratios, [0.025, 0.975])
-    return float(base.sum() / other.sum()), float(low), float(high)
 
 
 def speed_table(runner, window: int, latency_images: int, rounds: int) -> None:

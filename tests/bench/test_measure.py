@@ -1,6 +1,6 @@
 import numpy as np
 
-from bench.speculative import paired_speedup
+from bench.measure import paired_speedup
 
 
 def test_paired_speedup_is_the_ratio_of_summed_times_with_an_interval_around_it():
