@@ -20,22 +20,20 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from kernels.speculative import commit, fill_drafts
 from models.kv.paged import BLOCK_SIZE, BlockPool, OutOfBlocks, PagedTokenStore
+from models.llamagen.drafts import Drafts
 from models.llamagen.model import GPT
 from models.llamagen.rows import Rows
 from models.llamagen.speculative import (
-    COUPLED,
     TIME_EVERY,
     WINDOWS,
     AutoWindow,
     TokenGroups,
-    target_probs,
     window_flops,
 )
 from models.llamagen.tokenizer import VQModel
 from models.runtime import device_clock, host_longs
-from models.sampling import SamplerRows, make_generators, rand_into
+from models.sampling import make_generators
 from models.settings import MAX_WINDOW, ImageSettings
 
 
@@ -147,7 +145,7 @@ class Engine:
     BlockPool. Joining runs the newcomers' prefill, one forward pass of their own rows that samples
     their first token; `step()` is one forward pass of every sequence in the batch, each at its own
     position and with its own window: one token for plain decoding, or its newest token and its
-    drafts for speculative decoding (models/llamagen/speculative.py), each sequence advancing by its
+    drafts for speculative decoding (models/llamagen/drafts.py, speculative.py), each sequence advancing by its
     own accepted length. Rows are every sequence's own row, then the null rows of the guided ones.
 
     What the rows share on the device (positions, guidance pairing and table, sampler tensors,
@@ -262,7 +260,7 @@ class Engine:
         # passes so sampled are spread over the image, so their mean is the image's
         timed = (
             self.auto is not None
-            and self._speculative
+            and self.drafts.any
             and (self.passes % TIME_EVERY == 0 or self.auto.calibrating)
         )
         t0 = device_clock(self.device) if timed else 0.0
@@ -308,7 +306,7 @@ class Engine:
             self.store.grow(r, c.cls_token_num + s.n - 1 + w)
         spec = [i for i in range(B) if windows[i] > 1]
         n_host = [s.n for s in self.seqs]
-        self._fill_drafts(spec, windows)
+        self.drafts.fill(self.tokens, self.n, spec, windows)
         # every row's input tokens (its newest committed token and its drafts) and their positions,
         # the padding columns at the scratch position, built on the host and gathered from the
         # token table at once (a dozen small ops on the device cost more than the lists)
@@ -331,7 +329,7 @@ class Engine:
                 self.seqs[i].n += 1
                 self.seqs[i].drafts = 0
         if spec:
-            self._verify(spec, windows, cond, S)
+            self.drafts.verify(self.tokens, self.n, spec, windows, cond, S)
         self.n = host_longs([s.n for s in self.seqs], self.device)
         self.positions = self._positions()
 
@@ -365,74 +363,6 @@ class Engine:
             engine.step()
         engine.remove([alone])
         return alone.forward_passes, alone.rows
-
-    def _fill_drafts(self, spec: list[int], windows: list[int]) -> None:
-        """Tops each speculative row of the pass up to window - 1 drafts."""
-        need = [i for i in spec if self.seqs[i].drafts < windows[i] - 1]
-        if not need:
-            return
-        idx, qrows, lo, hi = host_longs(
-            [
-                need,
-                [self._q_row[i] for i in need],
-                [self.seqs[i].drafts for i in need],
-                [windows[i] - 1 for i in need],
-            ],
-            self.device,
-        )
-        fill_drafts(self.tokens, self.q, idx, qrows, self.n[idx], lo, hi, self.model.config.grid_size)
-        for i in need:
-            self.seqs[i].drafts = windows[i] - 1
-
-    def _verify(self, spec: list[int], windows: list[int], cond: torch.Tensor, S: int) -> None:
-        device, V, N = self.device, self.model.config.vocab_size, self.model.config.block_size
-        seqs = [self.seqs[i] for i in spec]
-        rows = self._speculative_rows(spec)
-        idx, qrows = rows.idx, rows.qrows
-        every = len(spec) == len(self.seqs)  # no rows to pick out
-        p = target_probs(cond if every else cond[idx], rows.sampler)  # (b, S, V)
-        L = host_longs([windows[i] for i in spec], device)
-        n = self.n if every else self.n[idx]
-        # each image's own draws, as many as its window: accept tests and one race per column,
-        # drawn straight into place where the generator lives on the device
-        u = torch.empty(len(spec), S, device=device)
-        e = torch.empty(len(spec), S, V, device=device)
-        for j, (s, i) in enumerate(zip(seqs, spec, strict=True)):
-            w = windows[i]
-            rand_into(u[j, :w], s.generator)
-            rand_into(e[j, :w], s.generator)
-            if w < S:
-                u[j, w:], e[j, w:] = 2.0, 0.5  # padding: never accepts
-        grouped = None
-        if rows.gsd is not None:
-            if self._groups is None:
-                self._groups = TokenGroups(self.model)
-            at = (n[:, None] + torch.arange(S, device=device)).clamp(max=N - 1)
-            drafts = self.tokens[idx[:, None], at]  # (b, S)
-            knobs = [s.settings.speculative for s in seqs]
-            grouped = self._groups.ratio(p, self.q[qrows, :S], drafts, knobs)
-        k = commit(p, self.q, qrows, self.tokens, idx, n, L, u, e, rows.coupled, grouped, rows.gsd)
-        for s, i, kb in zip(seqs, spec, k.tolist(), strict=True):
-            w = windows[i]
-            s.n += kb + 1
-            s.drafts = w - 1 - kb
-            s.drafted += w - 1
-            s.accepted += kb
-
-    def _speculative_rows(self, spec: list[int]) -> _SpeculativeRows:
-        """What a pass's speculative rows share, built once per membership and set of rows."""
-        key = tuple(spec)
-        if key not in self._spec_rows:
-            seqs = [self.seqs[i] for i in spec]
-            methods = [s.settings.speculative.method for s in seqs]
-            self._spec_rows[key] = _SpeculativeRows(
-                torch.tensor(spec, device=self.device),
-                torch.tensor([self._q_row[i] for i in spec], device=self.device),
-                self.rows.sampler.select(spec),
-                torch.tensor([m in COUPLED for m in methods], device=self.device),
-                torch.tensor([m == "gsd" for m in methods], device=self.device) if "gsd" in methods else None,
-            )
-        return self._spec_rows[key]
 
     # -- rows -------------------------------------------------------------------------------------
 
@@ -472,27 +402,17 @@ class Engine:
         )
         for i, s in enumerate(self.seqs):  # views: a step's writes update every sequence's tokens
             s.tokens = self.tokens[i]
-        speculative = [i for i, s in enumerate(self.seqs) if s.q is not None]
-        self._speculative = bool(speculative)
-        self._q_row = {i: j for j, i in enumerate(speculative)}
-        self.q = torch.stack([self.seqs[i].q for i in speculative]) if speculative else None
-        for j, i in enumerate(speculative):
-            self.seqs[i].q = self.q[j]
+        self.drafts = Drafts(
+            self.seqs, self.rows.sampler, c.grid_size, c.block_size, self._token_groups, self.device
+        )
         self.n = torch.tensor([s.n for s in self.seqs], dtype=torch.long, device=self.device)
         self.positions = self._positions()
-        self._spec_rows: dict[tuple[int, ...], _SpeculativeRows] = {}
 
-
-@dataclass
-class _SpeculativeRows:
-    """Some speculative sequences of the batch (indices `idx`, their q rows `qrows`), with their
-    sampler and which are coupled (SCD, GSD) and grouped (GSD, None when none is)."""
-
-    idx: torch.Tensor
-    qrows: torch.Tensor
-    sampler: SamplerRows
-    coupled: torch.Tensor
-    gsd: torch.Tensor | None
+    def _token_groups(self) -> TokenGroups:
+        """GSD's groups of this model, built once per engine on first use."""
+        if self._groups is None:
+            self._groups = TokenGroups(self.model)
+        return self._groups
 
 
 @torch.inference_mode()
