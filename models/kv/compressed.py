@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import torch
 
+from kernels.kv_merge import merge_segments
 from kernels.scale_attention import attention_mass, scale_attention
 from models.kv.policies import Candidates, ScaleGeometry, plan_evicts
 from models.kv.profile import KVProfile
@@ -65,24 +66,6 @@ def select(tier: torch.Tensor, key: torch.Tensor, valid: torch.Tensor, keep: tor
     taken = torch.arange(width)[None, :] < keep[:, None]
     cols = torch.sort(order.masked_fill(~taken, M), dim=1).values
     return cols.masked_fill(cols == M, -1)
-
-
-def sum_onto(target: torch.Tensor, x: torch.Tensor, slots: int) -> torch.Tensor:
-    """target: (G, M) long, the slot in [0, slots) of each of a row's M items; x: (G, M, C) -> (G,
-    slots, C): per slot, the sum of its items' x. On CPU one index_add, which adds in index order;
-    elsewhere a one-hot product (sum_onto_dense), since index_add on a GPU adds by atomics in no
-    fixed order and an image must not change from run to run."""
-    if x.device.type != "cpu":
-        return sum_onto_dense(target, x, slots)
-    G, M, C = x.shape
-    flat = (torch.arange(G, device=x.device)[:, None] * slots + target).flatten()
-    out = torch.zeros(G * slots, C, dtype=x.dtype, device=x.device)
-    return out.index_add_(0, flat, x.reshape(G * M, C)).view(G, slots, C)
-
-
-def sum_onto_dense(target: torch.Tensor, x: torch.Tensor, slots: int) -> torch.Tensor:
-    """sum_onto as a (G, slots, M) one-hot matrix times x."""
-    return torch.nn.functional.one_hot(target, slots).to(x.dtype).transpose(1, 2) @ x
 
 
 class SlabScaleStore:
@@ -205,15 +188,12 @@ class SlabScaleStore:
             take = new == old + n
             if merge and not bool(take.all()):
                 # a segment that drops the scale (heatkv) folds its keys into what it holds
-                c = self._candidates(p, layer, si, at, rows, local, segs, old, off, q, k, v, scale)
                 max_old = int(old.max())
                 cols = torch.arange(max_old + n)[None, :].expand(G, -1)
                 keep = (cols < old[:, None]) | ((cols >= max_old) & take[:, None])
                 cols = torch.sort(cols.masked_fill(~keep, max_old + n), dim=1).values[:, : int(new.max())]
                 cols = cols.masked_fill(cols == max_old + n, -1)
-                self._write_merged(
-                    layer, cols, c.valid, c.pos, old, off, kf.view(G, n, -1), vf.view(G, n, -1)
-                )
+                self._write_merged(layer, cols, old, off, kf.view(G, n, -1), vf.view(G, n, -1), at.start)
                 return
             take = take.nonzero().flatten()
             if len(take):
@@ -231,7 +211,7 @@ class SlabScaleStore:
         tier, key = p.rank(c, self.profile)
         cols = select(tier.cpu(), key.cpu(), c.valid.cpu(), new)  # (G, max new), -1 padded
         if merge:
-            self._write_merged(layer, cols, c.valid, c.pos, old, off, kf.view(G, n, -1), vf.view(G, n, -1))
+            self._write_merged(layer, cols, old, off, kf.view(G, n, -1), vf.view(G, n, -1), at.start)
             return
         taken = cols >= 0
         g = torch.arange(G)[:, None].expand_as(cols)[taken]
@@ -289,55 +269,19 @@ class SlabScaleStore:
             value_norm = torch.cat([norm_old, v[local].reshape(G, n, -1).float().norm(dim=-1)], 1)
         return Candidates(layer, si, heads, pos, scale_ids, valid, mass, obs_pos, value_norm=value_norm)
 
-    def _write_merged(self, layer, cols, valid, pos, old, off, k_new, v_new) -> None:
+    def _write_merged(self, layer, cols, old, off, k_new, v_new, pos_start: int) -> None:
         """Keep `cols` (G, W) of each segment's candidates [stored | current] (-1 padded), every other
-        valid candidate folded into its nearest kept key (see the module docstring), and write the
-        kept keys, values, log counts and positions to the front of each segment's slots.
-        valid, pos: (G, M); old: (G,) stored lengths on the host; k_new, v_new: (G, n, D)."""
-        dev, G, n, D = self.device, *k_new.shape
-        max_old = int(old.max())
-        cols_old = torch.arange(max_old)
-        valid_old = (cols_old[None, :] < old[:, None]).to(dev)
-        slot_old = torch.where(valid_old, (off[:, None] + cols_old[None, :]).to(dev), 0)
-        # padding columns read slot 0, possibly never written (torch.empty): zeroed, not just unweighted
-        stored_ok = valid_old[..., None]
-        keys = torch.cat([torch.where(stored_ok, self.k[layer][slot_old], 0), k_new], 1).float()  # (G, M, D)
-        values = torch.cat([torch.where(stored_ok, self.v[layer][slot_old], 0), v_new], 1).float()
-        log_count = torch.cat(
-            [torch.where(valid_old, self.bias[layer][slot_old], 0.0), torch.zeros(G, n, device=dev)], 1
+        candidate folded into its nearest kept key (kernels/kv_merge.py). old: (G,) stored lengths on
+        the host; k_new, v_new: (G, n, D)."""
+        merge_segments(
+            self.k[layer],
+            self.v[layer],
+            self.bias[layer],
+            self.pos[layer],
+            off,
+            old,
+            cols,
+            k_new,
+            v_new,
+            pos_start,
         )
-        count = torch.where(valid, log_count.exp(), 0.0)  # (G, M)
-        cols = cols.to(dev)
-        W = cols.shape[1]
-        taken = cols >= 0  # (G, W)
-        kept_col = cols.clamp(min=0)
-        kept = torch.zeros_like(valid)
-        rows_of = torch.arange(G, device=dev)[:, None].expand_as(cols)
-        kept[rows_of[taken], kept_col[taken]] = True
-        kept_keys = keys.gather(1, kept_col[..., None].expand(-1, -1, D))  # (G, W, D)
-        # each evicted candidate's nearest kept key (argmax: the first of equal ones); the padding
-        # kept columns at -inf through the product's added term rather than a masked_fill over the
-        # (G, M, W) similarities (the largest tensor of a merge: a pass over it cost as much as the
-        # product at 50 %)
-        pad = torch.zeros(G, 1, W, device=dev).masked_fill_(~taken[:, None, :], -torch.inf)
-        nearest = torch.baddbmm(pad, keys, kept_keys.transpose(1, 2)).argmax(-1)  # (G, M)
-        # every valid candidate's kept key (itself if kept); per kept key, the sums over its
-        # candidates of count, count x key, count x |key| and count x value in one pass
-        own = torch.full_like(nearest, -1)
-        own[rows_of[taken], kept_col[taken]] = torch.arange(W, device=dev).expand_as(cols)[taken]
-        target = torch.where(kept, own, nearest).clamp(min=0)  # padding columns weigh 0
-        weight = (count * valid)[..., None]  # (G, M, 1)
-        per_candidate = torch.cat(
-            [weight, keys * weight, keys.norm(dim=-1, keepdim=True) * weight, values * weight], 2
-        )
-        sums = sum_onto(target, per_candidate, W)  # (G, W, 2 + 2D)
-        total = sums[..., 0]  # each kept key's new count
-        safe = total.clamp(min=1e-30)[..., None]
-        key_sum, norm = sums[..., 1 : 1 + D], sums[..., 1 + D : 2 + D] / safe
-        merged_k = key_sum * (norm / key_sum.norm(dim=-1, keepdim=True).clamp(min=1e-30))
-        merged_v = sums[..., 2 + D :] / safe
-        dest = (off.to(dev)[:, None] + torch.arange(cols.shape[1], device=dev))[taken]
-        self.k[layer][dest] = merged_k[taken].to(self.k[layer].dtype)
-        self.v[layer][dest] = merged_v[taken].to(self.v[layer].dtype)
-        self.bias[layer][dest] = total[taken].log()
-        self.pos[layer][dest] = pos.gather(1, kept_col)[taken].int()

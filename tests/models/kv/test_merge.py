@@ -6,8 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from kernels.kv_merge import sum_onto, sum_onto_dense
 from kernels.scale_attention import scale_attention_reference
-from models.kv.compressed import SlabScaleStore, sum_onto, sum_onto_dense
+from models.kv.compressed import SlabScaleStore
 from models.kv.policies import HACK, ScaleGeometry, SnapKV, ValueKV, Window, policy
 from models.kv.profile import KVProfile
 from models.kv.store import ScaleSpan

@@ -1,0 +1,125 @@
+"""kv_merge's C kernel (kernels/cpu/kv_merge.c) against its PyTorch reference: ragged segments,
+empty and full ones, kept counts across the kernel's 16-key panels, ties, and bad columns."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kernels.kv_merge import _c_kernel, merge_segments, merge_segments_cpu, merge_segments_torch
+
+pytestmark = pytest.mark.skipif(_c_kernel() is None, reason="no C compiler")
+
+
+def random_case(stored, n, keeps, D, seed=0, capacity=None):
+    """Segments with `stored` tokens each (their slots first in the slab, room for `capacity`), `n`
+    current tokens, and `keeps[g]` kept columns drawn at random among each segment's candidates."""
+    g = torch.Generator().manual_seed(seed)
+    G = len(stored)
+    max_stored = max(stored)
+    cap = capacity or [max(s, k) + 3 for s, k in zip(stored, keeps, strict=True)]
+    offsets = torch.tensor([0] + cap[:-1]).cumsum(0)
+    S = sum(cap)
+    slab = {
+        "k": F.normalize(torch.randn(S, D, generator=g), dim=-1),
+        "v": torch.randn(S, D, generator=g),
+        "bias": torch.rand(S, generator=g) * 2,  # earlier merges: counts 1 .. e^2
+        "pos": torch.randint(0, 500, (S,), generator=g, dtype=torch.int32),
+    }
+    k_new = F.normalize(torch.randn(G, n, D, generator=g), dim=-1)
+    v_new = torch.randn(G, n, D, generator=g)
+    width = max(keeps)
+    cols = torch.full((G, width), -1, dtype=torch.long)
+    for i, (s, keep) in enumerate(zip(stored, keeps, strict=True)):
+        candidates = torch.cat([torch.arange(s), max_stored + torch.arange(n)])
+        chosen = candidates[torch.randperm(len(candidates), generator=g)[:keep]].sort().values
+        cols[i, :keep] = chosen
+    return slab, offsets, torch.tensor(stored), cols, k_new, v_new
+
+
+def run(fn, case, pos_start=100):
+    slab, offsets, stored, cols, k_new, v_new = case
+    out = {name: t.clone() for name, t in slab.items()}
+    fn(out["k"], out["v"], out["bias"], out["pos"], offsets, stored, cols, k_new, v_new, pos_start)
+    return out
+
+
+def assert_same_merge(got, want):
+    torch.testing.assert_close(got["k"], want["k"], atol=2e-6, rtol=1e-5)
+    torch.testing.assert_close(got["v"], want["v"], atol=2e-6, rtol=1e-5)
+    torch.testing.assert_close(got["bias"], want["bias"], atol=2e-6, rtol=1e-5)
+    assert torch.equal(got["pos"], want["pos"])
+
+
+@pytest.mark.parametrize(
+    "stored, n, keeps, D",
+    [
+        ([5, 0, 3], 4, [4, 2, 1], 16),  # a segment with nothing stored yet
+        ([12, 12], 9, [21, 10], 32),  # one keeps every candidate
+        ([30, 7, 19, 0], 25, [17, 16, 33, 1], 32),  # kept counts across the 16-key panels
+        ([40, 40], 169, [20, 100], 64),
+        ([3], 1, [1], 24),  # D no multiple of 8
+    ],
+)
+def test_c_kernel_matches_the_reference(stored, n, keeps, D):
+    case = random_case(stored, n, keeps, D, seed=sum(keeps))
+    assert_same_merge(run(merge_segments_cpu, case), run(merge_segments_torch, case))
+
+
+def test_untouched_slots_stay_and_every_count_is_accounted_for():
+    case = random_case([10, 6], 8, [5, 3], 16, seed=3)
+    slab, offsets, stored, cols, *_ = case
+    got = run(merge_segments, case)
+    for g, (o, s, keep) in enumerate(zip(offsets.tolist(), stored.tolist(), (5, 3), strict=True)):
+        rest = slice(o + keep, o + max(s, keep) + 3)  # past the kept slots: unchanged
+        assert torch.equal(got["k"][rest], slab["k"][rest])
+        # the kept counts add up to the stored counts plus one per current token
+        want = slab["bias"][o : o + s].exp().sum() + 8
+        torch.testing.assert_close(got["bias"][o : o + keep].exp().sum(), want)
+        kept = cols[g, :keep]
+        want_pos = torch.where(kept < 10, slab["pos"][o + kept.clamp(max=s - 1)], 100 + kept - 10).int()
+        assert torch.equal(got["pos"][o : o + keep], want_pos)
+        torch.testing.assert_close(got["k"][o : o + keep].norm(dim=-1), torch.ones(keep))
+
+
+def test_a_tie_goes_to_the_first_kept_key():
+    # two kept keys equal to each other and to the evicted one: the first takes it
+    case = random_case([0], 3, [2], 16)
+    slab, offsets, stored, cols, k_new, v_new = case
+    k_new[0, 2] = k_new[0, 1] = k_new[0, 0]
+    cols[0] = torch.tensor([1, 2])  # keep tokens 1 and 2, fold token 0
+    for fn in (merge_segments_cpu, merge_segments_torch):
+        got = run(fn, case)
+        torch.testing.assert_close(got["bias"][:2].exp(), torch.tensor([2.0, 1.0]))
+
+
+def test_a_segment_merges_the_same_alone_or_beside_others():
+    case = random_case([20, 9, 31], 16, [12, 5, 18], 32, seed=7)
+    together = run(merge_segments_cpu, case)
+    slab, offsets, stored, cols, k_new, v_new = case
+    max_stored = int(stored.max())
+    for g in range(3):
+        alone = {name: t.clone() for name, t in slab.items()}
+        # alone, its current tokens' columns start after its own stored ones
+        mine = cols[g : g + 1, : int((cols[g] >= 0).sum())]
+        mine = torch.where(mine >= max_stored, mine - max_stored + stored[g], mine)
+        merge_segments_cpu(
+            alone["k"], alone["v"], alone["bias"], alone["pos"], offsets[g : g + 1], stored[g : g + 1],
+            mine, k_new[g : g + 1], v_new[g : g + 1], 100,
+        )  # fmt: skip
+        mine = slice(int(offsets[g]), int(offsets[g]) + mine.shape[1])
+        for name in slab:
+            assert torch.equal(alone[name][mine], together[name][mine]), (g, name)
+
+
+@pytest.mark.parametrize("bad", ["padding column", "past the candidates", "descending"])
+def test_a_kept_column_that_is_no_candidate_is_an_error(bad):
+    slab, offsets, stored, cols, k_new, v_new = random_case([2, 5], 3, [2, 2], 16)
+    cols[0] = {"padding column": torch.tensor([1, 3]), "past the candidates": torch.tensor([0, 8])}.get(
+        bad, torch.tensor([5, 6])
+    )
+    if bad == "descending":
+        cols[1] = torch.tensor([6, 5])
+    with pytest.raises(ValueError, match="kept column that is no candidate"):
+        merge_segments_cpu(
+            slab["k"], slab["v"], slab["bias"], slab["pos"], offsets, stored, cols, k_new, v_new, 0
+        )
