@@ -195,13 +195,17 @@ class SlabScaleStore:
                 cols = cols.masked_fill(cols == max_old + n, -1)
                 self._write_merged(layer, cols, old, off, kf.view(G, n, -1), vf.view(G, n, -1), at.start)
                 return
+            every = bool(take.all())
             take = take.nonzero().flatten()
             if len(take):
-                slots = (off[take] + old[take])[:, None] + torch.arange(n)
-                src = (take[:, None] * n + torch.arange(n)).flatten().to(dev)
-                slots = slots.flatten().to(dev)
-                self.k[layer][slots] = kf[src]
-                self.v[layer][slots] = vf[src]
+                slots = ((off[take] + old[take])[:, None] + torch.arange(n)).flatten().to(dev)
+                # index_copy_ rather than an indexed assignment (2.5x faster here); no gather of the
+                # new keys where every segment takes them (the usual case before a budget binds)
+                if not every:
+                    src = (take[:, None] * n + torch.arange(n)).flatten().to(dev)
+                    kf, vf = kf[src], vf[src]
+                self.k[layer].index_copy_(0, slots, kf)
+                self.v[layer].index_copy_(0, slots, vf)
                 self.pos[layer][slots] = (at.start + torch.arange(n, device=dev)).repeat(len(take)).int()
                 if merge:  # a key for itself (the slot may hold an earlier count)
                     self.bias[layer][slots] = 0.0
@@ -223,11 +227,14 @@ class SlabScaleStore:
         src_cur = (g * n + col - max_old)[~is_old].to(dev)
         dest_old, dest_cur = (off[g] + j)[is_old].to(dev), (off[g] + j)[~is_old].to(dev)
         # gather first (copies), then write: a kept key may move down within its own segment
-        kept = [(t[src_slot], f[src_cur]) for t, f in ((self.k[layer], kf), (self.v[layer], vf))]
+        kept = [
+            (t.index_select(0, src_slot), f.index_select(0, src_cur))
+            for t, f in ((self.k[layer], kf), (self.v[layer], vf))
+        ]
         kept_pos = self.pos[layer][src_slot]
         for t, (o, cur) in zip((self.k[layer], self.v[layer]), kept, strict=True):
-            t[dest_old] = o
-            t[dest_cur] = cur
+            t.index_copy_(0, dest_old, o)
+            t.index_copy_(0, dest_cur, cur)
         self.pos[layer][dest_old] = kept_pos
         self.pos[layer][dest_cur] = (at.start + col[~is_old] - max_old).int().to(dev)
 
