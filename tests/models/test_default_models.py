@@ -90,10 +90,10 @@ def test_every_model_generates_every_class_or_caption(runners):
 
 # 10 images of each of the 8 shapes per model (seeds 1000..1079, the config's sampling: cfg 2.0 for
 # VAR, 1.5 for the next-token models); chance is 1 in 8. The floors sit two to three standard errors
-# below what the bundled models reach on these seeds (bench/quality.py has the full figures: VAR
-# 93.75 % here and 92.8 % over 400 images, c2i 92.5 % here and 93.8 % over 400, t2i 96.25 % here and 91.2 % over 400), so a loader,
-# engine or sampling regression that drops a model towards chance fails here.
-FLOORS = {"var-shapes": 0.85, "llamagen-shapes": 0.85, "llamagen-shapes-t2i": 0.85}
+# (3.4 points at 80 images) below what the bundled models reach over 2800 images (bench/quality.py:
+# VAR 93.1 %, c2i 92.8 %, t2i 90.5 %; on these seeds 93.75, 92.5 and 86.25 %), so a loader, engine
+# or sampling regression that drops a model towards chance fails here.
+FLOORS = {"var-shapes": 0.85, "llamagen-shapes": 0.85, "llamagen-shapes-t2i": 0.8}
 
 
 @pytest.mark.parametrize("name", sorted(FLOORS))
