@@ -139,18 +139,23 @@ def _c_applies(k_slab, v_slab, bias_slab, pos_slab) -> bool:
 def merge_segments_cpu(k_slab, v_slab, bias_slab, pos_slab, offsets, stored, cols, k_new, v_new, pos_start):
     """merge_segments_torch in one C call (fp32 CPU slabs)."""
     G, n, D = k_new.shape
+    S = k_slab.shape[0]
     offsets, stored, cols = (t.cpu().long().contiguous() for t in (offsets, stored, cols))
-    k_new, v_new = (t.float().contiguous() for t in (k_new, v_new))
+    k_new, v_new = (t.cpu().float().contiguous() for t in (k_new, v_new))
+    # the kernel trusts these shapes (it checks only the slots and columns they hold)
+    assert k_slab.shape == v_slab.shape == (S, D) and bias_slab.shape == pos_slab.shape == (S,), "slab shapes"
+    assert v_new.shape == (G, n, D) and offsets.shape == stored.shape == (G,), "per-segment shapes"
+    assert cols.dim() == 2 and cols.shape[0] == G, "cols: (G, W)"
     max_stored = int(stored.max()) if G else 0
     rc = _c_kernel()(
-        k_slab.data_ptr(), v_slab.data_ptr(), bias_slab.data_ptr(), pos_slab.data_ptr(), k_slab.shape[0], D,
+        k_slab.data_ptr(), v_slab.data_ptr(), bias_slab.data_ptr(), pos_slab.data_ptr(), S, D,
         offsets.data_ptr(), stored.data_ptr(), max_stored, G,
         cols.data_ptr(), cols.shape[1],
         k_new.data_ptr(), v_new.data_ptr(), n, pos_start,
     )  # fmt: skip
-    if rc & 2:
+    if rc == 2:
         raise ValueError("kv_merge: a segment outside the slab, or a kept column that is no candidate")
-    if rc & 1:
+    if rc != 0:
         raise MemoryError("kv_merge.c: no memory for a segment's buffers")
 
 

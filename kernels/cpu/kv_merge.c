@@ -106,17 +106,30 @@ static void nearest_tile(const struct segment *s, const float *kt, long panels, 
   }
 }
 
-// One segment; returns 0, 1 where a buffer could not be allocated, 2 where its slots or a kept
-// column are out of range.
-static int merge_segment(float *k_slab, float *v_slab, float *bias, int32_t *pos, long S, long D, long off,
+// Whether segment g's slots and kept columns are in range: its slots in the slab, its kept columns
+// ascending candidates (no padding column), then only -1.
+static int segment_ok(long S, long off, long stored, long max_stored, const int64_t *cols, long W, long n) {
+  if (off < 0 || stored < 0 || stored > max_stored || off + stored > S) return 0;
+  long kept = 0;
+  while (kept < W && cols[kept] >= 0) kept++;
+  if (off + kept > S) return 0;
+  for (long j = 0; j < W; j++) {
+    if (j >= kept) {
+      if (cols[j] != -1) return 0;
+    } else if (cols[j] >= max_stored + n || (cols[j] >= stored && cols[j] < max_stored) ||
+               (j && cols[j] <= cols[j - 1])) {
+      return 0;
+    }
+  }
+  return 1;
+}
+
+// One segment (checked by segment_ok); returns 0, or 1 where a buffer could not be allocated.
+static int merge_segment(float *k_slab, float *v_slab, float *bias, int32_t *pos, long D, long off,
                          long stored, long max_stored, const int64_t *cols, long W, const float *k_new,
                          const float *v_new, long n, long pos_start) {
   long kept = 0;
   while (kept < W && cols[kept] >= 0) kept++;
-  if (off < 0 || off + stored > S || off + kept > S || stored > max_stored) return 2;
-  for (long j = 0; j < kept; j++)
-    if (cols[j] >= max_stored + n || (cols[j] >= stored && cols[j] < max_stored) || (j && cols[j] <= cols[j - 1]))
-      return 2;
   if (kept == 0) return 0;  // nothing to fold into (a plan never asks this of a segment)
   const long M = max_stored + n, panels = (kept + LANES - 1) / LANES;
   struct segment s = {k_slab, k_new, D, off, max_stored};
@@ -190,16 +203,19 @@ static int merge_segment(float *k_slab, float *v_slab, float *bias, int32_t *pos
 
 // k_slab, v_slab: (S, D); bias: (S,) log counts; pos: (S,) int32; offsets, stored: (G,) int64;
 // cols: (G, W) int64, each row's kept columns ascending, -1 past its keep; k_new, v_new: (G, n, D)
-// contiguous. Returns 0, or the bits of 1 (no memory) and 2 (a segment outside the slab, or a kept
-// column that is no candidate).
+// contiguous. Returns 0, 1 (no memory) or 2 (a segment outside the slab, or a kept column that is
+// no candidate; nothing written).
 int varserve_kv_merge(float *k_slab, float *v_slab, float *bias, int32_t *pos, long S, long D,
                       const int64_t *offsets, const int64_t *stored, long max_stored, long G,
                       const int64_t *cols, long W, const float *k_new, const float *v_new, long n,
                       long pos_start) {
+  // every segment checked before any is written: a bad call changes nothing
+  for (long g = 0; g < G; g++)
+    if (!segment_ok(S, offsets[g], stored[g], max_stored, cols + g * W, W, n)) return 2;
   int status = 0;
 #pragma omp parallel for schedule(dynamic, 1) if (G > 1) reduction(| : status)
   for (long g = 0; g < G; g++)
-    status |= merge_segment(k_slab, v_slab, bias, pos, S, D, offsets[g], stored[g], max_stored, cols + g * W,
-                            W, k_new + g * n * D, v_new + g * n * D, n, pos_start);
+    status |= merge_segment(k_slab, v_slab, bias, pos, D, offsets[g], stored[g], max_stored, cols + g * W, W,
+                            k_new + g * n * D, v_new + g * n * D, n, pos_start);
   return status;
 }

@@ -111,15 +111,43 @@ def test_a_segment_merges_the_same_alone_or_beside_others():
             assert torch.equal(alone[name][mine], together[name][mine]), (g, name)
 
 
-@pytest.mark.parametrize("bad", ["padding column", "past the candidates", "descending"])
-def test_a_kept_column_that_is_no_candidate_is_an_error(bad):
+def test_a_tie_across_panels_goes_to_the_first_kept_key():
+    # 20 kept keys, two of the kernel's 16-key panels: tokens 4, 17 and 20 (kept columns 3, 16 and
+    # 19) equal the evicted token 0; the lowest kept column takes it, whatever lane or panel the
+    # others sit in (unit keys: no other kept key reaches a dot product of 1)
+    case = random_case([0], 21, [20], 16, seed=11)
+    slab, offsets, stored, cols, k_new, v_new = case
+    cols[0] = torch.arange(1, 21)
+    k_new[0, 4] = k_new[0, 17] = k_new[0, 20] = k_new[0, 0]
+    for fn in (merge_segments_cpu, merge_segments_torch):
+        counts = run(fn, case)["bias"][:20].exp()
+        torch.testing.assert_close(counts, torch.where(torch.arange(20) == 3, 2.0, 1.0))
+
+
+@pytest.mark.parametrize("stored, n, keeps", [([4, 2], 0, [3, 1]), ([0, 0], 3, [3, 3])])
+def test_no_current_tokens_or_nothing_stored(stored, n, keeps):
+    case = random_case(stored, n, keeps, 16, seed=2)
+    assert_same_merge(run(merge_segments_cpu, case), run(merge_segments_torch, case))
+
+
+BAD_COLUMNS = {
+    "past the candidates": torch.tensor([0, 8]),  # 5 stored + 3 current: columns 0..7
+    "descending": torch.tensor([6, 5]),
+    "a column after the -1": torch.tensor([-1, 6]),
+}
+
+
+@pytest.mark.parametrize("bad", ["a padding column", *BAD_COLUMNS])
+def test_a_kept_column_that_is_no_candidate_is_an_error_and_nothing_is_written(bad):
     slab, offsets, stored, cols, k_new, v_new = random_case([2, 5], 3, [2, 2], 16)
-    cols[0] = {"padding column": torch.tensor([1, 3]), "past the candidates": torch.tensor([0, 8])}.get(
-        bad, torch.tensor([5, 6])
-    )
-    if bad == "descending":
-        cols[1] = torch.tensor([6, 5])
+    if bad == "a padding column":
+        cols[0] = torch.tensor([1, 3])  # segment 0 holds 2 of the 5 stored columns: 3 is padding
+    else:
+        cols[1] = BAD_COLUMNS[bad]
+    before = {name: t.clone() for name, t in slab.items()}
     with pytest.raises(ValueError, match="kept column that is no candidate"):
         merge_segments_cpu(
             slab["k"], slab["v"], slab["bias"], slab["pos"], offsets, stored, cols, k_new, v_new, 0
         )
+    for name in slab:  # the valid segment was not merged either
+        assert torch.equal(slab[name], before[name]), name
