@@ -41,7 +41,8 @@ import torch
 from bench.measure import paired_speedup
 from bench.quality import predict, train_classifier
 from models.config import DEFAULT_CONFIG, load_config
-from models.kv.policies import ScaleGeometry, plan_evicts, policy
+from models.kv.compressed import slab_nbytes
+from models.kv.policies import ScaleGeometry, policy
 from models.kv.profile import KVProfile
 from models.runner import Runner, load_runner
 from models.settings import ImageSettings
@@ -227,18 +228,6 @@ def speeds(runner: Runner, cells: list[Cell], batch: int, images: int, rounds: i
     }
 
 
-def planned_bytes(
-    geo: ScaleGeometry, cell: Cell, profile: KVProfile, head_dim: int, itemsize: int, rows: int
-):
-    """Stored KV bytes of `rows` rows under a cell's plan: each (layer, head) segment's slab holds the
-    most its plan ever holds (the store allocates exactly that), K and V."""
-    p = policy(cell.policy)
-    counts = p.plan(geo, profile, 1.0 if cell.policy == "full" else cell.budget)  # (S - 1, depth, H)
-    merging = cell.merge and plan_evicts(geo, counts)  # full's plan keeps every key
-    per_slot = 2 * head_dim * itemsize + (4 if merging else 0)  # + log count
-    return int(counts.max(0).values.sum()) * rows * per_slot
-
-
 def published_table(cells: list[Cell], batch: int = BATCH) -> tuple[list[str], list[list[str]]]:
     """KV bytes at `batch` guided images (rows = 2 x batch) for VAR-d16 and d30 at 256 px, fp16 and
     fp32, from the plans with the default profile (no calibration of those models here)."""
@@ -257,8 +246,8 @@ def published_table(cells: list[Cell], batch: int = BATCH) -> tuple[list[str], l
         for depth, heads, d in PUBLISHED.values():
             geo = ScaleGeometry(PATCH_NUMS_256, depth, heads)
             profile = KVProfile.default(PATCH_NUMS_256, depth, heads)
-            fp16 = planned_bytes(geo, cell, profile, d, 2, rows)
-            fp32 = planned_bytes(geo, cell, profile, d, 4, rows)
+            fp16 = slab_nbytes(geo, profile, [(cell.policy, cell.budget, cell.merge)] * rows, d, 2)
+            fp32 = slab_nbytes(geo, profile, [(cell.policy, cell.budget, cell.merge)] * rows, d, 4)
             papers_full = stored_len * 2 * depth * heads * d * 2 * rows
             line += [f"{fp16 / 2**20:.1f}", f"{fp32 / 2**20:.1f}", f"{fp16 / papers_full:.3f}"]
         table.append(line)

@@ -46,7 +46,7 @@ import torch
 
 from kernels.kv_merge import merge_segments
 from kernels.scale_attention import attention_mass, scale_attention
-from models.kv.policies import Candidates, ScaleGeometry, plan_evicts
+from models.kv.policies import Candidates, ScaleGeometry, plan_evicts, policy
 from models.kv.profile import KVProfile
 from models.kv.store import ScaleSpan
 
@@ -66,6 +66,24 @@ def select(tier: torch.Tensor, key: torch.Tensor, valid: torch.Tensor, keep: tor
     taken = torch.arange(width)[None, :] < keep[:, None]
     cols = torch.sort(order.masked_fill(~taken, M), dim=1).values
     return cols.masked_fill(cols == M, -1)
+
+
+def slab_nbytes(
+    geo: ScaleGeometry,
+    profile: KVProfile,
+    row_policies: list[tuple[str, float, bool]],
+    head_dim: int,
+    itemsize: int,
+) -> int:
+    """The bytes SlabScaleStore allocates for rows of (policy name, budget, merge), known from the
+    plans alone: each (row, layer, head) segment at the most its plan ever holds, K and V, and a
+    log count (fp32) per slot of every row where some row's plan folds keys (`full` keeps all)."""
+    tokens, merging = 0, False
+    for name, budget, merge in row_policies:
+        counts = policy(name).plan(geo, profile, 1.0 if name == "full" else budget)  # (S - 1, depth, H)
+        tokens += int(counts.max(0).values.sum())
+        merging |= merge and plan_evicts(geo, counts)
+    return tokens * (2 * head_dim * itemsize + (4 if merging else 0))
 
 
 class SlabScaleStore:

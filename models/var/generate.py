@@ -11,9 +11,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from models.kv.compressed import SlabScaleStore
+from models.kv.compressed import SlabScaleStore, slab_nbytes
 from models.kv.dense import DenseScaleStore
-from models.kv.policies import ScaleGeometry, plan_evicts, policy
+from models.kv.policies import ScaleGeometry, policy
 from models.kv.profile import KVProfile
 from models.kv.store import KVStore
 from models.runtime import device_clock
@@ -123,15 +123,8 @@ def planned_kv_bytes(model: VAR, settings: list[ImageSettings], profile: KVProfi
         return 2 * c.depth * copies * len(settings) * c.num_heads * c.seq_len * c.head_dim * itemsize
     geo = ScaleGeometry(tuple(c.patch_nums), c.depth, c.num_heads)
     profile = profile or KVProfile.default(geo.patch_nums, c.depth, c.num_heads)
-    tokens = 0  # per row, summed over (layer, head) segments
-    merging = False
-    for s in settings:
-        p = policy(s.kv_policy)
-        counts = p.plan(geo, profile, 1.0 if s.kv_policy == "full" else s.kv_budget)
-        tokens += int(counts.max(0).values.sum())
-        merging |= s.kv_merge and plan_evicts(geo, counts)  # full's plan keeps every key
-    # a store with merging rows holds a log count (fp32) per slot of every row (SlabScaleStore.bias)
-    return copies * tokens * (2 * c.head_dim * itemsize + (4 if merging else 0))
+    rows = [(s.kv_policy, s.kv_budget, s.kv_merge) for s in settings] * copies
+    return slab_nbytes(geo, profile, rows, c.head_dim, itemsize)
 
 
 @torch.inference_mode()
