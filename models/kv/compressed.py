@@ -204,7 +204,8 @@ class SlabScaleStore:
         if p.append_only or bool((new == old + n).all()):
             assert bool(((new == old) | (new == old + n)).all()), (p.name, old, new)
             take = new == old + n
-            if merge and not bool(take.all()):
+            every = bool(take.all())
+            if merge and not every:
                 # a segment that drops the scale (heatkv) folds its keys into what it holds
                 max_old = int(old.max())
                 cols = torch.arange(max_old + n)[None, :].expand(G, -1)
@@ -213,7 +214,6 @@ class SlabScaleStore:
                 cols = cols.masked_fill(cols == max_old + n, -1)
                 self._write_merged(layer, cols, old, off, kf.view(G, n, -1), vf.view(G, n, -1), at.start)
                 return
-            every = bool(take.all())
             take = take.nonzero().flatten()
             if len(take):
                 slots = ((off[take] + old[take])[:, None] + torch.arange(n)).flatten().to(dev)

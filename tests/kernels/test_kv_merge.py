@@ -10,13 +10,13 @@ from kernels.kv_merge import _c_kernel, merge_segments, merge_segments_cpu, merg
 pytestmark = pytest.mark.skipif(_c_kernel() is None, reason="no C compiler")
 
 
-def random_case(stored, n, keeps, D, seed=0, capacity=None):
-    """Segments with `stored` tokens each (their slots first in the slab, room for `capacity`), `n`
+def random_case(stored, n, keeps, D, seed=0):
+    """Segments with `stored` tokens each (their slots first in the slab, 3 to spare), `n`
     current tokens, and `keeps[g]` kept columns drawn at random among each segment's candidates."""
     g = torch.Generator().manual_seed(seed)
     G = len(stored)
     max_stored = max(stored)
-    cap = capacity or [max(s, k) + 3 for s, k in zip(stored, keeps, strict=True)]
+    cap = [max(s, k) + 3 for s, k in zip(stored, keeps, strict=True)]  # 3 slots to spare each
     offsets = torch.tensor([0] + cap[:-1]).cumsum(0)
     S = sum(cap)
     slab = {
