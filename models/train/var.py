@@ -46,7 +46,18 @@ VAR_CONFIG = VARConfig(
 CLASS_DROPOUT = 0.1
 
 
-def train_var(vae: VQVAE, images, labels, gen, run: Run) -> VAR:
+def epoch_pool(labels: torch.Tensor, oversample: tuple[int, ...] = ()) -> torch.Tensor:
+    """labels (N,) -> the image indices an epoch draws from: each image once, and the images of the
+    `oversample` classes a second time (more of the steps spent on the shapes the model draws
+    worst; each class's images stay the same, only their share of the steps moves)."""
+    twice = [torch.nonzero(labels == c).flatten() for c in oversample]
+    return torch.cat([torch.arange(len(labels)), *twice])
+
+
+def train_var(
+    vae: VQVAE, images, labels, gen, run: Run, lr: float = 1.5e-3, oversample: tuple[int, ...] = ()
+) -> VAR:
+    pool = epoch_pool(labels, oversample)
     with torch.no_grad():
         # = vae.img_to_idx (check_equivalent), through the cheap path for the fixed outer level
         per_chunk = [vae.quantize.quantize(outer_levels.encode(vae, x)) for x in images.split(100)]
@@ -57,13 +68,14 @@ def train_var(vae: VQVAE, images, labels, gen, run: Run) -> VAR:
     null = VAR_CONFIG.num_classes
 
     def loss_fn(idx):
+        idx = pool[idx]
         y = labels[idx]
         drop = torch.rand(len(idx), generator=gen) < CLASS_DROPOUT  # trains the null class for cfg
         logits = model(torch.where(drop, null, y), inputs[idx])
         loss = F.cross_entropy(logits.flatten(0, 1), targets[idx].flatten())
         return loss, {}
 
-    run.train(model, loss_fn, len(images), gen, "var", "var.pt", lr=1.5e-3, weight_decay=0.05)
+    run.train(model, loss_fn, len(pool), gen, "var", "var.pt", lr=lr, weight_decay=0.05)
     return model.requires_grad_(False)
 
 
@@ -76,6 +88,14 @@ def main() -> None:
     p.add_argument("--vae-steps", type=int, default=1000)
     p.add_argument("--var-steps", type=int, default=950)
     p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--var-lr", type=float, default=1.5e-3, help="the VAR stage's peak learning rate")
+    p.add_argument(
+        "--oversample",
+        nargs="+",
+        choices=SHAPES,
+        default=(),
+        help="shapes whose images the VAR stage sees twice an epoch (e.g. the ones it draws worst)",
+    )
     p.add_argument("--threads", type=int, default=1)
     p.add_argument(
         "--extend",
@@ -104,7 +124,8 @@ def main() -> None:
         vae = build_vqvae(read_state_dict(vae_path), vae_path, PATCH_NUMS).float()  # as served
         var_path = args.out / "var_shapes.safetensors"
         var_run = replace(run, steps=args.var_steps, warm_start=var_path if args.warm_start else None)
-        model = train_var(vae, data.images, data.shape, gen, var_run)
+        oversample = tuple(SHAPES.index(s) for s in args.oversample)
+        model = train_var(vae, data.images, data.shape, gen, var_run, args.var_lr, oversample)
         save(half(model.state_dict()), var_path)
 
 

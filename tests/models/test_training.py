@@ -8,6 +8,7 @@ from torch import nn
 from models.train import outer_levels
 from models.train.common import batch_indices, train
 from models.train.data import COLOUR_NAMES, SHAPE_WORDS, SHAPES, caption, make_shapes, training_caption
+from models.train.var import epoch_pool
 
 
 def test_shapes_are_a_function_of_the_seed():
@@ -194,3 +195,11 @@ def test_a_warm_start_begins_from_saved_weights_and_then_resumes_from_its_checkp
     assert "resuming at step 3/5" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="--warm-start: .*missing.safetensors is not a file"):
         run(3, checkpoint="u.pt", weights="missing.safetensors")
+
+
+def test_an_oversampled_class_comes_twice_an_epoch_and_the_others_once():
+    labels = torch.tensor([0, 2, 1, 2, 0, 1])
+    assert torch.equal(epoch_pool(labels), torch.arange(6))
+    pool = epoch_pool(labels, (2, 0))
+    assert sorted(pool.tolist()) == [0, 0, 1, 1, 2, 3, 3, 4, 4, 5]
+    assert torch.bincount(labels[pool]).tolist() == [4, 2, 4]
