@@ -1,5 +1,6 @@
 """kv_merge: each segment of a ragged KV slab keeps some of its candidates and folds every other one
-into the kept key it is nearest to, in place.
+into the kept key it is nearest to, in place; or, without the merge (`compact_segments`), just
+moves its kept candidates to the front of its slots.
 
 The slab is the scale-attention kernel's (kernels/scale_attention.py): per layer `k_slab`,
 `v_slab` (S, D), `bias_slab` (S,) fp32 log counts (a slot standing for c keys adds log c to its
@@ -19,7 +20,8 @@ slots, in column order. Each segment is merged on its own, so a request never de
 kernels/cpu/kv_merge.c (built at first use by kernels/native.py), one pass over each segment with
 no (segments x candidates x kept) similarity matrix: it sums in the reference's order, but its
 dot products and norms round differently, so the two agree to float rounding and may pick another
-of two nearly equal nearest keys.
+of two nearly equal nearest keys. `compact_segments_torch` / `_cpu` (the same C file) are the write
+of a policy that evicts without merging; they agree exactly (copies only).
 """
 
 from __future__ import annotations
@@ -108,6 +110,78 @@ def merge_segments_torch(k_slab, v_slab, bias_slab, pos_slab, offsets, stored, c
     v_slab[dest] = merged_v[taken].to(v_slab.dtype)
     bias_slab[dest] = total[taken].log()
     pos_slab[dest] = pos.gather(1, kept_col)[taken].int()
+
+
+def compact_segments_torch(k_slab, v_slab, pos_slab, offsets, stored, cols, k_new, v_new, pos_start):
+    """The kept columns cols (G, W) (ascending, -1 padded) of each segment's candidates written to
+    the front of its slots, the others dropped. offsets, stored: (G,) long; k_new, v_new: (G, n, D)."""
+    dev, (G, n, _) = k_slab.device, k_new.shape
+    offsets, stored, cols = offsets.cpu(), stored.cpu(), cols.cpu()
+    taken = cols >= 0
+    g = torch.arange(G)[:, None].expand_as(cols)[taken]
+    j = torch.arange(cols.shape[1])[None, :].expand_as(cols)[taken]
+    col = cols[taken]
+    max_stored = int(stored.max()) if G else 0
+    is_old = col < max_stored
+    src_slot = (offsets[g] + col)[is_old].to(dev)
+    src_cur = (g * n + col - max_stored)[~is_old].to(dev)
+    dest_old, dest_cur = (offsets[g] + j)[is_old].to(dev), (offsets[g] + j)[~is_old].to(dev)
+    # gather first (copies), then write: a kept key may move down within its own segment
+    kept = [
+        (t.index_select(0, src_slot), f.reshape(G * n, -1).index_select(0, src_cur))
+        for t, f in ((k_slab, k_new), (v_slab, v_new))
+    ]
+    kept_pos = pos_slab[src_slot]
+    for t, (o, cur) in zip((k_slab, v_slab), kept, strict=True):
+        t.index_copy_(0, dest_old, o)
+        t.index_copy_(0, dest_cur, cur.to(t.dtype))
+    pos_slab[dest_old] = kept_pos
+    pos_slab[dest_cur] = (pos_start + col[~is_old] - max_stored).int().to(dev)
+
+
+@functools.cache
+def _compact_kernel():
+    """kernels/cpu/kv_merge.c's compaction entry point, or None where it cannot be built."""
+    ptr, long = ctypes.c_void_p, ctypes.c_long
+    return native.function(
+        "kv_merge",
+        "varserve_kv_compact",
+        *(ptr, ptr, ptr, long, long, long),  # k, v, pos slabs; S, D, bytes a value
+        *(ptr, ptr, long, long),  # offsets, stored, max stored, G
+        *(ptr, long),  # cols, W
+        *(ptr, ptr, long, long),  # k_new, v_new, n, pos_start
+        restype=ctypes.c_int,
+    )
+
+
+def compact_segments_cpu(k_slab, v_slab, pos_slab, offsets, stored, cols, k_new, v_new, pos_start):
+    """compact_segments_torch in one C call (contiguous CPU slabs of any dtype, int32 positions)."""
+    G, n, D = k_new.shape
+    S = k_slab.shape[0]
+    offsets, stored, cols = (t.cpu().long().contiguous() for t in (offsets, stored, cols))
+    k_new, v_new = (t.to(k_slab.dtype).contiguous() for t in (k_new, v_new))
+    assert k_slab.shape == v_slab.shape == (S, D) and pos_slab.shape == (S,), "slab shapes"
+    assert v_new.shape == (G, n, D) and offsets.shape == stored.shape == (G,), "per-segment shapes"
+    assert cols.dim() == 2 and cols.shape[0] == G, "cols: (G, W)"
+    max_stored = int(stored.max()) if G else 0
+    rc = _compact_kernel()(
+        k_slab.data_ptr(), v_slab.data_ptr(), pos_slab.data_ptr(), S, D, k_slab.element_size(),
+        offsets.data_ptr(), stored.data_ptr(), max_stored, G,
+        cols.data_ptr(), cols.shape[1],
+        k_new.data_ptr(), v_new.data_ptr(), n, pos_start,
+    )  # fmt: skip
+    if rc != 0:
+        raise ValueError("kv_compact: a segment outside the slab, or a kept column that is no candidate")
+
+
+def compact_segments(k_slab, v_slab, pos_slab, offsets, stored, cols, k_new, v_new, pos_start) -> None:
+    """See compact_segments_torch: k_slab, v_slab (S, D), pos_slab (S,) int32, changed in place. The C
+    kernel on CPU where it builds, else the reference."""
+    slabs_ok = all(t.device.type == "cpu" and t.is_contiguous() for t in (k_slab, v_slab, pos_slab))
+    if slabs_ok and pos_slab.dtype == torch.int32 and _compact_kernel() is not None:
+        compact_segments_cpu(k_slab, v_slab, pos_slab, offsets, stored, cols, k_new, v_new, pos_start)
+    else:
+        compact_segments_torch(k_slab, v_slab, pos_slab, offsets, stored, cols, k_new, v_new, pos_start)
 
 
 @functools.cache

@@ -15,9 +15,10 @@ A scale, per layer and group of rows: `write` hands over the scale's K/V; `atten
 `scale_attention` over [the rows' segments | the scale's own keys]; then, unless it is the last
 scale (whose keys nobody reads again, so they are never stored), each row's policy picks what its
 segments keep of [stored | current]: the best `counts[si]` candidates by the policy's
-(tier, key), ties by candidate index, ranked with `attention_mass` of the observed queries where
-the policy needs it. The choice is gathered into a copy first and then written back into the
-segment's own slots (a segment only shrinks or grows within its slots, so nothing else moves).
+(tier, key), ties by candidate index (kernels/kv_select.py), ranked with `attention_mass` of the
+observed queries where the policy needs it. The kept candidates move to the front of the
+segment's own slots (kernels/kv_merge.compact_segments; a segment only shrinks or grows within its
+slots, so nothing else moves).
 Lengths are the plan's, known on the host: no step reads a device value to size anything.
 
 **Merging** (a row's `merge`, the request's `kv_merge`; every policy but full, which evicts
@@ -44,28 +45,12 @@ from __future__ import annotations
 
 import torch
 
-from kernels.kv_merge import merge_segments
+from kernels.kv_merge import compact_segments, merge_segments
+from kernels.kv_select import select_columns
 from kernels.scale_attention import attention_mass, scale_attention
 from models.kv.policies import Candidates, ScaleGeometry, plan_evicts, policy
 from models.kv.profile import KVProfile
 from models.kv.store import ScaleSpan
-
-
-def select(tier: torch.Tensor, key: torch.Tensor, valid: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-    """tier, key: (G, M) priorities (higher first: tier, then key, then the lower column); valid:
-    (G, M) bool; keep: (G,) long, how many each segment keeps (<= its valid columns) -> (G, max
-    keep) long: the kept columns in ascending order, -1 past each segment's keep."""
-    G, M = tier.shape
-    width = int(keep.max()) if G else 0
-    if width == 0:
-        return torch.full((G, 0), -1, dtype=torch.long)
-    # two stable sorts make a lexicographic order: by key, then by tier (stable: ties stay by index)
-    order = torch.sort(key.masked_fill(~valid, -torch.inf), dim=1, descending=True, stable=True).indices
-    t = tier.masked_fill(~valid, -1).gather(1, order)
-    order = order.gather(1, torch.sort(t, dim=1, descending=True, stable=True).indices)[:, :width]
-    taken = torch.arange(width)[None, :] < keep[:, None]
-    cols = torch.sort(order.masked_fill(~taken, M), dim=1).values
-    return cols.masked_fill(cols == M, -1)
 
 
 def slab_nbytes(
@@ -199,7 +184,7 @@ class SlabScaleStore:
         vf = v[local].reshape(G * n, -1)
         # Append-only policies take a scale whole or not at all; any policy whose segments all keep
         # everything (a budget of 1, or a scale before the budget binds) appends too, without the
-        # mass and ranking it would not use: `select` keeps columns in order, so the layout is the
+        # mass and ranking it would not use: `select_columns` keeps columns in order, so the layout is the
         # same either way.
         if p.append_only or bool((new == old + n).all()):
             assert bool(((new == old) | (new == old + n)).all()), (p.name, old, new)
@@ -231,30 +216,14 @@ class SlabScaleStore:
         c = self._candidates(p, layer, si, at, rows, local, segs, old, off, q, k, v, scale)
         c.keep = new
         tier, key = p.rank(c, self.profile)
-        cols = select(tier.cpu(), key.cpu(), c.valid.cpu(), new)  # (G, max new), -1 padded
+        cols = select_columns(tier.cpu(), key.cpu(), c.valid.cpu(), new)  # (G, max new), -1 padded
+        k_new, v_new = kf.view(G, n, -1), vf.view(G, n, -1)
         if merge:
-            self._write_merged(layer, cols, old, off, kf.view(G, n, -1), vf.view(G, n, -1), at.start)
-            return
-        taken = cols >= 0
-        g = torch.arange(G)[:, None].expand_as(cols)[taken]
-        j = torch.arange(cols.shape[1])[None, :].expand_as(cols)[taken]
-        col = cols[taken]
-        max_old = int(old.max())
-        is_old = col < max_old
-        src_slot = (off[g] + col)[is_old].to(dev)
-        src_cur = (g * n + col - max_old)[~is_old].to(dev)
-        dest_old, dest_cur = (off[g] + j)[is_old].to(dev), (off[g] + j)[~is_old].to(dev)
-        # gather first (copies), then write: a kept key may move down within its own segment
-        kept = [
-            (t.index_select(0, src_slot), f.index_select(0, src_cur))
-            for t, f in ((self.k[layer], kf), (self.v[layer], vf))
-        ]
-        kept_pos = self.pos[layer][src_slot]
-        for t, (o, cur) in zip((self.k[layer], self.v[layer]), kept, strict=True):
-            t.index_copy_(0, dest_old, o)
-            t.index_copy_(0, dest_cur, cur)
-        self.pos[layer][dest_old] = kept_pos
-        self.pos[layer][dest_cur] = (at.start + col[~is_old] - max_old).int().to(dev)
+            self._write_merged(layer, cols, old, off, k_new, v_new, at.start)
+        else:
+            compact_segments(
+                self.k[layer], self.v[layer], self.pos[layer], off, old, cols, k_new, v_new, at.start
+            )
 
     def _candidates(self, p, layer, si, at, rows, local, segs, old, off, q, k, v, scale) -> Candidates:
         """[stored, padded to the longest | current] of each segment, with positions, scales, mass

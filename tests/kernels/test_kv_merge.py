@@ -1,11 +1,19 @@
-"""kv_merge's C kernel (kernels/cpu/kv_merge.c) against its PyTorch reference: ragged segments,
-empty and full ones, kept counts across the kernel's 16-key panels, ties, and bad columns."""
+"""kv_merge's C kernels (kernels/cpu/kv_merge.c) against their PyTorch references: ragged segments,
+empty and full ones, kept counts across the kernel's 16-key panels, ties, and bad columns; and the
+compaction without a merge."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels.kv_merge import _c_kernel, merge_segments, merge_segments_cpu, merge_segments_torch
+from kernels.kv_merge import (
+    _c_kernel,
+    compact_segments_cpu,
+    compact_segments_torch,
+    merge_segments,
+    merge_segments_cpu,
+    merge_segments_torch,
+)
 
 pytestmark = pytest.mark.skipif(_c_kernel() is None, reason="no C compiler")
 
@@ -151,3 +159,54 @@ def test_a_kept_column_that_is_no_candidate_is_an_error_and_nothing_is_written(b
         )
     for name in slab:  # the valid segment was not merged either
         assert torch.equal(slab[name], before[name]), name
+
+
+def compact(fn, case, dtype=torch.float32, pos_start=100):
+    slab, offsets, stored, cols, k_new, v_new = case
+    out = {name: slab[name].clone() for name in ("k", "v", "pos")}
+    out["k"], out["v"] = out["k"].to(dtype), out["v"].to(dtype)
+    fn(out["k"], out["v"], out["pos"], offsets, stored, cols, k_new.to(dtype), v_new.to(dtype), pos_start)
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    "stored, n, keeps, D",
+    [
+        ([5, 0, 3], 4, [4, 2, 1], 16),
+        ([30, 7, 19, 0], 25, [17, 16, 33, 1], 32),
+        ([40, 40], 169, [20, 100], 24),
+    ],
+)
+def test_compaction_in_c_equals_the_reference_exactly(stored, n, keeps, D, dtype):
+    case = random_case(stored, n, keeps, D, seed=sum(keeps) + 1)
+    got, want = compact(compact_segments_cpu, case, dtype), compact(compact_segments_torch, case, dtype)
+    for name in got:
+        assert torch.equal(got[name], want[name]), name
+
+
+def test_compaction_moves_the_kept_candidates_to_the_front_in_column_order():
+    case = random_case([6, 2], 3, [4, 3], 16, seed=5)
+    slab, offsets, stored, cols, k_new, v_new = case
+    cols[0] = torch.tensor([1, 4, 6, 8])  # stored 1 and 4, current 0 and 2 (columns from 6)
+    cols[1] = torch.tensor([0, 7, -1, -1])  # stored 0, current 1
+    got = compact(compact_segments_cpu, case)
+    o0, o1 = offsets.tolist()
+    assert torch.equal(
+        got["k"][o0 : o0 + 4], torch.stack([slab["k"][o0 + 1], slab["k"][o0 + 4], k_new[0, 0], k_new[0, 2]])
+    )
+    assert got["pos"][o0 : o0 + 4].tolist() == [*slab["pos"][[o0 + 1, o0 + 4]].tolist(), 100, 102]
+    assert torch.equal(got["v"][o1 : o1 + 2], torch.stack([slab["v"][o1], v_new[1, 1]]))
+    assert got["pos"][o1 : o1 + 2].tolist() == [int(slab["pos"][o1]), 101]
+    rest = slice(o1 + 2, len(slab["k"]))  # past segment 1's kept slots: untouched
+    assert torch.equal(got["k"][rest], slab["k"][rest])
+
+
+def test_a_bad_column_in_compaction_is_an_error_and_nothing_is_written():
+    slab, offsets, stored, cols, k_new, v_new = random_case([2, 5], 3, [2, 2], 16)
+    cols[1] = torch.tensor([6, 5])  # descending
+    before = {name: slab[name].clone() for name in ("k", "v", "pos")}
+    with pytest.raises(ValueError, match="kept column that is no candidate"):
+        compact_segments_cpu(slab["k"], slab["v"], slab["pos"], offsets, stored, cols, k_new, v_new, 0)
+    for name, t in before.items():
+        assert torch.equal(slab[name], t), name

@@ -4,7 +4,7 @@ their selection rules on hand-made candidates and mass (ties broken by index).""
 import pytest
 import torch
 
-from models.kv.compressed import select
+from kernels.kv_select import select_columns
 from models.kv.policies import (
     HACK,
     KV_POLICIES,
@@ -77,17 +77,6 @@ def test_plans_hold_the_budget_and_never_keep_more_than_exists(name, budget, pro
         assert slab > allowed - GEO.sizes[-2]
 
 
-def test_select_takes_tier_then_key_then_the_lower_index_and_returns_columns_in_order():
-    tier = torch.tensor([[0, 1, 0, 0, 1, 0], [0, 0, 0, 0, 0, 0]])
-    key = torch.tensor([[5.0, 0.0, 5.0, 9.0, 0.0, 1.0], [1.0, 1.0, 1.0, 1.0, 2.0, 1.0]])
-    valid = torch.tensor([[True] * 6, [True, True, True, False, True, True]])
-    cols = select(tier, key, valid, torch.tensor([4, 3]))
-    # row 0: tier 1 (cols 1, 4), then key 9 (col 3), then the tie 5/5 goes to col 0
-    # row 1: key 2 (col 4), then the ties 1.0 by index: cols 0, 1 (col 3 is not valid)
-    assert cols.tolist() == [[0, 1, 3, 4], [0, 1, 4, -1]]
-    assert select(tier, key, valid, torch.tensor([0, 0])).shape == (2, 0)
-
-
 def candidates(si: int, stored: list[list[int]], mass=None, heads=None, layer=0, obs=None) -> Candidates:
     """Segments holding the given positions, then the whole scale si, in the store's layout."""
     n, start = GEO.sizes[si], GEO.starts[si]
@@ -103,7 +92,7 @@ def candidates(si: int, stored: list[list[int]], mass=None, heads=None, layer=0,
 
 def kept_positions(p, c: Candidates, keep: int, profile=PROFILES["default"]) -> list[list[int]]:
     tier, key = p.rank(c, profile)
-    cols = select(tier, key, c.valid, torch.full((c.pos.shape[0],), keep))
+    cols = select_columns(tier, key, c.valid, torch.full((c.pos.shape[0],), keep))
     return [[int(c.pos[g, j]) for j in row if j >= 0] for g, row in enumerate(cols)]
 
 
