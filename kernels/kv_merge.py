@@ -114,8 +114,11 @@ def merge_segments_torch(k_slab, v_slab, bias_slab, pos_slab, offsets, stored, c
 
 def compact_segments_torch(k_slab, v_slab, pos_slab, offsets, stored, cols, k_new, v_new, pos_start):
     """The kept columns cols (G, W) (ascending, -1 padded) of each segment's candidates written to
-    the front of its slots, the others dropped. offsets, stored: (G,) long; k_new, v_new: (G, n, D)."""
-    dev, (G, n, _) = k_slab.device, k_new.shape
+    the front of its slots, the others dropped. offsets, stored: (G,) long; k_new, v_new: (rows, H,
+    n, D) with G = rows * H (segment g = row * H + head) or (G, n, D)."""
+    dev, (n, D) = k_slab.device, k_new.shape[-2:]
+    G = cols.shape[0]
+    k_new, v_new = k_new.reshape(G * n, D), v_new.reshape(G * n, D)
     offsets, stored, cols = offsets.cpu(), stored.cpu(), cols.cpu()
     taken = cols >= 0
     g = torch.arange(G)[:, None].expand_as(cols)[taken]
@@ -123,12 +126,14 @@ def compact_segments_torch(k_slab, v_slab, pos_slab, offsets, stored, cols, k_ne
     col = cols[taken]
     max_stored = int(stored.max()) if G else 0
     is_old = col < max_stored
+    moved = col != j  # stored keys already in place (an append) are not copied
+    g, j, col, is_old = g[moved | ~is_old], j[moved | ~is_old], col[moved | ~is_old], is_old[moved | ~is_old]
     src_slot = (offsets[g] + col)[is_old].to(dev)
     src_cur = (g * n + col - max_stored)[~is_old].to(dev)
     dest_old, dest_cur = (offsets[g] + j)[is_old].to(dev), (offsets[g] + j)[~is_old].to(dev)
     # gather first (copies), then write: a kept key may move down within its own segment
     kept = [
-        (t.index_select(0, src_slot), f.reshape(G * n, -1).index_select(0, src_cur))
+        (t.index_select(0, src_slot), f.index_select(0, src_cur))
         for t, f in ((k_slab, k_new), (v_slab, v_new))
     ]
     kept_pos = pos_slab[src_slot]
@@ -149,26 +154,37 @@ def _compact_kernel():
         *(ptr, ptr, ptr, long, long, long),  # k, v, pos slabs; S, D, bytes a value
         *(ptr, ptr, long, long),  # offsets, stored, max stored, G
         *(ptr, long),  # cols, W
-        *(ptr, ptr, long, long),  # k_new, v_new, n, pos_start
+        *(ptr, ptr, ptr, long, long, long),  # k_new, v_new, their strides, H, n, pos_start
         restype=ctypes.c_int,
     )
 
 
+def _rows_heads(t: torch.Tensor, G: int, dtype: torch.dtype) -> torch.Tensor:
+    """(rows, H, n, D) or (G, n, D) -> (rows, H, n, D) of `dtype` with a unit stride over D, a view
+    where it already is."""
+    t = t if t.dim() == 4 else t.view(G, 1, *t.shape[1:])
+    t = t.to(dtype)
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
 def compact_segments_cpu(k_slab, v_slab, pos_slab, offsets, stored, cols, k_new, v_new, pos_start):
-    """compact_segments_torch in one C call (contiguous CPU slabs of any dtype, int32 positions)."""
-    G, n, D = k_new.shape
-    S = k_slab.shape[0]
+    """compact_segments_torch in one C call (contiguous CPU slabs of any dtype, int32 positions),
+    reading k_new and v_new at their strides."""
+    G = cols.shape[0]
+    S, D = k_slab.shape
+    k_new, v_new = (_rows_heads(t, G, k_slab.dtype) for t in (k_new, v_new))
+    rows, H, n, _ = k_new.shape
     offsets, stored, cols = (t.cpu().long().contiguous() for t in (offsets, stored, cols))
-    k_new, v_new = (t.to(k_slab.dtype).contiguous() for t in (k_new, v_new))
-    assert k_slab.shape == v_slab.shape == (S, D) and pos_slab.shape == (S,), "slab shapes"
-    assert v_new.shape == (G, n, D) and offsets.shape == stored.shape == (G,), "per-segment shapes"
-    assert cols.dim() == 2 and cols.shape[0] == G, "cols: (G, W)"
+    assert v_slab.shape == (S, D) and pos_slab.shape == (S,), "slab shapes"
+    assert k_new.shape == v_new.shape == (rows, H, n, D) and rows * H == G, "k_new, v_new: (rows, H, n, D)"
+    assert offsets.shape == stored.shape == (G,) and cols.dim() == 2, "offsets, stored: (G,); cols: (G, W)"
+    strides = torch.tensor([*k_new.stride()[:3], *v_new.stride()[:3]], dtype=torch.long)
     max_stored = int(stored.max()) if G else 0
     rc = _compact_kernel()(
         k_slab.data_ptr(), v_slab.data_ptr(), pos_slab.data_ptr(), S, D, k_slab.element_size(),
         offsets.data_ptr(), stored.data_ptr(), max_stored, G,
         cols.data_ptr(), cols.shape[1],
-        k_new.data_ptr(), v_new.data_ptr(), n, pos_start,
+        k_new.data_ptr(), v_new.data_ptr(), strides.data_ptr(), H, n, pos_start,
     )  # fmt: skip
     if rc != 0:
         raise ValueError("kv_compact: a segment outside the slab, or a kept column that is no candidate")

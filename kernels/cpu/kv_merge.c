@@ -228,12 +228,15 @@ int varserve_kv_merge(float *k_slab, float *v_slab, float *bias, int32_t *pos, l
 // to max_stored | the n current tokens] written to the front of each segment's slots, kept stored
 // keys moved down within their own slots (a kept column is never below its destination, so the
 // forward copy reads every source before it is overwritten). k, v (S, D) of `elem` bytes a value
-// (copied as bytes: any dtype), pos (S,) int32; k_new, v_new (G, n, D) of the slab's dtype.
-// Returns 0, or 2 (nothing written) where a segment or column is out of range.
+// (copied as bytes: any dtype), pos (S,) int32. The current keys and values are read in place from
+// the model's (rows, H, n, D) tensors of the slab's dtype, segment g = row * H + head, at any
+// strides but a unit one over D (in values: new_strides = row, head, token of k, then of v), so
+// appending a scale costs no copy of it first. Returns 0, or 2 (nothing written) where a segment
+// or column is out of range.
 int varserve_kv_compact(char *k_slab, char *v_slab, int32_t *pos, long S, long D, long elem,
                         const int64_t *offsets, const int64_t *stored, long max_stored, long G,
-                        const int64_t *cols, long W, const char *k_new, const char *v_new, long n,
-                        long pos_start) {
+                        const int64_t *cols, long W, const char *k_new, const char *v_new,
+                        const int64_t *new_strides, long H, long n, long pos_start) {
   for (long g = 0; g < G; g++)  // every segment checked before any is written
     if (!segment_ok(S, offsets[g], stored[g], max_stored, cols + g * W, W, n)) return 2;
   const size_t row = (size_t)D * elem;
@@ -241,6 +244,8 @@ int varserve_kv_compact(char *k_slab, char *v_slab, int32_t *pos, long S, long D
   for (long g = 0; g < G; g++) {
     const int64_t *c = cols + g * W;
     const long off = offsets[g];
+    const char *kg = k_new + ((g / H) * new_strides[0] + (g % H) * new_strides[1]) * elem;
+    const char *vg = v_new + ((g / H) * new_strides[3] + (g % H) * new_strides[4]) * elem;
     for (long j = 0; j < W && c[j] >= 0; j++) {
       const long dest = off + j;
       if (c[j] < max_stored) {
@@ -252,8 +257,8 @@ int varserve_kv_compact(char *k_slab, char *v_slab, int32_t *pos, long S, long D
         }
       } else {
         const long t = c[j] - max_stored;
-        memcpy(k_slab + dest * row, k_new + (g * n + t) * row, row);
-        memcpy(v_slab + dest * row, v_new + (g * n + t) * row, row);
+        memcpy(k_slab + dest * row, kg + t * new_strides[2] * elem, row);
+        memcpy(v_slab + dest * row, vg + t * new_strides[5] * elem, row);
         pos[dest] = (int32_t)(pos_start + t);
       }
     }

@@ -173,61 +173,55 @@ class SlabScaleStore:
 
     def _keep(self, p, merge, counts, layer, si, at, rows: list[int], q, k, v, scale) -> None:
         H, n, dev = self.geo.num_heads, k.shape[2], self.device
-        local = torch.tensor(rows, device=dev) - at.rows.start  # rows within q, k, v
         segs = (torch.tensor(rows)[:, None] * H + torch.arange(H)).flatten()  # (G,) on the host
         old_h = counts[si - 1, layer] if si > 0 else torch.zeros(H, dtype=torch.long)  # (H,)
         new_h = counts[si, layer]
         G = len(segs)
         old, new = old_h.repeat(len(rows)), new_h.repeat(len(rows))  # (G,) host
         off = self._offsets[layer, segs]
-        kf = k[local].reshape(G * n, -1)  # (G * n, D), segment by segment
-        vf = v[local].reshape(G * n, -1)
+        if len(rows) < at.rows.stop - at.rows.start:  # some of the span's rows (rows are ascending)
+            local = torch.tensor(rows, device=dev) - at.rows.start
+            q, k, v = q[local], k[local], v[local]  # (len(rows), H, n, D)
         # Append-only policies take a scale whole or not at all; any policy whose segments all keep
         # everything (a budget of 1, or a scale before the budget binds) appends too, without the
-        # mass and ranking it would not use: `select_columns` keeps columns in order, so the layout is the
-        # same either way.
+        # mass and ranking it would not use: `select_columns` keeps columns in order, so the layout
+        # is the same either way.
         if p.append_only or bool((new == old + n).all()):
             assert bool(((new == old) | (new == old + n)).all()), (p.name, old, new)
             take = new == old + n
-            every = bool(take.all())
-            if merge and not every:
+            max_old = int(old.max())
+            if merge and not bool(take.all()):
                 # a segment that drops the scale (heatkv) folds its keys into what it holds
-                max_old = int(old.max())
                 cols = torch.arange(max_old + n)[None, :].expand(G, -1)
                 keep = (cols < old[:, None]) | ((cols >= max_old) & take[:, None])
                 cols = torch.sort(cols.masked_fill(~keep, max_old + n), dim=1).values[:, : int(new.max())]
                 cols = cols.masked_fill(cols == max_old + n, -1)
-                self._write_merged(layer, cols, old, off, kf.view(G, n, -1), vf.view(G, n, -1), at.start)
+                self._write_merged(layer, cols, old, off, k.reshape(G, n, -1), v.reshape(G, n, -1), at.start)
                 return
-            take = take.nonzero().flatten()
-            if len(take):
-                slots = ((off[take] + old[take])[:, None] + torch.arange(n)).flatten().to(dev)
-                # index_copy_ rather than an indexed assignment (2.5x faster here); no gather of the
-                # new keys where every segment takes them (the usual case before a budget binds)
-                if not every:
-                    src = (take[:, None] * n + torch.arange(n)).flatten().to(dev)
-                    kf, vf = kf[src], vf[src]
-                self.k[layer].index_copy_(0, slots, kf)
-                self.v[layer].index_copy_(0, slots, vf)
-                self.pos[layer][slots] = (at.start + torch.arange(n, device=dev)).repeat(len(take)).int()
-                if merge:  # a key for itself (the slot may hold an earlier count)
-                    self.bias[layer][slots] = 0.0
+            if not bool(take.any()):
+                return
+            # every stored column where it is, then the scale's where the segment takes it: the
+            # compaction copies only the new keys, read in place from k and v
+            j = torch.arange(max_old + n)[None, :]
+            cols = torch.where(j < old[:, None], j, j - old[:, None] + max_old)
+            cols = cols.masked_fill(j >= new[:, None], -1)[:, : int(new.max())]
+            compact_segments(self.k[layer], self.v[layer], self.pos[layer], off, old, cols, k, v, at.start)
+            if merge:  # a key for itself (the slot may hold an earlier count)
+                slots = ((off + old)[take][:, None] + torch.arange(n)).flatten().to(dev)
+                self.bias[layer][slots] = 0.0
             return
-        c = self._candidates(p, layer, si, at, rows, local, segs, old, off, q, k, v, scale)
+        c = self._candidates(p, layer, si, at, segs, old, off, q, k, v, scale)
         c.keep = new
         tier, key = p.rank(c, self.profile)
         cols = select_columns(tier.cpu(), key.cpu(), c.valid.cpu(), new)  # (G, max new), -1 padded
-        k_new, v_new = kf.view(G, n, -1), vf.view(G, n, -1)
         if merge:
-            self._write_merged(layer, cols, old, off, k_new, v_new, at.start)
+            self._write_merged(layer, cols, old, off, k.reshape(G, n, -1), v.reshape(G, n, -1), at.start)
         else:
-            compact_segments(
-                self.k[layer], self.v[layer], self.pos[layer], off, old, cols, k_new, v_new, at.start
-            )
+            compact_segments(self.k[layer], self.v[layer], self.pos[layer], off, old, cols, k, v, at.start)
 
-    def _candidates(self, p, layer, si, at, rows, local, segs, old, off, q, k, v, scale) -> Candidates:
+    def _candidates(self, p, layer, si, at, segs, old, off, q, k, v, scale) -> Candidates:
         """[stored, padded to the longest | current] of each segment, with positions, scales, mass
-        and, for a policy that `uses_values`, value norms."""
+        and, for a policy that `uses_values`, value norms. q, k, v: (rows, H, n, D), the segments' rows."""
         dev, n, G = self.device, k.shape[2], len(segs)
         max_old = int(old.max())
         cols = torch.arange(max_old)
@@ -246,8 +240,8 @@ class SlabScaleStore:
             obs_pos = at.start + obs
             segs_d = segs.to(dev)
             mass_slab, mass_cur = attention_mass(
-                q[local][:, :, obs],
-                k[local],
+                q[:, :, obs],
+                k,
                 self.k[layer],
                 self.offsets[layer, segs_d],
                 self.lengths[si, layer, segs_d],
@@ -260,7 +254,7 @@ class SlabScaleStore:
         value_norm = None
         if getattr(p, "uses_values", False):
             norm_old = torch.where(valid_old.to(dev), self.v[layer][slot_old].float().norm(dim=-1), 0.0)
-            value_norm = torch.cat([norm_old, v[local].reshape(G, n, -1).float().norm(dim=-1)], 1)
+            value_norm = torch.cat([norm_old, v.reshape(G, n, -1).float().norm(dim=-1)], 1)
         return Candidates(layer, si, heads, pos, scale_ids, valid, mass, obs_pos, value_norm=value_norm)
 
     def _write_merged(self, layer, cols, old, off, k_new, v_new, pos_start: int) -> None:

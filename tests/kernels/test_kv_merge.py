@@ -210,3 +210,18 @@ def test_a_bad_column_in_compaction_is_an_error_and_nothing_is_written():
         compact_segments_cpu(slab["k"], slab["v"], slab["pos"], offsets, stored, cols, k_new, v_new, 0)
     for name, t in before.items():
         assert torch.equal(slab[name], t), name
+
+
+def test_compaction_reads_the_models_strided_rows_and_heads_in_place():
+    # k, v as the model hands them over: (rows, H, n, D) views of a (rows, n, 3, H, D) projection
+    rows, H, n, D = 3, 2, 5, 16
+    case = random_case([4, 0, 6, 2, 3, 1], n, [5, 3, 7, 2, 8, 1], D, seed=13)
+    slab, offsets, stored, cols, k_new, v_new = case
+    qkv = torch.randn(rows, n, 3, H, D)
+    k_view, v_view = qkv.permute(2, 0, 3, 1, 4)[1], qkv.permute(2, 0, 3, 1, 4)[2]
+    assert not k_view.is_contiguous()
+    strided = (slab, offsets, stored, cols, k_view, v_view)
+    dense = (slab, offsets, stored, cols, k_view.reshape(rows * H, n, D), v_view.reshape(rows * H, n, D))
+    got, want = compact(compact_segments_cpu, strided), compact(compact_segments_torch, dense)
+    for name in got:
+        assert torch.equal(got[name], want[name]), name
