@@ -270,7 +270,7 @@ def _c_kernel():
         + (ptr,)  # bias_slab or NULL
         + (ptr, ptr, ctypes.c_int, long)  # offsets, lengths, int64?, slots in the slab
         + (ptr, long, long, long)  # out (d contiguous)
-        + (ptr, ptr, ptr)  # lse, mass_slab, mass_cur
+        + (ptr, ptr, ptr, ptr)  # lse, mass_slab, mass_cur, observed queries or NULL
         + (long,) * 5  # B, H, Lq, Lc, D
         + (ctypes.c_float,)
     )
@@ -308,7 +308,20 @@ def _ptr(t):
 
 
 def _run_c(
-    q, k_cur, v_cur, k_slab, v_slab, offsets, lengths, scale, out, lse, mass_slab, mass_cur, bias_slab
+    q,
+    k_cur,
+    v_cur,
+    k_slab,
+    v_slab,
+    offsets,
+    lengths,
+    scale,
+    out,
+    lse,
+    mass_slab,
+    mass_cur,
+    bias_slab,
+    observed=None,
 ):
     B, H, Lq, D = q.shape
     Lc = k_cur.shape[2]
@@ -319,6 +332,7 @@ def _run_c(
         offsets, lengths, wide = offsets.long(), lengths.long(), True
     offsets, lengths = offsets.contiguous(), lengths.contiguous()
     bias_slab = None if bias_slab is None else bias_slab.contiguous()  # held until the call returns
+    observed = None if observed is None else observed.to(torch.uint8).contiguous()
     rc = _c_kernel()(
         q.data_ptr(), *q.stride(),
         k_cur.data_ptr(), *k_cur.stride(),
@@ -327,7 +341,7 @@ def _run_c(
         _ptr(bias_slab),
         offsets.data_ptr(), lengths.data_ptr(), wide, k_slab.shape[0],
         _ptr(out), *(out.stride()[:3] if out is not None else (0, 0, 0)),
-        _ptr(lse), _ptr(mass_slab), _ptr(mass_cur),
+        _ptr(lse), _ptr(mass_slab), _ptr(mass_cur), _ptr(observed),
         B, H, Lq, Lc, D, scale,
     )  # fmt: skip
     assert rc != -2, "a segment [offset, offset + length) is outside the slab"
@@ -361,6 +375,27 @@ def scale_attention_cpu(
     elif out is None and q.dtype != torch.float32:
         o = o.to(q.dtype)
     return (o, lse) if return_lse else o
+
+
+def scale_attention_with_mass_cpu(
+    q, k_cur, v_cur, k_slab, v_slab, offsets, lengths, observed, scale=1.0, bias_slab=None
+):
+    """scale_attention and, in the same pass, attention_mass of the queries `observed` (Lq,) bool:
+    -> (out (B, H, Lq, D), mass_slab (S,) fp32, mass_cur (B, H, Lc) fp32), the same bits as the two
+    calls (the mass as attention_mass of q[:, :, observed]); None where the C kernel does not apply
+    (off the CPU, D not a multiple of 16, no compiler), where a caller makes the two calls. Saves
+    the mass call's second packing of every segment's keys and its Q K^T."""
+    _check(q, k_cur, v_cur, k_slab, v_slab, offsets, lengths, bias_slab)
+    args = _c_inputs(q, k_cur, v_cur, k_slab, v_slab)
+    if args is None:
+        return None
+    B, H, Lq, D = q.shape
+    assert observed.shape == (Lq,) and observed.dtype == torch.bool, "observed: (Lq,) bool"
+    out = torch.empty(B, H, Lq, D, dtype=torch.float32)
+    mass_slab = torch.zeros(k_slab.shape[0], dtype=torch.float32)
+    mass_cur = torch.zeros(B, H, k_cur.shape[2], dtype=torch.float32)
+    _run_c(*args, offsets, lengths, scale, out, None, mass_slab, mass_cur, bias_slab, observed.cpu())
+    return (out if q.dtype == torch.float32 else out.to(q.dtype)), mass_slab, mass_cur
 
 
 def attention_mass_cpu(

@@ -124,6 +124,7 @@ struct args {
   const void *offsets, *lengths;
   int wide;  // offsets and lengths are int64, else int32
   float *out, *lse, *mass_slab, *mass_cur;
+  const unsigned char *observed;  // (Lq) the queries whose mass is summed, or NULL: all
   long sob, soh, som;
   long H, Lq, Lc, D;
   float qscale;  // scale * log2(e)
@@ -192,7 +193,7 @@ static void segment(const struct args *A, long seg, long r0, long r1, float *kt,
       inv_l[m] = 1.0f / l;
       if (m >= rows) continue;
       if (A->lse) A->lse[seg * A->Lq + r + m] = (top + log2f(l)) * 0.69314718055994531f;
-      if (col)
+      if (col && (!A->observed || A->observed[r + m]))
         for (long j = 0; j < Np; j += 8) store8(col + j, load8(col + j) + load8(row + j) * inv_l[m]);
     }
     if (!A->out) continue;
@@ -238,7 +239,9 @@ static void *alloc(long floats) {
 // k_slab: (S, D) at any strides, v_slab: (S, D) with d contiguous; offsets, lengths: (B * H,)
 // int64 if wide, else int32. out: (B, H, Lq, D) with d contiguous, or NULL (mass only: v_cur,
 // v_slab unused); lse: (B * H * Lq) or NULL; mass_slab (S) and mass_cur (B * H * Lc), zeroed by
-// the caller, or both NULL; bias: (S) added to the logit of each stored key (natural log; a merged
+// the caller, or both NULL; observed: (Lq) nonzero for the queries whose mass is summed, or NULL
+// for all (with out, the forward and the mass of some of its queries in one pass: the same bits
+// as a mass-only call on those queries, which sums them in the same order); bias: (S) added to the logit of each stored key (natural log; a merged
 // key's log count), or NULL. Strides in elements. Returns 0; -2 if a segment is not inside the
 // slab; -1 if a buffer could not be allocated. Nothing is written unless 0.
 int varserve_scale_attention(const float *q, long sqb, long sqh, long sqm, long sqd,       //
@@ -249,6 +252,7 @@ int varserve_scale_attention(const float *q, long sqb, long sqh, long sqm, long 
                              const void *offsets, const void *lengths, int wide, long S,   //
                              float *out, long sob, long soh, long som,                     //
                              float *lse, float *mass_slab, float *mass_cur,                //
+                             const unsigned char *observed,                                //
                              long B, long H, long Lq, long Lc, long D, float scale) {
   const long BH = B * H, blocks = (Lq + RB - 1) / RB;
   if (BH == 0 || Lq == 0) return 0;
@@ -275,7 +279,7 @@ int varserve_scale_attention(const float *q, long sqb, long sqh, long sqm, long 
       .ks = ks, .sks = sks, .sksd = sksd, .vs = vs, .svs = svs, .bias = bias,
       .offsets = offsets, .lengths = lengths, .wide = wide,
       .out = out, .sob = sob, .soh = soh, .som = som,
-      .lse = lse, .mass_slab = mass_slab, .mass_cur = mass_cur,
+      .lse = lse, .mass_slab = mass_slab, .mass_cur = mass_cur, .observed = observed,
       .H = H, .Lq = Lq, .Lc = Lc, .D = D, .qscale = scale * 1.4426950408889634f,
   };
   int failed = 0;  // shared: a thread without its buffers stops every thread before any write

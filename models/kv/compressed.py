@@ -16,7 +16,8 @@ A scale, per layer and group of rows: `write` hands over the scale's K/V; `atten
 scale (whose keys nobody reads again, so they are never stored), each row's policy picks what its
 segments keep of [stored | current]: the best `counts[si]` candidates by the policy's
 (tier, key), ties by candidate index (kernels/kv_select.py), ranked with `attention_mass` of the
-observed queries where the policy needs it. The kept candidates move to the front of the
+observed queries where the policy needs it (on CPU summed in the scale's own attention pass, where
+one policy holds the span's rows: the same bits without a second pass over the keys). The kept candidates move to the front of the
 segment's own slots (kernels/kv_merge.compact_segments; a segment only shrinks or grows within its
 slots, so nothing else moves).
 Lengths are the plan's, known on the host: no step reads a device value to size anything.
@@ -47,7 +48,7 @@ import torch
 
 from kernels.kv_merge import compact_segments, merge_segments
 from kernels.kv_select import select_columns
-from kernels.scale_attention import attention_mass, scale_attention
+from kernels.scale_attention import attention_mass, scale_attention, scale_attention_with_mass_cpu
 from models.kv.policies import Candidates, ScaleGeometry, plan_evicts, policy
 from models.kv.profile import KVProfile
 from models.kv.store import ScaleSpan
@@ -134,7 +135,7 @@ class SlabScaleStore:
         self._current = None
         si, H = self._scale_at[at.start], self.geo.num_heads
         segs = slice(at.rows.start * H, at.rows.stop * H)
-        out = scale_attention(
+        args = (
             q,
             k,
             v,
@@ -142,15 +143,43 @@ class SlabScaleStore:
             self.v[layer],
             self.offsets[layer, segs],
             self.lengths[si, layer, segs],
-            scale,
-            bias_slab=self._bias(layer),
         )
+        observed = self._observed_in_pass(layer, si, at, k.shape[2])
+        fused = None
+        if observed is not None:  # the ranking's mass in the attention's own pass (CPU)
+            fused = scale_attention_with_mass_cpu(*args, observed, scale, bias_slab=self._bias(layer))
+        if fused is None:
+            out, mass = scale_attention(*args, scale, bias_slab=self._bias(layer)), None
+        else:
+            out, *mass = fused
         if si < len(self.geo.sizes) - 1:
             for p, _, merge, rows, counts in self.groups:
                 mine = [r for r in rows if at.rows.start <= r < at.rows.stop]
                 if mine:
-                    self._keep(p, merge, counts, layer, si, at, mine, q, k, v, scale)
+                    self._keep(p, merge, counts, layer, si, at, mine, q, k, v, scale, mass)
         return out
+
+    @staticmethod
+    def _appends(p, counts: torch.Tensor, layer: int, si: int, n: int) -> bool:
+        """Whether a group's segments take scale si (n tokens) whole or not at all at this layer, so
+        that nothing is ranked: an append-only policy, or every segment keeping everything."""
+        old = counts[si - 1, layer] if si > 0 else torch.zeros_like(counts[si, layer])
+        return p.append_only or bool((counts[si, layer] == old + n).all())
+
+    def _observed_in_pass(self, layer: int, si: int, at: ScaleSpan, n: int) -> torch.Tensor | None:
+        """(n,) bool, the queries whose attention mass the span's policy ranks by after this scale,
+        where one group holds all the span's rows and ranks with mass here; else None."""
+        if si == len(self.geo.sizes) - 1:
+            return None
+        span = set(range(at.rows.start, at.rows.stop))
+        holding = [g for g in self.groups if span & set(g[3])]
+        if len(holding) != 1 or not span <= set(holding[0][3]):
+            return None
+        p, counts = holding[0][0], holding[0][4]
+        obs = None if self._appends(p, counts, layer, si, n) else p.observed(self.geo, si)
+        if obs is None:
+            return None
+        return torch.zeros(n, dtype=torch.bool).index_fill_(0, obs.cpu(), True)
 
     def _bias(self, layer: int) -> torch.Tensor | None:
         return None if self.bias is None else self.bias[layer]
@@ -171,7 +200,9 @@ class SlabScaleStore:
         off, n = int(self._offsets[layer, segment]), int(self._held[si + 1, layer, segment])
         return self.pos[layer][off : off + n].long().cpu()
 
-    def _keep(self, p, merge, counts, layer, si, at, rows: list[int], q, k, v, scale) -> None:
+    def _keep(self, p, merge, counts, layer, si, at, rows: list[int], q, k, v, scale, mass=None) -> None:
+        """Each segment of `rows` keeps what its policy says of [stored | scale si]. mass: the span's
+        (mass_slab, mass_cur) from the attention pass (`_observed_in_pass`), or None."""
         H, n, dev = self.geo.num_heads, k.shape[2], self.device
         segs = (torch.tensor(rows)[:, None] * H + torch.arange(H)).flatten()  # (G,) on the host
         old_h = counts[si - 1, layer] if si > 0 else torch.zeros(H, dtype=torch.long)  # (H,)
@@ -186,7 +217,7 @@ class SlabScaleStore:
         # everything (a budget of 1, or a scale before the budget binds) appends too, without the
         # mass and ranking it would not use: `select_columns` keeps columns in order, so the layout
         # is the same either way.
-        if p.append_only or bool((new == old + n).all()):
+        if self._appends(p, counts, layer, si, n):
             assert bool(((new == old) | (new == old + n)).all()), (p.name, old, new)
             take = new == old + n
             max_old = int(old.max())
@@ -210,7 +241,7 @@ class SlabScaleStore:
                 slots = ((off + old)[take][:, None] + torch.arange(n)).flatten().to(dev)
                 self.bias[layer][slots] = 0.0
             return
-        c = self._candidates(p, layer, si, at, segs, old, off, q, k, v, scale)
+        c = self._candidates(p, layer, si, at, segs, old, off, q, k, v, scale, mass)
         c.keep = new
         tier, key = p.rank(c, self.profile)
         cols = select_columns(tier.cpu(), key.cpu(), c.valid.cpu(), new)  # (G, max new), -1 padded
@@ -219,7 +250,7 @@ class SlabScaleStore:
         else:
             compact_segments(self.k[layer], self.v[layer], self.pos[layer], off, old, cols, k, v, at.start)
 
-    def _candidates(self, p, layer, si, at, segs, old, off, q, k, v, scale) -> Candidates:
+    def _candidates(self, p, layer, si, at, segs, old, off, q, k, v, scale, mass=None) -> Candidates:
         """[stored, padded to the longest | current] of each segment, with positions, scales, mass
         and, for a policy that `uses_values`, value norms. q, k, v: (rows, H, n, D), the segments' rows."""
         dev, n, G = self.device, k.shape[2], len(segs)
@@ -234,28 +265,32 @@ class SlabScaleStore:
         scale_ids = torch.where(valid, self._scale_of_pos[pos.clamp(min=0)], -1)
         heads = (segs % self.geo.num_heads).to(dev)
         obs = p.observed(self.geo, si)
-        mass, obs_pos = None, None
+        obs_pos, scores = None, None
         if obs is not None:
             obs = obs.to(dev)
             obs_pos = at.start + obs
             segs_d = segs.to(dev)
-            mass_slab, mass_cur = attention_mass(
-                q[:, :, obs],
-                k,
-                self.k[layer],
-                self.offsets[layer, segs_d],
-                self.lengths[si, layer, segs_d],
-                scale,
-                max_len=max_old,
-                bias_slab=self._bias(layer),
+            mass_slab, mass_cur = (
+                mass
+                if mass is not None
+                else attention_mass(
+                    q[:, :, obs],
+                    k,
+                    self.k[layer],
+                    self.offsets[layer, segs_d],
+                    self.lengths[si, layer, segs_d],
+                    scale,
+                    max_len=max_old,
+                    bias_slab=self._bias(layer),
+                )
             )
             mass_old = torch.where(valid_old.to(dev), mass_slab[slot_old], 0.0)
-            mass = torch.cat([mass_old, mass_cur.reshape(G, n)], 1)
+            scores = torch.cat([mass_old, mass_cur.reshape(G, n)], 1)
         value_norm = None
         if getattr(p, "uses_values", False):
             norm_old = torch.where(valid_old.to(dev), self.v[layer][slot_old].float().norm(dim=-1), 0.0)
             value_norm = torch.cat([norm_old, v.reshape(G, n, -1).float().norm(dim=-1)], 1)
-        return Candidates(layer, si, heads, pos, scale_ids, valid, mass, obs_pos, value_norm=value_norm)
+        return Candidates(layer, si, heads, pos, scale_ids, valid, scores, obs_pos, value_norm=value_norm)
 
     def _write_merged(self, layer, cols, old, off, k_new, v_new, pos_start: int) -> None:
         """Keep `cols` (G, W) of each segment's candidates [stored | current] (-1 padded), every other

@@ -535,6 +535,27 @@ def test_c_kernel_takes_the_bias(c_only):
     torch.testing.assert_close(mc, mc_ref, **C_TOL)
 
 
+@needs_c
+@pytest.mark.parametrize("name", ["guidance-rows", "long-tail", "lq1"])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_c_forward_with_the_mass_of_some_queries_is_the_two_calls_bit_for_bit(c_only, name, with_bias):
+    (q, kc, vc, ks, vs, off, ln, used), counts, bias = biased_case(name)
+    bias = bias if with_bias else None
+    Lq = q.shape[2]
+    g = torch.Generator().manual_seed(Lq)
+    observed = torch.rand(Lq, generator=g) < 0.4
+    observed[-1] = True  # the last query, in a partial row block
+    out, ms, mc = sa.scale_attention_with_mass_cpu(q, kc, vc, ks, vs, off, ln, observed, bias_slab=bias)
+    assert torch.equal(out, sa.scale_attention(q, kc, vc, ks, vs, off, ln, bias_slab=bias))
+    ms_alone, mc_alone = sa.attention_mass(q[:, :, observed], kc, ks, off, ln, bias_slab=bias)
+    assert torch.equal(ms, ms_alone) and torch.equal(mc, mc_alone)
+    # every observed query's weights sum to one: the mass of none of the others
+    total = mc.sum() + ms[used].sum()
+    torch.testing.assert_close(
+        total, torch.tensor(float(observed.sum() * q.shape[0] * q.shape[1])), rtol=1e-5, atol=0
+    )
+
+
 @needs_triton
 @pytest.mark.parametrize("name", ["empty-and-one", "guidance-rows", "long-tail"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])

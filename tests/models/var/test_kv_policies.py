@@ -177,6 +177,33 @@ def test_an_image_does_not_depend_on_its_batch(name, merge, shapes):
             assert torch.equal(x[i], y[0]), (name, i, si)
 
 
+@pytest.mark.parametrize("name", ["snapkv", "hack", "scalekv", "valuekv"])
+def test_the_mass_from_the_attention_pass_ranks_as_a_separate_mass_call(name, shapes, monkeypatch):
+    """On CPU a ranking policy's mass comes out of the scale's attention pass; the tokens are those
+    of the separate attention_mass call that runs elsewhere (or for rows of several policies)."""
+    from models.kv import compressed
+
+    model, vae, profile = shapes
+    params = [
+        ImageSettings(seed=20 + i, kv_policy=name, kv_budget=b, **SHAPES) for i, b in enumerate((0.1, 0.5))
+    ]
+    fused_calls, fused = [], compressed.scale_attention_with_mass_cpu
+
+    def counting(*args, **kwargs):
+        fused_calls.append(1)
+        return fused(*args, **kwargs)
+
+    monkeypatch.setattr(compressed, "scale_attention_with_mass_cpu", counting)
+    runs = [
+        engine.generate(model, vae, [i], [p], decode=False, profile=profile) for i, p in enumerate(params)
+    ]
+    assert fused_calls, "the attention pass never gave the mass"
+    monkeypatch.setattr(compressed, "scale_attention_with_mass_cpu", lambda *a, **k: None)
+    for i, (p, run) in enumerate(zip(params, runs, strict=True)):
+        apart = engine.generate(model, vae, [i], [p], decode=False, profile=profile)
+        assert torch.equal(tokens(run), tokens(apart)), (name, p.kv_budget)
+
+
 def test_rows_of_several_policies_share_a_store(shapes, monkeypatch):
     """The runner takes any mix (the server batches one policy at a time): each row is planned by
     its own policy and the batch's bytes are the sum of its images'."""
