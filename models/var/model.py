@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kernels.attention import attention
+from kernels.linear import BatchInvariantLinear, batch_invariant_linear
 from models.kv.store import KVStore, ScaleSpan
 
 DEFAULT_PATCH_NUMS = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
@@ -99,13 +100,13 @@ class SelfAttention(nn.Module):
         super().__init__()
         C, H = cfg.embed_dim, cfg.num_heads
         self.num_heads, self.head_dim = H, cfg.head_dim
-        self.mat_qkv = nn.Linear(C, 3 * C, bias=False)
+        self.mat_qkv = BatchInvariantLinear(C, 3 * C, bias=False)
         self.q_bias = nn.Parameter(torch.zeros(C))
         self.v_bias = nn.Parameter(torch.zeros(C))
         self.register_buffer("zero_k_bias", torch.zeros(C))
         self.scale_mul_1H11 = nn.Parameter(torch.full((1, H, 1, 1), 4.0).log())
         self.max_scale_log = math.log(100)
-        self.proj = nn.Linear(C, C)
+        self.proj = BatchInvariantLinear(C, C)
         self.unmasked_spans = unmasked_scales(cfg.patch_nums)
 
     def forward(
@@ -122,7 +123,9 @@ class SelfAttention(nn.Module):
         and their own)."""
         B, L, C = x.shape
         qkv_bias = torch.cat((self.q_bias, self.zero_k_bias, self.v_bias))
-        qkv = F.linear(x, self.mat_qkv.weight, qkv_bias).view(B, L, 3, self.num_heads, self.head_dim)
+        qkv = batch_invariant_linear(x, self.mat_qkv.weight, qkv_bias).view(
+            B, L, 3, self.num_heads, self.head_dim
+        )
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, L, D)
         q = F.normalize(q, dim=-1) * self.scale_mul_1H11.clamp_max(self.max_scale_log).exp()
         k = F.normalize(k, dim=-1)
@@ -138,8 +141,8 @@ class SelfAttention(nn.Module):
 class FFN(nn.Module):
     def __init__(self, cfg: VARConfig):
         super().__init__()
-        self.fc1 = nn.Linear(cfg.embed_dim, cfg.mlp_hidden)
-        self.fc2 = nn.Linear(cfg.mlp_hidden, cfg.embed_dim)
+        self.fc1 = BatchInvariantLinear(cfg.embed_dim, cfg.mlp_hidden)
+        self.fc2 = BatchInvariantLinear(cfg.mlp_hidden, cfg.embed_dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
@@ -151,7 +154,7 @@ class AdaLNBlock(nn.Module):
         self.layer, self.eps = layer, cfg.norm_eps
         self.attn = SelfAttention(cfg)
         self.ffn = FFN(cfg)
-        self.ada_lin = nn.Sequential(nn.SiLU(), nn.Linear(cfg.embed_dim, 6 * cfg.embed_dim))
+        self.ada_lin = nn.Sequential(nn.SiLU(), BatchInvariantLinear(cfg.embed_dim, 6 * cfg.embed_dim))
 
     def modulation(self, cond: torch.Tensor) -> torch.Tensor:
         """cond: (B, C) class embedding -> (B, 6, C) AdaLN gains, scales and shifts. It depends on the
@@ -179,7 +182,7 @@ class AdaLNHead(nn.Module):
     def __init__(self, cfg: VARConfig):
         super().__init__()
         self.eps = cfg.norm_eps
-        self.ada_lin = nn.Sequential(nn.SiLU(), nn.Linear(cfg.embed_dim, 2 * cfg.embed_dim))
+        self.ada_lin = nn.Sequential(nn.SiLU(), BatchInvariantLinear(cfg.embed_dim, 2 * cfg.embed_dim))
 
     def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         C = x.shape[-1]
@@ -192,14 +195,14 @@ class VAR(nn.Module):
         super().__init__()
         self.cfg = cfg
         C, L = cfg.embed_dim, cfg.seq_len
-        self.word_embed = nn.Linear(cfg.vae_dim, C)
+        self.word_embed = BatchInvariantLinear(cfg.vae_dim, C)
         self.class_emb = nn.Embedding(cfg.num_classes + 1, C)
         self.pos_start = nn.Parameter(torch.zeros(1, cfg.first_len, C))
         self.pos_1LC = nn.Parameter(torch.zeros(1, L, C))
         self.lvl_embed = nn.Embedding(len(cfg.patch_nums), C)
         self.blocks = nn.ModuleList(AdaLNBlock(cfg, i) for i in range(cfg.depth))
         self.head_nm = AdaLNHead(cfg)
-        self.head = nn.Linear(C, cfg.vocab_size)
+        self.head = BatchInvariantLinear(C, cfg.vocab_size)
         # Published files carry these two buffers; we keep them so loading stays strict.
         self.register_buffer("lvl_1L", scale_index(cfg.patch_nums).view(1, L))
         self.register_buffer("attn_bias_for_masking", block_causal_bias(cfg.patch_nums))

@@ -141,7 +141,17 @@ class Phi(nn.Conv2d):
         self.ratio = ratio
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return h * (1 - self.ratio) + super().forward(h) * self.ratio
+        # One image at a time, channels-last: the convolution (oneDNN on CPU) sums in an order that
+        # follows the batch size and the layout (an upsampled code map comes channels-last in a
+        # batch, contiguous alone), so a batched call would make an image's next-scale input, and
+        # through near-ties its tokens, depend on its company. A lone channels-last call is also
+        # what keeps the published model's greedy tokens (tests/models/var/test_parity.py); the
+        # calls cost ~0.5 % of a batch at 16 channels and 16 x 16. A copy each, in one stride pattern:
+        # a lone code map of size-1 batch already reads as channels-last, with other strides.
+        conv = torch.cat(
+            [super(Phi, self).forward(x.clone(memory_format=torch.channels_last)) for x in h.split(1)]
+        )
+        return h * (1 - self.ratio) + conv * self.ratio
 
 
 class SharedPhis(nn.Module):

@@ -4,7 +4,10 @@ from torch import nn
 
 from kernels import native
 from kernels.linear import (
+    INVARIANT_MIN_ROWS,
+    BatchInvariantLinear,
     Linear,
+    batch_invariant_linear,
     can_pack,
     is_packed,
     linear,
@@ -131,3 +134,20 @@ def test_unpacked_cpu_weights_take_the_weight_major_path(shape):
     x, w, b = torch.randn(shape), torch.randn(48, 64), torch.randn(48)
     torch.testing.assert_close(weight_major_linear(x, w, b), x @ w.T + b, atol=1e-4, rtol=1e-5)
     torch.testing.assert_close(linear(x, w, b), x @ w.T + b, atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("N, K", [(384, 128), (512, 16), (128, 512)])
+def test_batch_invariant_linear_gives_a_row_the_same_bits_in_any_call(N, K):
+    g = torch.Generator().manual_seed(N + K)
+    w, b, x = torch.randn(N, K, generator=g), torch.randn(N, generator=g), torch.randn(64, K, generator=g)
+    whole = batch_invariant_linear(x, w, b)
+    torch.testing.assert_close(whole, x @ w.T + b, rtol=1e-5, atol=1e-4)
+    for M in [*range(1, 2 * INVARIANT_MIN_ROWS), 63]:
+        for start in (0, 64 - M):
+            part = batch_invariant_linear(x[start : start + M], w, b)
+            assert torch.equal(part, whole[start : start + M]), (M, start)
+    # (B, l, K) inputs: the rows are what count, and the module keeps nn.Linear's parameters
+    layer = BatchInvariantLinear(K, N)
+    assert set(layer.state_dict()) == {"weight", "bias"}
+    x3 = x[:30].view(3, 10, K)
+    assert torch.equal(layer(x3)[2], layer(x3[2:3])[0])

@@ -18,6 +18,22 @@ def test_image_does_not_depend_on_its_batch(var_pair):
         assert torch.equal(batch.images[i], alone.images[0]), i  # bit for bit
 
 
+def test_an_images_code_maps_refine_to_the_same_bits_alone_or_in_a_batch(var_pair):
+    """The phi convolutions (the next scale's input) take one layout whatever the batch: an image's
+    f_hat contribution is the same bits alone as in a batch of 5, at every scale."""
+    _, vae = var_pair
+    q, g = vae.quantize, torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for si, pn in enumerate(q.patch_nums):
+            idx = torch.randint(0, q.embedding.num_embeddings, (5, pn * pn), generator=g)
+            batch = q.scale_residual(si, q.code_map(idx))
+            for i in (0, 3):
+                assert torch.equal(q.scale_residual(si, q.code_map(idx[i : i + 1])), batch[i : i + 1]), (
+                    si,
+                    i,
+                )
+
+
 def test_same_seed_same_image_other_seed_other_image(var_pair):
     var, vae = var_pair
     p = ImageSettings(top_k=900, top_p=0.96, cfg=1.5)
