@@ -176,6 +176,7 @@ def compact_segments_cpu(k_slab, v_slab, pos_slab, offsets, stored, cols, k_new,
     rows, H, n, _ = k_new.shape
     offsets, stored, cols = (t.cpu().long().contiguous() for t in (offsets, stored, cols))
     assert v_slab.shape == (S, D) and pos_slab.shape == (S,), "slab shapes"
+    assert v_slab.dtype == k_slab.dtype, "k and v slabs of one dtype (copied at its width)"
     assert k_new.shape == v_new.shape == (rows, H, n, D) and rows * H == G, "k_new, v_new: (rows, H, n, D)"
     assert offsets.shape == stored.shape == (G,) and cols.dim() == 2, "offsets, stored: (G,); cols: (G, W)"
     strides = torch.tensor([*k_new.stride()[:3], *v_new.stride()[:3]], dtype=torch.long)

@@ -10,7 +10,7 @@ segment's own numbers and never of its batch. The result lists the kept columns 
 lexicographic order, a third puts the kept columns back in order); `select_columns_cpu` runs
 kernels/cpu/kv_select.c: a quickselect of the keep-th best over priorities packed into one integer,
 then one scan in column order, with no sort. Both give the same columns exactly (the priorities
-compare the same float32 keys, -0.0 equal to +0.0).
+compare the same float32 keys, -0.0 equal to +0.0, NaN above everything).
 """
 
 from __future__ import annotations
@@ -63,6 +63,7 @@ def select_columns_cpu(
     """select_columns_torch in one C call (CPU tensors, float32 keys, tiers in [0, MAX_TIER])."""
     G, M = tier.shape
     assert key.shape == valid.shape == (G, M) and keep.shape == (G,), "tier, key, valid: (G, M); keep: (G,)"
+    assert key.dtype == torch.float32, "the kernel compares float32 keys"
     width = int(keep.max()) if G else 0
     cols = torch.empty(G, width, dtype=torch.long)
     if width == 0:
@@ -89,5 +90,6 @@ def select_columns(
     compares them as such), else the reference."""
     on_cpu = all(t.device.type == "cpu" for t in (tier, key, valid, keep))
     if on_cpu and key.dtype == torch.float32 and tier.shape[1] <= MAX_COLUMNS and _c_kernel() is not None:
-        return select_columns_cpu(tier, key, valid, keep)
+        if not bool((((tier < 0) | (tier > MAX_TIER)) & valid).any()):  # else the packing cannot hold them
+            return select_columns_cpu(tier, key, valid, keep)
     return select_columns_torch(tier, key, valid, keep)

@@ -7,7 +7,8 @@
 // segment is one work item:
 //
 //   1. each valid candidate's priority packed into one uint64, (tier + 1) << 48 | key << 16 |
-//      (65535 - column), the key's float bits mapped to an unsigned order (-0.0 as +0.0): larger
+//      (65535 - column), the key's float bits mapped to an unsigned order (-0.0 as +0.0, every NaN
+//      as one NaN above +inf, where the reference's descending sort puts NaNs): larger
 //      is better, and no two candidates are equal, so the order is total and is the reference's;
 //   2. the keep-th largest found by quickselect (O(M), no sort), then the columns whose priority
 //      is at least that, in column order: the kept columns, ascending, with no sort at all.
@@ -26,6 +27,7 @@ static inline uint64_t priority(int64_t tier, float key, long col) {
   key += 0.0f;  // -0.0 -> +0.0: the reference's sort holds them equal
   uint32_t bits;
   memcpy(&bits, &key, 4);
+  if ((bits & 0x7fffffffu) > 0x7f800000u) bits = 0x7fc00000u;  // every NaN one, above +inf (as sort)
   bits = (bits & 0x80000000u) ? ~bits : (bits | 0x80000000u);
   return ((uint64_t)(tier + 1) << 48) | ((uint64_t)bits << 16) | (uint64_t)(65535 - col);
 }
@@ -82,18 +84,21 @@ static int select_segment(const int64_t *tier, const float *key, const uint8_t *
 int varserve_kv_select(const int64_t *tier, const float *key, const uint8_t *valid, long G, long M,
                        const int64_t *keep, int64_t *cols, long W) {
   if (M >= MAX_COLUMNS) return 2;
-  int status = 0;
-#pragma omp parallel if (G > 1) reduction(| : status)
+  int status = 0, failed = 0;  // failed: shared, so no thread skips the loop every thread must reach
+#pragma omp parallel if (G > 1)
   {
     uint64_t *buf = malloc((size_t)(M > 0 ? M : 1) * sizeof(uint64_t));
     if (!buf) {
-      status |= 1;
-    } else {
-#pragma omp for schedule(static)
-      for (long g = 0; g < G; g++)
-        status |= select_segment(tier + g * M, key + g * M, valid + g * M, M, keep[g], cols + g * W, W, buf);
-      free(buf);
+#pragma omp atomic write
+      failed = 1;
     }
+#pragma omp barrier
+#pragma omp for schedule(static) reduction(| : status)
+    for (long g = 0; g < G; g++)
+      if (!failed)
+        status |= select_segment(tier + g * M, key + g * M, valid + g * M, M, keep[g], cols + g * W, W, buf);
+    free(buf);
   }
+  if (failed) return 1;
   return status & 2 ? 2 : status;
 }

@@ -148,6 +148,8 @@ class Phi(nn.Conv2d):
         # what keeps the published model's greedy tokens (tests/models/var/test_parity.py); the
         # calls cost ~0.5 % of a batch at 16 channels and 16 x 16. A copy each, in one stride pattern:
         # a lone code map of size-1 batch already reads as channels-last, with other strides.
+        if len(h) == 0:
+            return h
         conv = torch.cat(
             [super(Phi, self).forward(x.clone(memory_format=torch.channels_last)) for x in h.split(1)]
         )

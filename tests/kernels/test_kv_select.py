@@ -60,3 +60,22 @@ def test_non_float32_keys_take_the_reference():
     key = torch.tensor([[1.0, 1.0 + 1e-12]], dtype=torch.float64)
     tier, valid = torch.zeros(1, 2, dtype=torch.long), torch.ones(1, 2, dtype=torch.bool)
     assert select_columns(tier, key, valid, torch.tensor([1])).tolist() == [[1]]
+
+
+@pytest.mark.parametrize("fn", SELECTORS)
+def test_nan_keys_rank_above_everything_and_infinities_in_order(fn):
+    nan = torch.tensor(float("nan"))
+    key = torch.stack([torch.tensor(1.0), -nan, torch.tensor(float("inf")), nan, torch.tensor(-float("inf"))])
+    tier, valid = torch.zeros(1, 5, dtype=torch.long), torch.ones(1, 5, dtype=torch.bool)
+    # both NaNs (whatever their sign) first, by column; then +inf; then 1.0
+    assert fn(tier, key[None], valid, torch.tensor([2])).tolist() == [[1, 3]]
+    assert fn(tier, key[None], valid, torch.tensor([4])).tolist() == [[0, 1, 2, 3]]
+
+
+def test_tiers_the_kernel_cannot_pack_take_the_reference():
+    tier = torch.tensor([[0, 70000, 1, -1]])
+    key = torch.zeros(1, 4)
+    valid = torch.tensor([[True, True, True, False]])  # an invalid column may carry any tier
+    assert select_columns(tier, key, valid, torch.tensor([2])).tolist() == [[1, 2]]
+    with pytest.raises(ValueError, match="tier outside"):
+        select_columns_cpu(tier, key, valid, torch.tensor([2]))
