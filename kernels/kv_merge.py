@@ -126,8 +126,8 @@ def compact_segments_torch(k_slab, v_slab, pos_slab, offsets, stored, cols, k_ne
     col = cols[taken]
     max_stored = int(stored.max()) if G else 0
     is_old = col < max_stored
-    moved = col != j  # stored keys already in place (an append) are not copied
-    g, j, col, is_old = g[moved | ~is_old], j[moved | ~is_old], col[moved | ~is_old], is_old[moved | ~is_old]
+    copied = (col != j) | ~is_old  # stored keys already in place (an append) are not copied
+    g, j, col, is_old = g[copied], j[copied], col[copied], is_old[copied]
     src_slot = (offsets[g] + col)[is_old].to(dev)
     src_cur = (g * n + col - max_stored)[~is_old].to(dev)
     dest_old, dest_cur = (offsets[g] + j)[is_old].to(dev), (offsets[g] + j)[~is_old].to(dev)

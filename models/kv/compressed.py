@@ -17,9 +17,9 @@ scale (whose keys nobody reads again, so they are never stored), each row's poli
 segments keep of [stored | current]: the best `counts[si]` candidates by the policy's
 (tier, key), ties by candidate index (kernels/kv_select.py), ranked with `attention_mass` of the
 observed queries where the policy needs it (on CPU summed in the scale's own attention pass, where
-one policy holds the span's rows: the same bits without a second pass over the keys). The kept candidates move to the front of the
-segment's own slots (kernels/kv_merge.compact_segments; a segment only shrinks or grows within its
-slots, so nothing else moves).
+one policy holds the span's rows: the same bits without a second pass over the keys). The kept
+candidates move to the front of the segment's own slots (kernels/kv_merge.compact_segments; a
+segment only shrinks or grows within its slots, so nothing else moves).
 Lengths are the plan's, known on the host: no step reads a device value to size anything.
 
 **Merging** (a row's `merge`, the request's `kv_merge`; every policy but full, which evicts
@@ -220,22 +220,18 @@ class SlabScaleStore:
         if self._appends(p, counts, layer, si, n):
             assert bool(((new == old) | (new == old + n)).all()), (p.name, old, new)
             take = new == old + n
+            if not bool(take.any()) and not merge:
+                return
+            # every stored column, then the scale's where the segment takes it
             max_old = int(old.max())
-            if merge and not bool(take.all()):
-                # a segment that drops the scale (heatkv) folds its keys into what it holds
-                cols = torch.arange(max_old + n)[None, :].expand(G, -1)
-                keep = (cols < old[:, None]) | ((cols >= max_old) & take[:, None])
-                cols = torch.sort(cols.masked_fill(~keep, max_old + n), dim=1).values[:, : int(new.max())]
-                cols = cols.masked_fill(cols == max_old + n, -1)
-                self._write_merged(layer, cols, old, off, k.reshape(G, n, -1), v.reshape(G, n, -1), at.start)
-                return
-            if not bool(take.any()):
-                return
-            # every stored column where it is, then the scale's where the segment takes it: the
-            # compaction copies only the new keys, read in place from k and v
             j = torch.arange(max_old + n)[None, :]
             cols = torch.where(j < old[:, None], j, j - old[:, None] + max_old)
             cols = cols.masked_fill(j >= new[:, None], -1)[:, : int(new.max())]
+            if merge and not bool(take.all()):
+                # a segment that drops the scale (heatkv) folds its keys into what it holds
+                self._write_merged(layer, cols, old, off, k.reshape(G, n, -1), v.reshape(G, n, -1), at.start)
+                return
+            # the compaction copies only the new keys (stored ones are in place), read from k and v
             compact_segments(self.k[layer], self.v[layer], self.pos[layer], off, old, cols, k, v, at.start)
             if merge:  # a key for itself (the slot may hold an earlier count)
                 slots = ((off + old)[take][:, None] + torch.arange(n)).flatten().to(dev)
