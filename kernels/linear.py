@@ -7,10 +7,10 @@ a pre-reordered weight does better (23 GB/s, 185 GFLOP/s) but still not at the m
 
 So on a CPU with AVX-512 or AVX2 (`packing_pays`) the weights are packed once, after loading,
 into panels of 16 output columns (`pack_weight`: (N, K) -> (N / 16, K, 16)) and multiplied by our
-C kernel (kernels/cpu/linear.c), which streams them in address order. On the GPT-B weight set
-(390 MB, measured beside a 60 GB/s read probe, AVX-512): 49-51 GB/s at 1-2 rows, 145 / 187 / 200
-GFLOP/s at 8 / 32 / 64 rows; on an AVX2 host at 1 thread, 57-61 GFLOP/s at 32 rows, where MKL
-managed 33-55. A row's result
+C kernel (kernels/cpu/linear.c), which streams them in address order, four panels at a time on
+AVX-512. On 400 MB of GPT-B-shaped weights at 2 rows, beside a 50-55 GB/s read probe in the same
+run: 49 GB/s (43 with two panels at a time, the tile before); 145 / 187 / 200 GFLOP/s at 8 / 32 /
+64 rows; on an AVX2 host at 1 thread, 57-61 GFLOP/s at 32 rows, where MKL managed 33-55. A row's result
 does not depend on the other rows of the call, so batching stays invisible in the numbers.
 
 Models keep their published (N, K) weights until `pack_linear_weights` swaps them for panels in

@@ -10,10 +10,14 @@
 // micro-kernel, so the same loop is bandwidth-bound at 1-2 rows and FMA-bound at 32.
 //
 // The tile is sized to the register file the compiler targets (-march=native): with AVX-512 (32
-// registers of 16 floats) 8 rows x 2 panels, 16 accumulators; with AVX2 (16 registers of 8) a
-// panel row is two registers, and 6 rows x 1 panel keeps 12 accumulators, the 2 weights and the
-// broadcast in registers. (The AVX-512 tile compiled for AVX2 needs 32 accumulators and spilled:
-// 0.5 GB/s at 8 rows, where this one streams at the read bandwidth.)
+// registers of 16 floats) 8 rows x 4 panels; with AVX2 (16 registers of 8) a panel row is two
+// registers, and 6 rows x 1 panel keeps 12 accumulators, the 2 weights and the broadcast in
+// registers. (The AVX-512 tile compiled for AVX2 spilled: 0.5 GB/s at 8 rows, where this one
+// streams at the read bandwidth.) Four panels, not two, because at 1-2 rows a core reads faster
+// the more weight streams it has in flight: on the GPT-B products (AMD EPYC, AVX-512) 26-27 against
+// 23-24 GB/s at one thread beside a 29 GB/s read probe, 49 against 43 GB/s at two threads beside a
+// 50-55 GB/s one; from 16 rows on, where the FMAs bind, the two tiles run alike. A product with
+// fewer panels than 4 a thread narrows its tiles, so that every thread still gets panels.
 //
 // Every output element is one sum over k in order, whatever M is and whatever the tile: a row's
 // result does not depend on the other rows of the call, so batching never changes a request's
@@ -23,6 +27,7 @@
 // NEON. Threads come from OpenMP; it resolves to the libgomp torch has already loaded, so the
 // kernel shares torch's thread pool instead of competing with it.
 
+#include <omp.h>
 #include <string.h>
 
 #define LANES 16  // output columns per panel
@@ -30,7 +35,7 @@
 #if defined(__AVX512F__)
 #define VW 16  // floats per vector register
 #define MR 8   // input rows per register tile
-#define NP 2   // panels per register tile
+#define NP 4   // panels per register tile
 #elif defined(__AVX__)
 #define VW 8
 #define MR 6
@@ -99,21 +104,32 @@ static inline __attribute__((always_inline)) void rows(const float *x, const flo
   }
 }
 
+// `width` (1..NP) panels from `p` on: a tile width constant at each call, so its loops unroll.
+static void panels_from(const float *x, const float *w_panels, float *out_all, long M, long N, long K,
+                        long p, long width) {
+  const float *wp = w_panels + p * K * LANES;
+  float *out = out_all + p * LANES;
+  switch (width) {
+#if NP >= 4
+    case 4: rows(x, wp, out, M, K, N, 4); break;
+    case 3: rows(x, wp, out, M, K, N, 3); break;
+#endif
+#if NP >= 2
+    case 2: rows(x, wp, out, M, K, N, 2); break;
+#endif
+    default: rows(x, wp, out, M, K, N, 1); break;
+  }
+}
+
 // x: (M, K), wp: (N / 16, K, 16), out: (M, N); all contiguous, N a multiple of 16.
 void varserve_linear_panels(const float *x, const float *w_panels, float *out_all, long M, long N,
                             long K) {
-  long panels = N / LANES, groups = (panels + NP - 1) / NP;
+  long panels = N / LANES, width = NP, threads = omp_get_max_threads();
+  while (width > 1 && panels < width * threads) width /= 2;  // every thread gets a tile
+  long groups = (panels + width - 1) / width;
 #pragma omp parallel for schedule(static)
   for (long g = 0; g < groups; g++) {
-    long p = NP * g;
-    const float *wp = w_panels + p * K * LANES;
-    float *out = out_all + p * LANES;
-#if NP > 1
-    if (panels - p < NP) {
-      rows(x, wp, out, M, K, N, 1);
-      continue;
-    }
-#endif
-    rows(x, wp, out, M, K, N, NP);
+    long p = width * g, left = panels - p;
+    panels_from(x, w_panels, out_all, M, N, K, p, left < width ? left : width);
   }
 }

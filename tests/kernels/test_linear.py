@@ -39,7 +39,7 @@ needs_kernel = pytest.mark.skipif(native.load("linear") is None, reason="no C co
         (300, 40),
     ],
 )
-@pytest.mark.parametrize("n_out", [16, 32, 48, 208])  # one panel, a pair, a pair + one, many
+@pytest.mark.parametrize("n_out", [16, 32, 48, 64, 96, 208])  # 1, 2, 3, 4, 4 + 2, 3 x 4 + 1 panels
 @pytest.mark.parametrize("with_bias", [False, True])
 def test_packed_linear_matches_reference(shape, n_out, with_bias):
     torch.manual_seed(0)
@@ -69,6 +69,25 @@ def test_a_rows_result_does_not_depend_on_the_other_rows():
     alone = linear(x[:1], w)
     assert torch.equal(alone, linear(x[:2], w)[:1])
     assert torch.equal(alone, linear(x, w)[:1])
+
+
+@needs_kernel
+@pytest.mark.parametrize("n_out", [48, 112, 2304])
+def test_a_result_does_not_depend_on_the_threads_or_the_tile_width(n_out):
+    # The kernel narrows its tiles (4, 2, 1 panels) when a product has too few panels for its
+    # threads; every output is still one sum over k in order, so the bits stay.
+    torch.manual_seed(0)
+    x, w = torch.randn(9, 768), pack_weight(torch.randn(n_out, 768))
+    threads = torch.get_num_threads()
+    try:
+        outs = []
+        for n in (1, 2, 8, 64):
+            torch.set_num_threads(n)
+            outs.append(linear(x, w))
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(outs[0], out) for out in outs[1:])
+    torch.testing.assert_close(outs[0], x @ unpack_weight(w).T, atol=1e-3, rtol=1e-5)
 
 
 @needs_kernel
