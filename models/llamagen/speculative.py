@@ -56,6 +56,15 @@ EMA = 0.1  # weight of a new image's tokens per pass in auto's running mean
 # plain decoding (0.94x [0.89, 0.97] at batch 1).
 PRIOR_PASSES = 16
 PASS_MEMORY = 128
+# The machine's speed moves with its neighbours, for every width alike. Each choice first times
+# PROBES plain forwards of its rows (the median, on a store of its own: ~0.6 ms at batch 1 on the
+# bundled c2i model, ~1 % of an image), and passes are counted at the speed so measured: a width's
+# estimate then compares with the others' however busy the minute each was timed in. Without it a
+# width that ran through a slow spell was judged against stale estimates of the others: plain
+# passes measured 0.25 ms in a quiet minute and 0.37 ms in a busy one, window 4's estimate stayed
+# at its quiet 0.6 ms, and `auto` switched to window 4 for half its images, 0.77-0.87x of plain
+# decoding at batch 1. (The pass times alone cannot tell a slow machine from a dear width.)
+PROBES = 3
 TIME_EVERY = 8  # the engine times one pass in this many for auto (every pass of a calibration image)
 # Speculation must promise 25 % more tokens per second than plain decoding to be chosen: a window's
 # cost is first known from the calibration image and then followed as it runs, and on the bundled
@@ -107,9 +116,11 @@ class AutoWindow:
     Seconds start from one measured verification forward per (R, L) (a fresh store, positions in
     the middle of the image, the median of `repeats`) plus R times the width's calibrated overhead
     per row (drafting, verification or sampling, and the step's glue; plain decoding's too), and then
-    follow the engine's own passes (their mean over the last PASS_MEMORY). Tokens per pass are calibrated on the first
-    `auto` image of a method: that image is run once at each window, alone (a few seconds, once
-    per model), and then follow every auto image run at that window. An auto image
+    follow the engine's own passes (their mean over the last PASS_MEMORY), each counted at the
+    machine's speed of the moment (`load`, per row count, which each choice measures: PROBES). Tokens
+    per pass are calibrated on the first `auto` image of a method: that image is run once at each
+    window, alone (a few seconds, once per model), and then follow every auto image run at that
+    window. An auto image
     takes, at its first decode pass and for all its passes (drafts mature over passes at one window,
     so switching would cost acceptance), the window with the most tokens per second of the pass it
     joins, its company included; L = 1 (plain decoding) commits one token a pass and wins unless a
@@ -125,6 +136,11 @@ class AutoWindow:
         self.tokens: dict[tuple[str, int], float] = {}
         self.overhead: dict[int, float] = {}  # seconds per row a pass of width L adds to its forward
         self.calibration_images: dict[str, int] = {}
+        # per row count, the machine's speed at the last probe against the first (1: the same);
+        # estimates are kept at speed 1, and pass_seconds scales them all alike
+        self.load: dict[int, float] = {}
+        self._probe_ref: dict[int, float] = {}
+        self._probe_inputs: dict[int, tuple] = {}
         self._calibration_passes: dict[tuple[int, int], list[float]] | None = None  # while calibrating
         if profile is not None:
             if profile.image_tokens != model.config.block_size:
@@ -145,12 +161,18 @@ class AutoWindow:
             self.overhead.update(profile.overhead_s)
 
     def pass_seconds(self, rows: int, L: int) -> float:
+        """The seconds a pass of width L over `rows` rows takes at the machine's speed now."""
+        return self._estimate(rows, L) * self.load.get(rows, 1.0)
+
+    def _estimate(self, rows: int, L: int) -> float:
+        """The same at speed 1 (what the widths are compared by)."""
         if (rows, L) not in self.seconds:
             if rows not in self.forward:
                 self.forward[rows] = self._measure(rows)
             # until passes of this shape have run: the forward, plus the verification's own cost as
-            # the calibration measured it, per row
-            self.seconds[rows, L] = self.forward[rows][L] + self.overhead.get(L, 0.0) * rows
+            # the calibration measured it, per row; measured now, so at the speed of now
+            estimate = self.forward[rows][L] + self.overhead.get(L, 0.0) * rows
+            self.seconds[rows, L] = estimate / self.load.get(rows, 1.0)
         return self.seconds[rows, L]
 
     @property
@@ -165,12 +187,13 @@ class AutoWindow:
         return all((method, L) in self.tokens for L in CALIBRATION)
 
     def record_pass(self, rows: int, L: int, seconds: float) -> None:
-        if self._calibration_passes is not None:
+        if self._calibration_passes is not None:  # the calibration sets the width's estimate anew
             self._calibration_passes.setdefault((rows, L), []).append(seconds)
-        old = self.pass_seconds(rows, L)
+            return
+        old = self._estimate(rows, L)
         n = self.passes.get((rows, L), PRIOR_PASSES) + 1
         self.passes[rows, L] = min(n, PASS_MEMORY)
-        self.seconds[rows, L] = old + (seconds - old) / min(n, PASS_MEMORY)
+        self.seconds[rows, L] = old + (seconds / self.load.get(rows, 1.0) - old) / min(n, PASS_MEMORY)
 
     def record_tokens(self, method: str, L: int, tokens: list[float]) -> None:
         for t in tokens:
@@ -182,6 +205,8 @@ class AutoWindow:
         at their own windows that make the pass at least `floor` wide; `others` of those commit
         one token a pass whatever its width (plain decoding), so a window that slows the whole
         pass must pay for their lost time too."""
+
+        self.probe(rows)
 
         def rate(L: int) -> float:
             width = min(w for w in WINDOWS if w >= max(L, floor))
@@ -219,11 +244,14 @@ class AutoWindow:
                 self.tokens[method, L] = (self.tokens.get((method, L), 0.0) * n + tokens) / (n + 1)
             if not times:
                 continue
+            self.probe(rows)  # the speed these passes ran at
             if rows not in self.forward:
                 self.forward[rows] = self._measure(rows)
             overhead = max(0.0, sum(times) / len(times) - self.forward[rows][L]) / rows
             self.overhead[L] = (self.overhead.get(L, 0.0) * k + overhead) / (k + 1) if k else overhead
-            self.seconds[rows, L] = self.forward[rows][L] + self.overhead[L] * rows
+            self.seconds[rows, L] = (self.forward[rows][L] + self.overhead[L] * rows) / self.load.get(
+                rows, 1.0
+            )
             self.passes.pop((rows, L), None)  # a fresh estimate, worth PRIOR_PASSES passes again
         self.calibration_images[method] = n + 1
 
@@ -235,21 +263,26 @@ class AutoWindow:
         overhead = {L: round(s, 7) for L, s in sorted(self.overhead.items())}
         return WindowProfile(self.model.config.block_size, per_method, overhead, source)
 
-    @torch.inference_mode()
-    def _measure(self, rows: int) -> dict[int, float]:
-        """One verification forward per window, in `repeats` interleaved rounds, the median of
-        each: on a shared machine a neighbour's burst then slows every window alike instead of
-        the one being timed."""
-        c, device = self.model.config, self.model.tok_embeddings.weight.device
+    def _store(self, rows: int) -> tuple[PagedTokenStore, int]:
+        """A paged store of its own for timing passes over `rows` rows (the engine's layout, every row
+        holding its blocks) -> (store, start): positions from `start` on, mid-image, are free."""
+        c, w = self.model.config, self.model.tok_embeddings.weight
         start = c.cls_token_num + c.block_size // 2
-        # the engine's own store: paged, every row holding its blocks
-        w = self.model.tok_embeddings.weight
         per_row = -(-(start + MAX_WINDOW) // BLOCK_SIZE)
         pool = BlockPool(c.n_layer, rows * per_row, c.n_kv_head, BLOCK_SIZE, c.head_dim, w.dtype, w.device)
         store = PagedTokenStore(pool, start + MAX_WINDOW)
         store.set_rows([[] for _ in range(rows)])
         for row in range(rows):
             store.grow(row, start + MAX_WINDOW)
+        return store, start
+
+    @torch.inference_mode()
+    def _measure(self, rows: int) -> dict[int, float]:
+        """One verification forward per window, in `repeats` interleaved rounds, the median of
+        each: on a shared machine a neighbour's burst then slows every window alike instead of
+        the one being timed."""
+        device = self.model.tok_embeddings.weight.device
+        store, start = self._store(rows)
         inputs = {
             L: (
                 torch.zeros(rows, L, dtype=torch.long, device=device),
@@ -265,6 +298,24 @@ class AutoWindow:
                 if round_:  # the first round warms up
                     times[L].append(device_clock(device) - t0)
         return {L: sorted(t)[len(t) // 2] for L, t in times.items()}
+
+    @torch.inference_mode()
+    def probe(self, rows: int) -> None:
+        """Sets load[rows], the machine's speed now: the median of PROBES plain forwards over `rows`
+        rows against the first probe's (their store is kept, so a probe allocates nothing)."""
+        if rows not in self._probe_inputs:
+            device = self.model.tok_embeddings.weight.device
+            store, start = self._store(rows)
+            tokens = torch.zeros(rows, 1, dtype=torch.long, device=device)
+            self._probe_inputs[rows] = (tokens, torch.full((rows, 1), start, device=device), store)
+            self.model.decode_step(*self._probe_inputs[rows])  # warm-up
+        times = []
+        for _ in range(PROBES):
+            t0 = device_clock(self.model.tok_embeddings.weight.device)
+            self.model.decode_step(*self._probe_inputs[rows])
+            times.append(device_clock(self.model.tok_embeddings.weight.device) - t0)
+        t = sorted(times)[len(times) // 2]
+        self.load[rows] = t / self._probe_ref.setdefault(rows, t)
 
 
 def window_flops(model: GPT, rows: int, S: int, keys: int) -> float:

@@ -9,10 +9,11 @@ import torch
 from scipy.stats import chi2
 
 from models.config import DEFAULT_CONFIG, load_config
+from models.llamagen import speculative
 from models.llamagen.generate import generate
 from models.llamagen.loading import load_gpt
 from models.llamagen.model import GPT, GPTConfig
-from models.llamagen.speculative import WINDOWS, AutoWindow, target_probs
+from models.llamagen.speculative import MARGIN, WINDOWS, AutoWindow, target_probs
 from models.sampling import SamplerRows
 from models.settings import ImageSettings, Speculative
 from tests.conftest import REFERENCE
@@ -247,6 +248,7 @@ def test_calibration_counts_every_width_alike_plain_decoding_included(shapes):
     auto = AutoWindow(model, repeats=1)
     forward = {L: 1e-3 * L for L in WINDOWS}
     auto._measure = lambda rows: dict(forward)
+    auto.probe = lambda rows: auto.load.setdefault(rows, 1.0)  # the machine's speed holds
     per_row = {L: 2e-4 * (1 + L) for L in WINDOWS}
 
     def run_alone(s):
@@ -263,22 +265,72 @@ def test_calibration_counts_every_width_alike_plain_decoding_included(shapes):
         assert auto.pass_seconds(4, L) == pytest.approx(forward[L] + 4 * per_row[L], rel=1e-6)
 
 
-def test_a_widths_cost_follows_the_mean_of_its_passes_not_the_end_of_the_last_image(shapes):
+def test_widths_are_compared_by_the_mean_of_their_passes_at_one_machine_speed(shapes):
     """Passes cost more late in an image (their attention reads more keys) and the last ones are
-    narrow: the estimate that auto compares widths by is their mean over whole images. (A running
-    mean of weight 0.1 ended each image near its last passes' cost and chose losing windows.)"""
+    narrow: widths are compared by their passes' mean over whole images. (A running mean of weight
+    0.1 ended each image near its last passes' cost and chose losing windows.) Passes timed while
+    the machine is slower (`load`, which each choice probes) count at its speed, so a slow spell
+    moves every width's estimate alike, whichever width ran through it."""
     auto = AutoWindow(shapes[0], repeats=1)
     auto._measure = lambda rows: {L: 1e-3 for L in WINDOWS}
-    assert auto.pass_seconds(2, 4) == 1e-3  # the prior, before any pass
-    for _ in range(12):  # images of 16 timed passes: 0.5 .. 1.5 ms, mean 1 ms, dearest at the end
+    assert auto.pass_seconds(2, 4) == auto.pass_seconds(2, 1) == 1e-3  # the priors, before any pass
+
+    def image(L, mean):  # 16 timed passes from mean / 2 to 3 mean / 2, dearest at the end
         for k in range(16):
-            auto.record_pass(2, 4, 0.5e-3 + 1e-3 * k / 15)
-    assert auto.pass_seconds(2, 4) == pytest.approx(1e-3, rel=0.02)
-    for _ in range(40):  # the machine slows down for good: the estimate follows
-        for k in range(16):
-            auto.record_pass(2, 4, 2 * (0.5e-3 + 1e-3 * k / 15))
-    assert auto.pass_seconds(2, 4) == pytest.approx(2e-3, rel=0.05)
-    assert auto.pass_seconds(2, 1) == 1e-3  # other widths keep their own
+            auto.record_pass(2, L, mean * (0.5 + k / 15))
+
+    for _ in range(12):
+        image(4, 2e-3)
+    assert auto.pass_seconds(2, 4) == pytest.approx(2e-3, rel=0.05)  # the mean, not the end
+    auto.load[2] = 1.5  # the machine slows down by half (as a probe would find) ...
+    for _ in range(40):  # ... while only plain images run
+        image(1, 1.5e-3)
+    assert auto.pass_seconds(2, 1) == pytest.approx(1.5e-3, rel=0.05)
+    assert auto.pass_seconds(2, 4) == pytest.approx(3e-3, rel=0.05)  # slowed alike, though it never ran
+    auto.load[2] = 1.0
+    assert auto.pass_seconds(2, 1) == pytest.approx(1e-3, rel=0.05)  # and back
+    assert auto.pass_seconds(4, 1) == 1e-3  # other row counts keep their own
+
+
+def test_a_slow_spell_of_plain_passes_does_not_make_a_losing_window_look_faster(shapes):
+    """Plain passes timed in a busy minute against a window's estimate from a quiet one made `auto`
+    switch to the window (measured: plain 0.25 then 0.37 ms, window 4 kept at 0.6 ms; auto at 0.77-
+    0.87x of plain decoding). Counted at the speed the probe finds, they do not."""
+    auto = AutoWindow(shapes[0], repeats=1)
+    auto._measure = lambda rows: {1: 0.25e-3, 2: 0.45e-3, 4: 0.6e-3, 8: 0.8e-3, 16: 1.3e-3, 32: 2.1e-3}
+    speed = [1.0]
+    auto.probe = lambda rows: auto.load.__setitem__(rows, speed[0])
+    auto.tokens.update(
+        {("scd", L): t for L, t in zip(WINDOWS[1:], (1.4, 1.97, 2.33, 3.11, 4.57), strict=True)}
+    )
+    assert auto.choose(2, ["scd"], 1) == 1
+    speed[0] = 1.8
+    assert auto.choose(2, ["scd"], 1) == 1
+    for _ in range(8):  # images of plain passes at 0.45 ms: the machine is 1.8x slower
+        for _ in range(32):
+            auto.record_pass(2, 1, 0.45e-3)
+    assert auto.choose(2, ["scd"], 1) == 1
+    assert auto.pass_seconds(2, 1) == pytest.approx(0.45e-3, rel=0.02)
+    # ... where window 4 would be chosen against plain passes counted at their own slow time:
+    assert 1.97 / 0.6e-3 / MARGIN > 1 / 0.45e-3
+
+
+def test_a_probe_measures_the_speed_against_its_first_measurement(shapes, monkeypatch):
+    # a clock that a forward advances by `cost`, and one forward in the probe's three is a burst
+    clock, cost, calls = [0.0], [1e-3], [0]
+
+    def forward(*args):
+        calls[0] += 1
+        clock[0] += cost[0] * (5 if calls[0] % 3 == 0 else 1)
+
+    monkeypatch.setattr(speculative, "device_clock", lambda device: clock[0])
+    auto = AutoWindow(shapes[0], repeats=1)
+    monkeypatch.setattr(auto.model, "decode_step", forward)
+    auto.probe(2)
+    assert auto.load == {2: 1.0}  # the first probe is the reference
+    cost[0] = 1.5e-3
+    auto.probe(2)
+    assert auto.load[2] == pytest.approx(1.5)  # the median: a burst in one forward does not count
 
 
 # -- the bundled model ----------------------------------------------------------------------------
