@@ -31,6 +31,8 @@ given window.
 
 from __future__ import annotations
 
+import math
+import time
 from collections.abc import Callable
 from dataclasses import replace
 
@@ -65,6 +67,9 @@ PASS_MEMORY = 128
 # at its quiet 0.6 ms, and `auto` switched to window 4 for half its images, 0.77-0.87x of plain
 # decoding at batch 1. (The pass times alone cannot tell a slow machine from a dear width.)
 PROBES = 3
+# Widths are compared at one speed, so the probe only places the passes that follow it: a probe per
+# choice cost 1 % of a batch-8 batch (2.9 ms), one a second tracks a neighbour's minutes as well.
+PROBE_EVERY_S = 1.0
 TIME_EVERY = 8  # the engine times one pass in this many for auto (every pass of a calibration image)
 # Speculation must promise 25 % more tokens per second than plain decoding to be chosen: a window's
 # cost is first known from the calibration image and then followed as it runs, and on the bundled
@@ -141,6 +146,7 @@ class AutoWindow:
         self.load: dict[int, float] = {}
         self._probe_ref: dict[int, float] = {}
         self._probe_inputs: dict[int, tuple] = {}
+        self._probed_at: dict[int, float] = {}
         self._calibration_passes: dict[tuple[int, int], list[float]] | None = None  # while calibrating
         if profile is not None:
             if profile.image_tokens != model.config.block_size:
@@ -206,7 +212,9 @@ class AutoWindow:
         one token a pass whatever its width (plain decoding), so a window that slows the whole
         pass must pay for their lost time too."""
 
-        self.probe(rows)
+        if time.monotonic() - self._probed_at.get(rows, -math.inf) >= PROBE_EVERY_S:
+            self._probed_at[rows] = time.monotonic()
+            self.probe(rows)
 
         def rate(L: int) -> float:
             width = min(w for w in WINDOWS if w >= max(L, floor))

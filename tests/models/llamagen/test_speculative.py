@@ -292,7 +292,7 @@ def test_widths_are_compared_by_the_mean_of_their_passes_at_one_machine_speed(sh
     assert auto.pass_seconds(4, 1) == 1e-3  # other row counts keep their own
 
 
-def test_a_slow_spell_of_plain_passes_does_not_make_a_losing_window_look_faster(shapes):
+def test_a_slow_spell_of_plain_passes_does_not_make_a_losing_window_look_faster(shapes, monkeypatch):
     """Plain passes timed in a busy minute against a window's estimate from a quiet one made `auto`
     switch to the window (measured: plain 0.25 then 0.37 ms, window 4 kept at 0.6 ms; auto at 0.77-
     0.87x of plain decoding). Counted at the speed the probe finds, they do not."""
@@ -300,6 +300,7 @@ def test_a_slow_spell_of_plain_passes_does_not_make_a_losing_window_look_faster(
     auto._measure = lambda rows: {1: 0.25e-3, 2: 0.45e-3, 4: 0.6e-3, 8: 0.8e-3, 16: 1.3e-3, 32: 2.1e-3}
     speed = [1.0]
     auto.probe = lambda rows: auto.load.__setitem__(rows, speed[0])
+    monkeypatch.setattr(speculative, "PROBE_EVERY_S", 0.0)  # every choice probes
     auto.tokens.update(
         {("scd", L): t for L, t in zip(WINDOWS[1:], (1.4, 1.97, 2.33, 3.11, 4.57), strict=True)}
     )
@@ -313,6 +314,15 @@ def test_a_slow_spell_of_plain_passes_does_not_make_a_losing_window_look_faster(
     assert auto.pass_seconds(2, 1) == pytest.approx(0.45e-3, rel=0.02)
     # ... where window 4 would be chosen against plain passes counted at their own slow time:
     assert 1.97 / 0.6e-3 / MARGIN > 1 / 0.45e-3
+
+
+def test_choices_probe_the_speed_once_a_second_per_row_count(shapes):
+    auto = Calibrated(shapes[0], lambda L: L, lambda L: 1 if L == 1 else L / 2)
+    probed = []
+    auto.probe = probed.append
+    for rows in (2, 2, 16, 2):
+        auto.choose(rows, ["scd"], 1)
+    assert probed == [2, 16]  # well within a second of each other
 
 
 def test_a_probe_measures_the_speed_against_its_first_measurement(shapes, monkeypatch):
