@@ -31,6 +31,10 @@ from pathlib import Path
 
 import httpx
 import numpy
+import torch
+
+from models.config import load_config
+from service.settings import Settings
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -101,6 +105,7 @@ def start_server(args) -> tuple[subprocess.Popen, str]:
         "timeout_s",
         "batching",
         "kv_cache_bytes",
+        "threads",
     ):
         if getattr(args, name) is not None:
             flags += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
@@ -119,7 +124,7 @@ def start_server(args) -> tuple[subprocess.Popen, str]:
 
 
 async def one_request(client: httpx.AsyncClient, index: int, n: int, num_classes: int) -> Outcome:
-    body = {"prompt": index % num_classes, "n": n, "seed": index}
+    body = {"model": MODEL, "prompt": index % num_classes, "n": n, "seed": index}
     if STREAM:
         return await one_stream(client, body)
     t0 = time.perf_counter()
@@ -135,6 +140,7 @@ async def one_request(client: httpx.AsyncClient, index: int, n: int, num_classes
 
 
 STREAM = False  # --stream: requests stream their previews (/v1/generate), timed to the first
+MODEL = None  # the config's first model: the one requests ask for and the offline engine runs
 
 
 async def one_stream(client: httpx.AsyncClient, body: dict) -> Outcome:
@@ -302,6 +308,11 @@ def main() -> None:
         help="the server's --batching; a list (continuous,static) starts one server per mode, same loads",
     )
     ap.add_argument("--kv-cache-bytes", help="the server's --kv-cache-bytes")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        help="the server's --threads; the offline engine runs on as many (default: the server's default)",
+    )
     ap.add_argument("--stream", action="store_true", help="stream previews; report time to the first")
     ap.add_argument("--duration", type=float, default=30.0, help="open loop: seconds of arrivals")
     ap.add_argument("--n", type=int, default=1, help="images per request")
@@ -316,8 +327,12 @@ def main() -> None:
     if args.overload and not args.offline:
         raise SystemExit("--overload needs --offline B (the capacity it multiplies)")
 
-    global STREAM
+    global STREAM, MODEL
     STREAM = args.stream
+    MODEL = load_config(args.config)[0].name
+    # the engine alone on the threads the server's models get, so serving / offline compares like
+    # with like
+    torch.set_num_threads(args.threads or Settings(config=args.config).model_threads)
     offline = Offline(args.config, args.offline) if args.offline else None
     capacity = offline.images_per_s(args.offline_batches) if offline and args.overload else None
     modes = args.batching or [None]
@@ -329,12 +344,16 @@ def main() -> None:
     proc, url = (None, args.url) if args.url else start_server(args)
     try:
         card = httpx.get(f"{url}/v1/models", timeout=30).json()["data"][0]
+        if args.url:  # a server of its own config: ask for its first model
+            MODEL = card["name"]
         runs = asyncio.run(drive(args, url, proc.pid if proc else None, card["num_classes"] or 1, offline))
     finally:
         if proc is not None:
             proc.terminate()
             proc.wait(120)
-    print(f"model {card['name']} ({card['resolution']}) on {os.cpu_count()} cpus")
+    print(
+        f"model {card['name']} ({card['resolution']}) on {os.cpu_count()} cpus, {torch.get_num_threads()} model thread(s)"
+    )
     report(args, runs, capacity)
 
 
@@ -359,7 +378,7 @@ def compare(args, modes: list[str | None], offline: Offline | None, capacity: fl
             proc.terminate()
             proc.wait(120)
     print(
-        f"model {card['name']} ({card['resolution']}) on {os.cpu_count()} cpus; n={args.n}; "
+        f"model {card['name']} ({card['resolution']}) on {os.cpu_count()} cpus, {torch.get_num_threads()} model thread(s); n={args.n}; "
         f"max_batch_size {args.max_batch_size}; offline capacity {capacity or 0:.2f} images/s "
         f"(batch {args.offline}); arrivals for {args.duration:g} s per load"
     )

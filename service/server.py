@@ -46,10 +46,11 @@ class DrainingServer(uvicorn.Server):
             event(
                 log,
                 "server_started",
-                f"listening on {s.host}:{port}, serving {', '.join(models)}",
+                f"listening on {s.host}:{port}, serving {', '.join(models)} on {s.model_threads} CPU thread(s)",
                 host=s.host,
                 port=port,
                 models=models,
+                threads=s.model_threads,
                 api_key=s.api_keys is not None,
                 log_format=s.log_format,
             )

@@ -257,3 +257,21 @@ def test_kv_policy_and_budget_reach_the_engine_and_the_model_card_offers_them(se
     r = server.post({"prompt": 3, "n": 2, "seed": 9, "kv_policy": "full", "kv_budget": 0.1})
     assert r.json()["usage"]["kv_bytes"] == dense["kv_bytes"]
     assert_same_images(images_of(r), images_of(server.post({"prompt": 3, "n": 2, "seed": 9})))
+
+
+def test_the_models_run_on_the_configured_cpu_threads(monkeypatch):
+    import torch
+
+    mine = torch.get_num_threads()
+    with ThreadServer(threads=3) as s:
+        runner, seen = s.runner(), []
+        generate = runner.generate
+
+        def counting(*args, **kwargs):
+            seen.append(torch.get_num_threads())
+            return generate(*args, **kwargs)
+
+        monkeypatch.setattr(runner, "generate", counting)
+        assert s.post({"prompt": 1, "seed": 3}).status_code == 200
+    assert seen == [3]
+    assert torch.get_num_threads() == mine  # the worker's own setting: other threads keep theirs

@@ -46,6 +46,19 @@ def test_bad_settings_name_the_flag_or_variable(argv, env, message):
         parse(*argv, env=env)
 
 
+def test_the_models_leave_a_cpu_to_the_http_side_unless_told(monkeypatch):
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    assert parse().model_threads == 3
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0})
+    assert parse().model_threads == 1  # one CPU: it is shared
+    assert parse("--threads", "2").model_threads == 2
+    assert parse(env={"VARSERVE_THREADS": "4"}).model_threads == 4
+    with pytest.raises(ValueError, match=re.escape("VARSERVE_THREADS: 0 is not > 0")):
+        parse(env={"VARSERVE_THREADS": "0"})
+    with pytest.raises(ValueError, match=re.escape("--threads: 'two' is not a valid int")):
+        parse("--threads", "two")
+
+
 def test_log_format_is_text_unless_json_is_asked_for():
     assert parse().log_format == "text"
     assert parse(env={"VARSERVE_LOG_FORMAT": "JSON"}).log_format == "json"
