@@ -15,6 +15,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
+import torch
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -196,6 +197,19 @@ def leaving_client(port: int, body: dict, path: str = "/v1/images/generations"):
     with socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT_S) as sock:
         sock.sendall(head + data)
         yield
+
+
+@contextmanager
+def on_model_threads(server: ThreadServer):
+    """Runs the block on the server's model threads (`--threads`), as a direct engine call compared
+    bit for bit with the server's images must: the VQ decoder's convolutions round differently at
+    another thread count (a pixel by one 8-bit level now and then; the tokens do not change)."""
+    mine = torch.get_num_threads()
+    torch.set_num_threads(server.settings.model_threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(mine)
 
 
 def assert_same_images(a: list[str], b: list[str]) -> None:

@@ -10,7 +10,7 @@ import pytest
 
 from models.settings import ImageSettings
 from service.images import to_pil
-from tests.service.harness import TIMEOUT_S, ThreadServer, bundled_model_config, decode_png
+from tests.service.harness import TIMEOUT_S, ThreadServer, bundled_model_config, decode_png, on_model_threads
 
 MODEL = "llamagen-shapes-t2i"
 PROMPT = "a red circle in the middle"
@@ -38,14 +38,16 @@ def test_a_negative_prompt_is_the_engines_on_both_routes(server):
     runner = server.runner(MODEL)
     top_k = runner.spec.defaults.top_k
     settings = [ImageSettings(seed=s, cfg=3.0, top_k=top_k, negative_prompt="a blue square") for s in (5, 6)]
-    direct = to_pil(runner.generate([PROMPT] * 2, settings).images)
+    with on_model_threads(server):
+        direct = to_pil(runner.generate([PROMPT] * 2, settings).images)
     assert [pixels(b) for b in images] == [p.tobytes() for p in direct]
     without = server.post({**body, "negative_prompt": None})
     assert [d["b64_json"] for d in without.json()["data"]] != images
     # guidance for the first 20 image tokens only: the engine's too
     interval = server.post({**body, "cfg_interval": 20})
     settings = [dataclasses.replace(s, cfg_interval=20) for s in settings]
-    direct = to_pil(runner.generate([PROMPT] * 2, settings).images)
+    with on_model_threads(server):
+        direct = to_pil(runner.generate([PROMPT] * 2, settings).images)
     assert [pixels(d["b64_json"]) for d in interval.json()["data"]] == [p.tobytes() for p in direct]
     assert [d["b64_json"] for d in interval.json()["data"]] != images
 
