@@ -34,7 +34,7 @@ import numpy
 import torch
 
 from models.config import load_config
-from service.settings import Settings
+from service.settings import settings_from
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -332,7 +332,13 @@ def main() -> None:
     MODEL = load_config(args.config)[0].name
     # the engine alone on the threads the server's models get, so serving / offline compares like
     # with like
-    torch.set_num_threads(args.threads or Settings(config=args.config).model_threads)
+    if args.threads is not None and args.threads < 1:
+        raise SystemExit(f"--threads: {args.threads} is not > 0")
+    # as the server reads them: the flag, else VARSERVE_THREADS, else its default
+    given = argparse.Namespace(
+        config=str(args.config), threads=None if args.threads is None else str(args.threads)
+    )
+    torch.set_num_threads(settings_from(given).model_threads)
     offline = Offline(args.config, args.offline) if args.offline else None
     capacity = offline.images_per_s(args.offline_batches) if offline and args.overload else None
     modes = args.batching or [None]

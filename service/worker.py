@@ -75,8 +75,8 @@ class Worker(threading.Thread):
         self._running: dict = {}  # model -> its running batch (continuous batching), when it has one
 
     def run(self) -> None:
-        # this thread's own OpenMP and ATen thread count (each thread has its own): the models run
-        # here, the HTTP side on the core left over
+        # the models run on this thread, the HTTP side on the core left over. OpenMP's count is this
+        # thread's own; torch also makes it the default of threads that first use it afterwards
         torch.set_num_threads(self.settings.model_threads)
         try:
             for spec in self.specs:

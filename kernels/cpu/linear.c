@@ -10,14 +10,16 @@
 // micro-kernel, so the same loop is bandwidth-bound at 1-2 rows and FMA-bound at 32.
 //
 // The tile is sized to the register file the compiler targets (-march=native): with AVX-512 (32
-// registers of 16 floats) 8 rows x 4 panels; with AVX2 (16 registers of 8) a panel row is two
-// registers, and 6 rows x 1 panel keeps 12 accumulators, the 2 weights and the broadcast in
-// registers. (The AVX-512 tile compiled for AVX2 spilled: 0.5 GB/s at 8 rows, where this one
-// streams at the read bandwidth.) Four panels, not two, because at 1-2 rows a core reads faster
-// the more weight streams it has in flight: on the GPT-B products (AMD EPYC, AVX-512) 26-27 against
-// 23-24 GB/s at one thread beside a 29 GB/s read probe, 49 against 43 GB/s at two threads beside a
-// 50-55 GB/s one; from 16 rows on, where the FMAs bind, the two tiles run alike. A product with
-// fewer panels than 4 a thread narrows its tiles, so that every thread still gets panels.
+// registers of 16 floats) 8 rows x 4 panels (32 accumulators: gcc spills a few at 8 rows, which
+// measured no slower than 8 x 2 there; at 1-4 rows, a decode step's, all stay in registers); with
+// AVX2 (16 registers of 8) a panel row is two registers, and 6 rows x 1 panel keeps 12
+// accumulators, the 2 weights and the broadcast in registers. (The AVX-512 tile compiled for AVX2
+// spilled: 0.5 GB/s at 8 rows, where this one streams at the read bandwidth.) Four panels, not
+// two, because at 1-2 rows a core reads faster the more weight streams it has in flight: on the
+// GPT-B products (AMD EPYC, AVX-512) 26-27 against 23-24 GB/s at one thread beside a 29 GB/s read
+// probe, 49 against 43 GB/s at two threads beside a 50-55 GB/s one; from 16 rows on, where the
+// FMAs bind, the two tiles run alike. A product with fewer panels than 4 a thread narrows its
+// tiles, so that every thread still gets panels.
 //
 // Every output element is one sum over k in order, whatever M is and whatever the tile: a row's
 // result does not depend on the other rows of the call, so batching never changes a request's

@@ -58,17 +58,19 @@ EMA = 0.1  # weight of a new image's tokens per pass in auto's running mean
 # plain decoding (0.94x [0.89, 0.97] at batch 1).
 PRIOR_PASSES = 16
 PASS_MEMORY = 128
-# The machine's speed moves with its neighbours, for every width alike. Each choice first times
-# PROBES plain forwards of its rows (the median, on a store of its own: ~0.6 ms at batch 1 on the
-# bundled c2i model, ~1 % of an image), and passes are counted at the speed so measured: a width's
-# estimate then compares with the others' however busy the minute each was timed in. Without it a
+# The machine's speed moves with its neighbours, for every width and row count alike. At most
+# once every PROBE_EVERY_S, as a choice is made or a pass recorded, `probe` times PROBES plain
+# forwards of one row (the median, on a store of its own) against the first such probe, and
+# passes are counted at the speed so measured: a width's estimate then compares with the others'
+# however busy the minute each was timed in. Without it a
 # width that ran through a slow spell was judged against stale estimates of the others: plain
 # passes measured 0.25 ms in a quiet minute and 0.37 ms in a busy one, window 4's estimate stayed
 # at its quiet 0.6 ms, and `auto` switched to window 4 for half its images, 0.77-0.87x of plain
 # decoding at batch 1. (The pass times alone cannot tell a slow machine from a dear width.)
 PROBES = 3
-# Widths are compared at one speed, so the probe only places the passes that follow it: a probe per
-# choice cost 1 % of a batch-8 batch (2.9 ms), one a second tracks a neighbour's minutes as well.
+# Widths are compared at one speed, so a probe only places the passes that follow it: one a second
+# tracks a neighbour's minutes (a probe at every choice, of the choice's rows, cost 1 % of a
+# batch-8 batch).
 PROBE_EVERY_S = 1.0
 TIME_EVERY = 8  # the engine times one pass in this many for auto (every pass of a calibration image)
 # Speculation must promise 25 % more tokens per second than plain decoding to be chosen: a window's
@@ -122,7 +124,7 @@ class AutoWindow:
     the middle of the image, the median of `repeats`) plus R times the width's calibrated overhead
     per row (drafting, verification or sampling, and the step's glue; plain decoding's too), and then
     follow the engine's own passes (their mean over the last PASS_MEMORY), each counted at the
-    machine's speed of the moment (`load`, per row count, which each choice measures: PROBES). Tokens
+    machine's speed of the moment (`load`, which `probe` measures: PROBES). Tokens
     per pass are calibrated on the first `auto` image of a method: that image is run once at each
     window, alone (a few seconds, once per model), and then follow every auto image run at that
     window. An auto image
@@ -141,12 +143,12 @@ class AutoWindow:
         self.tokens: dict[tuple[str, int], float] = {}
         self.overhead: dict[int, float] = {}  # seconds per row a pass of width L adds to its forward
         self.calibration_images: dict[str, int] = {}
-        # per row count, the machine's speed at the last probe against the first (1: the same);
-        # estimates are kept at speed 1, and pass_seconds scales them all alike
-        self.load: dict[int, float] = {}
-        self._probe_ref: dict[int, float] = {}
-        self._probe_inputs: dict[int, tuple] = {}
-        self._probed_at: dict[int, float] = {}
+        # the machine's speed at the last probe against the first (2: half as fast); estimates and
+        # forwards are kept at speed 1, and pass_seconds scales them all alike
+        self.load = 1.0
+        self._probe_ref: float | None = None
+        self._probe_inputs: tuple | None = None
+        self._probed_at = -math.inf
         self._calibration_passes: dict[tuple[int, int], list[float]] | None = None  # while calibrating
         if profile is not None:
             if profile.image_tokens != model.config.block_size:
@@ -168,18 +170,23 @@ class AutoWindow:
 
     def pass_seconds(self, rows: int, L: int) -> float:
         """The seconds a pass of width L over `rows` rows takes at the machine's speed now."""
-        return self._estimate(rows, L) * self.load.get(rows, 1.0)
+        return self._estimate(rows, L) * self.load
 
     def _estimate(self, rows: int, L: int) -> float:
         """The same at speed 1 (what the widths are compared by)."""
         if (rows, L) not in self.seconds:
-            if rows not in self.forward:
-                self.forward[rows] = self._measure(rows)
             # until passes of this shape have run: the forward, plus the verification's own cost as
-            # the calibration measured it, per row; measured now, so at the speed of now
-            estimate = self.forward[rows][L] + self.overhead.get(L, 0.0) * rows
-            self.seconds[rows, L] = estimate / self.load.get(rows, 1.0)
+            # the calibration measured it, per row
+            self.seconds[rows, L] = self._forward(rows)[L] + self.overhead.get(L, 0.0) * rows
         return self.seconds[rows, L]
+
+    def _forward(self, rows: int) -> dict[int, float]:
+        """The verification forward of each width over `rows` rows, at speed 1: measured once, at
+        the speed last probed."""
+        if rows not in self.forward:
+            self._probe_when_due()
+            self.forward[rows] = {L: t / self.load for L, t in self._measure(rows).items()}
+        return self.forward[rows]
 
     @property
     def calibrating(self) -> bool:
@@ -196,10 +203,11 @@ class AutoWindow:
         if self._calibration_passes is not None:  # the calibration sets the width's estimate anew
             self._calibration_passes.setdefault((rows, L), []).append(seconds)
             return
+        self._probe_when_due()
         old = self._estimate(rows, L)
         n = self.passes.get((rows, L), PRIOR_PASSES) + 1
         self.passes[rows, L] = min(n, PASS_MEMORY)
-        self.seconds[rows, L] = old + (seconds / self.load.get(rows, 1.0) - old) / min(n, PASS_MEMORY)
+        self.seconds[rows, L] = old + (seconds / self.load - old) / min(n, PASS_MEMORY)
 
     def record_tokens(self, method: str, L: int, tokens: list[float]) -> None:
         for t in tokens:
@@ -211,10 +219,7 @@ class AutoWindow:
         at their own windows that make the pass at least `floor` wide; `others` of those commit
         one token a pass whatever its width (plain decoding), so a window that slows the whole
         pass must pay for their lost time too."""
-
-        if time.monotonic() - self._probed_at.get(rows, -math.inf) >= PROBE_EVERY_S:
-            self._probed_at[rows] = time.monotonic()
-            self.probe(rows)
+        self._probe_when_due()
 
         def rate(L: int) -> float:
             width = min(w for w in WINDOWS if w >= max(L, floor))
@@ -252,14 +257,11 @@ class AutoWindow:
                 self.tokens[method, L] = (self.tokens.get((method, L), 0.0) * n + tokens) / (n + 1)
             if not times:
                 continue
-            self.probe(rows)  # the speed these passes ran at
-            if rows not in self.forward:
-                self.forward[rows] = self._measure(rows)
-            overhead = max(0.0, sum(times) / len(times) - self.forward[rows][L]) / rows
+            self._probe_when_due()  # about the speed these passes ran at
+            forward = self._forward(rows)[L]
+            overhead = max(0.0, sum(times) / len(times) / self.load - forward) / rows
             self.overhead[L] = (self.overhead.get(L, 0.0) * k + overhead) / (k + 1) if k else overhead
-            self.seconds[rows, L] = (self.forward[rows][L] + self.overhead[L] * rows) / self.load.get(
-                rows, 1.0
-            )
+            self.seconds[rows, L] = forward + self.overhead[L] * rows
             self.passes.pop((rows, L), None)  # a fresh estimate, worth PRIOR_PASSES passes again
         self.calibration_images[method] = n + 1
 
@@ -307,23 +309,31 @@ class AutoWindow:
                     times[L].append(device_clock(device) - t0)
         return {L: sorted(t)[len(t) // 2] for L, t in times.items()}
 
+    def _probe_when_due(self) -> None:
+        if time.monotonic() - self._probed_at >= PROBE_EVERY_S:
+            self.probe()
+
     @torch.inference_mode()
-    def probe(self, rows: int) -> None:
-        """Sets load[rows], the machine's speed now: the median of PROBES plain forwards over `rows`
-        rows against the first probe's (their store is kept, so a probe allocates nothing)."""
-        if rows not in self._probe_inputs:
-            device = self.model.tok_embeddings.weight.device
-            store, start = self._store(rows)
-            tokens = torch.zeros(rows, 1, dtype=torch.long, device=device)
-            self._probe_inputs[rows] = (tokens, torch.full((rows, 1), start, device=device), store)
-            self.model.decode_step(*self._probe_inputs[rows])  # warm-up
+    def probe(self) -> None:
+        """Sets `load`, the machine's speed now: the median of PROBES plain forwards of one row
+        against the first probe's (their store, one row's blocks, is kept: a probe allocates
+        nothing)."""
+        device = self.model.tok_embeddings.weight.device
+        if self._probe_inputs is None:
+            store, start = self._store(1)
+            tokens = torch.zeros(1, 1, dtype=torch.long, device=device)
+            self._probe_inputs = (tokens, torch.full((1, 1), start, device=device), store)
+            self.model.decode_step(*self._probe_inputs)  # warm-up
         times = []
         for _ in range(PROBES):
-            t0 = device_clock(self.model.tok_embeddings.weight.device)
-            self.model.decode_step(*self._probe_inputs[rows])
-            times.append(device_clock(self.model.tok_embeddings.weight.device) - t0)
-        t = sorted(times)[len(times) // 2]
-        self.load[rows] = t / self._probe_ref.setdefault(rows, t)
+            t0 = device_clock(device)
+            self.model.decode_step(*self._probe_inputs)
+            times.append(device_clock(device) - t0)
+        t = max(sorted(times)[len(times) // 2], 1e-9)  # a clock too coarse to see it reads 0
+        if self._probe_ref is None:
+            self._probe_ref = t
+        self.load = t / self._probe_ref
+        self._probed_at = time.monotonic()
 
 
 def window_flops(model: GPT, rows: int, S: int, keys: int) -> float:

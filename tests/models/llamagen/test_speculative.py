@@ -3,6 +3,7 @@ model's own distribution (exact marginals of a tiny model against many seeds), b
 independence, guidance, previews, the auto window, and fewer passes on the bundled model."""
 
 import itertools
+import time
 
 import pytest
 import torch
@@ -248,7 +249,7 @@ def test_calibration_counts_every_width_alike_plain_decoding_included(shapes):
     auto = AutoWindow(model, repeats=1)
     forward = {L: 1e-3 * L for L in WINDOWS}
     auto._measure = lambda rows: dict(forward)
-    auto.probe = lambda rows: auto.load.setdefault(rows, 1.0)  # the machine's speed holds
+    auto.probe = lambda: None  # the machine's speed holds
     per_row = {L: 2e-4 * (1 + L) for L in WINDOWS}
 
     def run_alone(s):
@@ -273,6 +274,7 @@ def test_widths_are_compared_by_the_mean_of_their_passes_at_one_machine_speed(sh
     moves every width's estimate alike, whichever width ran through it."""
     auto = AutoWindow(shapes[0], repeats=1)
     auto._measure = lambda rows: {L: 1e-3 for L in WINDOWS}
+    auto.probe = lambda: None  # the speed is set by hand below
     assert auto.pass_seconds(2, 4) == auto.pass_seconds(2, 1) == 1e-3  # the priors, before any pass
 
     def image(L, mean):  # 16 timed passes from mean / 2 to 3 mean / 2, dearest at the end
@@ -282,14 +284,14 @@ def test_widths_are_compared_by_the_mean_of_their_passes_at_one_machine_speed(sh
     for _ in range(12):
         image(4, 2e-3)
     assert auto.pass_seconds(2, 4) == pytest.approx(2e-3, rel=0.05)  # the mean, not the end
-    auto.load[2] = 1.5  # the machine slows down by half (as a probe would find) ...
+    auto.load = 1.5  # the machine slows down by half (as a probe would find) ...
     for _ in range(40):  # ... while only plain images run
         image(1, 1.5e-3)
     assert auto.pass_seconds(2, 1) == pytest.approx(1.5e-3, rel=0.05)
     assert auto.pass_seconds(2, 4) == pytest.approx(3e-3, rel=0.05)  # slowed alike, though it never ran
-    auto.load[2] = 1.0
+    auto.load = 1.0
     assert auto.pass_seconds(2, 1) == pytest.approx(1e-3, rel=0.05)  # and back
-    assert auto.pass_seconds(4, 1) == 1e-3  # other row counts keep their own
+    assert auto.pass_seconds(4, 1) == 1e-3  # other row counts keep their own prior
 
 
 def test_a_slow_spell_of_plain_passes_does_not_make_a_losing_window_look_faster(shapes, monkeypatch):
@@ -299,7 +301,7 @@ def test_a_slow_spell_of_plain_passes_does_not_make_a_losing_window_look_faster(
     auto = AutoWindow(shapes[0], repeats=1)
     auto._measure = lambda rows: {1: 0.25e-3, 2: 0.45e-3, 4: 0.6e-3, 8: 0.8e-3, 16: 1.3e-3, 32: 2.1e-3}
     speed = [1.0]
-    auto.probe = lambda rows: auto.load.__setitem__(rows, speed[0])
+    auto.probe = lambda: setattr(auto, "load", speed[0])
     monkeypatch.setattr(speculative, "PROBE_EVERY_S", 0.0)  # every choice probes
     auto.tokens.update(
         {("scd", L): t for L, t in zip(WINDOWS[1:], (1.4, 1.97, 2.33, 3.11, 4.57), strict=True)}
@@ -316,31 +318,43 @@ def test_a_slow_spell_of_plain_passes_does_not_make_a_losing_window_look_faster(
     assert 1.97 / 0.6e-3 / MARGIN > 1 / 0.45e-3
 
 
-def test_choices_probe_the_speed_once_a_second_per_row_count(shapes):
-    auto = Calibrated(shapes[0], lambda L: L, lambda L: 1 if L == 1 else L / 2)
+def test_choices_and_passes_probe_the_speed_once_a_second(shapes):
+    auto = AutoWindow(shapes[0], repeats=1)
+    auto._measure = lambda rows: {L: 1e-3 * L for L in WINDOWS}
+    auto.tokens.update({("scd", L): L / 2 for L in WINDOWS[1:]})
     probed = []
-    auto.probe = probed.append
+
+    def probe():
+        probed.append(1)
+        auto._probed_at = time.monotonic()
+
+    auto.probe = probe
     for rows in (2, 2, 16, 2):
         auto.choose(rows, ["scd"], 1)
-    assert probed == [2, 16]  # well within a second of each other
+        auto.record_pass(rows, 1, 1e-3)
+    assert len(probed) == 1  # well within a second of each other
+    auto._probed_at -= speculative.PROBE_EVERY_S
+    auto.record_pass(2, 1, 1e-3)
+    assert len(probed) == 2
 
 
 def test_a_probe_measures_the_speed_against_its_first_measurement(shapes, monkeypatch):
-    # a clock that a forward advances by `cost`, and one forward in the probe's three is a burst
+    # a clock that a forward advances by `cost`; in the second probe one forward of three is a burst
     clock, cost, calls = [0.0], [1e-3], [0]
 
     def forward(*args):
         calls[0] += 1
-        clock[0] += cost[0] * (5 if calls[0] % 3 == 0 else 1)
+        clock[0] += cost[0] * (5 if calls[0] == 6 else 1)  # call 1 warms up, 2-4 the first probe
 
     monkeypatch.setattr(speculative, "device_clock", lambda device: clock[0])
     auto = AutoWindow(shapes[0], repeats=1)
     monkeypatch.setattr(auto.model, "decode_step", forward)
-    auto.probe(2)
-    assert auto.load == {2: 1.0}  # the first probe is the reference
+    auto.probe()
+    assert auto.load == 1.0  # the first probe is the reference
     cost[0] = 1.5e-3
-    auto.probe(2)
-    assert auto.load[2] == pytest.approx(1.5)  # the median: a burst in one forward does not count
+    auto.probe()
+    assert calls[0] == 7
+    assert auto.load == pytest.approx(1.5)  # the median: a burst in one forward does not count
 
 
 # -- the bundled model ----------------------------------------------------------------------------
