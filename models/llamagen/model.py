@@ -316,7 +316,9 @@ class GPT(nn.Module):
         On CPU in float32 with packed weights (kernels.linear.packing_pays) over a paged or dense
         token store, the layers run as one C call (kernels/decode.py), verify windows included, so
         a window and a step run the same code; elsewhere (CUDA, bf16/fp16, unpacked) layer by layer."""
-        h, at = self.tok_embeddings(tokens), TokenSpan(positions, key_valid)
+        # the embedding table read directly: the module call's hook machinery cost as much as the
+        # lookup at batch 1
+        h, at = F.embedding(tokens, self.tok_embeddings.weight), TokenSpan(positions, key_valid)
         logits = self._fused_layers(h, at, store) if self.fused_decode else None
         if logits is not None:
             return logits
@@ -329,8 +331,7 @@ class GPT(nn.Module):
         if h.requires_grad:
             return None
         if isinstance(store, PagedTokenStore):
-            pool = store.pool
-            k_cache, v_cache = pool.k.unbind(0), pool.v.unbind(0)
+            k_cache, v_cache = store.pool.k_layers, store.pool.v_layers
             block_table = store.block_table
         elif isinstance(store, DenseTokenStore):  # one block of T_max positions per row
             k_cache, v_cache = store.k, store.v
