@@ -18,8 +18,8 @@
 // two, because at 1-2 rows a core reads faster the more weight streams it has in flight: on the
 // GPT-B products (AMD EPYC, AVX-512) 26-27 against 23-24 GB/s at one thread beside a 29 GB/s read
 // probe, 49 against 43 GB/s at two threads beside a 50-55 GB/s one; from 16 rows on, where the
-// FMAs bind, the two tiles run alike. A product with fewer panels than 4 a thread narrows its
-// tiles, so that every thread still gets panels.
+// FMAs bind, the two tiles run alike. A product with too few panels for its threads narrows its
+// tiles, so that the threads share them evenly.
 //
 // Every output element is one sum over k in order, whatever M is and whatever the tile: a row's
 // result does not depend on the other rows of the call, so batching never changes a request's
@@ -126,8 +126,21 @@ static void panels_from(const float *x, const float *w_panels, float *out_all, l
 // x: (M, K), wp: (N / 16, K, 16), out: (M, N); all contiguous, N a multiple of 16.
 void varserve_linear_panels(const float *x, const float *w_panels, float *out_all, long M, long N,
                             long K) {
-  long panels = N / LANES, width = NP, threads = omp_get_max_threads();
-  while (width > 1 && panels < width * threads) width /= 2;  // every thread gets a tile
+  long panels = N / LANES, threads = omp_get_max_threads();
+  // The widest tile (NP, NP / 2, ..., 1) whose busiest thread reads at most a quarter more panels
+  // than the narrowest would give it: wide tiles read faster, but 48 panels on 8 threads take
+  // tiles of 2 (6 panels a thread), not of 4 (12 tiles: 8 panels for some threads, none for others).
+  long busiest[8], width = 1, least = panels;
+  for (long w = NP, i = 0; w >= 1; w /= 2, i++) {
+    long tiles = (panels + w - 1) / w, most = (tiles + threads - 1) / threads * w;
+    busiest[i] = most < panels ? most : panels;
+    least = busiest[i] < least ? busiest[i] : least;
+  }
+  for (long w = NP, i = 0; w >= 1; w /= 2, i++)
+    if (4 * busiest[i] <= 5 * least) {
+      width = w;
+      break;
+    }
   long groups = (panels + width - 1) / width;
 #pragma omp parallel for schedule(static)
   for (long g = 0; g < groups; g++) {
