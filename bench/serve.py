@@ -330,11 +330,10 @@ def main() -> None:
     global STREAM, MODEL
     STREAM = args.stream
     MODEL = load_config(args.config)[0].name
-    # the engine alone on the threads the server's models get, so serving / offline compares like
-    # with like
     if args.threads is not None and args.threads < 1:
         raise SystemExit(f"--threads: {args.threads} is not > 0")
-    # as the server reads them: the flag, else VARSERVE_THREADS, else its default
+    # the engine alone on the threads the server's models get (the flag, else VARSERVE_THREADS, else
+    # the server's default), so serving / offline compares like with like
     given = argparse.Namespace(
         config=str(args.config), threads=None if args.threads is None else str(args.threads)
     )

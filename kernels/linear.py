@@ -10,8 +10,8 @@ into panels of 16 output columns (`pack_weight`: (N, K) -> (N / 16, K, 16)) and 
 C kernel (kernels/cpu/linear.c), which streams them in address order, four panels at a time on
 AVX-512. On 400 MB of GPT-B-shaped weights at 2 rows, beside a 50-55 GB/s read probe in the same
 run: 49 GB/s (43 with two panels at a time, the tile before); 145 / 187 / 200 GFLOP/s at 8 / 32 /
-64 rows; on an AVX2 host at 1 thread, 57-61 GFLOP/s at 32 rows, where MKL managed 33-55. A row's result
-does not depend on the other rows of the call, so batching stays invisible in the numbers.
+64 rows; on an AVX2 host at 1 thread, 57-61 GFLOP/s at 32 rows, where MKL managed 33-55. A row's
+result does not depend on the other rows of the call, so batching stays invisible in the numbers.
 
 Models keep their published (N, K) weights until `pack_linear_weights` swaps them for panels in
 place (same memory). `linear(x, weight)` dispatches on the weight it is given (a 3-D weight is in

@@ -128,19 +128,14 @@ void varserve_linear_panels(const float *x, const float *w_panels, float *out_al
                             long K) {
   long panels = N / LANES, threads = omp_get_max_threads();
   // The widest tile (NP, NP / 2, ..., 1) whose busiest thread reads at most a quarter more panels
-  // than the narrowest would give it: wide tiles read faster, but 48 panels on 8 threads take
-  // tiles of 2 (6 panels a thread), not of 4 (12 tiles: 8 panels for some threads, none for others).
-  long busiest[8], width = 1, least = panels;
-  for (long w = NP, i = 0; w >= 1; w /= 2, i++) {
-    long tiles = (panels + w - 1) / w, most = (tiles + threads - 1) / threads * w;
-    busiest[i] = most < panels ? most : panels;
-    least = busiest[i] < least ? busiest[i] : least;
+  // than any tiling could give it (ceil(panels / threads), tiles of 1's): wide tiles read faster,
+  // but 48 panels on 8 threads take tiles of 2 (6 panels a thread), not of 4 (12 tiles: 8 panels
+  // for some threads, none for others).
+  long least = (panels + threads - 1) / threads, width = NP;
+  for (; width > 1; width /= 2) {
+    long tiles = (panels + width - 1) / width, busiest = (tiles + threads - 1) / threads * width;
+    if (4 * (busiest < panels ? busiest : panels) <= 5 * least) break;
   }
-  for (long w = NP, i = 0; w >= 1; w /= 2, i++)
-    if (4 * busiest[i] <= 5 * least) {
-      width = w;
-      break;
-    }
   long groups = (panels + width - 1) / width;
 #pragma omp parallel for schedule(static)
   for (long g = 0; g < groups; g++) {

@@ -62,11 +62,11 @@ PASS_MEMORY = 128
 # once every PROBE_EVERY_S, as a choice is made or a pass recorded, `probe` times PROBES plain
 # forwards of one row (the median, on a store of its own) against the first such probe, and
 # passes are counted at the speed so measured: a width's estimate then compares with the others'
-# however busy the minute each was timed in. Without it a
-# width that ran through a slow spell was judged against stale estimates of the others: plain
-# passes measured 0.25 ms in a quiet minute and 0.37 ms in a busy one, window 4's estimate stayed
-# at its quiet 0.6 ms, and `auto` switched to window 4 for half its images, 0.77-0.87x of plain
-# decoding at batch 1. (The pass times alone cannot tell a slow machine from a dear width.)
+# however busy the minute each was timed in. Without it a width that ran through a slow spell was
+# judged against stale estimates of the others: plain passes measured 0.25 ms in a quiet minute and
+# 0.37 ms in a busy one, window 4's estimate stayed at its quiet 0.6 ms, and `auto` switched to
+# window 4 for half its images, 0.77-0.87x of plain decoding at batch 1. (The pass times alone
+# cannot tell a slow machine from a dear width.)
 PROBES = 3
 # Widths are compared at one speed, so a probe only places the passes that follow it: one a second
 # tracks a neighbour's minutes (a probe at every choice, of the choice's rows, cost 1 % of a
@@ -124,11 +124,10 @@ class AutoWindow:
     the middle of the image, the median of `repeats`) plus R times the width's calibrated overhead
     per row (drafting, verification or sampling, and the step's glue; plain decoding's too), and then
     follow the engine's own passes (their mean over the last PASS_MEMORY), each counted at the
-    machine's speed of the moment (`load`, which `probe` measures: PROBES). Tokens
-    per pass are calibrated on the first `auto` image of a method: that image is run once at each
-    window, alone (a few seconds, once per model), and then follow every auto image run at that
-    window. An auto image
-    takes, at its first decode pass and for all its passes (drafts mature over passes at one window,
+    machine's speed of the moment (`load`, which `probe` measures: PROBES). Tokens per pass are
+    calibrated on the first `auto` image of a method: that image is run once at each window, alone
+    (a few seconds, once per model), and then follow every auto image run at that window. An auto
+    image takes, at its first decode pass and for all its passes (drafts mature over passes at one window,
     so switching would cost acceptance), the window with the most tokens per second of the pass it
     joins, its company included; L = 1 (plain decoding) commits one token a pass and wins unless a
     window promises MARGIN more."""
