@@ -5,7 +5,8 @@ model and KV policy and budget (`batch_key`), up to max_batch_size images and, w
 limit (--kv-cache-bytes), while the batch's planned KV bytes fit it (`kv_bytes_of`: the bytes a
 static batch's store allocates per image; a next-scale model's under its policy and budget, so
 compressed requests form larger batches under the same memory); it waits at most max_wait after the oldest request arrived for
-company. The oldest request always goes, even alone above the limit: it runs by itself rather than
+company, except for a model that runs a continuous batch (later requests join it at any step, so
+its first request starts at once). The oldest request always goes, even alone above the limit: it runs by itself rather than
 wait for room that never comes. Requests that were cancelled or ran out of time while waiting never
 reach a batch.
 """
@@ -96,10 +97,18 @@ class RequestQueue:
             self._seconds_per_image = per_image if old == 0 else 0.8 * old + 0.2 * per_image
 
     def take_batch(
-        self, models: set[str], max_images: int, max_wait_s: float, stop: threading.Event, poll_s: float = 0.5
+        self,
+        models: set[str],
+        max_images: int,
+        max_wait_s: float,
+        stop: threading.Event,
+        poll_s: float = 0.5,
+        joinable: frozenset[str] = frozenset(),
     ) -> list[Job]:
         """Block until a batch for one of `models` is ready (or `stop` is set: then []).
-        Jobs of other models stay queued for their own worker."""
+        Jobs of other models stay queued for their own worker. A batch of a `joinable` model (one
+        that runs a continuous batch) goes without waiting for company: later requests join it at
+        their arrival's next step, where waiting would only delay the first."""
         with self._changed:
             while not stop.is_set():
                 self._drop_dead(time.monotonic())
@@ -109,7 +118,8 @@ class RequestQueue:
                     continue
                 batch, planned = self._compatible(head, max_images)
                 images = sum(j.n for j in batch)
-                wait_left = head.arrival + max_wait_s - time.monotonic()
+                wait_s = 0.0 if head.model in joinable else max_wait_s
+                wait_left = head.arrival + wait_s - time.monotonic()
                 # full by bytes: another image like the head's would not fit
                 kv_full = (
                     planned is not None and planned + self._kv_bytes(head) // head.n > self.kv_cache_bytes
@@ -129,6 +139,8 @@ class RequestQueue:
         now, up to max_images images and while `fits(jobs)` holds. None while the oldest request
         of the worker's models is for another model: the running batch then drains, and that
         request's batch goes next (no model waits behind a batch that never ends)."""
+        if not self._waiting:  # asked every step: an empty queue needs no lock (a request that
+            return []  # arrives meanwhile is seen at the next step)
         with self._changed:
             self._drop_dead(time.monotonic())
             head = next((j for j in self._waiting if j.model in models), None)

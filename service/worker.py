@@ -89,9 +89,10 @@ class Worker(threading.Thread):
             return
         self.ready.set()
         max_wait_s = self.settings.max_wait_ms / 1000
+        joinable = frozenset(self._running)  # continuous batches: their requests never wait for company
         while not self.stopping.is_set():
             jobs = self.queue.take_batch(
-                set(self.runners), self.settings.max_batch_size, max_wait_s, self.stopping
+                set(self.runners), self.settings.max_batch_size, max_wait_s, self.stopping, joinable=joinable
             )
             if not jobs:
                 continue

@@ -102,7 +102,8 @@ def metric(samples: dict[tuple, float], name: str, **labels) -> float:
 
 def check_image_metrics(server: ThreadServer, body: dict, model: str, pixels_per_image: int) -> None:
     """One generation moves the image metrics by its images and pixels and each stage histogram of
-    its model by one observation; engine + decode add up to the request's inference time."""
+    its model by one observation; engine + decode add up to the request's inference time, and the
+    engine time holds the batch's steps."""
     from service.metrics import STAGES
 
     before = server.metrics()
@@ -124,6 +125,8 @@ def check_image_metrics(server: ThreadServer, body: dict, model: str, pixels_per
     assert stage_s["decode"] > 0 and stage_s["encode"] > 0 and stage_s["engine"] > 0
     inference_s = delta("varserve_request_inference_time_seconds_sum")
     assert abs(stage_s["engine"] + stage_s["decode"] - inference_s) < 1e-6
+    # alone in its batch, the request's engine time holds every step the batch ran
+    assert stage_s["engine"] >= delta("varserve_step_time_seconds_sum") > 0
     assert stage_s["queue"] == delta("varserve_request_queue_wait_s_sum")
 
 

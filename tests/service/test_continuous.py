@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from tests.conftest import REPO
-from tests.service.harness import TIMEOUT_S, ThreadServer, metric, sse_events, wait_until
+from tests.service.harness import TIMEOUT_S, ThreadServer, check_image_metrics, metric, sse_events, wait_until
 
 CONFIG = REPO / "configs" / "fixtures-llamagen.toml"
 MODEL = "llamagen-c2i-fixture"
@@ -79,6 +79,11 @@ def test_a_request_joins_the_running_batch_and_gets_its_lone_image(server, monke
     m = server.metrics()
     assert metric(m, "varserve_kv_cache_blocks_used", model=MODEL) == 0
     assert metric(m, "varserve_kv_cache_blocks_free", model=MODEL) == running.engine.pool.n_blocks
+
+
+def test_a_requests_engine_time_holds_every_step_it_ran(server):
+    # the running batch adds the steps' time to a request when it leaves, not at every step
+    check_image_metrics(server, {"prompt": 5, "seed": 50, "cfg_scale": 1.0}, MODEL, 256 * 256)
 
 
 def test_a_stream_that_leaves_frees_its_blocks_and_the_others_run_on(server, monkeypatch):

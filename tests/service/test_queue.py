@@ -196,3 +196,19 @@ def test_var_shapes_batches_at_least_5x_more_images_at_10_percent_than_full(var_
         sizes[kv[0]] = len(q.take_batch({"a"}, max_images=1000, max_wait_s=60, stop=NEVER))
     assert sizes["full"] == 4
     assert sizes[policy] >= 5 * sizes["full"], sizes
+
+
+def test_a_joinable_model_starts_its_batch_without_waiting_for_company():
+    # its later requests join the running batch at any step: waiting would only delay the first
+    q = RequestQueue(max_size=10)
+    first = job()
+    q.submit(first)
+    result = []
+    joinable = frozenset({"a"})
+    taker = threading.Thread(
+        target=lambda: result.append(q.take_batch({"a"}, 2, max_wait_s=60, stop=NEVER, joinable=joinable)),
+        daemon=True,
+    )
+    taker.start()
+    taker.join(10)  # a batch that waited for company would still be waiting (60 s)
+    assert result == [[first]]
