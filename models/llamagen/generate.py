@@ -169,8 +169,11 @@ class Engine:
         self.seqs: list[Sequence] = []
         self.device = model.tok_embeddings.weight.device
         self.passes = 0  # forward passes run
+        self.steps = 0  # decode steps run (passes less the prefills)
         self.flops = 0.0  # their matmul FLOPs
         self._groups: TokenGroups | None = None
+        k = np.arange(c.block_size)
+        self._new_row_blocks = -(-(c.cls_token_num + 1 + k) // pool.block_size) * (1 + k < c.block_size)
         self._layout()
 
     @property
@@ -190,22 +193,40 @@ class Engine:
         what it accepts, not known in advance, so it counts at its whole cache until it ends. Under
         continuous batching the sequences are spread over their progress, so the peak stays well
         under the static batch's whole cache."""
+        whole = self.pool.blocks_for(self.model.config.max_seq_len)
+        plain_rows = sum(s.rows for s in seqs if not s.speculative)
+        speculative_rows = sum(s.rows for s in seqs if s.speculative)
+        # newcomers start at n = 1 (after their prefill, which holds fewer blocks than their first
+        # step), so they hold what one new row holds, times their rows
+        held = self._held_ahead() + plain_rows * self._new_row_blocks + speculative_rows * whole
+        return int(held.max()) <= self.pool.n_blocks
+
+    def _held_ahead(self) -> np.ndarray:
+        """(block_size,) the blocks the running batch holds during each of the next block_size
+        decode steps. During the k-th decode step from now a plain sequence with n tokens holds the
+        blocks of positions 0..cls + n + k - 1, unless it has finished; a speculative one its whole
+        cache. Worked out for 2 x block_size steps when the membership changes (the scheduler asks
+        every step while requests wait: rebuilding it each time cost ~6 % of a step where the pool
+        binds) and read at the offset of the steps since, as every plain sequence advances by one
+        token a step."""
+        N = self.model.config.block_size
+        offset = self.steps - self._ahead_from
+        if offset > N:  # no sequence runs that long: only an idle engine gets here
+            self._plan_ahead()
+            offset = 0
+        return self._ahead[offset : offset + N]
+
+    def _plan_ahead(self) -> None:
         c, bs = self.model.config, self.pool.block_size
         whole = self.pool.blocks_for(c.max_seq_len)
-        # during the k-th decode step from now a plain sequence with n tokens holds the blocks of
-        # positions 0..cls + n + k - 1, unless it has finished (newcomers: n = 1 after their
-        # prefill, which holds fewer blocks than their first step); one array op per sequence and
-        # step, as the scheduler asks every step while requests wait
-        running = [(s.rows, s.n, s.speculative) for s in self.seqs] + [
-            (s.rows, 1, s.speculative) for s in seqs
-        ]
-        if not running:
-            return True
-        rows, n, speculative = (np.array(x, dtype=np.int64)[:, None] for x in zip(*running, strict=True))
-        k = np.arange(c.block_size)[None, :]
-        blocks = np.where(speculative, whole, -(-(c.cls_token_num + n + k) // bs))
-        held = (rows * blocks * ((n + k < c.block_size) | speculative)).sum(0)
-        return int(held.max()) <= self.pool.n_blocks
+        m = np.arange(2 * c.block_size)
+        self._ahead = np.zeros(2 * c.block_size, dtype=np.int64)
+        for s in self.seqs:
+            if s.speculative:
+                self._ahead += s.rows * whole
+            else:
+                self._ahead += s.rows * -(-(c.cls_token_num + s.n + m) // bs) * (s.n + m < c.block_size)
+        self._ahead_from = self.steps
 
     def add(self, seqs: list[Sequence]) -> None:
         """Prefill `seqs` (one forward pass of their rows) and sample their first tokens.
@@ -272,6 +293,7 @@ class Engine:
             width = min(w for w in WINDOWS if w >= S)
             self.auto.record_pass(self.rows.count, width, device_clock(self.device) - t0)
         self.passes += 1
+        self.steps += 1
         self.flops += window_flops(self.model, self.rows.count, S, max(s.n for s in self.seqs))
         for s in self.seqs:
             s.forward_passes += 1
@@ -407,6 +429,7 @@ class Engine:
         )
         self.n = torch.tensor([s.n for s in self.seqs], dtype=torch.long, device=self.device)
         self.positions = self._positions()
+        self._plan_ahead()
 
     def _token_groups(self) -> TokenGroups:
         """GSD's groups of this model, built once per engine on first use."""

@@ -168,3 +168,51 @@ def test_a_speculative_sequence_holds_its_whole_cache_in_admission(c2i):
             engine.step()
         engines[kind] = engine
     assert engines["plain"].fits([second]) and not engines["sjd"].fits([second])
+
+
+def blocks_ahead_by_definition(engine, seqs) -> list[int]:
+    """The blocks the batch would hold during each of the next block_size steps if `seqs` joined
+    now, position by position from the pool's own rule (a plain sequence with n tokens holds the
+    blocks of positions 0..cls + n + k - 1 at the k-th step until it ends; a speculative one its
+    whole cache; a newcomer starts at n = 1)."""
+    c, pool = engine.model.config, engine.pool
+    whole = pool.blocks_for(c.max_seq_len)
+    members = [(s, s.n) for s in engine.seqs] + [(s, 1) for s in seqs]
+    return [
+        sum(
+            s.rows
+            * (whole if s.speculative else pool.blocks_for(c.cls_token_num + n + k) * (n + k < c.block_size))
+            for s, n in members
+        )
+        for k in range(c.block_size)
+    ]
+
+
+def test_admission_agrees_with_the_blocks_held_step_by_step_as_the_batch_runs(c2i):
+    """The engine keeps the batch's future holdings from its last change of membership and reads
+    them at the steps since; at every step of a batch that sequences of both kinds join and leave,
+    its answer for several would-be newcomers is the one worked out from the definition."""
+    c = c2i.config
+    per_seq = -(-c.max_seq_len // BLOCK_SIZE)
+    engine = Engine(c2i, pool_for(c2i, 3 * per_seq))
+    newcomers = [
+        [Sequence(torch.tensor(0), ImageSettings(seed=0, cfg=1.0))],
+        [Sequence(torch.tensor(0), ImageSettings(seed=0, cfg=2.0))],  # two rows
+        [Sequence(torch.tensor(0), speculative(0, "sjd", 4, cfg=1.0))],
+    ]
+    joins = {
+        0: Sequence(torch.tensor(1), ImageSettings(seed=1, cfg=1.0)),
+        30: Sequence(torch.tensor(2), speculative(2, "scd", 4, cfg=1.0)),
+        90: Sequence(torch.tensor(3), ImageSettings(seed=3, cfg=1.0)),
+    }
+    answers = set()
+    for step in range(300):
+        if step in joins:
+            engine.add([joins[step]])
+        engine.remove(engine.finished)
+        for seqs in newcomers:
+            expected = max(blocks_ahead_by_definition(engine, seqs)) <= engine.pool.n_blocks
+            assert engine.fits(seqs) is expected, (step, [s.n for s in engine.seqs])
+            answers.add(expected)
+        engine.step()
+    assert answers == {True, False}  # both answers came up
