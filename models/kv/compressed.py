@@ -44,6 +44,8 @@ last bits, and a request's reported bytes would be its neighbours'.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from kernels.kv_merge import compact_segments, merge_segments
@@ -72,6 +74,19 @@ def slab_nbytes(
     return tokens * (2 * head_dim * itemsize + (4 if merging else 0))
 
 
+@functools.lru_cache(maxsize=4096)
+def _append_columns(held: tuple[int, ...], keeps: tuple[int, ...], n: int) -> torch.Tensor:
+    """(G, max keeps) the columns of [stored | current] that segments holding `held` tokens keep
+    when each takes the scale's n whole (keeps = held + n) or not at all (keeps = held): every
+    stored column, then the scale's; -1 padded. Read-only (shared): the same few count patterns
+    come back every batch of a plan, and building them took ~10 small tensor ops a layer and scale."""
+    old, new = torch.tensor(held), torch.tensor(keeps)
+    max_old = max(held)
+    j = torch.arange(max_old + n)[None, :]
+    cols = torch.where(j < old[:, None], j, j - old[:, None] + max_old)
+    return cols.masked_fill(j >= new[:, None], -1)[:, : max(keeps)]
+
+
 class SlabScaleStore:
     """See the module docstring. row_policies: (policy, budget, merge) per engine row."""
 
@@ -94,10 +109,16 @@ class SlabScaleStore:
         for r, (p, b, merge) in enumerate(row_policies):
             groups.setdefault((p, b, merge and p.evicts), []).append(r)
         self.groups = []
+        self._appending: dict[int, list[list[bool]]] = {}  # id(a group's counts) -> [si][layer]
         for (p, b, m), rows in groups.items():
             counts = p.plan(geo, profile, b)  # (S - 1, depth, H) held after each scale
             # a plan that keeps every key (a budget of 1) has nothing to merge: no log-count slab
             self.groups.append((p, b, m and plan_evicts(geo, counts), rows, counts))
+            # whether its segments take scale si whole or not at all at each layer (`_appends`)
+            before = torch.cat([torch.zeros_like(counts[:1]), counts[:-1]])
+            n = torch.tensor(geo.sizes[: len(counts)])[:, None, None]
+            whole = (counts == before + n).all(-1) | p.append_only  # (S - 1, depth)
+            self._appending[id(counts)] = whole.tolist()
         # lengths[si][layer]: (R * H,) held before scale si (0 before the first); the host copy is
         # the plan itself, per group
         held = torch.zeros(S, geo.depth, R, H, dtype=torch.long)
@@ -159,12 +180,11 @@ class SlabScaleStore:
                     self._keep(p, merge, counts, layer, si, at, mine, q, k, v, scale, mass)
         return out
 
-    @staticmethod
-    def _appends(p, counts: torch.Tensor, layer: int, si: int, n: int) -> bool:
-        """Whether a group's segments take scale si (n tokens) whole or not at all at this layer, so
-        that nothing is ranked: an append-only policy, or every segment keeping everything."""
-        old = counts[si - 1, layer] if si > 0 else torch.zeros_like(counts[si, layer])
-        return p.append_only or bool((counts[si, layer] == old + n).all())
+    def _appends(self, counts: torch.Tensor, layer: int, si: int) -> bool:
+        """Whether a group's segments take scale si whole or not at all at this layer, so that
+        nothing is ranked: an append-only policy, or every segment keeping everything (from the
+        plan, once per store)."""
+        return self._appending[id(counts)][si][layer]
 
     def _observed_in_pass(self, layer: int, si: int, at: ScaleSpan, n: int) -> torch.Tensor | None:
         """(n,) bool, the queries whose attention mass the span's policy ranks by after this scale,
@@ -176,7 +196,7 @@ class SlabScaleStore:
         if len(holding) != 1 or not span <= set(holding[0][3]):
             return None
         p, counts = holding[0][0], holding[0][4]
-        obs = None if self._appends(p, counts, layer, si, n) else p.observed(self.geo, si)
+        obs = None if self._appends(counts, layer, si) else p.observed(self.geo, si)
         if obs is None:
             return None
         return torch.zeros(n, dtype=torch.bool).index_fill_(0, obs.cpu(), True)
@@ -217,16 +237,13 @@ class SlabScaleStore:
         # everything (a budget of 1, or a scale before the budget binds) appends too, without the
         # mass and ranking it would not use: `select_columns` keeps columns in order, so the layout
         # is the same either way.
-        if self._appends(p, counts, layer, si, n):
-            assert bool(((new == old) | (new == old + n)).all()), (p.name, old, new)
-            take = new == old + n
-            if not bool(take.any()) and not merge:
+        if self._appends(counts, layer, si):
+            held, keeps = tuple(old.tolist()), tuple(new.tolist())
+            assert all(b in (a, a + n) for a, b in zip(held, keeps, strict=True)), (p.name, held, keeps)
+            if keeps == held and not merge:
                 return
-            # every stored column, then the scale's where the segment takes it
-            max_old = int(old.max())
-            j = torch.arange(max_old + n)[None, :]
-            cols = torch.where(j < old[:, None], j, j - old[:, None] + max_old)
-            cols = cols.masked_fill(j >= new[:, None], -1)[:, : int(new.max())]
+            cols = _append_columns(held, keeps, n)
+            take = new == old + n
             if merge and not bool(take.all()):
                 # a segment that drops the scale (heatkv) folds its keys into what it holds
                 self._write_merged(layer, cols, old, off, k.reshape(G, n, -1), v.reshape(G, n, -1), at.start)

@@ -252,3 +252,33 @@ def test_observed_queries_are_spread_over_the_scale():
     assert strided_queries(10, 32).tolist() == list(range(10))
     q = strided_queries(169, 32)
     assert len(q) == 32 and len(set(q.tolist())) == 32 and q.min() >= 0 and q.max() < 169
+
+
+def test_appended_segments_keep_every_stored_column_then_the_scales():
+    from models.kv.compressed import _append_columns
+
+    # candidates are [stored, padded to the longest (5) | the scale's 4]; the first segment takes
+    # the scale, the second does not (heatkv drops a whole scale where its score is low)
+    cols = _append_columns((3, 5), (7, 5), 4)
+    assert cols.tolist() == [[0, 1, 2, 5, 6, 7, 8], [0, 1, 2, 3, 4, -1, -1]]
+
+
+def test_the_store_ranks_exactly_the_scales_where_some_segment_drops_keys():
+    from models.kv.compressed import SlabScaleStore
+
+    geo = ScaleGeometry((1, 2, 3, 4), depth=2, num_heads=2)
+    profile = KVProfile.default(geo.patch_nums, 2, 2)
+    store = SlabScaleStore(
+        geo, [(SnapKV(), 0.5, False), (Window(), 1.0, False)], profile, 8, torch.float32, "cpu"
+    )
+    (*_, snap_counts), (*_, all_counts) = store.groups
+    before = 0
+    for si in range(len(geo.sizes) - 1):
+        for layer in range(2):
+            dropped = bool(
+                (snap_counts[si, layer] < (snap_counts[si - 1, layer] if si else 0) + geo.sizes[si]).any()
+            )
+            assert store._appends(snap_counts, layer, si) is (not dropped), (si, layer)
+            assert store._appends(all_counts, layer, si) is True  # a budget of 1 keeps everything
+            before += dropped
+    assert before > 0  # the budget binds somewhere
