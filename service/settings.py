@@ -10,6 +10,7 @@ from dataclasses import field as dataclass_field
 from pathlib import Path
 
 from models.config import DEFAULT_CONFIG
+from service.cpus import usable_cpus
 
 ENV_PREFIX = "VARSERVE_"
 
@@ -48,18 +49,15 @@ class Settings:
     @property
     def model_threads(self) -> int:
         """The worker's CPU threads: `threads`, else one less than the CPUs this process may use
-        (at least 1), which keeps a core for the HTTP side. The engine's threads wait for each other
+        (its CPU set, at most its container's CPU quota: service/cpus.py; at least 1), which keeps
+        a core for the HTTP side. The engine's threads wait for each other
         at every product (OpenMP regions, dozens per decode step), so an event-loop thread taking
         one of their cores stalls them all: on 2 CPUs, the bundled next-token model served 8.8-9.3
         images/s at twice its offline capacity on 2 model threads and 13.9-14.8 on 1 (README,
         `--threads`)."""
         if self.threads is not None:
             return self.threads
-        try:
-            cpus = len(os.sched_getaffinity(0))  # a container's CPU set, where Linux tells it
-        except AttributeError:
-            cpus = os.cpu_count() or 1
-        return max(1, cpus - 1)
+        return max(1, usable_cpus() - 1)
 
 
 def _convert(kind: Callable, text: str):

@@ -47,6 +47,7 @@ def test_bad_settings_name_the_flag_or_variable(argv, env, message):
 
 
 def test_the_models_leave_a_cpu_to_the_http_side_unless_told(monkeypatch):
+    monkeypatch.setattr("service.cpus.cgroup_cpu_quota", lambda *a: None)  # whatever this host's cgroup says
     monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
     assert parse().model_threads == 3
     monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0}, raising=False)
