@@ -4,6 +4,7 @@ next-scale model's KV profile."""
 from __future__ import annotations
 
 import argparse
+import os
 import secrets
 import sys
 from pathlib import Path
@@ -279,9 +280,24 @@ def serve_command(args, parser: argparse.ArgumentParser) -> int:
         return 1
 
 
+def use_usable_cpus() -> None:
+    """The offline commands run the models on every CPU this process may use, a container's CPU
+    quota counted (service/cpus.py); torch's own default counts the host's cores. OMP_NUM_THREADS,
+    when set, stays the user's choice."""
+    if "OMP_NUM_THREADS" in os.environ:
+        return
+    import torch
+
+    from service.cpus import usable_cpus
+
+    torch.set_num_threads(usable_cpus())
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command in ("generate", "calibrate"):
+        use_usable_cpus()
     if args.command == "generate":
         return generate_command(args, args.subparser)
     if args.command == "serve":

@@ -46,10 +46,13 @@ class ContinuousRun:
         self.pace = runner.image_tokens // max_images if batch.whole_images < max_images else 0
         self._next_join = 0  # the first step at which the next image may join
         # per-request accounting, kept O(1) a step (it cost ~4 % of a lone image's time when every
-        # step updated every request): the steps' engine time so far and where each request joined
-        # it, and the batch's (KV blocks, images) last written to the requests and gauges
+        # step updated every request): the steps' engine time so far and where each request was
+        # last settled, and the batch's (KV blocks, images) last written to the requests and gauges.
+        # Running requests are settled once a token row too: one that times out or disconnects is
+        # logged by the HTTP side at once, before the batch lets it go.
+        self.row_steps = max(1, runner.image_tokens // self.grid)
         self.steps_s = 0.0
-        self._joined_at: dict[int, float] = {}  # id(job) -> steps_s when it joined
+        self._joined_at: dict[int, float] = {}  # id(job) -> steps_s when it was last settled
         self._shown: tuple[int, int] | None = None
         self._passes = self.metrics.forward_passes.labels(self.model)
 
@@ -74,6 +77,8 @@ class ContinuousRun:
                 step_time.observe(elapsed)
                 self._passes.inc()
                 self.steps_s += elapsed
+                if self.steps % self.row_steps == 0:
+                    self._settle(self.jobs, leaving=False)
                 self._account()
                 self._previews()  # the last row's preview before the image leaves
                 self._finish()
@@ -169,10 +174,14 @@ class ContinuousRun:
         self.metrics.kv_blocks_used.labels(self.model).set(self.batch.blocks_used)
         self.metrics.kv_blocks_free.labels(self.model).set(self.batch.blocks_free)
 
-    def _settle(self, jobs: list[Job]) -> None:
-        """Requests leaving the batch: the engine time of the steps they were in, into theirs."""
+    def _settle(self, jobs: list[Job], leaving: bool = True) -> None:
+        """The engine time of the steps the requests were in since they were last settled, into
+        theirs; requests that stay are settled from now on."""
         for job in jobs:
-            job.inference_s += self.steps_s - self._joined_at.pop(id(job), self.steps_s)
+            since = self._joined_at.pop(id(job), self.steps_s)
+            job.inference_s += self.steps_s - since
+            if not leaving:
+                self._joined_at[id(job)] = self.steps_s
 
     def _finish(self) -> None:
         finished = self.batch.take_finished()

@@ -40,7 +40,10 @@ def cgroup_cpu_quota(cgroup_root: Path = CGROUP_ROOT, proc_cgroup: Path = PROC_C
         return None
     quotas = []
     for line in lines:
-        _, controllers, path = line.split(":", 2)
+        fields = line.split(":", 2)
+        if len(fields) != 3:  # not a cgroup line: nothing to read from it
+            continue
+        _, controllers, path = fields
         if controllers == "":  # v2, the unified hierarchy
             for folder in _up_from(cgroup_root, path):
                 quotas.append(_v2_quota(folder / "cpu.max"))
@@ -60,9 +63,9 @@ def _up_from(mount: Path, path: str) -> list[Path]:
 def _v2_quota(cpu_max: Path) -> float | None:
     try:
         quota, period = cpu_max.read_text().split()
-    except (OSError, ValueError):
+        return None if quota == "max" else _cpus(int(quota), int(period))
+    except (OSError, ValueError):  # unreadable or not the kernel's format: no limit we can tell
         return None
-    return None if quota == "max" else int(quota) / int(period)
 
 
 def _v1_quota(folder: Path) -> float | None:
@@ -71,4 +74,9 @@ def _v1_quota(folder: Path) -> float | None:
         period = int((folder / "cpu.cfs_period_us").read_text())
     except (OSError, ValueError):
         return None
-    return None if quota <= 0 or period <= 0 else quota / period
+    return None if quota <= 0 else _cpus(quota, period)
+
+
+def _cpus(quota: int, period: int) -> float | None:
+    """A quota in CPUs; None for what no kernel writes (a period or quota of 0 or less)."""
+    return quota / period if quota > 0 and period > 0 else None

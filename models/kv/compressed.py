@@ -74,17 +74,19 @@ def slab_nbytes(
     return tokens * (2 * head_dim * itemsize + (4 if merging else 0))
 
 
-@functools.lru_cache(maxsize=4096)
+@functools.lru_cache(maxsize=512)
 def _append_columns(held: tuple[int, ...], keeps: tuple[int, ...], n: int) -> torch.Tensor:
-    """(G, max keeps) the columns of [stored | current] that segments holding `held` tokens keep
-    when each takes the scale's n whole (keeps = held + n) or not at all (keeps = held): every
-    stored column, then the scale's; -1 padded. Read-only (shared): the same few count patterns
-    come back every batch of a plan, and building them took ~10 small tensor ops a layer and scale."""
+    """(H, max keeps) the columns of [stored | current] that the heads' segments, holding `held`
+    tokens, keep when each takes the scale's n whole (keeps = held + n) or not at all (keeps =
+    held): every stored column, then the scale's; -1 padded. Per head (every row of a plan repeats
+    them) and read-only (shared): the same patterns come back every batch of a plan, and building
+    them took ~10 small tensor ops a layer and scale. An entry is H x (stored + n) int64s (~170 KB
+    at VAR-d30's largest), so 512 of them stay well under the slab they index."""
     old, new = torch.tensor(held), torch.tensor(keeps)
     max_old = max(held)
     j = torch.arange(max_old + n)[None, :]
     cols = torch.where(j < old[:, None], j, j - old[:, None] + max_old)
-    return cols.masked_fill(j >= new[:, None], -1)[:, : max(keeps)]
+    return cols.masked_fill(j >= new[:, None], -1)[:, : max(keeps)].clone()  # not the wider storage
 
 
 class SlabScaleStore:
@@ -238,11 +240,11 @@ class SlabScaleStore:
         # mass and ranking it would not use: `select_columns` keeps columns in order, so the layout
         # is the same either way.
         if self._appends(counts, layer, si):
-            held, keeps = tuple(old.tolist()), tuple(new.tolist())
+            held, keeps = tuple(old_h.tolist()), tuple(new_h.tolist())
             assert all(b in (a, a + n) for a, b in zip(held, keeps, strict=True)), (p.name, held, keeps)
             if keeps == held and not merge:
                 return
-            cols = _append_columns(held, keeps, n)
+            cols = _append_columns(held, keeps, n).repeat(len(rows), 1)  # (G, max keeps)
             take = new == old + n
             if merge and not bool(take.all()):
                 # a segment that drops the scale (heatkv) folds its keys into what it holds

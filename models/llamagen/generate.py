@@ -211,7 +211,7 @@ class Engine:
         token a step."""
         N = self.model.config.block_size
         offset = self.steps - self._ahead_from
-        if offset > N:  # no sequence runs that long: only an idle engine gets here
+        if offset > N:  # every sequence of the last plan has ended (or it is speculative): plan again
             self._plan_ahead()
             offset = 0
         return self._ahead[offset : offset + N]

@@ -125,7 +125,8 @@ def check_image_metrics(server: ThreadServer, body: dict, model: str, pixels_per
     assert stage_s["decode"] > 0 and stage_s["encode"] > 0 and stage_s["engine"] > 0
     inference_s = delta("varserve_request_inference_time_seconds_sum")
     assert abs(stage_s["engine"] + stage_s["decode"] - inference_s) < 1e-6
-    # alone in its batch, the request's engine time holds every step the batch ran
+    # alone in its batch, the request's engine time holds every step the batch ran (both kinds of
+    # batch decode its images after their last step, outside the step times)
     assert stage_s["engine"] >= delta("varserve_step_time_seconds_sum") > 0
     assert stage_s["queue"] == delta("varserve_request_queue_wait_s_sum")
 

@@ -170,3 +170,22 @@ def test_imagenet_class_names_work_on_the_cli_as_on_the_server(tmp_path):
     assert "in1k: class 207" in run.stderr
     run = varserve("generate", "--config", config, "--class", "crane", "--out", tmp_path / "o")
     assert run.returncode == 2 and "'crane' names several ImageNet classes" in run.stderr
+
+
+def test_the_offline_commands_run_on_the_cpus_the_quota_allows(monkeypatch):
+    import torch
+
+    from service.cli import use_usable_cpus
+
+    before = torch.get_num_threads()
+    monkeypatch.setattr("service.cpus.usable_cpus", lambda: 3)  # e.g. docker run --cpus 3
+    try:
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+        use_usable_cpus()
+        assert torch.get_num_threads() == 3
+        torch.set_num_threads(1)
+        monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the user's choice stays
+        use_usable_cpus()
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)

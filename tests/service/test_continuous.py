@@ -86,6 +86,26 @@ def test_a_requests_engine_time_holds_every_step_it_ran(server):
     check_image_metrics(server, {"prompt": 5, "seed": 50, "cfg_scale": 1.0}, MODEL, 256 * 256)
 
 
+def test_a_running_requests_engine_time_is_settled_every_token_row(server, monkeypatch):
+    # a request that times out or disconnects is logged by the HTTP side before the batch lets it
+    # go: its engine time must not wait for its leaving (rows of 16 tokens: settled after step 32)
+    running = running_batch(server)
+    gate = StepGate(running, at=40)
+    monkeypatch.setattr(running, "step", gate)
+    before = server.metrics()
+    with ThreadPoolExecutor(1) as pool:
+        answer = pool.submit(server.post, {"prompt": 6, "seed": 60, "cfg_scale": 1.0})
+        assert gate.reached.wait(TIMEOUT_S)
+        steps_s = metric(server.metrics(), "varserve_step_time_seconds_sum", model=MODEL) - metric(
+            before, "varserve_step_time_seconds_sum", model=MODEL
+        )
+        ((job, _),) = [tag for tag, _ in running.progress()]
+        engine_s = job.inference_s  # its prefill, then 32 of the 39 steps run so far
+        gate.go.set()
+        assert answer.result(TIMEOUT_S).status_code == 200
+    assert engine_s > 10 * steps_s / 39  # more than a prefill and a few steps: the rows were settled
+
+
 def test_a_stream_that_leaves_frees_its_blocks_and_the_others_run_on(server, monkeypatch):
     running = running_batch(server)
     gate = StepGate(running, at=40)

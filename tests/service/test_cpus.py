@@ -71,3 +71,20 @@ def test_the_models_default_threads_follow_the_quota(monkeypatch):
     monkeypatch.setattr(cpus, "cgroup_cpu_quota", lambda *a: 4.0)  # docker run --cpus 4 on 16 CPUs
     assert parse().model_threads == 3
     assert parse("--threads", "8").model_threads == 8  # told: as told
+
+
+@pytest.mark.parametrize(
+    "proc, files",
+    [
+        ("garbage\n\n0::/\n", {"cpu.max": "200000 100000\n"}),  # lines that are no cgroup's skipped
+        ("0::/\n", {"cpu.max": "abc 100000\n"}),
+        ("0::/\n", {"cpu.max": "100000 0\n"}),
+        ("0::/\n", {"cpu.max": "100000\n"}),
+        ("2:cpu:/\n", {"cpu/cpu.cfs_quota_us": "x\n", "cpu/cpu.cfs_period_us": "100000\n"}),
+        ("2:cpu:/\n", {"cpu/cpu.cfs_quota_us": "100000\n", "cpu/cpu.cfs_period_us": "0\n"}),
+    ],
+)
+def test_files_not_in_the_kernels_format_never_stop_the_server(tmp_path, eight_cpus, proc, files):
+    # the thread count is read as the server starts: a file it cannot parse means no limit it can tell
+    root, proc_path = cgroup(tmp_path, proc, files)
+    assert usable_cpus(root, proc_path) == (2 if proc.startswith("garbage") else 8)
