@@ -74,7 +74,7 @@ def _v1_quota(folder: Path) -> float | None:
         period = int((folder / "cpu.cfs_period_us").read_text())
     except (OSError, ValueError):
         return None
-    return None if quota <= 0 else _cpus(quota, period)
+    return _cpus(quota, period)  # a quota of -1: none
 
 
 def _cpus(quota: int, period: int) -> float | None:

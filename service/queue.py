@@ -136,7 +136,7 @@ class RequestQueue:
         self, model: str, models: set[str], max_images: int, fits: Callable[[list[Job]], bool]
     ) -> list[Job]:
         """Without waiting: the oldest waiting requests of `model` that may join its running batch
-        now, up to max_images images and while `fits(jobs)` holds. None ([]) while the oldest request
+        now, up to max_images images and while `fits(jobs)` holds. Nothing ([]) while the oldest request
         of the worker's models is for another model: the running batch then drains, and that
         request's batch goes next (no model waits behind a batch that never ends)."""
         if not self._waiting:  # asked every step: an empty queue needs no lock (a request that

@@ -245,14 +245,14 @@ class SlabScaleStore:
             if keeps == held and not merge:
                 return
             cols = _append_columns(held, keeps, n).repeat(len(rows), 1)  # (G, max keeps)
-            take = new == old + n
-            if merge and not bool(take.all()):
+            if merge and any(b == a for a, b in zip(held, keeps, strict=True)):
                 # a segment that drops the scale (heatkv) folds its keys into what it holds
                 self._write_merged(layer, cols, old, off, k.reshape(G, n, -1), v.reshape(G, n, -1), at.start)
                 return
             # the compaction copies only the new keys (stored ones are in place), read from k and v
             compact_segments(self.k[layer], self.v[layer], self.pos[layer], off, old, cols, k, v, at.start)
             if merge:  # a key for itself (the slot may hold an earlier count)
+                take = new == old + n
                 slots = ((off + old)[take][:, None] + torch.arange(n)).flatten().to(dev)
                 self.bias[layer][slots] = 0.0
             return

@@ -172,8 +172,7 @@ class Engine:
         self.steps = 0  # decode steps run (passes less the prefills)
         self.flops = 0.0  # their matmul FLOPs
         self._groups: TokenGroups | None = None
-        k = np.arange(c.block_size)
-        self._new_row_blocks = -(-(c.cls_token_num + 1 + k) // pool.block_size) * (1 + k < c.block_size)
+        self._new_row_blocks = self._row_blocks_ahead(1, c.block_size)  # a newcomer's, after its prefill
         self._layout()
 
     @property
@@ -217,16 +216,18 @@ class Engine:
         return self._ahead[offset : offset + N]
 
     def _plan_ahead(self) -> None:
-        c, bs = self.model.config, self.pool.block_size
-        whole = self.pool.blocks_for(c.max_seq_len)
-        m = np.arange(2 * c.block_size)
-        self._ahead = np.zeros(2 * c.block_size, dtype=np.int64)
+        N = self.model.config.block_size
+        whole = self.pool.blocks_for(self.model.config.max_seq_len)
+        self._ahead = np.zeros(2 * N, dtype=np.int64)
         for s in self.seqs:
-            if s.speculative:
-                self._ahead += s.rows * whole
-            else:
-                self._ahead += s.rows * -(-(c.cls_token_num + s.n + m) // bs) * (s.n + m < c.block_size)
+            self._ahead += s.rows * (whole if s.speculative else self._row_blocks_ahead(s.n, 2 * N))
         self._ahead_from = self.steps
+
+    def _row_blocks_ahead(self, n: int, steps: int) -> np.ndarray:
+        """(steps,) the blocks a plain row with n tokens holds during each of the next `steps`
+        decode steps: positions 0..cls + n + k - 1 at the k-th, none once its image is done."""
+        c, k = self.model.config, np.arange(steps)
+        return -(-(c.cls_token_num + n + k) // self.pool.block_size) * (n + k < c.block_size)
 
     def add(self, seqs: list[Sequence]) -> None:
         """Prefill `seqs` (one forward pass of their rows) and sample their first tokens.
