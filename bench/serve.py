@@ -59,12 +59,12 @@ class Run:
 class Offline:
     """The engine alone, in this process, with the runner the server uses: batches of `batch`."""
 
-    def __init__(self, config: Path, batch: int):
+    def __init__(self, config: Path, model: str, batch: int):
         from models.config import load_config
         from models.runner import load_runner
         from models.settings import ImageSettings
 
-        spec = load_config(config)[0]
+        spec = next(spec for spec in load_config(config) if spec.name == model)
         self.runner, self.batch = load_runner(spec), batch
         d = spec.defaults
         self.params = [ImageSettings(i, d.cfg, d.top_k, d.top_p, d.temperature) for i in range(batch)]
@@ -140,7 +140,7 @@ async def one_request(client: httpx.AsyncClient, index: int, n: int, num_classes
 
 
 STREAM = False  # --stream: requests stream their previews (/v1/generate), timed to the first
-MODEL = None  # the config's first model: the one requests ask for and the offline engine runs
+MODEL = None  # the model requests ask for and the offline engine runs: the config's first, or --url's
 
 
 async def one_stream(client: httpx.AsyncClient, body: dict) -> Outcome:
@@ -329,7 +329,11 @@ def main() -> None:
 
     global STREAM, MODEL
     STREAM = args.stream
-    MODEL = load_config(args.config)[0].name
+    MODEL = (
+        server_model(args.url, args.config, bool(args.offline))
+        if args.url
+        else load_config(args.config)[0].name
+    )
     if args.threads is not None and args.threads < 1:
         raise SystemExit(f"--threads: {args.threads} is not > 0")
     # the engine alone on the threads the server's models get (the flag, else VARSERVE_THREADS, else
@@ -338,7 +342,7 @@ def main() -> None:
         config=str(args.config), threads=None if args.threads is None else str(args.threads)
     )
     torch.set_num_threads(settings_from(given).model_threads)
-    offline = Offline(args.config, args.offline) if args.offline else None
+    offline = Offline(args.config, MODEL, args.offline) if args.offline else None
     capacity = offline.images_per_s(args.offline_batches) if offline and args.overload else None
     modes = args.batching or [None]
     if len(modes) > 1 or (args.overload and len(args.overload) > 1):
@@ -348,9 +352,9 @@ def main() -> None:
     args.batching = modes[0]
     proc, url = (None, args.url) if args.url else start_server(args)
     try:
-        card = httpx.get(f"{url}/v1/models", timeout=30).json()["data"][0]
-        if args.url:  # a server of its own config: ask for its first model
-            MODEL = card["name"]
+        card = next(
+            card for card in httpx.get(f"{url}/v1/models", timeout=30).json()["data"] if card["name"] == MODEL
+        )
         runs = asyncio.run(drive(args, url, proc.pid if proc else None, card["num_classes"] or 1, offline))
     finally:
         if proc is not None:
@@ -360,6 +364,17 @@ def main() -> None:
         f"model {card['name']} ({card['resolution']}) on {os.cpu_count()} cpus, {torch.get_num_threads()} model thread(s)"
     )
     report(args, runs, capacity)
+
+
+def server_model(url: str, config: Path, offline: bool) -> str:
+    """The running server's first model. With --offline, --config must hold it too: the offline
+    engine loads it from there, so that serving / offline compares one model with itself."""
+    name = httpx.get(f"{url}/v1/models", timeout=30).json()["data"][0]["name"]
+    if offline and name not in {spec.name for spec in load_config(config)}:
+        raise SystemExit(
+            f"--url: the server's first model {name!r} is not in --config {config}; pass the server's config"
+        )
+    return name
 
 
 def compare(args, modes: list[str | None], offline: Offline | None, capacity: float | None) -> None:

@@ -54,6 +54,8 @@ class ContinuousRun:
         self.steps_s = 0.0
         self._joined_at: dict[int, float] = {}  # id(job) -> steps_s when it was last settled
         self._shown: tuple[int, int] | None = None
+        # (job, i) -> tokens of a finished image of a streaming request whose other images still run
+        self._finished_tokens: dict[tuple[Job, int], object] = {}
         self._passes = self.metrics.forward_passes.labels(self.model)
 
     def run(self, first: list[Job]) -> None:
@@ -106,6 +108,18 @@ class ContinuousRun:
         return self.worker.queue.take_joiners(self.model, set(self.worker.runners), room, fits)
 
     def _admit(self, jobs: list[Job]) -> None:
+        """Start `jobs` (taken from the queue) in the batch, or put back those that do not fit.
+        Should anything else fail on the way, they are answered before the failure goes on to fail
+        the batch: a request taken from the queue is in the batch, back in the queue or answered."""
+        try:
+            self._start(jobs)
+        except Exception as e:
+            self.worker.fail(
+                [job for job in jobs if job not in self.jobs], 500, f"internal error: {type(e).__name__}: {e}"
+            )
+            raise
+
+    def _start(self, jobs: list[Job]) -> None:
         jobs = [job for job in jobs if job.live(time.monotonic())]
         if not jobs:
             return
@@ -182,6 +196,9 @@ class ContinuousRun:
             job.inference_s += self.steps_s - since
             if not leaving:
                 self._joined_at[id(job)] = self.steps_s
+            elif job.stream:
+                for i in range(job.n):
+                    self._finished_tokens.pop((job, i), None)
 
     def _finish(self) -> None:
         finished = self.batch.take_finished()
@@ -194,6 +211,8 @@ class ContinuousRun:
         for f, image in zip(finished, images, strict=True):
             job, i = f.tag
             job.images[i] = image
+            if job.stream and job.n > 1:  # its siblings' previews still show it
+                self._finished_tokens[f.tag] = f.tokens
             job.forward_passes = max(job.forward_passes, f.forward_passes)
             self.worker.record_image(self.model, f.method, f.forward_passes, f.drafted, f.accepted)
             job.decode_s += decode_s / len(finished)
@@ -205,21 +224,28 @@ class ContinuousRun:
             self.jobs = [job for job in self.jobs if job not in done]
             for job in done:
                 job.kv_blocks_free = self.batch.blocks_free
+            self._shown = None  # the gauges without them before they are answered, as a static batch does
+            self._account()
             self.worker.deliver(done, self.model, self.runner.image_tokens)
 
     def _previews(self) -> None:
+        """Each streaming request's rows that all its images have sampled, every wanted one (as a
+        static batch sends them). A speculative image advances by what it accepts, so a request's
+        images cross rows at different steps, several rows at a time, and may finish (and leave)
+        before their siblings: the finished ones' tokens are kept until the request is done."""
         streaming = [job for job in self.jobs if job.stream]
         if not streaming:
             return
-        progress = {tag: n for tag, n in self.batch.progress()}
+        progress = dict(self.batch.progress())
         per_row = self.runner.image_tokens // self.grid
         for job in streaming:
-            n = progress.get((job, 0))
-            # a request's images joined together, so they complete their rows together
-            if n is None or n % per_row or not job.wants_preview(n // per_row - 1):
+            sampled = min(progress.get((job, i), self.runner.image_tokens) for i in range(job.n))
+            rows = [row for row in range(job.last_preview + 1, sampled // per_row) if job.wants_preview(row)]
+            if not rows:
                 continue
-            tokens = [self.batch.tokens_of((job, i))[:n] for i in range(job.n)]
-            images = self.batch.images_of(tokens)
-            row = n // per_row - 1
-            job.channel.send(Preview(row, self.grid, images))
-            job.last_preview = row
+            running = dict(self.batch.tokens_of_all([(job, i) for i in range(job.n)]))
+            tokens = [self._finished_tokens.get((job, i), running.get((job, i))) for i in range(job.n)]
+            for row in rows:
+                images = self.batch.images_of([t[: (row + 1) * per_row] for t in tokens])
+                job.channel.send(Preview(row, self.grid, images))
+                job.last_preview = row

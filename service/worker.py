@@ -99,7 +99,13 @@ class Worker(threading.Thread):
             try:
                 running = self._running.get(jobs[0].model)
                 if running is not None:
-                    ContinuousRun(self, self.runners[jobs[0].model], running).run(jobs)
+                    run = ContinuousRun(self, self.runners[jobs[0].model], running)
+                    try:
+                        run.run(jobs)
+                    except Exception:  # its joiners are owed an answer too, and the pool its blocks
+                        jobs = [*jobs, *(job for job in run.jobs if job not in jobs)]
+                        running.clear()
+                        raise
                 else:
                     self._run_batch(jobs)
             except Exception as e:  # a bug outside the engine call: fail the batch, keep serving
@@ -274,6 +280,7 @@ class Worker(threading.Thread):
         for job in jobs:
             if not job.live(now) or any(image is None for image in job.images):
                 continue
+            images = torch.stack(job.images)  # before `finished`: a job marked finished gets no Failed
             job.finished = True
             # counted before the answer goes out, so /metrics read after a response includes it
             self.metrics.images.labels(model).inc(job.n)
@@ -284,7 +291,7 @@ class Worker(threading.Thread):
             self.metrics.image_pixels.labels(model).inc(job.n * height * width)
             self.metrics.stage_time.labels(model, "engine").observe(max(0.0, job.inference_s - job.decode_s))
             self.metrics.stage_time.labels(model, "decode").observe(job.decode_s)
-            job.channel.send(Done(torch.stack(job.images)))
+            job.channel.send(Done(images))
             job.images = []
 
     def fail(self, jobs: list[Job], status: int, message: str) -> None:

@@ -231,16 +231,35 @@ class Engine:
 
     def add(self, seqs: list[Sequence]) -> None:
         """Prefill `seqs` (one forward pass of their rows) and sample their first tokens.
-        Raises OutOfBlocks, taking nothing, when the pool cannot hold their condition tokens."""
+        Raises OutOfBlocks, taking nothing, when the pool cannot hold their condition tokens; any
+        other failure of the prefill (a device out of memory) gives their blocks back before it
+        propagates, so the pool and admission (which counts the running sequences) keep agreeing."""
         c = self.model.config
         need = sum(s.rows * self.pool.blocks_for(c.cls_token_num) for s in seqs)
         if need > self.pool.num_free:
             raise OutOfBlocks(f"{need} blocks to admit {len(seqs)} sequences, {self.pool.num_free} free")
+        try:
+            self._prefill(seqs)
+        except BaseException:
+            for s in seqs:
+                for blocks in s.blocks:
+                    self.pool.release(blocks)
+                s.blocks = []
+            raise
+        self.passes += 1
+        self.flops += window_flops(self.model, sum(s.rows for s in seqs), 1, 1)
+        self.seqs = self.seqs + seqs
+        self._layout()
+
+    def _prefill(self, seqs: list[Sequence]) -> None:
+        c = self.model.config
         for s in seqs:
+            s.blocks = []
             if s.generator is None:
                 s.generator = make_generators([s.settings.seed], self.device)[0]
             s.tokens = torch.zeros(c.block_size, dtype=torch.long, device=self.device)
-            s.blocks = [self.pool.allocate(self.pool.blocks_for(c.cls_token_num)) for _ in range(s.rows)]
+            for _ in range(s.rows):
+                s.blocks.append(self.pool.allocate(self.pool.blocks_for(c.cls_token_num)))
             spec = s.settings.speculative
             s.window = 1 if not spec.on else (None if spec.window == "auto" else spec.window)
             if spec.on:
@@ -253,10 +272,6 @@ class Engine:
         for i, s in enumerate(seqs):
             s.tokens[0] = first[i, 0]
             s.n, s.forward_passes = 1, s.forward_passes + 1
-        self.passes += 1
-        self.flops += window_flops(self.model, rows.count, 1, 1)
-        self.seqs = self.seqs + seqs
-        self._layout()
 
     def remove(self, seqs: list[Sequence]) -> None:
         """Drop `seqs` from the batch (finished, or their request left) and give back their blocks."""

@@ -282,9 +282,11 @@ class RunningBatch:
     def step(self) -> None:
         self.engine.step()
 
-    def tokens_of(self, tag) -> torch.Tensor:
-        """(block_size,) the tagged image's tokens; the first `n` of progress() are sampled."""
-        return next(s.tokens for s in self.engine.seqs if self._tags[id(s)] == tag)
+    def tokens_of_all(self, tags: list) -> list[tuple[object, torch.Tensor]]:
+        """(tag, tokens (block_size,)) of those of `tags` still running; the first `n` of
+        progress() are sampled."""
+        wanted = set(tags)
+        return [(self._tags[id(s)], s.tokens) for s in self.engine.seqs if self._tags[id(s)] in wanted]
 
     def progress(self) -> list[tuple[object, int]]:
         """(tag, image tokens sampled) of every running image."""
@@ -305,6 +307,11 @@ class RunningBatch:
             )
             for s in done
         ]
+
+    def clear(self) -> None:
+        """Every image leaves, whatever state a failure left the batch in: the pool is empty."""
+        self.engine.remove(list(self.engine.seqs))
+        self._tags.clear()
 
     def drop(self, tags: set) -> None:
         gone = [s for s in self.engine.seqs if self._tags[id(s)] in tags]

@@ -257,3 +257,16 @@ def subprocess_server(log_path, *args: str, env: dict | None = None):
         if proc.poll() is None:
             proc.kill()
         proc.wait(TIMEOUT_S)
+
+
+def grey_from_px(image) -> int | None:
+    """The first pixel row from which the image is all preview grey (0.5 -> 128) to the bottom,
+    or None when its last row is not grey."""
+    grey = (128, 128, 128)
+    rows = [all(image.getpixel((x, y)) == grey for x in range(image.width)) for y in range(image.height)]
+    if not rows[-1]:
+        return None
+    y = len(rows)
+    while y > 0 and rows[y - 1]:
+        y -= 1
+    return y

@@ -4,13 +4,23 @@ leaves gives its blocks back at the next step while the others run on, and admis
 free blocks."""
 
 import dataclasses
+import json
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
 from tests.conftest import REPO
-from tests.service.harness import TIMEOUT_S, ThreadServer, check_image_metrics, metric, sse_events, wait_until
+from tests.service.harness import (
+    TIMEOUT_S,
+    ThreadServer,
+    check_image_metrics,
+    decode_png,
+    grey_from_px,
+    metric,
+    sse_events,
+    wait_until,
+)
 
 CONFIG = REPO / "configs" / "fixtures-llamagen.toml"
 MODEL = "llamagen-c2i-fixture"
@@ -138,6 +148,32 @@ def test_a_stream_that_leaves_frees_its_blocks_and_the_others_run_on(server, mon
     assert running.blocks_free == running.engine.pool.n_blocks
 
 
+def test_a_joiner_that_fails_to_start_is_answered_and_the_pool_empties(server, monkeypatch):
+    """A fault while a joiner is admitted (here the bookkeeping that starts it) fails the batch,
+    but the joiner, taken from the queue and not yet in the batch, is answered at once too: it
+    does not wait out its deadline. The next request runs on an empty pool."""
+    running = running_batch(server)
+    gate = StepGate(running, at=20)
+    monkeypatch.setattr(running, "step", gate)
+    (worker,) = [w for w in server.pool.workers if MODEL in w._running]
+    real_start = worker.start_jobs
+
+    def start_jobs(jobs, model):
+        if any(job.params[0].seed == 21 for job in jobs):
+            raise ValueError("a fault in admission")
+        return real_start(jobs, model)
+
+    monkeypatch.setattr(worker, "start_jobs", start_jobs)
+    first, second = second_joins_at_the_gate(
+        server, gate, {"prompt": 1, "seed": 20, "cfg_scale": 1.0}, {"prompt": 2, "seed": 21, "cfg_scale": 1.0}
+    )
+    assert second.status_code == 500 and "a fault in admission" in second.json()["error"]["message"]
+    assert first.status_code == 500  # the batch the fault happened in
+    monkeypatch.undo()
+    assert running.blocks_free == running.engine.pool.n_blocks and running.images == 0
+    assert server.post({"prompt": 1, "seed": 20, "cfg_scale": 1.0}).status_code == 200
+
+
 def test_openai_partial_images_from_a_running_batch(server):
     body = {"prompt": 5, "seed": 3, "cfg_scale": 1.0, "stream": True, "partial_images": 2}
     with server.client.stream("POST", "/v1/images/generations", json=body) as r:
@@ -147,6 +183,30 @@ def test_openai_partial_images_from_a_running_batch(server):
         "image_generation.partial_image",
         "image_generation.completed",
     ]
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_a_streaming_speculative_request_previews_the_rows_all_its_images_have(server, seed):
+    """Speculative images advance by what they accept: the two images of one request cross rows at
+    different steps, several at a time, and one finishes (and leaves the batch) before the other.
+    Every row still comes once, in order, showing only tokens both images have sampled. (These
+    seeds' images finish at different passes; the run failed with a StopIteration once the first
+    had left.)"""
+    body = {"prompt": 3, "seed": seed, "n": 2, "cfg_scale": 2.0, "top_k": 20, "stream": True}
+    body["speculative"] = {"method": "scd", "window": 8}
+    with server.client.stream("POST", "/v1/generate", json=body) as r:
+        assert r.status_code == 200
+        events = sse_events(r.iter_lines())
+    assert [name for name, _ in events] == ["preview"] * 16 + ["result"], events[-1]
+    previews = [json.loads(data) for _, data in events[:-1]]
+    assert [p["step"] for p in previews] == list(range(16))
+    row_px = 256 // 16
+    for k, p in enumerate(previews[:-1]):  # grey below row k in both images: no unsampled tokens
+        assert [grey_from_px(decode_png(b64)) for b64 in p["images"]] == [(k + 1) * row_px] * 2
+    result = json.loads(events[-1][1])
+    assert previews[-1]["images"] == [d["b64_json"] for d in result["data"]]
+    assert images(server.post({**body, "stream": False})) == previews[-1]["images"]
+    assert running_batch(server).blocks_free == running_batch(server).engine.pool.n_blocks
 
 
 def test_admission_waits_for_free_blocks(tmp_path):

@@ -16,6 +16,7 @@ from tests.service.harness import (
     assert_same_images,
     check_image_metrics,
     decode_png,
+    grey_from_px,
     metric,
     sse_events,
     wait_until,
@@ -183,19 +184,6 @@ def test_image_i_of_a_request_is_the_image_of_seed_plus_i(server):
     pair = images_of(server.post({"prompt": 4, "n": 2, "seed": 7, "cfg_scale": 1.0}))
     assert_same_images(images_of(server.post({"prompt": 4, "seed": 8, "cfg_scale": 1.0})), pair[1:])
     assert pair[0] != pair[1]
-
-
-def grey_from_px(image) -> int | None:
-    """The first pixel row from which the image is all preview grey (0.5 -> 128) to the bottom,
-    or None when its last row is not grey."""
-    grey = (128, 128, 128)
-    rows = [all(image.getpixel((x, y)) == grey for x in range(image.width)) for y in range(image.height)]
-    if not rows[-1]:
-        return None
-    y = len(rows)
-    while y > 0 and rows[y - 1]:
-        y -= 1
-    return y
 
 
 def test_stream_sends_a_preview_per_token_row_then_the_result(server):

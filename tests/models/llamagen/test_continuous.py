@@ -79,6 +79,33 @@ def test_a_sequence_that_leaves_mid_image_gives_its_blocks_back(c2i):
     assert pool.num_free == pool.n_blocks
 
 
+def test_a_prefill_that_fails_gives_back_the_blocks_it_took(c2i, monkeypatch):
+    # a device out of memory in a joiner's prefill: admission counts the running sequences, so
+    # blocks kept by sequences that never joined would over-commit the pool for good
+    pool = pool_for(c2i, 128)
+    engine = Engine(c2i, pool)
+    running = Sequence(torch.tensor(2), SETTINGS[0])
+    engine.add([running])
+    held = pool.num_used
+
+    def out_of_memory(*args, **kwargs):
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(c2i, "prefill", out_of_memory)
+    joiners = [Sequence(torch.tensor(4), SETTINGS[1]), Sequence(torch.tensor(6), SETTINGS[2])]
+    with pytest.raises(RuntimeError, match="out of memory"):
+        engine.add(joiners)
+    assert pool.num_used == held and engine.seqs == [running]
+    assert all(s.blocks == [] for s in joiners)
+    monkeypatch.undo()
+    engine.add(joiners)  # the pool admits them once the device has room again
+    while engine.seqs:
+        engine.remove(engine.finished)
+        engine.step()
+    assert torch.equal(joiners[0].tokens, alone(c2i, 4, SETTINGS[1]))
+    assert pool.num_free == pool.n_blocks
+
+
 def test_admission_is_bounded_by_free_blocks(c2i):
     pool = pool_for(c2i, 3)
     engine = Engine(c2i, pool)
