@@ -109,6 +109,19 @@ def create_app(pool: WorkerPool, metrics: Metrics) -> FastAPI:
     async def models():
         return ModelList(data=[model_card(name, pool) for name in pool.catalog.specs])
 
+    @app.get(
+        "/v1/models/{model_id}",
+        response_model=ModelCard,
+        dependencies=keyed,
+        responses={404: {"model": ErrorResponse}},
+    )
+    async def model(model_id: str):
+        """One model's card (the OpenAI client's `models.retrieve`)."""
+        if model_id not in pool.catalog.specs:
+            names = ", ".join(pool.catalog.specs)
+            raise ApiError(404, f"model '{model_id}' is not served here (models: {names})", "model")
+        return model_card(model_id, pool)
+
     @app.post(
         "/v1/images/generations",
         response_model=ImagesResponse,

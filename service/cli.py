@@ -159,6 +159,15 @@ def generate_command(args, parser: argparse.ArgumentParser) -> int:
     from models.settings import SettingError, settings_for
     from service.images import to_pil
 
+    if args.prompt is not None and not args.prompt.strip():  # the server's 422 for an empty prompt
+        parser.error("--prompt: is empty")
+    # before the model loads: a path that cannot take the images is an error at once
+    try:
+        args.out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        parser.error(f"--out: cannot make the directory {args.out}: {e.strerror}")
+    if not os.access(args.out, os.W_OK):
+        parser.error(f"--out: the directory {args.out} is not writable")
     try:
         spec = pick_model(load_config(args.config), args.model, parser)
         runner = load_runner(spec)
@@ -213,7 +222,6 @@ def generate_command(args, parser: argparse.ArgumentParser) -> int:
             "speculative.distance": "gsd_distance",
         }.get(e.field, e.field)
         parser.error(f"--{flag.replace('_', '-')}: {e}")
-    args.out.mkdir(parents=True, exist_ok=True)
     what = f"class {condition}" if args.prompt is None else f"prompt {condition!r}"
     print(f"{spec.name}: {what}, seeds {first_seed}..{first_seed + args.n - 1}", file=sys.stderr)
     unit = "scale" if runner.family == "var" else "row"
@@ -225,7 +233,11 @@ def generate_command(args, parser: argparse.ArgumentParser) -> int:
             )
             for i, image in enumerate(to_pil(result.images), start=start):
                 path = args.out / f"{i}.png"
-                image.save(path)
+                try:
+                    image.save(path)
+                except OSError as e:
+                    print(f"varserve: error: cannot write {path}: {e.strerror or e}", file=sys.stderr)
+                    return 1
                 print(path, flush=True)
     return 0
 
@@ -258,8 +270,12 @@ def calibrate_command(args, parser: argparse.ArgumentParser) -> int:
     except (CheckpointError, ValueError) as e:
         print(f"varserve: error: {e}", file=sys.stderr)
         return 1
-    out.parent.mkdir(parents=True, exist_ok=True)
-    profile.save(out)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        profile.save(out)
+    except OSError as e:
+        print(f"varserve: error: cannot write the profile {out}: {e.strerror or e}", file=sys.stderr)
+        return 1
     print(summary(profile))
     print(out, flush=True)
     return 0

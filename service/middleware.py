@@ -59,19 +59,25 @@ class BodyLimitMiddleware:
         length = Headers(scope=scope).get("content-length")
         if length is not None and (not length.isdigit() or int(length) > self.max_bytes):
             return await self._reject(scope, send)
-        received, started = 0, False
+        received, started, too_large = 0, False, False
 
         async def counting_receive():
-            nonlocal received
+            nonlocal received, too_large
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > self.max_bytes:
+                    too_large = True
                     raise BodyTooLarge
             return message
 
         async def tracking_send(message):
             nonlocal started
+            if too_large:  # the app answered its failed read itself (FastAPI: 400): the 413 instead
+                if not started:
+                    started = True
+                    await self._reject(scope, send)
+                return
             started = started or message["type"] == "http.response.start"
             await send(message)
 
@@ -108,11 +114,12 @@ class RequestMetricsMiddleware:
                 status = message["status"]
             await send(message)
 
-        route = scope["path"] if scope["path"] in self.routes else "other"
         try:
             await self.app(scope, receive, recording_send)
         finally:
-            self.metrics.requests.labels(route, str(status)).inc()
+            # the matched route's template (/v1/models/{model_id}), as the router left it in the scope
+            route = getattr(scope.get("route"), "path", scope["path"])
+            self.metrics.requests.labels(route if route in self.routes else "other", str(status)).inc()
 
 
 class ApiKeyMiddleware:

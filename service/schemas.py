@@ -4,19 +4,44 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StringConstraints, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, field_validator
+from pydantic_core import PydanticCustomError
 
 from models.settings import KV_POLICY_NAMES, MAX_WINDOW
 
 MAX_SEED = 2**63 - 1
-Prompt = int | Annotated[str, StringConstraints(min_length=1, max_length=4000)]
+MAX_PROMPT_CHARS = 4000
+
+
+def _prompt(value):
+    """A class index (a JSON integer) or a text: checked before the union is, so that an error
+    names the field itself, not a branch of the union ("prompt.int")."""
+    if type(value) is int:
+        return value
+    if not isinstance(value, str):
+        raise PydanticCustomError("prompt_type", "give a class index (an integer) or a text")
+    if not value.strip():
+        raise PydanticCustomError("prompt_empty", "is empty")
+    if len(value) > MAX_PROMPT_CHARS:
+        raise PydanticCustomError(
+            "prompt_long",
+            "is {length} characters: at most {limit}",
+            {"length": len(value), "limit": MAX_PROMPT_CHARS},
+        )
+    return value
+
+
+Prompt = Annotated[int | str, BeforeValidator(_prompt)]
+# Types as JSON has them: "n": "2" or true, "stream": "yes", "cfg_scale": NaN are refused, not
+# converted (an integer is a valid float); a request says what it means.
+STRICT_FIELDS = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
 
 class SpeculativeFields(BaseModel):
     """Speculative decoding of next-token models; a key left out takes the model's default
     (`[model.speculative]` in the config, else method "none", window "auto")."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT_FIELDS
 
     method: Literal["none", "sjd", "scd", "gsd"] | None = Field(
         None,
@@ -54,12 +79,12 @@ class GenerationFields(BaseModel):
     """What both generation routes take. A class-conditional model takes `prompt` or `class_label`
     as an index or an ImageNet class name; a text-conditional one takes a text `prompt`."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT_FIELDS
 
     model: str | None = Field(None, description="model name; may be left out when one model is served")
     prompt: Prompt | None = None
     class_label: Prompt | None = Field(None, description="class index or ImageNet class name")
-    n: int = Field(1, ge=1, le=256, description="images; at most the server's max_images")
+    n: int = Field(1, ge=1, description="images; at most the server's max_images")
     size: str | None = Field(None, description="'256x256' and the like: must be the model's resolution")
     response_format: Literal["b64_json"] = "b64_json"
     seed: int | None = Field(None, ge=0, le=MAX_SEED, description="seed of image 0; image i uses seed + i")
@@ -78,7 +103,7 @@ class GenerationFields(BaseModel):
     )
     negative_prompt: str | None = Field(
         None,
-        max_length=4000,
+        max_length=MAX_PROMPT_CHARS,
         description="text models: the caption the guidance branch reads instead of the null caption, so "
         "the image is steered away from it (needs guidance)",
     )
@@ -96,7 +121,7 @@ class GenerationFields(BaseModel):
         gt=0,
         le=1,
         description="next-scale models: the fraction of the full stored KV prefix a compressing policy "
-        "keeps ('full' ignores it). Default: the model's",
+        "keeps ('full' and next-token models ignore it). Default: the model's",
     )
     kv_merge: StrictBool | None = Field(
         None,

@@ -1,5 +1,6 @@
 """`varserve generate` end to end, as a user runs it."""
 
+import os
 import subprocess
 import sys
 
@@ -80,6 +81,27 @@ def test_bad_values_exit_non_zero_with_a_message(tmp_path, capsys):
         err = capsys.readouterr().err
         assert message in err, (args, err)
     assert not list(tmp_path.glob("*.png"))
+
+
+def test_an_empty_prompt_or_an_out_path_that_cannot_take_images_exits_2(tmp_path, capsys):
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    cases = [
+        (["--prompt", " "], "--prompt: is empty"),
+        (["--class", 1, "--out", afile], f"--out: cannot make the directory {afile}: File exists"),
+        (
+            ["--class", 1, "--out", afile / "sub"],
+            f"--out: cannot make the directory {afile / 'sub'}: Not a directory",
+        ),
+    ]
+    if not os.access(locked, os.W_OK):  # root writes anywhere
+        cases.append((["--class", 1, "--out", locked], f"--out: the directory {locked} is not writable"))
+    for args, message in cases:
+        assert exit_code(["generate", "--config", CONFIG, "--out", tmp_path, *args]) == 2, args
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err, (args, err)
 
 
 def exit_code(argv) -> int:

@@ -91,3 +91,14 @@ def test_the_client_raises_the_servers_errors_and_the_server_serves_on(client):
         list(client.images.generate(model=MODEL, prompt="1", stream=True, extra_body={"timeout_s": 1e-6}))
     _, completed = streamed(client, prompt="1", extra_body={"seed": 1})
     assert len(completed) == 1
+
+
+def test_the_client_lists_and_retrieves_models(client, server):
+    assert [m.id for m in client.models.list()] == [MODEL]
+    card = client.models.retrieve(MODEL)
+    assert (card.id, card.object, card.name, card.steps) == (MODEL, "model", MODEL, 10)
+    with pytest.raises(openai.NotFoundError) as e:
+        client.models.retrieve("nope")
+    assert e.value.body["param"] == "model" and "'nope' is not served here" in e.value.body["message"]
+    requests = server.metrics()  # counted under the route's template, not one label per model
+    assert any(key[:2] == ("varserve_requests_total", ("route", "/v1/models/{model_id}")) for key in requests)

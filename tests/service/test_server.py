@@ -90,12 +90,33 @@ def images_of(response) -> list[str]:
             "'var-fixture' is next-scale: speculative decoding is for next-token models",
         ),
         ({"prompt": 1, "speculative": {"method": "none", "window": 8}}, 200, None, ""),
+        # JSON's own types, not converted; errors name the field, not a branch of its union
+        ({"prompt": ""}, 422, "prompt", "prompt: is empty"),
+        ({"prompt": " \n "}, 422, "prompt", "prompt: is empty"),
+        ({"class_label": ""}, 422, "class_label", "class_label: is empty"),
+        ({"prompt": "x" * 4001}, 422, "prompt", "is 4001 characters: at most 4000"),
+        ({"prompt": True}, 422, "prompt", "a class index (an integer) or a text"),
+        ({"prompt": [1]}, 422, "prompt", "a class index (an integer) or a text"),
+        ({"prompt": 1, "n": True}, 422, "n", "valid integer"),
+        ({"prompt": 1, "n": "2"}, 422, "n", "valid integer"),
+        ({"prompt": 1, "n": 2.0}, 422, "n", "valid integer"),
+        ({"prompt": 1, "n": 10**12}, 400, "n", "at most 4 images"),
+        ({"prompt": 1, "seed": "1"}, 422, "seed", "valid integer"),
+        ({"prompt": 1, "stream": "true"}, 422, "stream", "valid boolean"),
+        ({"prompt": 1, "cfg_scale": "2"}, 422, "cfg_scale", "valid number"),
+        (
+            {"prompt": 1, "speculative": {"method": "none", "group": "3"}},
+            422,
+            "speculative.group",
+            "valid integer",
+        ),
+        ({"prompt": 1, "cfg_scale": 2}, 200, None, ""),  # an integer is a number
     ],
 )
 def test_bad_requests_name_the_field(server, body, status, param, words):
     r = server.post(body)
     assert r.status_code == status, r.text
-    if status == 200:  # speculative "none" is every model's
+    if status == 200:  # speculative "none" is every model's; an integer cfg_scale is a number
         return
     error = r.json()["error"]
     assert error["param"] == param and error["code"] == status
@@ -106,10 +127,21 @@ def test_malformed_oversized_and_unknown_requests(server):
     r = server.client.post(
         "/v1/images/generations", content=b"{not json", headers={"content-type": "application/json"}
     )
-    assert r.status_code == 422 and r.json()["error"]["type"] == "invalid_request_error"
+    error = r.json()["error"]
+    assert r.status_code == 400 and error["param"] is None, r.text  # not the character position
+    assert (
+        error["message"].startswith("the body is not valid JSON") and error["type"] == "invalid_request_error"
+    )
+    r = server.client.post("/v1/images/generations", headers={"content-type": "application/json"})
+    assert r.status_code == 400 and r.json()["error"]["message"] == "the body is empty: send a JSON object"
     r = server.post({"prompt": "x" * 70_000})
     assert r.status_code == 413 and "larger than 65536 bytes" in r.json()["error"]["message"]
     assert "X-Request-ID" in r.headers
+    chunks = (b'{"prompt": "' + b"x" * 10_000 if i == 0 else b"x" * 10_000 for i in range(8))
+    r = server.client.post(  # the same without a Content-Length: counted as it arrives
+        "/v1/images/generations", content=chunks, headers={"content-type": "application/json"}
+    )
+    assert r.status_code == 413 and "larger than 65536 bytes" in r.json()["error"]["message"], r.text
     r = server.client.get("/v1/nothing")
     assert r.status_code == 404 and r.json()["error"]["code"] == 404
     assert server.client.get("/v1/generate").status_code == 405
