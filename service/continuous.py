@@ -92,7 +92,7 @@ class ContinuousRun:
             self._settle(self.jobs)
             self.worker.fail(self.jobs, 500, f"generation failed: {type(e).__name__}: {e}")
         finally:
-            self.metrics.running.set(0)
+            self.metrics.set_running(self.worker, 0)
             self.metrics.kv_in_use.labels(self.model).set(self.batch.kv_bytes)
             self.metrics.kv_blocks_used.labels(self.model).set(self.batch.blocks_used)
             self.metrics.kv_blocks_free.labels(self.model).set(self.batch.blocks_free)
@@ -183,7 +183,7 @@ class ContinuousRun:
             job.kv_bytes = job.kv_bytes_full = job.kv_bytes_working = max(job.kv_bytes, kv)
             job.kv_blocks = max(job.kv_blocks, self.batch.blocks_used)
             job.batch_images = max(job.batch_images, self.batch.images)
-        self.metrics.running.set(len(self.jobs))
+        self.metrics.set_running(self.worker, len(self.jobs))
         self.metrics.kv_in_use.labels(self.model).set(kv)
         self.metrics.kv_blocks_used.labels(self.model).set(self.batch.blocks_used)
         self.metrics.kv_blocks_free.labels(self.model).set(self.batch.blocks_free)
@@ -245,7 +245,10 @@ class ContinuousRun:
                 continue
             running = dict(self.batch.tokens_of_all([(job, i) for i in range(job.n)]))
             tokens = [self._finished_tokens.get((job, i), running.get((job, i))) for i in range(job.n)]
-            for row in rows:
-                images = self.batch.images_of([t[: (row + 1) * per_row] for t in tokens])
-                job.channel.send(Preview(row, self.grid, images))
-                job.last_preview = row
+            try:
+                for row in rows:
+                    images = self.batch.images_of([t[: (row + 1) * per_row] for t in tokens])
+                    job.channel.send(Preview(row, self.grid, images))
+                    job.last_preview = row
+            except Exception as e:  # its images still come; the batch, which others share, runs on
+                self.worker.previews_failed([job], self.model, e)

@@ -8,6 +8,8 @@ so its dashboards' readers find them.
 
 from __future__ import annotations
 
+import threading
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
@@ -68,7 +70,9 @@ class Metrics:
             registry=r,
         )
         self.waiting = Gauge("varserve_num_requests_waiting", "Requests waiting in the queue.", registry=r)
-        self.running = Gauge("varserve_num_requests_running", "Requests in the running batch.", registry=r)
+        self.running = Gauge("varserve_num_requests_running", "Requests in the running batches.", registry=r)
+        self._running_by: dict[object, int] = {}  # per worker: one per device, each with its batch
+        self._running_lock = threading.Lock()
         self.batch_size = Histogram(
             "varserve_batch_size_images",
             "Images per engine batch (before guidance doubles the rows).",
@@ -211,6 +215,13 @@ class Metrics:
             buckets=PASSES_BUCKETS,
             registry=r,
         )
+
+    def set_running(self, worker: object, requests: int) -> None:
+        """The requests in `worker`'s running batch; the gauge is the sum over the workers (one
+        worker setting it alone zeroed the others' when its batch ended)."""
+        with self._running_lock:
+            self._running_by[worker] = requests
+            self.running.set(sum(self._running_by.values()))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

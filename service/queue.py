@@ -27,10 +27,14 @@ def batch_key(job: Job) -> tuple:
     request's images share them). The store could run rows of several policies, but on the CPU
     path an image's attention would then be padded to its neighbours' longer segments (the last
     bits of its arithmetic, hence rarely a token, would depend on its batch) and the batch's KV
-    bytes would not be its own policy's. Speculative and plain next-token requests share batches:
-    each sequence passes its own window (models/llamagen/generate.py)."""
+    bytes would not be its own policy's. Unguided next-scale requests (cfg 0) keep to themselves:
+    guidance covers a VAR batch whole, so among guided ones an image would run a null-class row
+    and its KV bytes double, past what --kv-cache-bytes admitted it at (its image is the same
+    either way). Speculative and plain next-token requests share batches: each sequence passes its
+    own window (models/llamagen/generate.py); whether cfg is 0 matters to their batches only here
+    (a next-token model guides per image), and a cfg of 0 is rare there."""
     s = job.params[0]
-    return job.model, s.kv_policy, 1.0 if s.kv_policy == "full" else s.kv_budget, s.kv_merge
+    return job.model, s.kv_policy, 1.0 if s.kv_policy == "full" else s.kv_budget, s.kv_merge, s.cfg == 0
 
 
 class QueueFull(Exception):

@@ -117,6 +117,17 @@ def build_server(settings: Settings) -> tuple[DrainingServer, WorkerPool]:
             host=settings.host,
         )
 
+    if settings.max_images > settings.max_batch_size:
+        event(
+            log,
+            "max_images_capped",
+            f"--max-images {settings.max_images} is above --max-batch-size {settings.max_batch_size}: "
+            f"a request may ask for at most {settings.max_n} images",
+            logging.WARNING,
+            max_images=settings.max_images,
+            max_batch_size=settings.max_batch_size,
+        )
+
     def stop_on_fatal(message: str) -> None:
         event(log, "fatal", message, logging.ERROR, error=message)
         server.should_exit = True

@@ -41,8 +41,13 @@ SPLIT = object()  # the engine ran out of memory: halve the batch and retry
 
 
 def is_out_of_memory(error: BaseException) -> bool:
+    """A device's out of memory, or the CPU allocator's ("DefaultCPUAllocator: can't allocate
+    memory: you tried to allocate ..."), where Linux's overcommit lets torch see it first."""
     oom = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
-    return isinstance(error, oom) or (isinstance(error, RuntimeError) and "out of memory" in str(error))
+    if isinstance(error, oom | MemoryError):
+        return True
+    text = str(error)
+    return isinstance(error, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
 
 
 def split_point(rows: list[Row]) -> int:
@@ -91,9 +96,18 @@ class Worker(threading.Thread):
         max_wait_s = self.settings.max_wait_ms / 1000
         joinable = frozenset(self._running)  # continuous batches: their requests never wait for company
         while not self.stopping.is_set():
-            jobs = self.queue.take_batch(
-                set(self.runners), self.settings.max_batch_size, max_wait_s, self.stopping, joinable=joinable
-            )
+            try:
+                jobs = self.queue.take_batch(
+                    set(self.runners),
+                    self.settings.max_batch_size,
+                    max_wait_s,
+                    self.stopping,
+                    joinable=joinable,
+                )
+            except Exception as e:  # a bug in forming batches: this worker cannot serve; say so and stop
+                event(log, "batch_forming_failed", "forming a batch failed", logging.ERROR, exc_info=e)
+                self.on_fatal(f"forming batches on {self.device} failed: {type(e).__name__}: {e}")
+                return
             if not jobs:
                 continue
             try:
@@ -158,11 +172,11 @@ class Worker(threading.Thread):
     def _run_batch(self, jobs: list[Job]) -> None:
         model = jobs[0].model
         self.start_jobs(jobs, model)
-        self.metrics.running.set(len(jobs))
+        self.metrics.set_running(self, len(jobs))
         try:
             self._execute(self.runners[model], [(job, i) for job in jobs for i in range(job.n)])
         finally:
-            self.metrics.running.set(0)
+            self.metrics.set_running(self, 0)
             self.metrics.kv_in_use.labels(model).set(0)
 
     def _execute(self, runner: Runner, rows: list[Row]) -> None:
@@ -280,8 +294,7 @@ class Worker(threading.Thread):
         for job in jobs:
             if not job.live(now) or any(image is None for image in job.images):
                 continue
-            images = torch.stack(job.images)  # before `finished`: a job marked finished gets no Failed
-            job.finished = True
+            images = torch.stack(job.images)
             # counted before the answer goes out, so /metrics read after a response includes it
             self.metrics.images.labels(model).inc(job.n)
             self.metrics.tokens.labels(model).inc(job.n * tokens_per_image)
@@ -291,8 +304,24 @@ class Worker(threading.Thread):
             self.metrics.image_pixels.labels(model).inc(job.n * height * width)
             self.metrics.stage_time.labels(model, "engine").observe(max(0.0, job.inference_s - job.decode_s))
             self.metrics.stage_time.labels(model, "decode").observe(job.decode_s)
+            job.finished = True  # only now: a job marked finished is sent no Failed should the above raise
             job.channel.send(Done(images))
             job.images = []
+
+    def previews_failed(self, jobs: list[Job], model: str, error: Exception) -> None:
+        """A preview is a courtesy: when decoding one fails (out of memory, say), the requests get no
+        more previews, and their batch, which others share, runs on."""
+        for job in jobs:
+            job.preview_steps = frozenset()
+        event(
+            log,
+            "preview_failed",
+            f"previews of {len(jobs)} request(s) of {model} stopped: {type(error).__name__}: {error}",
+            logging.WARNING,
+            exc_info=error,
+            model=model,
+            requests=[job.id for job in jobs],
+        )
 
     def fail(self, jobs: list[Job], status: int, message: str) -> None:
         for job in jobs:
@@ -336,7 +365,10 @@ class StepWatch:
             raise BatchAbandoned
         streaming = [job for job in live if job.wants_preview(step.index) and self._whole(job)]
         if streaming:
-            self._send_previews(step, streaming)
+            try:
+                self._send_previews(step, streaming)
+            except Exception as e:  # the images still come: their requests go on without previews
+                self.worker.previews_failed(streaming, self.runner.spec.name, e)
         self.last = time.monotonic()
 
     def _whole(self, job: Job) -> bool:

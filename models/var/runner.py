@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 
 import torch
@@ -14,6 +15,8 @@ from models.runner import BatchResult
 from models.settings import ImageSettings, SettingError
 from models.var import generate as engine
 from models.var.loading import load_var
+
+KV_BYTES_KEYS = 1024  # planned bytes kept for this many (policy, budget, merge, guided)
 
 
 class VARRunner:
@@ -30,7 +33,10 @@ class VARRunner:
         self.steps = len(c.patch_nums)
         self.image_tokens, self.condition_tokens = c.seq_len, c.first_len
         self.kv_profile = load_profile(getattr(spec, "kv_profile", None), c.patch_nums, c.depth, c.num_heads)
-        self._kv_bytes: dict[tuple, int] = {}  # (policy, budget, guided) -> planned bytes of one image
+        # (policy, budget, merge, guided) -> planned bytes of one image; bounded, as budgets are the
+        # clients' floats, and locked, as the HTTP side's cards and the worker's queue both ask
+        self._kv_bytes: dict[tuple, int] = {}
+        self._kv_bytes_lock = threading.Lock()
 
     def resolve(self, condition: int | str) -> int | str:
         return self.conditions.resolve(condition)
@@ -71,9 +77,12 @@ class VARRunner:
             settings.kv_merge,
         )
         key += (engine.is_guided([settings]),)
-        if key not in self._kv_bytes:  # plans are static: computed once per key (heatkv's sorts)
-            self._kv_bytes[key] = engine.planned_kv_bytes(self.model, [settings], self.kv_profile)
-        return self._kv_bytes[key]
+        with self._kv_bytes_lock:
+            if key not in self._kv_bytes:  # plans are static: computed once per key (heatkv's sorts)
+                if len(self._kv_bytes) >= KV_BYTES_KEYS:
+                    del self._kv_bytes[next(iter(self._kv_bytes))]  # the oldest
+                self._kv_bytes[key] = engine.planned_kv_bytes(self.model, [settings], self.kv_profile)
+            return self._kv_bytes[key]
 
     def generate(
         self,

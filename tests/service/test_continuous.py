@@ -209,6 +209,26 @@ def test_a_streaming_speculative_request_previews_the_rows_all_its_images_have(s
     assert running_batch(server).blocks_free == running_batch(server).engine.pool.n_blocks
 
 
+def test_a_preview_that_fails_stops_that_streams_previews_and_the_batch_runs_on(server, monkeypatch):
+    running = running_batch(server)
+    real = running.images_of
+
+    def previews_fail(tokens):
+        if any(len(t) < 256 for t in tokens):  # a preview's rows, not a finished image's
+            raise RuntimeError("injected fault in a preview")
+        return real(tokens)
+
+    monkeypatch.setattr(running, "images_of", previews_fail)
+    body = {"prompt": 3, "seed": 8, "cfg_scale": 1.0, "stream": True}
+    with server.client.stream("POST", "/v1/generate", json=body) as r:
+        events = sse_events(r.iter_lines())
+    monkeypatch.undo()
+    assert [name for name, _ in events] == ["result"]
+    assert [d["b64_json"] for d in json.loads(events[0][1])["data"]] == images(
+        server.post({**body, "stream": False})
+    )
+
+
 def test_admission_waits_for_free_blocks(tmp_path):
     """A pool of 1.5 guided images: the second request waits until the first is far enough along
     that both fit to the end, then joins; both images are their lone ones."""

@@ -123,6 +123,16 @@ def test_json_log_records_the_life_cycle():
         "warning",
         "0.0.0.0",
     )
+    out = io.StringIO()
+    with contextlib.redirect_stderr(out):  # --max-images above --max-batch-size: what n is capped at
+        build_server(Settings(config=CONFIG, port=0, log_format="json", max_images=32, max_batch_size=8))
+    (warning,) = objects(out)
+    assert (warning["event"], warning["max_images"], warning["max_batch_size"]) == (
+        "max_images_capped",
+        32,
+        8,
+    )
+    assert "at most 8 images" in warning["message"]
 
 
 def test_text_log_has_one_readable_line_per_request():

@@ -13,9 +13,9 @@ from service.queue import QueueFull, RequestQueue
 NEVER = threading.Event()
 
 
-def job(model="a", n=1, deadline_s=60.0, kv=("full", 1.0)) -> Job:
+def job(model="a", n=1, deadline_s=60.0, kv=("full", 1.0), cfg=1.0) -> Job:
     params = [
-        ImageSettings(seed=i, cfg=1.0, top_k=0, top_p=0.0, temperature=1.0, kv_policy=kv[0], kv_budget=kv[1])
+        ImageSettings(seed=i, cfg=cfg, top_k=0, top_p=0.0, temperature=1.0, kv_policy=kv[0], kv_budget=kv[1])
         for i in range(n)
     ]
     return Job(
@@ -69,6 +69,18 @@ def test_requests_share_a_batch_only_with_the_same_kv_policy_and_budget():
     assert take() == [jobs[1]]
     assert take() == [jobs[2]]
     assert take() == [jobs[4], jobs[5]]
+
+
+def test_unguided_requests_batch_only_with_unguided_ones():
+    # guidance covers a VAR batch whole: among guided images an unguided one would run a null row,
+    # at twice the KV bytes --kv-cache-bytes admitted it at
+    q = RequestQueue(max_size=10)
+    jobs = [job("a", 1, cfg=1.5), job("a", 1, cfg=0.0), job("a", 1, cfg=4.0), job("a", 2, cfg=0.0)]
+    for j in jobs:
+        q.submit(j)
+    take = lambda: q.take_batch({"a"}, max_images=8, max_wait_s=0, stop=NEVER)  # noqa: E731
+    assert take() == [jobs[0], jobs[2]]
+    assert take() == [jobs[1], jobs[3]]
 
 
 def test_a_worker_only_takes_its_own_models():
@@ -196,6 +208,21 @@ def test_var_shapes_batches_at_least_5x_more_images_at_10_percent_than_full(var_
         sizes[kv[0]] = len(q.take_batch({"a"}, max_images=1000, max_wait_s=60, stop=NEVER))
     assert sizes["full"] == 4
     assert sizes[policy] >= 5 * sizes["full"], sizes
+
+
+def test_planned_bytes_are_kept_for_a_bounded_number_of_budgets(var_shapes, monkeypatch):
+    # budgets are the clients' floats: one new budget per request must not grow the server
+    import models.var.runner
+    from models.var import generate as engine
+
+    monkeypatch.setattr(models.var.runner, "KV_BYTES_KEYS", 4)
+    var_shapes._kv_bytes.clear()
+    for budget in (0.11, 0.12, 0.13, 0.14, 0.15, 0.16, 0.11):
+        settings = ImageSettings(cfg=1.0, kv_policy="snapkv", kv_budget=budget)
+        planned = engine.planned_kv_bytes(var_shapes.model, [settings], var_shapes.kv_profile)
+        assert var_shapes.kv_bytes_per_image(settings) == planned
+        assert len(var_shapes._kv_bytes) <= 4
+    assert [key[1] for key in var_shapes._kv_bytes] == [0.14, 0.15, 0.16, 0.11]  # the oldest went first
 
 
 def test_a_joinable_model_starts_its_batch_without_waiting_for_company():

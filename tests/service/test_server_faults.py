@@ -2,6 +2,7 @@
 leave, engine exceptions (500, server keeps serving), out-of-memory splits, and one batch per model.
 The worker is held at chosen points with gates, so requests line up without sleeps."""
 
+import json
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -17,6 +18,7 @@ from tests.service.harness import (
     assert_same_images,
     leaving_client,
     metric,
+    sse_events,
     wait_until,
 )
 
@@ -160,7 +162,18 @@ def test_an_engine_exception_fails_the_batch_with_500_and_the_server_keeps_servi
     assert metric(server.metrics(), "varserve_batch_failures_total", kind="error") == 1
 
 
-def test_out_of_memory_splits_the_batch_and_retries(server, monkeypatch):
+@pytest.mark.parametrize(
+    "out_of_memory",
+    [
+        RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+        RuntimeError(  # torch's CPU allocator, where overcommit lets it see the failure first
+            "[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate memory: you tried "
+            "to allocate 2147483648 bytes. Error code 12 (Cannot allocate memory)"
+        ),
+        MemoryError(),
+    ],
+)
+def test_out_of_memory_splits_the_batch_and_retries(server, monkeypatch, out_of_memory):
     expected = server.post({"prompt": 7, "n": 3, "seed": 50}).json()["data"]
     real = server.runner().generate
     sizes = []
@@ -168,7 +181,7 @@ def test_out_of_memory_splits_the_batch_and_retries(server, monkeypatch):
     def small_memory(conditions, params, on_step=None):
         sizes.append(len(conditions))
         if len(conditions) > 1:
-            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+            raise out_of_memory
         return real(conditions, params, on_step=on_step)
 
     monkeypatch.setattr(server.runner(), "generate", small_memory)
@@ -180,6 +193,29 @@ def test_out_of_memory_splits_the_batch_and_retries(server, monkeypatch):
     assert_same_images([d["b64_json"] for d in r.json()["data"]], [d["b64_json"] for d in expected])
     assert metric(server.metrics(), "varserve_oom_splits_total") - before == 2
     assert r.json()["usage"]["forward_passes"] == 30  # three one-image batches of 10 scales
+
+
+def test_a_preview_that_fails_stops_that_streams_previews_and_its_batch_runs_on(server, monkeypatch):
+    def broken_preview(step):
+        raise RuntimeError("injected fault in a preview")
+
+    stream = {"prompt": 2, "seed": 5, "stream": True, "partial_images": 2}
+    plain = {"prompt": 3, "seed": 6}
+    with ThreadPoolExecutor(3) as executor:
+        gate, (streamed, answered) = hold_next_batch(server, monkeypatch, executor, stream, plain)
+        monkeypatch.setattr(server.runner(), "preview", broken_preview)
+        gate.release()
+        streamed, answered = streamed.result(TIMEOUT_S), answered.result(TIMEOUT_S)
+    monkeypatch.undo()
+    assert answered.status_code == 200 and streamed.status_code == 200
+    events = sse_events(streamed.text.splitlines())
+    assert [name for name, _ in events] == ["image_generation.completed"]  # no partial image: they failed
+    image = json.loads(events[0][1])["b64_json"]
+    assert (
+        image
+        == server.post({**stream, "stream": False, "partial_images": None}).json()["data"][0]["b64_json"]
+    )
+    assert answered.json()["data"] == server.post(plain).json()["data"]
 
 
 def test_requests_for_different_models_never_share_a_batch(tmp_path):
@@ -237,3 +273,18 @@ def test_503_while_loading_and_while_draining(monkeypatch):
         rejected = s.metrics()
         assert metric(rejected, "varserve_requests_rejected_total", reason="not_ready") == 1
         assert metric(rejected, "varserve_requests_rejected_total", reason="draining") == 1
+
+
+def test_a_fault_in_forming_batches_is_fatal_not_a_silent_dead_worker(monkeypatch):
+    # the worker's thread would end and queued requests wait out their deadlines behind a
+    # process that looks alive; instead the server reports it and stops (a supervisor restarts it)
+    with ThreadServer() as s:
+
+        def broken(*args, **kwargs):
+            raise ValueError("injected fault in batch forming")
+
+        monkeypatch.setattr(s.pool.queue, "take_batch", broken)  # from the worker's next take on
+        assert s.post({"prompt": 1}).status_code == 200
+        fatal = wait_until(lambda: s.pool.fatal, "the worker to report")
+        assert fatal == "forming batches on cpu failed: ValueError: injected fault in batch forming"
+        assert s.client.get("/health").status_code == 503
