@@ -59,12 +59,11 @@ async def next_event(job: Job, pool: WorkerPool, request: Request | None = None)
             waiter.cancel()
     if receive in done:
         return receive.result()
-    if job.finished:  # the worker finished just now: its event is on the way
+    reason = "disconnect" if done else "timeout"
+    if not pool.cancel(job, reason):  # the worker ended it just now: its event is on the way
         return await job.channel.receive()
-    if done:
-        pool.cancel(job, "disconnect")
+    if reason == "disconnect":
         raise ApiError(CLIENT_CLOSED, "the client closed the request")
-    pool.cancel(job, "timeout")
     raise ApiError(504, f"the request did not finish within its deadline ({_timeout_s(job):g} s)")
 
 

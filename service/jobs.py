@@ -1,13 +1,16 @@
 """A generation request inside the server, and the one-way channel its results come back on.
 
 The HTTP side (event loop thread) creates a Job and reads its channel; the worker thread fills
-the job's images and sends events. `cancelled` is the only field both sides write: the HTTP side
-sets it on disconnect or deadline, the worker reads it at every step.
+the job's images and sends events. A job ends once, by whichever side claims it first (`end`):
+the worker when it answers (images or an error), the HTTP side when it gives up (disconnect,
+deadline, shutdown: `cancelled`, which the worker reads at every step). So an answer the HTTP
+side gave up on is neither sent nor counted as delivered, and a request is never answered twice.
 """
 
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -77,8 +80,9 @@ class Job:
     kv_blocks: int = 0  # a running (paged) batch's KV blocks in use, at their most
     kv_blocks_free: int | None = None  # the pool's free blocks when the request finished
     images: list[torch.Tensor | None] = field(default_factory=list)
-    finished: bool = False
+    finished: bool = False  # the worker claimed its ending (end("finished"))
     last_preview: int = -1
+    _ending: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def __post_init__(self):
         self.images = [None] * len(self.params)
@@ -91,6 +95,18 @@ class Job:
         """Whether this job is sent a preview after `step` (each step at most once)."""
         wanted = self.preview_steps is None or step in self.preview_steps
         return self.stream and wanted and step > self.last_preview
+
+    def end(self, how: str) -> bool:
+        """Claims the job's one ending: "finished" (the worker answers it) or a cancel reason
+        ("disconnect" | "timeout" | "shutdown": the HTTP side gave up). False when it had ended."""
+        with self._ending:
+            if self.finished or self.cancelled is not None:
+                return False
+            if how == "finished":
+                self.finished = True
+            else:
+                self.cancelled = how
+            return True
 
     def live(self, now: float) -> bool:
         return self.cancelled is None and not self.finished and now < self.deadline

@@ -76,13 +76,14 @@ class WorkerPool:
             event(log, "draining", f"draining: no new requests; finishing {queued} queued", queued=queued)
         self.draining = True
 
-    def cancel(self, job: Job, reason: str) -> None:
-        """The HTTP side gives up on a job: it leaves the queue now, or its batch at the next step."""
-        if job.finished or job.cancelled is not None:
-            return
-        job.cancelled = reason
+    def cancel(self, job: Job, reason: str) -> bool:
+        """The HTTP side gives up on a job: it leaves the queue now, or its batch at the next step.
+        False when the job had ended (the worker's answer is then on its way)."""
+        if not job.end(reason):
+            return False
         self.queue.discard(job)
         self.metrics.cancelled.labels(reason).inc()
+        return True
 
     def stop(self, timeout_s: float) -> None:
         """Stop the workers (a running batch stops at its next step) and fail what still waits."""
@@ -93,8 +94,8 @@ class WorkerPool:
         for worker in self.workers:
             worker.join(max(0.0, deadline - time.monotonic()))
         for job in self.queue.take_all():
-            job.finished = True
-            job.channel.send(Failed(503, "the server is shutting down"))
+            if job.end("finished"):
+                job.channel.send(Failed(503, "the server is shutting down"))
 
     def _worker_failed(self, message: str) -> None:
         self.fatal = message

@@ -19,7 +19,7 @@ import torch
 from models.config import ConfigError, ModelSpec
 from models.loading import CheckpointError
 from models.runner import BatchResult, Runner, load_runner
-from models.settings import settings_for
+from models.settings import SPECULATIVE_METHODS, settings_for
 from service.catalog import Catalog, info_of
 from service.continuous import ContinuousRun
 from service.jobs import Done, Failed, Job, Preview
@@ -127,6 +127,26 @@ class Worker(threading.Thread):
                 event(log, "batch_failed", message, logging.ERROR, exc_info=e, device=self.device)
                 self.fail(jobs, 500, f"internal error: {type(e).__name__}: {e}")
 
+    def _warn_uncalibrated(self, spec: ModelSpec, runner: Runner) -> None:
+        """Without a window profile the first `auto` image of a speculative method runs alone at
+        every window before its batch goes on: seconds on the bundled models, far longer on a large
+        one on a CPU. Said at start-up, with the command that writes the profile."""
+        auto = getattr(runner, "auto", None)
+        if auto is None:
+            return
+        methods = [m for m in SPECULATIVE_METHODS if m != "none" and not auto.calibrated(m)]
+        if methods:
+            event(
+                log,
+                "no_window_profile",
+                f"{spec.name} has no window profile for {', '.join(methods)}: the first request of each with "
+                f"an auto window holds its batch while it calibrates (its image run alone at each window); "
+                f"`varserve calibrate --config {self.settings.config} --model {spec.name}` writes the profile",
+                logging.WARNING,
+                model=spec.name,
+                methods=methods,
+            )
+
     def stop(self) -> None:
         self.stopping.set()
         self.queue.wake()
@@ -145,6 +165,7 @@ class Worker(threading.Thread):
             running = runner.open_batch(self.settings.kv_cache_bytes, self.settings.max_batch_size)
             self._running[spec.name] = running
             self.metrics.kv_blocks_free.labels(spec.name).set(running.blocks_free)
+        self._warn_uncalibrated(spec, runner)
         self.runners[spec.name] = runner
         self.catalog.publish(info_of(runner, self._running.get(spec.name)))
         self.metrics.model_loaded.labels(spec.name).set(1)
@@ -295,18 +316,21 @@ class Worker(threading.Thread):
             if not job.live(now) or any(image is None for image in job.images):
                 continue
             images = torch.stack(job.images)
-            # counted before the answer goes out, so /metrics read after a response includes it
-            self.metrics.images.labels(model).inc(job.n)
-            self.metrics.tokens.labels(model).inc(job.n * tokens_per_image)
-            self.metrics.inference_time.labels(model).observe(job.inference_s)
-            height, width = job.images[0].shape[-2:]
-            self.metrics.image_count.labels(model).inc(job.n)
-            self.metrics.image_pixels.labels(model).inc(job.n * height * width)
-            self.metrics.stage_time.labels(model, "engine").observe(max(0.0, job.inference_s - job.decode_s))
-            self.metrics.stage_time.labels(model, "decode").observe(job.decode_s)
-            job.finished = True  # only now: a job marked finished is sent no Failed should the above raise
-            job.channel.send(Done(images))
-            job.images = []
+            if not job.end("finished"):  # the HTTP side gave up on it a moment ago
+                continue
+            try:  # counted before the answer goes out, so /metrics read after a response includes it
+                self.metrics.images.labels(model).inc(job.n)
+                self.metrics.tokens.labels(model).inc(job.n * tokens_per_image)
+                self.metrics.inference_time.labels(model).observe(job.inference_s)
+                height, width = images.shape[-2:]
+                self.metrics.image_count.labels(model).inc(job.n)
+                self.metrics.image_pixels.labels(model).inc(job.n * height * width)
+                engine_s = max(0.0, job.inference_s - job.decode_s)
+                self.metrics.stage_time.labels(model, "engine").observe(engine_s)
+                self.metrics.stage_time.labels(model, "decode").observe(job.decode_s)
+            finally:  # the job has ended: whatever happened above, its answer goes
+                job.channel.send(Done(images))
+                job.images = []
 
     def previews_failed(self, jobs: list[Job], model: str, error: Exception) -> None:
         """A preview is a courtesy: when decoding one fails (out of memory, say), the requests get no
@@ -325,8 +349,7 @@ class Worker(threading.Thread):
 
     def fail(self, jobs: list[Job], status: int, message: str) -> None:
         for job in jobs:
-            if not job.finished:
-                job.finished = True
+            if job.end("finished"):
                 job.channel.send(Failed(status, message))
 
     def _split_and_retry(self, runner: Runner, rows: list[Row]) -> None:

@@ -8,9 +8,13 @@ import re
 
 import pytest
 
+from models.config import DEFAULT_CONFIG
 from service.server import build_server
 from service.settings import Settings
+from tests.conftest import REPO
 from tests.service.harness import CONFIG, ThreadServer, wait_until
+
+LLAMAGEN_CONFIG = REPO / "configs" / "fixtures-llamagen.toml"
 
 KEY = "log-test-secret-key"
 
@@ -133,6 +137,23 @@ def test_json_log_records_the_life_cycle():
         8,
     )
     assert "at most 8 images" in warning["message"]
+
+
+def test_a_next_token_model_without_a_window_profile_says_so_at_start_up():
+    server, out = logged_server(config=LLAMAGEN_CONFIG, log_format="json")
+    with server:
+        pass
+    (warning,) = [o for o in objects(out) if o["event"] == "no_window_profile"]
+    assert (warning["level"], warning["model"], warning["methods"]) == (
+        "warning",
+        "llamagen-c2i-fixture",
+        ["sjd", "scd", "gsd"],
+    )
+    assert f"varserve calibrate --config {LLAMAGEN_CONFIG} --model llamagen-c2i-fixture" in warning["message"]
+    server, out = logged_server(config=DEFAULT_CONFIG, log_format="json")  # the bundled models ship theirs
+    with server:
+        pass
+    assert not [o for o in objects(out) if o["event"] == "no_window_profile"]
 
 
 def test_text_log_has_one_readable_line_per_request():

@@ -2,13 +2,17 @@
 leave, engine exceptions (500, server keeps serving), out-of-memory splits, and one batch per model.
 The worker is held at chosen points with gates, so requests line up without sleeps."""
 
+import asyncio
 import json
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+import torch
 
 import service.worker
+from models.settings import ImageSettings
+from service.jobs import Channel, Job
 from tests.conftest import REFERENCE
 from tests.service.harness import (
     TIMEOUT_S,
@@ -288,3 +292,32 @@ def test_a_fault_in_forming_batches_is_fatal_not_a_silent_dead_worker(monkeypatc
         fatal = wait_until(lambda: s.pool.fatal, "the worker to report")
         assert fatal == "forming batches on cpu failed: ValueError: injected fault in batch forming"
         assert s.client.get("/health").status_code == 503
+
+
+def test_an_answer_the_http_side_gave_up_on_a_moment_before_is_neither_sent_nor_counted(server, monkeypatch):
+    """The deadline passes between the worker's last check and its answer: the job ends once, by
+    whichever side claims it first, so the client's 504 is the only answer and the images are not
+    counted as delivered."""
+    loop = asyncio.new_event_loop()
+    job = Job("late", "var-fixture", [1], [ImageSettings()], False, Channel(loop), deadline=float("inf"))
+    job.images = [torch.zeros(3, 4, 4)]
+    real_stack, claims = torch.stack, []
+
+    def stack_while_the_deadline_passes(tensors):
+        claims.append(server.pool.cancel(job, "timeout"))  # the HTTP side, on its own thread
+        return real_stack(tensors)
+
+    monkeypatch.setattr(service.worker.torch, "stack", stack_while_the_deadline_passes)
+    before = metric(server.metrics(), "varserve_generation_images_total", model="var-fixture")
+    (worker,) = server.pool.workers
+    worker.deliver([job], "var-fixture", 680)
+    monkeypatch.undo()
+    loop.run_until_complete(asyncio.sleep(0))  # anything sent would be in the channel now
+    assert claims == [True] and job.cancelled == "timeout" and not job.finished
+    assert job.channel._events.empty()
+    assert metric(server.metrics(), "varserve_generation_images_total", model="var-fixture") == before
+    assert not server.pool.cancel(job, "disconnect")  # it ended once
+    worker.fail([job], 500, "too late")
+    loop.run_until_complete(asyncio.sleep(0))
+    assert job.channel._events.empty()
+    loop.close()
