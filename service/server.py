@@ -117,7 +117,9 @@ def build_server(settings: Settings) -> tuple[DrainingServer, WorkerPool]:
             host=settings.host,
         )
 
-    if settings.max_images > settings.max_batch_size:
+    # only when --max-images was raised: its default above a small --max-batch-size is no news
+    default_max_images = Settings.__dataclass_fields__["max_images"].default
+    if settings.max_images > settings.max_batch_size and settings.max_images != default_max_images:
         event(
             log,
             "max_images_capped",

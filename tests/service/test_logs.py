@@ -137,6 +137,10 @@ def test_json_log_records_the_life_cycle():
         8,
     )
     assert "at most 8 images" in warning["message"]
+    out = io.StringIO()
+    with contextlib.redirect_stderr(out):  # the default --max-images above a small batch: no news
+        build_server(Settings(config=CONFIG, port=0, log_format="json", max_batch_size=8))
+    assert objects(out) == []
 
 
 def test_a_next_token_model_without_a_window_profile_says_so_at_start_up():
