@@ -137,7 +137,8 @@ class ContinuousRun:
             job, jobs = jobs[0], jobs[1:]
             self.worker.fail([job], 400, self.batch.never_fits(job.params) or "no room in the KV pool")
         if len(fitting) < len(jobs):
-            self.worker.queue.put_back(jobs[len(fitting) :])
+            left = self.worker.queue.put_back(jobs[len(fitting) :])
+            self.worker.fail(left, 503, "the server is shutting down")
         if not fitting:
             return
         self.worker.start_jobs(fitting, self.model)

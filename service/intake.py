@@ -12,7 +12,7 @@ from service.catalog import ModelInfo
 from service.errors import ApiError
 from service.jobs import Channel, Job
 from service.pool import WorkerPool
-from service.queue import QueueFull
+from service.queue import QueueClosed, QueueFull
 from service.schemas import MAX_SEED, GenerationFields
 
 NOT_READY_RETRY_S = 5
@@ -75,6 +75,9 @@ def admit(
     )
     try:
         pool.queue.submit(job)
+    except QueueClosed:
+        pool.metrics.rejected.labels("draining").inc()
+        raise ApiError(503, "the server is shutting down") from None
     except QueueFull as e:
         pool.metrics.rejected.labels("queue_full").inc()
         raise ApiError(

@@ -37,6 +37,10 @@ def batch_key(job: Job) -> tuple:
     return job.model, s.kv_policy, 1.0 if s.kv_policy == "full" else s.kv_budget, s.kv_merge, s.cfg == 0
 
 
+class QueueClosed(Exception):
+    """The server is stopping: the queue was emptied for the last time (`take_all`)."""
+
+
 class QueueFull(Exception):
     def __init__(self, retry_after_s: int):
         super().__init__("the request queue is full")
@@ -57,6 +61,7 @@ class RequestQueue:
         self.kv_cache_bytes = kv_cache_bytes
         self._kv_bytes_of = kv_bytes_of or (lambda job: None)
         self._waiting: deque[Job] = deque()
+        self._closed = False
         self._changed = threading.Condition()
         self._on_depth = on_depth or (lambda depth: None)
         # seconds of engine time per image, smoothed: what Retry-After is estimated from
@@ -67,6 +72,8 @@ class RequestQueue:
 
     def submit(self, job: Job) -> None:
         with self._changed:
+            if self._closed:  # past the HTTP side's draining check a moment before shutdown
+                raise QueueClosed
             if len(self._waiting) >= self.max_size:
                 raise QueueFull(self._retry_after())
             self._waiting.append(job)
@@ -83,7 +90,10 @@ class RequestQueue:
             self._on_depth(len(self._waiting))
 
     def take_all(self) -> list[Job]:
+        """Every waiting job, for the last time: the queue is closed, and a job submitted or put
+        back later comes back to its caller to answer (no worker would take it)."""
         with self._changed:
+            self._closed = True
             jobs = list(self._waiting)
             self._waiting.clear()
             self._on_depth(0)
@@ -164,14 +174,17 @@ class RequestQueue:
                 self._on_depth(len(self._waiting))
             return joining
 
-    def put_back(self, jobs: list[Job]) -> None:
+    def put_back(self, jobs: list[Job]) -> list[Job]:
         """Jobs taken but not started (no room after all) go back where their arrival puts them: a
         batch's later jobs may have passed older ones of other models or sizes, and stay behind
-        them."""
+        them. -> the jobs it did not take back (the queue is closed: the caller answers them)."""
         with self._changed:
+            if self._closed:
+                return jobs
             self._waiting = deque(sorted([*jobs, *self._waiting], key=lambda job: job.arrival))
             self._on_depth(len(self._waiting))
             self._changed.notify_all()
+            return []
 
     def _kv_bytes(self, job: Job) -> int | None:
         """The job's planned KV bytes when a limit applies to its model, else None."""

@@ -8,7 +8,7 @@ import pytest
 
 from models.settings import ImageSettings
 from service.jobs import Channel, Job
-from service.queue import QueueFull, RequestQueue
+from service.queue import QueueClosed, QueueFull, RequestQueue
 
 NEVER = threading.Event()
 
@@ -119,6 +119,19 @@ def test_full_queue_raises_with_a_retry_estimate_and_dead_jobs_are_dropped():
     for j in (expired, cancelled, alive):
         q.submit(j)
     assert q.take_batch({"a"}, 4, 0, NEVER) == [alive]
+
+
+def test_after_the_last_take_at_shutdown_the_queue_takes_nothing_back():
+    # a worker still in its last step puts back joiners that did not fit, and a request may pass
+    # the HTTP side's draining check just before: neither may wait in a queue nobody reads
+    q = RequestQueue(max_size=10)
+    first, later, taken = job("a"), job("a"), job("a")
+    q.submit(first)
+    assert q.take_all() == [first]
+    with pytest.raises(QueueClosed):
+        q.submit(later)
+    assert q.put_back([taken]) == [taken] and len(q) == 0  # its caller answers it
+    assert RequestQueue(max_size=10).put_back([taken]) == []  # an open queue takes it back
 
 
 def test_stop_ends_a_waiting_take():

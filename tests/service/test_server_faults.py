@@ -321,3 +321,12 @@ def test_an_answer_the_http_side_gave_up_on_a_moment_before_is_neither_sent_nor_
     loop.run_until_complete(asyncio.sleep(0))
     assert job.channel._events.empty()
     loop.close()
+
+
+def test_a_request_that_reaches_a_closed_queue_answers_503():
+    # between the HTTP side's draining check and the queue: the worker's last take has been
+    with ThreadServer() as s:
+        s.pool.queue.take_all()
+        late = s.post({"prompt": 1})
+        assert late.status_code == 503 and late.json()["error"]["message"] == "the server is shutting down"
+        assert metric(s.metrics(), "varserve_requests_rejected_total", reason="draining") == 1
