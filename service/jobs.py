@@ -82,6 +82,7 @@ class Job:
     images: list[torch.Tensor | None] = field(default_factory=list)
     finished: bool = False  # the worker claimed its ending (end("finished"))
     last_preview: int = -1
+    previews_failed: bool = False  # decoding one failed: no more are sent (its images still come)
     _ending: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def __post_init__(self):
@@ -94,7 +95,7 @@ class Job:
     def wants_preview(self, step: int) -> bool:
         """Whether this job is sent a preview after `step` (each step at most once)."""
         wanted = self.preview_steps is None or step in self.preview_steps
-        return self.stream and wanted and step > self.last_preview
+        return self.stream and wanted and step > self.last_preview and not self.previews_failed
 
     def end(self, how: str) -> bool:
         """Claims the job's one ending: "finished" (the worker answers it) or a cancel reason

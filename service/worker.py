@@ -336,7 +336,7 @@ class Worker(threading.Thread):
         """A preview is a courtesy: when decoding one fails (out of memory, say), the requests get no
         more previews, and their batch, which others share, runs on."""
         for job in jobs:
-            job.preview_steps = frozenset()
+            job.previews_failed = True
         event(
             log,
             "preview_failed",
