@@ -126,7 +126,7 @@ class GenerationFields(BaseModel):
     kv_merge: StrictBool | None = Field(
         None,
         description="next-scale models: fold the keys a policy evicts into their nearest kept key instead "
-        "of dropping them (window, snapkv, hack, scalekv, valuekv; full and heatkv ignore it); "
+        "of dropping them (every policy but full, which ignores it; heatkv folds the scales it drops); "
         "next-token models take false only. Default: the model's",
     )
     speculative: SpeculativeFields | None = Field(

@@ -25,7 +25,11 @@ def test_compose_runs_varserve_on_a_gpu_with_prometheus_scraping_it():
     varserve, prometheus = compose["services"]["varserve"], compose["services"]["prometheus"]
     devices = varserve["deploy"]["resources"]["reservations"]["devices"]
     assert devices[0]["driver"] == "nvidia" and devices[0]["capabilities"] == ["gpu"]
-    assert any(v.endswith(":/models:ro") for v in varserve["volumes"])
+    (store,) = [v.split(":")[0] for v in varserve["volumes"] if v.endswith(":/models:ro")]
+    # not the Python package ./models: its config would sit in the source tree, and a build would
+    # copy the store's checkpoints into the image
+    assert (REPO / store).resolve() != (REPO / "models").resolve()
+    assert store.removeprefix("./") in (REPO / ".dockerignore").read_text().split()
     assert "/health" in " ".join(varserve["healthcheck"]["test"])
     drain = float(varserve["environment"]["VARSERVE_DRAIN_TIMEOUT_S"])
     assert seconds(varserve["stop_grace_period"]) > drain
