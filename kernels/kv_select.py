@@ -34,12 +34,12 @@ def select_columns_torch(
     G, M = tier.shape
     width = int(keep.max()) if G else 0
     if width == 0:
-        return torch.full((G, 0), -1, dtype=torch.long)
+        return torch.full((G, 0), -1, dtype=torch.long, device=tier.device)
     # two stable sorts make a lexicographic order: by key, then by tier (stable: ties stay by index)
     order = torch.sort(key.masked_fill(~valid, -torch.inf), dim=1, descending=True, stable=True).indices
     t = tier.masked_fill(~valid, -1).gather(1, order)
     order = order.gather(1, torch.sort(t, dim=1, descending=True, stable=True).indices)[:, :width]
-    taken = torch.arange(width)[None, :] < keep[:, None]
+    taken = torch.arange(width, device=keep.device)[None, :] < keep[:, None]
     cols = torch.sort(order.masked_fill(~taken, M), dim=1).values
     return cols.masked_fill(cols == M, -1)
 

@@ -143,7 +143,7 @@ if triton is not None:
         skb, skh, skn, skd,
         str_, stj, spr, sps, svr, svt,
         sor, soh, sos, sod,
-        H, GROUP, S, qk_scale,
+        H, GROUP, S, D, qk_scale,
         HAS_VALID: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         PRECISION: tl.constexpr,
     ):  # fmt: skip
@@ -154,13 +154,14 @@ if triton is not None:
         kvh = h // GROUP
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n = tl.arange(0, BLOCK_N)
-        offs_d = tl.arange(0, HEAD_DIM)
+        offs_d = tl.arange(0, HEAD_DIM)  # HEAD_DIM: D rounded up to a power of two (GPT-3B's 100: 128)
+        d_ok = offs_d < D  # the padding lanes load 0, which adds nothing to the products
         row_ok = offs_m < S
         q_pos = tl.load(Pos + r * spr + offs_m * sps, mask=row_ok, other=0)  # (BLOCK_M,)
         last = tl.max(tl.where(row_ok, q_pos, 0), 0)  # the last key any query here reads
         q = tl.load(
             Q + r * sqr + h * sqh + offs_m[:, None] * sqs + offs_d[None, :] * sqd,
-            mask=row_ok[:, None],
+            mask=row_ok[:, None] & d_ok[None, :],
             other=0.0,
         )
         m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
@@ -170,8 +171,16 @@ if triton is not None:
         for j in range(0, n_blocks):
             block = tl.load(Table + r * str_ + j * stj).to(tl.int64)
             k_pos = j * BLOCK_N + offs_n  # (BLOCK_N,)
-            k = tl.load(K + block * skb + kvh * skh + offs_n[None, :] * skn + offs_d[:, None] * skd)
-            v = tl.load(V + block * skb + kvh * skh + offs_n[:, None] * skn + offs_d[None, :] * skd)
+            k = tl.load(
+                K + block * skb + kvh * skh + offs_n[None, :] * skn + offs_d[:, None] * skd,
+                mask=d_ok[:, None],
+                other=0.0,
+            )
+            v = tl.load(
+                V + block * skb + kvh * skh + offs_n[:, None] * skn + offs_d[None, :] * skd,
+                mask=d_ok[None, :],
+                other=0.0,
+            )
             s = tl.dot(q, k, input_precision=PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N), base 2
             visible = (k_pos[None, :] <= q_pos[:, None]) & row_ok[:, None]
             if HAS_VALID:
@@ -189,7 +198,7 @@ if triton is not None:
         tl.store(
             Out + r * sor + h * soh + offs_m[:, None] * sos + offs_d[None, :] * sod,
             out.to(Out.dtype.element_ty),
-            mask=row_ok[:, None],
+            mask=row_ok[:, None] & d_ok[None, :],
         )
 
 
@@ -199,7 +208,8 @@ def paged_attention_triton(q, k_pool, v_pool, block_table, positions, key_valid=
     R, H, S, D = q.shape
     H_kv, bs = k_pool.shape[1], k_pool.shape[2]
     assert bs >= 16 and bs & (bs - 1) == 0, f"block size {bs}: the kernel takes a power of two >= 16"
-    assert D >= 16 and D & (D - 1) == 0, f"head dim {D}: the kernel takes a power of two >= 16"
+    # V is read with K's strides (one pool layout)
+    assert k_pool.stride() == v_pool.stride(), "k_pool and v_pool: the kernel reads both with one layout"
     # fp32: exact products (tf32 would cost ~1e-3 relative); 16-bit: the default
     precision = "ieee" if q.dtype == torch.float32 else None
     block_m = 16  # a window is at most a few dozen tokens; a decode step pads its one query to 16
@@ -213,8 +223,9 @@ def paged_attention_triton(q, k_pool, v_pool, block_table, positions, key_valid=
         q, k_pool, v_pool, block_table, positions, valid, out,
         *q.stride(), *k_pool.stride(), *block_table.stride(), *positions.stride(), *valid.stride(),
         *out.stride(),
-        H, H // H_kv, S, scale * math.log2(math.e),
-        HAS_VALID=key_valid is not None, HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=bs, PRECISION=precision,
+        H, H // H_kv, S, D, scale * math.log2(math.e),
+        HAS_VALID=key_valid is not None, HEAD_DIM=max(16, triton.next_power_of_2(D)), BLOCK_M=block_m,
+        BLOCK_N=bs, PRECISION=precision,
     )  # fmt: skip
     return out
 

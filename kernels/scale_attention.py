@@ -659,7 +659,10 @@ def attention_mass_triton(
 
 
 def _use_triton(*tensors) -> bool:
-    return triton is not None and all(t.is_cuda for t in tensors)
+    """On CUDA, for head dims the kernels' lanes take (a power of two >= 16, as every published VAR
+    has); others run the PyTorch path there, slower but right."""
+    D = tensors[0].shape[-1]
+    return triton is not None and all(t.is_cuda for t in tensors) and D >= 16 and D & (D - 1) == 0
 
 
 def scale_attention(

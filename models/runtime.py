@@ -1,4 +1,5 @@
-"""Process-level settings for running models on the CPU, and a clock for timing device work."""
+"""Process- and thread-level settings for running models (the CPU allocator, a thread's CUDA device),
+and a clock for timing device work."""
 
 from __future__ import annotations
 
@@ -40,6 +41,16 @@ def keep_freed_memory() -> bool:
         return False
     _tuned = ok
     return ok
+
+
+def use_device(device: str | torch.device) -> None:
+    """Make `device` the calling thread's current CUDA device (nothing for a CPU or an unnumbered
+    "cuda"). Triton launches its kernels on the calling thread's current device and stream, and
+    torch's own kernels follow their tensors: a thread serving cuda:1 from a process whose current
+    device is cuda:0 would launch Triton kernels on cuda:0 with cuda:1's pointers."""
+    d = torch.device(device)
+    if d.type == "cuda" and d.index is not None:
+        torch.cuda.set_device(d)
 
 
 def device_clock(device: torch.device) -> float:

@@ -156,6 +156,7 @@ def generate_command(args, parser: argparse.ArgumentParser) -> int:
     from models.config import ConfigError, load_config
     from models.loading import CheckpointError
     from models.runner import load_runner
+    from models.runtime import use_device
     from models.settings import SettingError, settings_for
     from service.images import to_pil
 
@@ -170,6 +171,7 @@ def generate_command(args, parser: argparse.ArgumentParser) -> int:
         parser.error(f"--out: the directory {args.out} is not writable")
     try:
         spec = pick_model(load_config(args.config), args.model, parser)
+        use_device(spec.device)  # Triton launches on the thread's current device
         runner = load_runner(spec)
     except (ConfigError, CheckpointError, ValueError) as e:
         print(f"varserve: error: {e}", file=sys.stderr)

@@ -19,6 +19,7 @@ import torch
 from models.config import ConfigError, ModelSpec
 from models.loading import CheckpointError
 from models.runner import BatchResult, Runner, load_runner
+from models.runtime import use_device
 from models.settings import SPECULATIVE_METHODS, settings_for
 from service.catalog import Catalog, info_of
 from service.continuous import ContinuousRun
@@ -84,6 +85,7 @@ class Worker(threading.Thread):
         # thread's own; torch also makes it the default of threads that first use it afterwards
         torch.set_num_threads(self.settings.model_threads)
         try:
+            use_device(self.device)  # this thread's kernels launch on its own GPU
             for spec in self.specs:
                 self._load(spec)
         except Exception as e:  # a bad checkpoint or device: the server cannot serve its config

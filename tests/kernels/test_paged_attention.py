@@ -98,6 +98,16 @@ def test_triton_kernel_matches_the_reference(lengths, S, block_size, padded, H, 
 
 
 @pytest.mark.skipif(triton is None, reason="triton is not installed")
+@pytest.mark.parametrize("D", [100, 72, 8])
+def test_triton_kernel_takes_head_dims_that_are_not_a_power_of_two(D):
+    # GPT-3B's heads are 100 wide: the kernel pads its lanes to 128 and masks them
+    args = paged_case([3, 40], 4, 4, 2, D=D, block_size=16, padded=True)
+    torch.testing.assert_close(
+        paged_attention_triton(*args), paged_attention_reference(*args), atol=1e-5, rtol=1e-5
+    )
+
+
+@pytest.mark.skipif(triton is None, reason="triton is not installed")
 def test_triton_kernel_in_half_precision():
     q, k_pool, v_pool, table, positions, key_valid = paged_case([20, 50], 3, padded=True)
     half = [t.to(torch.float16) for t in (q, k_pool, v_pool)]

@@ -1,6 +1,8 @@
 """kernels/scale_attention.py: the reference against plain full attention, the CPU path and the
 Triton kernels (in Triton's interpreter without a GPU, see conftest.py) against the reference."""
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -573,3 +575,15 @@ def test_triton_takes_the_bias(name, dtype):
     # without a given lse the mass runs its own forward, with the bias
     ms2, _ = sa.attention_mass_triton(q, kc, ks, off, ln, bias_slab=bias, block_m=16, block_n=16)
     torch.testing.assert_close(ms2[used].cpu(), ms_ref[used.cpu()], **tol)
+
+
+@pytest.mark.skipif(sa.triton is None, reason="triton is not installed")
+def test_cuda_head_dims_the_kernels_cannot_take_run_the_pytorch_path():
+    # the Triton kernels' lanes are a power of two >= 16 (every published VAR: 64); a custom model
+    # with heads of 100 must not reach their assertion on a GPU
+    def cuda_like(D):
+        return SimpleNamespace(shape=(2, 4, 16, D), is_cuda=True)
+
+    assert sa._use_triton(cuda_like(64), cuda_like(64)) and sa._use_triton(cuda_like(16))
+    assert not sa._use_triton(cuda_like(100)) and not sa._use_triton(cuda_like(8))
+    assert not sa._use_triton(cuda_like(64), SimpleNamespace(shape=(1, 64), is_cuda=False))
