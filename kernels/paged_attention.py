@@ -158,7 +158,11 @@ if triton is not None:
         d_ok = offs_d < D  # the padding lanes load 0, which adds nothing to the products
         row_ok = offs_m < S
         q_pos = tl.load(Pos + r * spr + offs_m * sps, mask=row_ok, other=0)  # (BLOCK_M,)
-        last = tl.max(tl.where(row_ok, q_pos, 0), 0)  # the last key any query here reads
+        # the window is the row's consecutive positions from column 0; columns past it are padding
+        # at a scratch position past the row: they read no further than the window (finite outputs
+        # nobody reads), so a plain row beside a speculative one does not walk its whole table
+        in_window = row_ok & (q_pos == tl.load(Pos + r * spr) + offs_m)
+        last = tl.max(tl.where(in_window, q_pos, 0), 0)  # the last key any query here reads
         q = tl.load(
             Q + r * sqr + h * sqh + offs_m[:, None] * sqs + offs_d[None, :] * sqd,
             mask=row_ok[:, None] & d_ok[None, :],

@@ -198,6 +198,10 @@ void varserve_decode_attention(const float *q, const float *k, const float *v,
 // One thread per (row, head): each key is read once and scored against all S queries that see
 // it (two passes, scores then values, so the window costs one stream over the row's blocks, not
 // S of them). The query at position p reads keys 0..p; a padded key only when it is its own.
+// A row's window is its consecutive positions from column 0; columns past them are padding (a
+// shorter window in a wider pass, at the scratch position): they read only the window's keys, so
+// a plain row beside a speculative one streams its own keys, not its whole block table, and their
+// outputs, which nobody reads, stay finite.
 
 void varserve_paged_attention(const float *q, const float *k, const float *v, const int *block_table,
                               const long *positions, const unsigned char *key_valid, float *out, long R,
@@ -208,8 +212,9 @@ void varserve_paged_attention(const float *q, const float *k, const float *v, co
   for (long rh = 0; rh < R * H; rh++) {
     long r = rh / H, h = rh % H, kvh = h / group;
     const long *pos = positions + r * S;
-    long L = 0;  // keys 0..L-1 are read; query s sees 0..pos[s]
-    for (long s = 0; s < S; s++) L = pos[s] + 1 > L ? pos[s] + 1 : L;
+    long real = 1;  // the window's queries; the rest are padding
+    while (real < S && pos[real] == pos[0] + real) real++;
+    long L = pos[real - 1] + 1;  // keys 0..L-1 are read; query s sees 0..min(pos[s], L - 1)
     const float *qr = q + rh * S * D;
     const int *table = block_table + r * max_blocks;
     const unsigned char *valid = key_valid ? key_valid + r * valid_width : NULL;

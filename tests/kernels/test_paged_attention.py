@@ -165,3 +165,38 @@ def test_c_kernel_gives_a_query_the_same_bits_alone_as_in_any_window():
                 key_valid[r : r + 1],
             )  # fmt: skip
             assert torch.equal(window[r, :, s], alone[0, :, 0]), (r, s)
+
+
+def padded_window_case():
+    """Rows whose windows are narrower than the pass (a plain row beside a speculative one): the
+    columns past a row's window sit at a scratch position, here the last of its table, whose block
+    holds NaN. A kernel that read past the window would carry the NaN into the padding columns."""
+    S, block_size = 6, 16
+    q, k_pool, v_pool, table, positions, key_valid = paged_case([3, 40, 17], S, 4, 2, D=32, padded=True)
+    scratch = table.shape[1] * block_size - 1
+    windows = [1, 6, 4]
+    for r, w in enumerate(windows):
+        positions[r, w:] = scratch
+    spare = int(table[0, -1])
+    k_pool[spare], v_pool[spare] = float("nan"), float("nan")
+    return (q, k_pool, v_pool, table, positions, key_valid), windows
+
+
+@pytest.mark.parametrize(
+    "kernel",
+    [
+        pytest.param(
+            paged_attention_cpu, marks=pytest.mark.skipif(native.load("attention") is None, reason="no C")
+        ),
+        pytest.param(paged_attention_triton, marks=pytest.mark.skipif(triton is None, reason="no triton")),
+    ],
+)
+def test_padding_columns_read_no_further_than_their_rows_window(kernel):
+    args, windows = padded_window_case()
+    got = kernel(*args)
+    assert torch.isfinite(got).all()  # the scratch block was never read
+    q, k_pool, v_pool, table, positions, key_valid = args
+    for r, w in enumerate(windows):  # the window's own columns: the reference's, over its keys
+        real = (q[r : r + 1, :, :w], k_pool, v_pool, table[r : r + 1], positions[r : r + 1, :w])
+        want = paged_attention_reference(*real, None if key_valid is None else key_valid[r : r + 1])
+        torch.testing.assert_close(got[r : r + 1, :, :w], want, atol=2e-5, rtol=1e-5)
