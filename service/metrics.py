@@ -103,7 +103,7 @@ class Metrics:
             "varserve_kv_cache_usage_bytes",
             "KV-cache bytes the running batch holds: next-scale models the store's bytes planned from "
             "each image's policy and budget (what --kv-cache-bytes bounds); next-token models the "
-            "blocks held (continuous) or the last batch's working bytes per row (static).",
+            "blocks held (continuous) or their images' preallocated caches (static).",
             ["model"],
             registry=r,
         )
