@@ -64,8 +64,7 @@ class ContinuousRun:
         try:
             while self.jobs:
                 if self.worker.stopping.is_set():
-                    self.batch.drop({(job, i) for job in self.jobs for i in range(job.n)})
-                    self._settle(self.jobs)
+                    self._let_go(self.jobs)
                     self.worker.fail(self.jobs, 503, "the server is shutting down")
                     self.metrics.batches_aborted.inc()
                     return
@@ -88,8 +87,7 @@ class ContinuousRun:
         except Exception as e:  # the engine failed: every request in the batch gets a 500
             self.metrics.batch_failures.labels("error").inc()
             log.exception("running batch of %s failed", self.model)
-            self.batch.drop({(job, i) for job in self.jobs for i in range(job.n)})
-            self._settle(self.jobs)
+            self._let_go(self.jobs)
             self.worker.fail(self.jobs, 500, f"generation failed: {type(e).__name__}: {e}")
         finally:
             self.metrics.set_running(self.worker, 0)
@@ -168,9 +166,13 @@ class ContinuousRun:
         now = time.monotonic()
         gone = [job for job in self.jobs if not job.live(now)]
         if gone:
-            self.batch.drop({(job, i) for job in gone for i in range(job.n)})
-            self._settle(gone)
+            self._let_go(gone)
             self.jobs = [job for job in self.jobs if job not in gone]
+
+    def _let_go(self, jobs: list[Job]) -> None:
+        """The requests' images leave the batch (their blocks back), their engine time settled."""
+        self.batch.drop({(job, i) for job in jobs for i in range(job.n)})
+        self._settle(jobs)
 
     def _account(self) -> None:
         """The batch's KV blocks and size, into each running request's largest and the gauges,

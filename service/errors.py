@@ -55,19 +55,18 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, e: RequestValidationError):
         first = e.errors()[0]
-        if first.get("type") == "json_invalid":  # its loc is a character position, not a field
+        loc, kind = tuple(first.get("loc", ())), first.get("type")
+        if kind == "json_invalid":  # its loc is a character position, not a field
+            status, param = 400, None
             message = f"the body is not valid JSON: {first.get('ctx', {}).get('error', 'invalid')}"
-            note_error(request.scope, message)
-            return error_response(400, message)
-        if tuple(first.get("loc", ())) == ("body",) and first.get("type") == "missing":
-            message = "the body is empty: send a JSON object"
-            note_error(request.scope, message)
-            return error_response(400, message)
-        param = field_name(tuple(first.get("loc", ())))
-        message = first.get("msg", "invalid request")
-        message = f"{param}: {message}" if param else message
+        elif loc == ("body",) and kind == "missing":
+            status, param, message = 400, None, "the body is empty: send a JSON object"
+        else:
+            status, param = 422, field_name(loc)
+            message = first.get("msg", "invalid request")
+            message = f"{param}: {message}" if param else message
         note_error(request.scope, message)
-        return error_response(422, message, param)
+        return error_response(status, message, param)
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, e: HTTPException):

@@ -109,5 +109,10 @@ class Job:
                 self.cancelled = how
             return True
 
+    def fail(self, status: int, message: str) -> None:
+        """Answer with an error, unless the job had ended."""
+        if self.end("finished"):
+            self.channel.send(Failed(status, message))
+
     def live(self, now: float) -> bool:
         return self.cancelled is None and not self.finished and now < self.deadline

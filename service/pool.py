@@ -10,7 +10,7 @@ from collections.abc import Callable
 from models.config import ModelSpec
 from models.runtime import keep_freed_memory
 from service.catalog import Catalog
-from service.jobs import Failed, Job
+from service.jobs import Job
 from service.logs import event
 from service.metrics import Metrics
 from service.queue import RequestQueue
@@ -94,8 +94,7 @@ class WorkerPool:
         for worker in self.workers:
             worker.join(max(0.0, deadline - time.monotonic()))
         for job in self.queue.take_all():
-            if job.end("finished"):
-                job.channel.send(Failed(503, "the server is shutting down"))
+            job.fail(503, "the server is shutting down")
 
     def _worker_failed(self, message: str) -> None:
         self.fatal = message

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
 from pydantic_core import PydanticCustomError
 
 from models.settings import KV_POLICY_NAMES, MAX_WINDOW
@@ -123,7 +123,7 @@ class GenerationFields(BaseModel):
         description="next-scale models: the fraction of the full stored KV prefix a compressing policy "
         "keeps ('full' and next-token models ignore it). Default: the model's",
     )
-    kv_merge: StrictBool | None = Field(
+    kv_merge: bool | None = Field(
         None,
         description="next-scale models: fold the keys a policy evicts into their nearest kept key instead "
         "of dropping them (every policy but full, which ignores it; heatkv folds the scales it drops); "

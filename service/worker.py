@@ -23,7 +23,7 @@ from models.runtime import use_device
 from models.settings import SPECULATIVE_METHODS, settings_for
 from service.catalog import Catalog, info_of
 from service.continuous import ContinuousRun
-from service.jobs import Done, Failed, Job, Preview
+from service.jobs import Done, Job, Preview
 from service.logs import event
 from service.metrics import Metrics
 from service.queue import RequestQueue
@@ -351,8 +351,7 @@ class Worker(threading.Thread):
 
     def fail(self, jobs: list[Job], status: int, message: str) -> None:
         for job in jobs:
-            if job.end("finished"):
-                job.channel.send(Failed(status, message))
+            job.fail(status, message)
 
     def _split_and_retry(self, runner: Runner, rows: list[Row]) -> None:
         self.metrics.oom_splits.inc()

@@ -241,10 +241,7 @@ class Engine:
         try:
             self._prefill(seqs)
         except BaseException:
-            for s in seqs:
-                for blocks in s.blocks:
-                    self.pool.release(blocks)
-                s.blocks = []
+            self._release(seqs)
             raise
         self.passes += 1
         self.flops += window_flops(self.model, sum(s.rows for s in seqs), 1, 1)
@@ -278,12 +275,16 @@ class Engine:
         if not seqs:
             return
         gone = {id(s) for s in seqs}
+        self._release(seqs)
+        self.seqs = [s for s in self.seqs if id(s) not in gone]
+        self._layout()
+
+    def _release(self, seqs: list[Sequence]) -> None:
+        """Every block `seqs` hold back to the pool."""
         for s in seqs:
             for blocks in s.blocks:
                 self.pool.release(blocks)
             s.blocks = []
-        self.seqs = [s for s in self.seqs if id(s) not in gone]
-        self._layout()
 
     def step(self) -> None:
         """One forward pass for every sequence of the batch: a plain sequence samples one image
