@@ -9,7 +9,8 @@ same product and attention kernels the layer-by-layer path calls (`varserve_line
 runs between them, not what they compute.
 
 It takes the tokens of R rows, S consecutive per row (a decode step has S = 1, a verify window
-more), each row at its own positions, over a cache in the paged layout: per layer a pool
+more), each row at its own positions, or only the real ones of a pass whose rows' windows differ
+(`slots`: the products then cost the pass's tokens, not R x S), over a cache in the paged layout: per layer a pool
 (n_blocks, H_kv, block_size, D) and a block table (R, max_blocks) int32. A dense per-row cache
 (R, H_kv, T_max, D) is that layout with one block of T_max positions per row (`dense_block_table`).
 
@@ -36,9 +37,9 @@ def _kernel():
     ptr, long, f32 = ctypes.c_void_p, ctypes.c_long, ctypes.c_float
     # x, positions, rope, n_rope, weights, k_cache, v_cache, block_table, block_size, max_blocks,
     # key_valid, valid_width, R, S, n_layer, dim, H, H_kv, D, hidden, eps, scale, linear, attention,
-    # final_norm, head, vocab, logits
+    # final_norm, head, vocab, logits, slots, M
     args = (ptr, ptr, ptr, long, ptr, ptr, ptr, ptr, long, long, ptr) + (long,) * 9 + (f32, f32, ptr, ptr)
-    args += (ptr, ptr, long, ptr)
+    args += (ptr, ptr, long, ptr, ptr, long)
     return native.function("decode", "varserve_decode_layers", *args, restype=ctypes.c_int)
 
 
@@ -128,8 +129,11 @@ def decode_layers(
     eps: float,
     final_norm: torch.Tensor | None = None,
     head: torch.Tensor | None = None,
+    slots: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """x: (R, S, dim) float32, the embedded tokens at `positions` (R, S) long; rope: (n_rope, D / 2,
+    """x: (R, S, dim) float32, the embedded tokens at `positions` (R, S) long, or with `slots`
+    (M,) long (ascending indices into the R x S columns) x: (M, dim), the tokens of those columns
+    only, the rest padding at their scratch positions (read by nobody; no keys written); rope: (n_rope, D / 2,
     2) [cos, sin] per position (index = absolute position); weights: per layer the tensors named in
     LAYER_WEIGHTS, products packed (a `LayerWeights` brings its address table, else one is built);
     k_cache, v_cache: per layer (n_blocks, H_kv, block_size, D); block_table: (R, max_blocks) int32;
@@ -137,8 +141,17 @@ def decode_layers(
 
     Writes the new keys and values of every layer into the cache -> (R, S, dim), the last layer's
     output, normalised by `final_norm` (dim,) when given (x itself is overwritten with it); or,
-    with `head` too (the output head's packed weight, float32), the logits (R, S, vocab)."""
-    R, S, dim = x.shape
+    with `head` too (the output head's packed weight, float32), the logits (R, S, vocab); with
+    `slots`, (M, dim) or (M, vocab)."""
+    R, S = positions.shape
+    dim = x.shape[-1]
+    lead = x.shape[:-1]
+    if slots is not None:
+        slots = slots.to(torch.long).contiguous()
+        if x.dim() != 2 or slots.shape != (x.shape[0],):
+            raise ValueError(f"decode_layers: slots {tuple(slots.shape)} for tokens {tuple(x.shape)}")
+    elif x.shape != (R, S, dim):
+        raise ValueError(f"decode_layers: tokens {tuple(x.shape)} at positions {tuple(positions.shape)}")
     H_kv, block_size, D = k_cache[0].shape[1:]
     hidden = weights[0][4].shape[0] * linear.PANEL
     x = x.contiguous()
@@ -152,7 +165,7 @@ def decode_layers(
     if head is not None:
         if final_norm is None or not head_applies(head):
             raise ValueError("decode_layers: an output head needs the final norm and a packed weight")
-        logits = torch.empty(R, S, head.shape[0] * linear.PANEL, dtype=torch.float32)
+        logits = torch.empty(*lead, head.shape[0] * linear.PANEL, dtype=torch.float32)
     status = _kernel()(
         x.data_ptr(),
         positions.data_ptr(),
@@ -181,9 +194,14 @@ def decode_layers(
         None if head is None else head.data_ptr(),
         0 if logits is None else logits.shape[-1],
         None if logits is None else logits.data_ptr(),
+        None if slots is None else slots.data_ptr(),
+        0 if slots is None else slots.shape[0],
     )
     if status == -1:
-        raise IndexError(f"a position of {positions.tolist()} has no RoPE entry or no cache block")
+        raise IndexError(
+            f"a position of {positions.tolist()} has no RoPE entry or no cache block, or the slots "
+            f"{None if slots is None else slots.tolist()} are not ascending in {R} x {S}"
+        )
     if status != 0:
         raise MemoryError("decode_layers: no memory for the step's activations")
     return x if logits is None else logits

@@ -199,9 +199,9 @@ void varserve_decode_attention(const float *q, const float *k, const float *v,
 // it (two passes, scores then values, so the window costs one stream over the row's blocks, not
 // S of them). The query at position p reads keys 0..p; a padded key only when it is its own.
 // A row's window is its consecutive positions from column 0; columns past them are padding (a
-// shorter window in a wider pass, at the scratch position): they read only the window's keys, so
-// a plain row beside a speculative one streams its own keys, not its whole block table, and their
-// outputs, which nobody reads, stay finite.
+// shorter window in a wider pass, at the scratch position): they read no keys and their outputs,
+// which nobody reads, are zero, so a plain row beside a speculative one streams its own keys, not
+// its whole block table, and scores one query, not the pass's width.
 
 void varserve_paged_attention(const float *q, const float *k, const float *v, const int *block_table,
                               const long *positions, const unsigned char *key_valid, float *out, long R,
@@ -233,7 +233,7 @@ void varserve_paged_attention(const float *q, const float *k, const float *v, co
           int whole = i0 + VW <= n;
           for (long i = i0; whole && valid && i < i0 + VW; i++)
             whole = !(t0 + i < valid_width && !valid[t0 + i]);
-          for (long s = 0; s < S; s++) {
+          for (long s = 0; s < real; s++) {
             if (t0 + i0 > pos[s]) continue;  // keys past the query: never read (below)
             float scores[VW];
             dot_keys(qr + s * D, kb + i0 * D, D, scores);
@@ -252,7 +252,7 @@ void varserve_paged_attention(const float *q, const float *k, const float *v, co
         for (long i = 0; i < n; i++) {
           long t = t0 + i;
           int padded = valid && t < valid_width && !valid[t];
-          for (long s = 0; s < S; s++)
+          for (long s = 0; s < real; s++)
             p[s * L + t] = (t > pos[s] || (padded && t != pos[s])) ? -1e30f : scale * dot(qr + s * D, kb + i * D, D);
         }
       }
@@ -260,7 +260,7 @@ void varserve_paged_attention(const float *q, const float *k, const float *v, co
     // Each query's softmax over exactly the keys it sees, 0..pos[s]: over the row's L keys (the
     // longest query's, a padding column's scratch position past every real one) its sums would be
     // split between vector lanes and tail by L, so its numbers would move with its company.
-    for (long s = 0; s < S; s++) {
+    for (long s = 0; s < real; s++) {
       long seen = pos[s] + 1 < L ? pos[s] + 1 : L;
       for (long t = 0; t < seen; t++) top[s] = p[s * L + t] > top[s] ? p[s * L + t] : top[s];
       total[s] = 0.0f;
@@ -275,14 +275,15 @@ void varserve_paged_attention(const float *q, const float *k, const float *v, co
     for (long t0 = 0; t0 < L; t0 += block_size) {
       const float *vb = v + (table[t0 / block_size] * H_kv + kvh) * block_size * D;
       long n = L - t0 < block_size ? L - t0 : block_size;
-      for (long s = 0; s < S; s++) {
+      for (long s = 0; s < real; s++) {
         long seen = pos[s] - t0 + 1 < n ? pos[s] - t0 + 1 : n;  // the keys of the block it sees
         if (seen > 0) weighted_sum(acc + s * D, p + s * L + t0, vb, seen, D);
       }
     }
     free(p);
     float *o = out + rh * S * D;
-    for (long s = 0; s < S; s++)
+    for (long s = 0; s < real; s++)
       for (long d = 0; d < D; d++) o[s * D + d] = acc[s * D + d] / total[s];
+    memset(o + real * D, 0, (S - real) * D * sizeof(float));
   }
 }

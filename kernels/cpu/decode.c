@@ -18,17 +18,22 @@
 // scalar remainder), and the file builds with -ffp-contract=off, so no loop's vector and scalar
 // forms round differently.
 //
-// Shapes (M = R * S tokens, row r's token s at m = r * S + s):
+// Shapes (R rows of S columns; M tokens, row r's column s at slot r * S + s):
+//   slots: (M) long, the slot of each token, ascending, or NULL for every slot (M = R * S). A pass
+//     of ragged windows (one speculative row of 16 beside plain rows of 1) runs only its real
+//     tokens through the products: the columns past a row's window are padding, which attention
+//     alone sees (as zero queries at their scratch positions) and nobody reads;
 //   x: (M, dim), the embedded tokens in, the last layer's output out (after the final norm when
 //     final_norm (dim) is given);
 //   head: the output head's panels (vocab / 16, dim, 16) or NULL; logits (M, vocab) its output;
-//   positions: (R, S) long; rope: (n_rope, D / 2, 2) [cos, sin] per position and rotated pair;
+//   positions: (R, S) long, every slot's (padding at its scratch position); rope: (n_rope, D / 2, 2) [cos, sin] per position and rotated pair;
 //   weights: n_layer * 7 pointers, per layer attention_norm (dim), wqkv panels ((H + 2 H_kv) D / 16,
 //     dim, 16), wo panels (dim / 16, H D, 16), ffn_norm (dim), w1 and w3 panels (hidden / 16, dim,
 //     16), w2 panels (dim / 16, hidden, 16);
 //   k_cache, v_cache: n_layer pointers each to a pool (n_blocks, H_kv, block_size, D);
 //   block_table: (R, max_blocks) int32; key_valid: (R, valid_width) bytes or NULL.
-// Returns 0, or -1 (nothing written) when a position has no RoPE entry or no block.
+// Returns 0, or -1 (nothing written) when a position has no RoPE entry or no block, or the slots
+// are not ascending within R * S.
 
 #include <math.h>
 #include <stdlib.h>
@@ -158,14 +163,18 @@ int varserve_decode_layers(float *x, const long *positions, const float *rope, l
                            const unsigned char *key_valid, long valid_width, long R, long S,
                            long n_layer, long dim, long H, long H_kv, long D, long hidden, float eps,
                            float scale, linear_fn linear, attention_fn attention,
-                           const float *final_norm, const float *head, long vocab, float *logits) {
-  long M = R * S, qkv_dim = (H + 2 * H_kv) * D, q_dim = H * D;
-  for (long m = 0; m < M; m++) {
+                           const float *final_norm, const float *head, long vocab, float *logits,
+                           const long *slots, long M) {
+  long qkv_dim = (H + 2 * H_kv) * D, q_dim = H * D;
+  if (!slots) M = R * S;
+  for (long m = 0; m < R * S; m++) {
     long pos = positions[m];
     if (pos < 0 || pos >= n_rope || pos / block_size >= max_blocks) return -1;
   }
-  // one allocation for the step's activations
-  long sizes[] = {M * dim, M * qkv_dim, M * q_dim, M * q_dim, M * q_dim, M * hidden, M * hidden};
+  for (long m = 0; slots && m < M; m++)
+    if (slots[m] < 0 || slots[m] >= R * S || (m && slots[m] <= slots[m - 1])) return -1;
+  // one allocation for the step's activations; q and the attention's output hold every slot
+  long sizes[] = {M * dim, M * qkv_dim, R * S * q_dim, R * S * q_dim, M * q_dim, M * hidden, M * hidden};
   long total = 0;
   for (int i = 0; i < 7; i++) total += sizes[i];
   float *work = malloc(sizeof(float) * total);
@@ -173,6 +182,8 @@ int varserve_decode_layers(float *x, const long *positions, const float *rope, l
   float *normed = work, *qkv = normed + sizes[0], *q = qkv + sizes[1], *att = q + sizes[2];
   float *y = att + sizes[3], *h1 = y + sizes[4], *h3 = h1 + sizes[5];
   float *o = qkv;  // the output products reuse the qkv buffer (M x dim <= M x qkv_dim)
+  // padding slots' queries stay zero: finite, and no layer writes them
+  if (slots) memset(q, 0, sizes[2] * sizeof(float));
 
   for (long layer = 0; layer < n_layer; layer++) {
     const float *const *w = weights + 7 * layer;
@@ -182,7 +193,7 @@ int varserve_decode_layers(float *x, const long *positions, const float *rope, l
     linear(normed, w[1], qkv, M, qkv_dim, dim);
     // q rotated into (R, H, S, D) for the attention kernel; k rotated and v copied to the cache
     for (long m = 0; m < M; m++) {
-      long r = m / S, s = m % S, pos = positions[m];
+      long slot = slots ? slots[m] : m, r = slot / S, s = slot % S, pos = positions[slot];
       const float *t = qkv + m * qkv_dim, *rope_pos = rope + pos * D;
       for (long h = 0; h < H; h++) rotate(t + h * D, rope_pos, q + ((r * H + h) * S + s) * D, D);
       long block = block_table[r * max_blocks + pos / block_size], offset = pos % block_size;
@@ -194,10 +205,11 @@ int varserve_decode_layers(float *x, const long *positions, const float *rope, l
     }
     attention(q, kc, vc, block_table, positions, key_valid, att, R, H, H_kv, S, block_size,
               max_blocks, valid_width, D, scale);
-    for (long r = 0; r < R; r++)  // (R, H, S, D) -> (R, S, H * D)
+    for (long m = 0; m < M; m++) {  // (R, H, S, D) at the tokens' slots -> (M, H * D)
+      long slot = slots ? slots[m] : m, r = slot / S, s = slot % S;
       for (long h = 0; h < H; h++)
-        for (long s = 0; s < S; s++)
-          memcpy(y + (r * S + s) * q_dim + h * D, att + ((r * H + h) * S + s) * D, D * sizeof(float));
+        memcpy(y + m * q_dim + h * D, att + ((r * H + h) * S + s) * D, D * sizeof(float));
+    }
     linear(y, w[2], o, M, dim, q_dim);
     add_into(x, o, M * dim);
 

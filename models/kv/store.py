@@ -39,10 +39,25 @@ class TokenSpan:
     """A next-token step: S new tokens per row at absolute positions `positions` (R, S) long,
     consecutive per row (a decode step has S = 1, a prefill or a verify window more). Query at
     position p reads keys 0..p of its row. key_valid (R, T_max) bool, False at caption padding (a
-    per-sequence property, so it travels with the step, not with the store), or None."""
+    per-sequence property, so it travels with the step, not with the store), or None.
+
+    slots (M,) long, or None: a ragged pass, whose rows' windows differ (a speculative row of 16
+    beside plain rows of 1). Its M real tokens are the ascending `slots` of the R x S columns, and
+    only they run through the products; the other columns are padding at a scratch position past
+    every real one, which the store's attention sees as zero tokens and nobody reads."""
 
     positions: torch.Tensor
     key_valid: torch.Tensor | None = None
+    slots: torch.Tensor | None = None
+
+    def to_columns(self, t: torch.Tensor) -> torch.Tensor:
+        """t: (M, ...) per real token -> (R, S, ...), zero in the padding columns."""
+        R, S = self.positions.shape
+        return t.new_zeros(R * S, *t.shape[1:]).index_copy_(0, self.slots, t).unflatten(0, (R, S))
+
+    def to_tokens(self, t: torch.Tensor) -> torch.Tensor:
+        """t: (R, S, ...) per column -> (M, ...) at the real tokens."""
+        return t.flatten(0, 1)[self.slots]
 
 
 class KVStore(Protocol):

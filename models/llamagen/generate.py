@@ -295,10 +295,13 @@ class Engine:
         S = max(windows)
         # auto's pass costs: one pass in TIME_EVERY timed (a clock read and, on CUDA, a wait for the
         # queue cost 4 % of a plain pass at batch 1 on this CPU when every pass was timed); the
-        # passes so sampled are spread over the image, so their mean is the image's
+        # passes so sampled are spread over the image, so their mean is the image's. Only passes
+        # whose rows all run the pass's width count: a ragged pass runs only its real tokens, so
+        # it costs less than the (rows, width) pass auto's estimate stands for
         timed = (
             self.auto is not None
             and self.drafts.any
+            and min(windows) == S
             and (self.passes % TIME_EVERY == 0 or self.auto.calibrating)
         )
         t0 = device_clock(self.device) if timed else 0.0
@@ -348,16 +351,20 @@ class Engine:
         self.drafts.fill(self.tokens, self.n, spec, windows)
         # every row's input tokens (its newest committed token and its drafts) and their positions,
         # the padding columns at the scratch position, built on the host and gathered from the
-        # token table at once (a dozen small ops on the device cost more than the lists)
-        flat, positions = [], []
-        for i, w in zip(list(range(B)) + self.rows.null_of_host, row_windows, strict=True):
+        # token table at once (a dozen small ops on the device cost more than the lists); where the
+        # windows differ, only the real tokens run through the layers (`slots`): beside one window
+        # of 16, seven plain guided images put 14 real tokens through the products, not 224
+        flat, positions, slots = [], [], []
+        for r, (i, w) in enumerate(zip(list(range(B)) + self.rows.null_of_host, row_windows, strict=True)):
             first = n_host[i] - 1
             flat += [i * N + first + t for t in range(w)] + [i * N] * (S - w)
             positions += [c.cls_token_num + first + t for t in range(w)] + [self.scratch] * (S - w)
+            slots += range(r * S, r * S + w)
         rows = len(row_windows)
         tokens = self.tokens.view(-1)[host_longs(flat, self.device)].view(rows, S)
         positions = host_longs(positions, self.device).view(rows, S)
-        logits = self.model.decode_step(tokens, positions, self.store, self.rows.key_valid)
+        ragged = host_longs(slots, self.device) if len(slots) < rows * S else None
+        logits = self.model.decode_step(tokens, positions, self.store, self.rows.key_valid, ragged)
         cond = self.rows.guide(logits, n_host)  # (B, S, V)
         plain = [i for i in range(B) if windows[i] == 1]  # drawn as plain decoding draws
         if plain:

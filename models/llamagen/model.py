@@ -135,22 +135,30 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         """x: (B, S, dim); rope: (B or 1, S, head_dim // 2, 2). Without a store: mask bool,
         broadcastable to (B, 1, S, S), or None for plain causal. With one: the new keys go to the
-        store and the queries read it (causality and padding come from `at`)."""
+        store and the queries read it (causality and padding come from `at`); a ragged pass
+        (`at.slots`) brings its M real tokens as x: (1, M, dim), which attention places in their
+        rows' columns."""
         B, S, dim = x.shape
         H, H_kv = self.n_head, self.n_kv_head
         qkv = self.wqkv(x).view(B, S, H + 2 * H_kv, self.head_dim)
         qk = apply_rope(qkv[:, :, : H + H_kv], rope)  # q and k rotated in one go
         q, k, v = qk[:, :, :H], qk[:, :, H:], qkv[:, :, H + H_kv :]
-        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # q: (B, H, S, D), k/v: (B, H_kv, S, D)
-        if store is not None:
-            store.write(self.layer_idx, k, v, at)
-            y = store.attend(self.layer_idx, q, at)  # reads the store in its own layout
-        else:
+        if store is None:
+            q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # q: (B, H, S, D), k/v: (B, H_kv, S, D)
             # Query head h reads KV head h // (H / H_kv), as the official repeat_interleave.
             y = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=mask, is_causal=mask is None and S > 1, enable_gqa=H_kv != H
             )
-        return self.wo(y.transpose(1, 2).reshape(B, S, dim))
+            return self.wo(y.transpose(1, 2).reshape(B, S, dim))
+        ragged = at.slots is not None
+        if ragged:  # (1, M, heads, D) -> (R, S_pass, heads, D)
+            q, k, v = (at.to_columns(t[0]) for t in (q, k, v))
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # q: (R, H, S, D), k/v: (R, H_kv, S, D)
+        store.write(self.layer_idx, k, v, at)
+        y = store.attend(self.layer_idx, q, at).transpose(1, 2)  # reads the store in its own layout
+        if ragged:
+            y = at.to_tokens(y)[None]
+        return self.wo(y.reshape(B, S, dim))
 
 
 class TransformerBlock(nn.Module):
@@ -307,27 +315,34 @@ class GPT(nn.Module):
         positions: torch.Tensor,
         store: KVStore,
         key_valid: torch.Tensor | None = None,
+        slots: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """tokens: (R, S) long image tokens at absolute positions `positions` (R, S) long (image token
-        i sits at cls_token_num + i), consecutive per row, each row at its own place.
+        i sits at cls_token_num + i), consecutive per row, each row at its own place. slots: (M,)
+        long, ascending indices into the R x S columns, for a pass whose rows' windows differ: only
+        those columns' tokens are real and run through the layers (a pass costs its tokens, not
+        R x S), the rest are padding at a scratch position past every real one.
 
-        -> logits (R, S, vocab) float32: at column j, for the image token after tokens[:, j].
+        -> logits (R, S, vocab) float32: at column j, for the image token after tokens[:, j] (zero
+        at padding columns).
 
         On CPU in float32 with packed weights (kernels.linear.packing_pays) over a paged or dense
         token store, the layers run as one C call (kernels/decode.py), verify windows included, so
         a window and a step run the same code; elsewhere (CUDA, bf16/fp16, unpacked) layer by layer."""
         # the embedding table read directly: the module call's hook machinery cost as much as the
         # lookup at batch 1
-        h, at = F.embedding(tokens, self.tok_embeddings.weight), TokenSpan(positions, key_valid)
+        at = TokenSpan(positions, key_valid, slots)
+        h = F.embedding(tokens if slots is None else tokens.flatten()[slots], self.tok_embeddings.weight)
         logits = self._fused_layers(h, at, store) if self.fused_decode else None
-        if logits is not None:
-            return logits
-        return self._cached_forward(h, at, store)
+        if logits is None:
+            logits = self._cached_forward(h if slots is None else h[None], at, store)
+        return logits if slots is None else at.to_columns(logits.view(-1, logits.shape[-1]))
 
     def _fused_layers(self, h: torch.Tensor, at: TokenSpan, store: KVStore) -> torch.Tensor | None:
-        """h: (R, S, dim) -> logits (R, S, vocab) float32 through kernels/decode.py (the layers, the
-        final norm and, where its weight is packed, the output head in one call), writing the
-        store; None where that kernel does not apply (nothing written)."""
+        """h: (R, S, dim), or (M, dim) at `at.slots` -> logits (R, S, vocab) or (M, vocab) float32
+        through kernels/decode.py (the layers, the final norm and, where its weight is packed, the
+        output head in one call), writing the store; None where that kernel does not apply
+        (nothing written)."""
         if h.requires_grad:
             return None
         if isinstance(store, PagedTokenStore):
@@ -345,7 +360,7 @@ class GPT(nn.Module):
         head = self.output.weight if self._head_in_c else None
         out = decode.decode_layers(
             h, at.positions, self._rope_table_on(h.device), weights, k_cache, v_cache, block_table,
-            at.key_valid, c.n_head, c.norm_eps, self.norm.weight, head,
+            at.key_valid, c.n_head, c.norm_eps, self.norm.weight, head, at.slots,
         )  # fmt: skip
         return out if head is not None else self.output(out).float()
 
@@ -377,8 +392,11 @@ class GPT(nn.Module):
         self, h: torch.Tensor, at: TokenSpan, store: KVStore, every: bool = True
     ) -> torch.Tensor:
         """h: (R, S, dim) at positions at.positions -> logits (R, S, vocab) float32, or (R, 1, vocab)
-        of the last position only when not `every` (a prefill samples one token)."""
+        of the last position only when not `every` (a prefill samples one token); a ragged pass's
+        h: (1, M, dim) at `at.slots` -> (1, M, vocab)."""
         rope = self._rope(at.positions)
+        if at.slots is not None:
+            rope = at.to_tokens(rope)[None]
         for layer in self.layers:
             h = layer(h, rope, None, store, at)
         return self.output(self.norm(h if every else h[:, -1:])).float()

@@ -183,3 +183,99 @@ def test_a_position_without_a_rope_entry_or_block_raises():
         model.prefill(model.embed_cond(torch.tensor([1])), store)
         with pytest.raises(IndexError, match="no RoPE entry or no cache block"):
             model.decode_step(torch.tensor([[3]]), torch.tensor([[c.max_seq_len + 1]]), store)
+
+
+def ragged_passes(windows_per_pass, labels, ragged):
+    """Prefill the rows, one plain step, then passes of each row's own window (its tokens
+    consecutive after its last), every pass S = its widest window wide with the shorter windows'
+    columns padding at the scratch position: run with `slots` (only the real tokens through the
+    layers) or without (padding tokens through them too) -> run(model) -> (per pass the logits at
+    the real columns, the store)."""
+
+    def run(model):
+        c = model.config
+        R = len(labels)
+        pool = BlockPool(c.n_layer, R * 5, c.n_kv_head, 16, c.head_dim)
+        store = PagedTokenStore(pool, c.max_seq_len + 1)  # the scratch position's block too
+        store.set_rows([[] for _ in range(R)])
+        for r in range(R):
+            store.grow(r, c.max_seq_len + 1)
+        model.prefill(model.embed_cond(labels), store)
+        model.decode_step(labels[:, None] % c.vocab_size, torch.full((R, 1), c.cls_token_num), store)
+        nxt = [c.cls_token_num + 1] * R
+        out = []
+        for windows in windows_per_pass:
+            S = max(windows)
+            positions = torch.full((R, S), c.max_seq_len)
+            for r, w in enumerate(windows):
+                positions[r, :w] = nxt[r] + torch.arange(w)
+                nxt[r] += w
+            tokens = (labels[:, None] * 7 + positions * 13) % c.vocab_size
+            real = torch.tensor([r * S + s for r, w in enumerate(windows) for s in range(w)])
+            logits = model.decode_step(tokens, positions, store, slots=real if ragged else None)
+            assert logits.shape == (R, S, c.vocab_size)
+            if ragged:  # the padding columns' logits are zero
+                pad = torch.ones(R * S, dtype=torch.bool).index_fill_(0, real, False)
+                assert torch.equal(logits.flatten(0, 1)[pad], torch.zeros(int(pad.sum()), c.vocab_size))
+            out.append(logits.flatten(0, 1)[real])
+        return out, store
+
+    return run
+
+
+@pytest.mark.parametrize("n_head, n_kv_head, head_dim", HEADS[:3])
+def test_a_ragged_pass_gives_each_real_token_the_padded_pass_logits(n_head, n_kv_head, head_dim):
+    """A speculative row's window beside plain rows' single tokens (and windows of 1 and 3 beside
+    one of 5, then the widest row plain): with `slots` only the real tokens go through the layers,
+    on the fused path and the layer-by-layer one. Each real token gets the logits it gets in the
+    padded pass, the same bits on the fused path (its products and glue are per token), and the
+    keys and values at every real position are the same."""
+    model = packed_gpt(n_head, n_kv_head, head_dim)
+    labels = torch.tensor([1, 4, 9, 2])
+    passes = [[1, 5, 1, 3], [4, 1, 2, 1], [1, 1, 1, 1], [2, 1, 1, 1]]
+    with torch.inference_mode():
+        padded, padded_store = ragged_passes(passes, labels, ragged=False)(model)
+    (fused, fused_store), (layers, layers_store) = both_paths(
+        model, ragged_passes(passes, labels, ragged=True)
+    )
+    for want, got_fused, got_layers in zip(padded, fused, layers, strict=True):
+        assert torch.equal(got_fused, want)
+        torch.testing.assert_close(got_layers, want, atol=1e-5, rtol=1e-5)
+    c = model.config
+    for layer in range(c.n_layer):
+        for store in (fused_store, layers_store):
+            for got, want in zip(cache_of(store, layer), cache_of(padded_store, layer), strict=True):
+                table = padded_store.block_table.long()
+                for r in range(len(labels)):
+                    n = c.cls_token_num + 1 + sum(w[r] for w in passes)
+                    rows_got = got[table[r]].transpose(0, 1).flatten(1, 2)[:, :n]  # (H_kv, n, D)
+                    rows_want = want[table[r]].transpose(0, 1).flatten(1, 2)[:, :n]
+                    torch.testing.assert_close(rows_got, rows_want, atol=1e-5, rtol=1e-5)
+
+
+def test_the_kernel_refuses_slots_out_of_order_or_range():
+    """The C kernel indexes its buffers by slot: slots out of order, repeated or outside R x S
+    raise rather than read or write past them, and a slot list that does not match the tokens is a
+    ValueError."""
+    model = packed_gpt(4, 2, 16)
+    c = model.config
+    store = paged_store(model, 2)
+    positions = torch.tensor([[2, 3], [2, 3]])
+    weights = model._layer_weights()
+    with torch.inference_mode():
+        model.prefill(model.embed_cond(torch.tensor([1, 2])), store)
+
+        def run(slots, tokens=3):
+            x = torch.randn(tokens, c.dim)
+            return decode.decode_layers(
+                x, positions, model._rope_table_on(x.device), weights, store.pool.k_layers,
+                store.pool.v_layers, store.block_table, None, c.n_head, c.norm_eps,
+                slots=torch.tensor(slots),
+            )  # fmt: skip
+
+        assert run([0, 1, 2]).shape == (3, c.dim)
+        for slots in ([1, 0, 2], [0, 0, 2], [0, 1, 4], [-1, 0, 2]):
+            with pytest.raises(IndexError, match="not ascending in 2 x 2"):
+                run(slots)
+        with pytest.raises(ValueError, match="slots"):
+            run([0, 1, 2], tokens=2)

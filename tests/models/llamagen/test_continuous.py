@@ -176,6 +176,31 @@ def test_speculative_sequences_join_a_running_batch_each_at_its_own_pace(c2i):
     assert pool.num_free == pool.n_blocks  # every block came back
 
 
+def test_a_pass_of_unequal_windows_runs_only_its_real_tokens(c2i, monkeypatch):
+    """One guided sequence at window 8 beside a plain guided one: the pass is 8 columns wide, and
+    its layers run the 2 x 8 tokens of the speculative rows and the 2 x 1 of the plain ones, not
+    4 x 8. A pass of equal windows (the plain sequence alone) passes no slots."""
+    seen = []
+    real = c2i.decode_step
+
+    def spy(tokens, positions, store, key_valid=None, slots=None):
+        seen.append((tuple(tokens.shape), None if slots is None else slots.tolist()))
+        return real(tokens, positions, store, key_valid, slots)
+
+    monkeypatch.setattr(c2i, "decode_step", spy)
+    engine = Engine(c2i, pool_for(c2i, 64))
+    plain, spec = (
+        Sequence(torch.tensor(3), SETTINGS[0]),
+        Sequence(torch.tensor(5), speculative(11, "scd", 8, cfg=2.0)),
+    )
+    engine.add([spec, plain])  # rows: spec, plain, then their null rows in the same order
+    engine.step()
+    assert seen[-1] == ((4, 8), [*range(0, 8), 8, *range(16, 24), 24])
+    engine.remove([spec])
+    engine.step()
+    assert seen[-1] == ((2, 1), None)
+
+
 def test_a_speculative_sequence_holds_its_whole_cache_in_admission(c2i):
     """Its progress per pass is what it accepts, so admission counts its whole cache from the
     start: where a plain sequence half done lets a second image into a pool of 1.5 images, a
