@@ -10,7 +10,12 @@ Per model (llamagen-shapes c2i, llamagen-shapes-t2i), at the model's sampling de
    machine is shared: at batch 1 each image is made by every method in turn and the speed-up over
    plain decoding is paired per image, with a bootstrap interval; batch 8 runs `--rounds` rounds
    of every method in turn, paired per round;
-3. quality: `per-class` images of every shape per method (none, sjd, scd, gsd: auto samples as its
+3. company: a batch of 8 with one image at a fixed window (each method) beside seven plain ones,
+   against 8 plain, the mixed batch run ragged (only real tokens through the layers, as the engine
+   does) and padded (every row at the pass's widest window, the engine before ragged passes),
+   `--rounds` rounds of the three in turn, the medians and the time over the plain batch's paired
+   per round: what one speculative image costs the images beside it;
+4. quality: `per-class` images of every shape per method (none, sjd, scd, gsd: auto samples as its
    method does), read by bench/quality.py's classifier
    (the shape, and for the text model the colour, asked for), and the total-variation distance
    between the method's pooled token histogram and plain decoding's, beside the same distance
@@ -20,6 +25,7 @@ Per model (llamagen-shapes c2i, llamagen-shapes-t2i), at the model's sampling de
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import time
 
@@ -133,6 +139,56 @@ def speed_table(runner, window: int, latency_images: int, rounds: int) -> None:
         )
 
 
+@contextlib.contextmanager
+def padded_passes(model, padded: bool):
+    """With `padded`, the model's passes ignore their slots: every row runs the pass's width
+    through the layers (the padding columns' tokens too), as before ragged passes."""
+    if padded:
+        model.decode_step = lambda tokens, positions, store, key_valid=None, slots=None: type(
+            model
+        ).decode_step(model, tokens, positions, store, key_valid)
+    try:
+        yield
+    finally:
+        model.__dict__.pop("decode_step", None)
+
+
+def company_table(runner, window: int, rounds: int) -> None:
+    conditions = (quality.conditions_for(runner, 1)[0] * 8)[:8]
+
+    def batch(spec: Speculative, padded: bool = False) -> tuple[float, int]:
+        """-> (seconds, the first image's forward passes)."""
+        ps = params(runner, list(range(300, 308)), Speculative())
+        ps[0] = dataclasses.replace(ps[0], speculative=spec)
+        with padded_passes(runner.model, padded):
+            t0 = time.perf_counter()
+            out = runner.generate(conditions, ps)
+            return time.perf_counter() - t0, out.image_stats.forward_passes[0]
+
+    print(
+        f"\n{runner.spec.name}: one image at window {window} beside seven plain ones, batch of 8 ({rounds} rounds "
+        "of plain / ragged / padded in turn; s per batch, median; ratio to the plain batch paired per round "
+        "[95 % bootstrap interval])"
+    )
+    print("| image 0 | its passes | plain batch s | ragged s | padded s | ragged / plain | padded / plain |")
+    print("|---|---|---|---|---|---|---|")
+    for name, spec in methods(window)[1:4]:
+        batch(spec)  # warm-up
+        plain, ragged, padded, passes = [], [], [], 0
+        for _ in range(rounds):
+            plain.append(batch(Speculative())[0])
+            seconds, passes = batch(spec)
+            ragged.append(seconds)
+            padded.append(batch(spec, padded=True)[0])
+        base = np.array(plain)
+        r, rlo, rhi = paired_speedup(np.array(ragged), base)
+        p, plo, phi = paired_speedup(np.array(padded), base)
+        print(
+            f"| {name} | {passes} | {np.median(plain):.3f} | {np.median(ragged):.3f} | {np.median(padded):.3f} "
+            f"| {r:.2f} [{rlo:.2f}, {rhi:.2f}] | {p:.2f} [{plo:.2f}, {phi:.2f}] |"
+        )
+
+
 def quality_table(runner, clf, window: int, per_class: int) -> None:
     conditions, want = quality.conditions_for(runner, per_class)
     vocab = runner.model.config.vocab_size
@@ -165,7 +221,9 @@ def main() -> None:
     )
     parser.add_argument("--window", type=int, default=16, help="the fixed window of sjd, scd and gsd")
     parser.add_argument("--models", nargs="+", default=list(MODELS))
-    parser.add_argument("--no-quality", action="store_true", help="the cost curve and speed tables only")
+    parser.add_argument(
+        "--no-quality", action="store_true", help="the cost curve, speed and company tables only"
+    )
     parser.add_argument("--rounds", type=int, default=6, help="speed: rounds of every method in turn")
     parser.add_argument("--threads", type=int, default=1, help="CPU threads (the server takes every core)")
     args = parser.parse_args()
@@ -182,6 +240,7 @@ def main() -> None:
         runner = load_runner(specs[name])
         cost_table(runner)
         speed_table(runner, args.window, args.latency_images, args.rounds)
+        company_table(runner, args.window, args.rounds)
         if not args.no_quality:
             quality_table(runner, clf, args.window, args.per_class)
     print(f"\n(total {time.perf_counter() - t0:.0f} s, {args.threads} thread(s))")

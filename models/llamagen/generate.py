@@ -391,10 +391,18 @@ class Engine:
             for s in choosing:
                 if not self.auto.calibrated(s.settings.speculative.method):
                     self.auto.calibrate(s.settings, lambda settings, s=s: self._alone(s, settings))
+            N = self.model.config.block_size
             others = [s for s in self.seqs if s.window is not None]
-            floor = max((s.window for s in others), default=1)  # the pass is at least this wide anyway
+            floor = max((min(s.window, N - s.n) for s in others), default=1)  # the pass is at least this wide
             methods = [s.settings.speculative.method for s in choosing]
-            chosen = self.auto.choose(self.rows.count, methods, floor, len(others))
+            chosen = self.auto.choose(
+                self.rows.count,
+                methods,
+                floor,
+                len(others),
+                auto_rows=sum(s.rows for s in choosing),
+                company_tokens=sum(s.rows * min(s.window, N - s.n) for s in others),
+            )
             for s in choosing:
                 s.window = chosen
         N = self.model.config.block_size

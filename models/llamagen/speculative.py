@@ -213,18 +213,43 @@ class AutoWindow:
             old = self.tokens.get((method, L), t)
             self.tokens[method, L] = old + EMA * (t - old)
 
-    def choose(self, rows: int, methods: list[str], floor: int, others: int = 0) -> int:
+    def ragged_seconds(self, rows: int, width: int, tokens: int) -> float:
+        """The seconds a ragged pass of `tokens` real tokens over `rows` rows, `width` wide, takes:
+        a pass runs only its real tokens through the layers, so between a plain pass (rows tokens)
+        and a full one (rows x width) its cost is interpolated by its tokens. Where a pass is
+        compute-bound (a CPU) that counts its tokens; where it is memory-bound (a GPU) the two
+        ends are alike and so is every pass between them."""
+        plain = self.pass_seconds(rows, 1)
+        if width == 1:
+            return plain
+        full = self.pass_seconds(rows, width)
+        return plain + (full - plain) * (tokens - rows) / (rows * (width - 1))
+
+    def choose(
+        self,
+        rows: int,
+        methods: list[str],
+        floor: int,
+        others: int = 0,
+        auto_rows: int | None = None,
+        company_tokens: int = 0,
+    ) -> int:
         """The window for the auto images of a pass (their methods), beside images already decoding
         at their own windows that make the pass at least `floor` wide; `others` of those commit
-        one token a pass whatever its width (plain decoding), so a window that slows the whole
-        pass must pay for their lost time too."""
+        about one token a pass (plain decoding), so a window that slows the pass must pay for
+        their lost time too. auto_rows: the auto images' rows, the others' putting
+        `company_tokens` tokens a pass through the layers: the pass is ragged and costs its tokens
+        (`ragged_seconds`); None: every row counts at the pass's width."""
         self._probe_when_due()
 
         def rate(L: int) -> float:
             width = min(w for w in WINDOWS if w >= max(L, floor))
             tokens = sum(self.tokens_per_pass(m, L) for m in methods) + others
-            gain = tokens / self.pass_seconds(rows, width)
-            return gain / (MARGIN if L > 1 and floor == 1 else 1.0)
+            if auto_rows is None:
+                seconds = self.pass_seconds(rows, width)
+            else:
+                seconds = self.ragged_seconds(rows, width, auto_rows * L + company_tokens)
+            return tokens / seconds / (MARGIN if L > 1 and floor == 1 else 1.0)
 
         return max(WINDOWS, key=rate)
 

@@ -217,6 +217,41 @@ class FreeWidth(AutoWindow):
         return 1.0
 
 
+def test_auto_counts_a_ragged_pass_by_its_tokens(shapes):
+    """Beside seven plain guided images (14 rows), an auto image (2 rows) at window 16 puts 46
+    tokens through the layers, not 16 x 16: counted so, a window whose full pass is dear can still
+    pay for itself in company, where counting every row at the width (the padded pass) says no.
+    Alone, the two counts agree."""
+    auto = Calibrated(
+        shapes[0], lambda L: 1.0 + 0.16 * (L - 1), lambda L: 1.0 if L == 1 else min(L, 16) / 2.3
+    )
+    auto.probe = lambda: None
+    assert auto.ragged_seconds(16, 16, 16 * 16) == pytest.approx(auto.pass_seconds(16, 16))
+    assert auto.ragged_seconds(16, 16, 16) == pytest.approx(auto.pass_seconds(16, 1))
+    assert auto.ragged_seconds(16, 16, 46) == pytest.approx(1.0 + 2.4 * 30 / 240)
+    assert auto.choose(16, ["scd"], 1, others=7) == 1  # every row at the width: 13.96 tokens / 3.4 s
+    assert auto.choose(16, ["scd"], 1, others=7, auto_rows=2, company_tokens=14) == 16  # / 1.3 s
+    for L in (2, 8, 16):  # alone, a ragged count of every row at the width is the padded one
+        assert auto.ragged_seconds(2, L, 2 * L) == pytest.approx(auto.pass_seconds(2, L))
+
+
+def test_the_engine_tells_auto_its_images_rows_and_the_companys_tokens(shapes, monkeypatch):
+    model, defaults = shapes
+    asked = []
+    auto = Calibrated(model, lambda L: 1.0, lambda L: 1.0 if L == 1 else 2.0)
+    monkeypatch.setattr(auto, "choose", lambda *a, **k: asked.append((a, k)) or 1)
+    labels = torch.tensor([1, 2, 3])
+    params = [
+        settings("scd", "auto", seed=1, cfg=2.0),
+        settings("sjd", 4, seed=2, cfg=2.0),
+        settings(seed=3, cfg=2.0),
+    ]
+    generate(model, None, labels, params, decode=False, auto=auto)
+    ((args, kw),) = asked
+    assert args == (6, ["scd"], 4, 2)  # three guided images; the company's widest window is 4
+    assert kw == {"auto_rows": 2, "company_tokens": 2 * 4 + 2 * 1}
+
+
 def test_auto_calibrates_once_per_method_and_keeps_measuring(shapes):
     model = shapes[0]
     auto = FreeWidth(model, repeats=1)
