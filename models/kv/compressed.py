@@ -168,19 +168,38 @@ class SlabScaleStore:
             self.lengths[si, layer, segs],
         )
         observed = self._observed_in_pass(layer, si, at, k.shape[2])
-        fused = None
+        fused, lse = None, None
         if observed is not None:  # the ranking's mass in the attention's own pass (CPU)
             fused = scale_attention_with_mass_cpu(*args, observed, scale, bias_slab=self._bias(layer))
-        if fused is None:
-            out, mass = scale_attention(*args, scale, bias_slab=self._bias(layer)), None
-        else:
+        if fused is not None:
             out, *mass = fused
+        elif self._ranks_by_mass(layer, si, at):
+            # the forward's LSE, so that the mass pass (Triton on a GPU) does not run the forward
+            # again for it; the CPU's mass computes its own softmax and ignores it
+            (out, lse), mass = (
+                scale_attention(*args, scale, return_lse=True, bias_slab=self._bias(layer)),
+                None,
+            )
+        else:
+            out, mass = scale_attention(*args, scale, bias_slab=self._bias(layer)), None
         if si < len(self.geo.sizes) - 1:
             for p, _, merge, rows, counts in self.groups:
                 mine = [r for r in rows if at.rows.start <= r < at.rows.stop]
                 if mine:
-                    self._keep(p, merge, counts, layer, si, at, mine, q, k, v, scale, mass)
+                    self._keep(p, merge, counts, layer, si, at, mine, q, k, v, scale, mass, lse)
         return out
+
+    def _ranks_by_mass(self, layer: int, si: int, at: ScaleSpan) -> bool:
+        """Whether a group with rows in the span ranks scale si at this layer by attention mass."""
+        if si == len(self.geo.sizes) - 1:
+            return False
+        span = range(at.rows.start, at.rows.stop)
+        return any(
+            any(r in span for r in rows)
+            and not self._appends(counts, layer, si)
+            and p.observed(self.geo, si) is not None
+            for p, _, _, rows, counts in self.groups
+        )
 
     def _appends(self, counts: torch.Tensor, layer: int, si: int) -> bool:
         """Whether a group's segments take scale si whole or not at all at this layer, so that
@@ -222,9 +241,12 @@ class SlabScaleStore:
         off, n = int(self._offsets[layer, segment]), int(self._held[si + 1, layer, segment])
         return self.pos[layer][off : off + n].long().cpu()
 
-    def _keep(self, p, merge, counts, layer, si, at, rows: list[int], q, k, v, scale, mass=None) -> None:
+    def _keep(
+        self, p, merge, counts, layer, si, at, rows: list[int], q, k, v, scale, mass=None, lse=None
+    ) -> None:
         """Each segment of `rows` keeps what its policy says of [stored | scale si]. mass: the span's
-        (mass_slab, mass_cur) from the attention pass (`_observed_in_pass`), or None."""
+        (mass_slab, mass_cur) from the attention pass (`_observed_in_pass`), or None; lse: the
+        span's (b, H, n) from the attention pass, for the mass pass, or None."""
         H, n, dev = self.geo.num_heads, k.shape[2], self.device
         segs = (torch.tensor(rows)[:, None] * H + torch.arange(H)).flatten()  # (G,) on the host
         old_h = counts[si - 1, layer] if si > 0 else torch.zeros(H, dtype=torch.long)  # (H,)
@@ -235,6 +257,7 @@ class SlabScaleStore:
         if len(rows) < at.rows.stop - at.rows.start:  # some of the span's rows (rows are ascending)
             local = torch.tensor(rows, device=dev) - at.rows.start
             q, k, v = q[local], k[local], v[local]  # (len(rows), H, n, D)
+            lse = None if lse is None else lse[local]
         # Append-only policies take a scale whole or not at all; any policy whose segments all keep
         # everything (a budget of 1, or a scale before the budget binds) appends too, without the
         # mass and ranking it would not use: `select_columns` keeps columns in order, so the layout
@@ -256,7 +279,7 @@ class SlabScaleStore:
                 slots = ((off + old)[take][:, None] + torch.arange(n)).flatten().to(dev)
                 self.bias[layer][slots] = 0.0
             return
-        c = self._candidates(p, layer, si, at, segs, old, off, q, k, v, scale, mass)
+        c = self._candidates(p, layer, si, at, segs, old, off, q, k, v, scale, mass, lse)
         c.keep = new
         tier, key = p.rank(c, self.profile)
         cols = select_columns(tier.cpu(), key.cpu(), c.valid.cpu(), new)  # (G, max new), -1 padded
@@ -265,9 +288,12 @@ class SlabScaleStore:
         else:
             compact_segments(self.k[layer], self.v[layer], self.pos[layer], off, old, cols, k, v, at.start)
 
-    def _candidates(self, p, layer, si, at, segs, old, off, q, k, v, scale, mass=None) -> Candidates:
+    def _candidates(
+        self, p, layer, si, at, segs, old, off, q, k, v, scale, mass=None, lse=None
+    ) -> Candidates:
         """[stored, padded to the longest | current] of each segment, with positions, scales, mass
-        and, for a policy that `uses_values`, value norms. q, k, v: (rows, H, n, D), the segments' rows."""
+        and, for a policy that `uses_values`, value norms. q, k, v: (rows, H, n, D), the segments'
+        rows; lse: their (rows, H, n) from the attention pass, or None."""
         dev, n, G = self.device, k.shape[2], len(segs)
         max_old = int(old.max())
         cols = torch.arange(max_old)
@@ -295,6 +321,7 @@ class SlabScaleStore:
                     self.offsets[layer, segs_d],
                     self.lengths[si, layer, segs_d],
                     scale,
+                    lse=None if lse is None else lse[:, :, obs],
                     max_len=max_old,
                     bias_slab=self._bias(layer),
                 )

@@ -204,6 +204,35 @@ def test_the_mass_from_the_attention_pass_ranks_as_a_separate_mass_call(name, sh
         assert torch.equal(tokens(run), tokens(apart)), (name, p.kv_budget)
 
 
+def test_the_mass_call_gets_the_forward_lse_of_its_queries(shapes, monkeypatch):
+    """Where the mass does not come out of the attention pass (a GPU; here rows of two policies in
+    one store), the pass hands its LSE to the mass call, so that Triton's mass kernel does not run
+    the forward again: for exactly the call's rows and observed queries (checked against the
+    PyTorch forward's LSE). The tokens are those of each image alone."""
+    from kernels.scale_attention import scale_attention_torch
+    from models.kv import compressed
+
+    model, vae, profile = shapes
+    params = [ImageSettings(seed=30, kv_policy="snapkv", kv_budget=0.25, **SHAPES)]
+    params.append(ImageSettings(seed=31, kv_policy="hack", kv_budget=0.1, **SHAPES))
+    calls, mass = [], compressed.attention_mass
+
+    def checking(q, k_cur, k_slab, offsets, lengths, scale=1.0, lse=None, max_len=None, bias_slab=None):
+        _, want = scale_attention_torch(
+            q, k_cur, k_cur, k_slab, k_slab, offsets, lengths, scale, True, bias_slab
+        )
+        torch.testing.assert_close(lse, want, atol=1e-4, rtol=1e-5)
+        calls.append(q.shape)
+        return mass(q, k_cur, k_slab, offsets, lengths, scale, lse, max_len, bias_slab)
+
+    monkeypatch.setattr(compressed, "attention_mass", checking)
+    both = engine.generate(model, vae, [0, 1], params, decode=False, profile=profile)
+    assert calls and all(shape[0] == 2 for shape in calls)  # each policy's two rows (cond, null)
+    for i, p in enumerate(params):
+        alone = engine.generate(model, vae, [i], [p], decode=False, profile=profile)
+        assert torch.equal(torch.cat([t[i : i + 1] for t in both.tokens], 1), tokens(alone)), p.kv_policy
+
+
 def test_rows_of_several_policies_share_a_store(shapes, monkeypatch):
     """The runner takes any mix (the server batches one policy at a time): each row is planned by
     its own policy and the batch's bytes are the sum of its images'."""
