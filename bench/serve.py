@@ -12,6 +12,10 @@ offline images/s are printed side by side, measured under the same conditions.
 
     python -m bench.serve --offline 16 --concurrency 16 --requests 64
     python -m bench.serve --offline 16 --overload 3 --duration 30 --max-queue-size 16
+
+With --speculative METHOD:WINDOW (next-token models), every --speculative-every-th request asks
+for that speculative decoding and the rest decode plainly, sharing batches; the latencies of the
+two kinds are then printed apart as well (what a speculative request costs the plain ones).
 """
 
 from __future__ import annotations
@@ -46,6 +50,7 @@ class Outcome:
     queue_ms: float | None = None
     images: int = 0
     first_preview_s: float | None = None  # streamed requests: arrival to the first preview event
+    speculative: bool = False  # the request asked for speculative decoding (--speculative)
 
 
 @dataclass
@@ -125,8 +130,15 @@ def start_server(args) -> tuple[subprocess.Popen, str]:
 
 async def one_request(client: httpx.AsyncClient, index: int, n: int, num_classes: int) -> Outcome:
     body = {"model": MODEL, "prompt": index % num_classes, "n": n, "seed": index}
-    if STREAM:
-        return await one_stream(client, body)
+    speculative = SPECULATIVE is not None and index % SPECULATIVE_EVERY == 0
+    if speculative:
+        body["speculative"] = SPECULATIVE
+    outcome = await (one_stream(client, body) if STREAM else one_post(client, body))
+    outcome.speculative = speculative
+    return outcome
+
+
+async def one_post(client: httpx.AsyncClient, body: dict) -> Outcome:
     t0 = time.perf_counter()
     try:
         r = await client.post("/v1/images/generations", json=body)
@@ -141,6 +153,8 @@ async def one_request(client: httpx.AsyncClient, index: int, n: int, num_classes
 
 STREAM = False  # --stream: requests stream their previews (/v1/generate), timed to the first
 MODEL = None  # the model requests ask for and the offline engine runs: the config's first, or --url's
+SPECULATIVE: dict | None = None  # --speculative: the field every SPECULATIVE_EVERY-th request sends
+SPECULATIVE_EVERY = 4
 
 
 async def one_stream(client: httpx.AsyncClient, body: dict) -> Outcome:
@@ -276,6 +290,17 @@ def report(args, runs: list[Run], capacity: float | None) -> None:
     wall = sum(run.wall_s for run in runs)
     throughput = sum(o.images for o in ok) / wall
     print(f"| {len(outcomes)} | {throughput:.3f} | {p50} / {p90} / {p99} | {q50} / {q99} | {answers} |")
+    if SPECULATIVE is not None:
+        print(
+            f"\n| requests ({SPECULATIVE['method']} w{SPECULATIVE['window']} every {SPECULATIVE_EVERY}) ",
+            end="",
+        )
+        print("| accepted | latency p50 / p90 / p99 ms | queue p50 ms |\n|---|---|---|---|")
+        for kind, speculative in (("plain", False), ("speculative", True)):
+            mine = [o for o in ok if o.speculative == speculative]
+            s50, s90, s99 = percentiles([o.latency_s * 1000 for o in mine])
+            (sq50,) = percentiles([o.queue_ms for o in mine], (50,))
+            print(f"| {kind} | {len(mine)} | {s50} / {s90} / {s99} | {sq50} |")
     rss = runs[0].rss_mib
     if len(rss) >= 3:
         # a leak shows as a rising maximum from one third of the run to the next; the level itself
@@ -321,14 +346,28 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3, help="closed loop: rounds of --requests")
     ap.add_argument("--request-timeout-s", type=float, default=600.0)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--speculative",
+        metavar="METHOD:WINDOW",
+        help="every --speculative-every-th request asks for this speculative decoding (e.g. scd:16)",
+    )
+    ap.add_argument("--speculative-every", type=int, default=4)
     args = ap.parse_args()
     if args.url and httpx.URL(args.url).host not in ("127.0.0.1", "localhost", "::1"):
         raise SystemExit("--url must be a loopback address")
     if args.overload and not args.offline:
         raise SystemExit("--overload needs --offline B (the capacity it multiplies)")
 
-    global STREAM, MODEL
+    global STREAM, MODEL, SPECULATIVE, SPECULATIVE_EVERY
     STREAM = args.stream
+    if args.speculative:
+        method, _, window = args.speculative.partition(":")
+        if not window.isdigit() and window != "auto":
+            raise SystemExit(f"--speculative: {args.speculative!r} is not METHOD:WINDOW (e.g. scd:16)")
+        SPECULATIVE = {"method": method, "window": int(window) if window.isdigit() else window}
+    if args.speculative_every < 1:
+        raise SystemExit(f"--speculative-every: {args.speculative_every} is not > 0")
+    SPECULATIVE_EVERY = args.speculative_every
     MODEL = (
         server_model(args.url, args.config, bool(args.offline))
         if args.url
@@ -418,6 +457,18 @@ def compare(args, modes: list[str | None], offline: Offline | None, capacity: fl
         answers = ", ".join(f"{s}: {c}" for s, c in sorted(Counter(str(o.status) for o in outcomes).items()))
         throughput = sum(o.images for o in ok) / wall
         print(f"| {mode} | {load} | {throughput:.3f} | {p50} / {p99} | {q50} | {f50} / {f99} | {answers} |")
+    if SPECULATIVE is not None:
+        print(
+            f"\n| batching | load | latency p50 / p99 ms: plain | {SPECULATIVE['method']} w{SPECULATIVE['window']} |"
+        )
+        print("|---|---|---|---|")
+        for mode, load, runs in rows:
+            ok = [o for run in runs for o in run.outcomes if o.status == 200]
+            kinds = [
+                percentiles([o.latency_s * 1000 for o in ok if o.speculative == k], (50, 99))
+                for k in (False, True)
+            ]
+            print(f"| {mode} | {load} | {' / '.join(kinds[0])} | {' / '.join(kinds[1])} |")
 
 
 if __name__ == "__main__":

@@ -47,3 +47,23 @@ def test_a_next_token_image_in_bfloat16_alone_and_in_a_running_batch(method):
         running.step()
     (image,) = finished
     assert image.tokens.shape == (bf16.image_tokens,) and running.blocks_free == running.blocks_total
+
+
+def test_a_speculative_image_beside_a_plain_one_in_bfloat16():
+    """Unequal windows in one pass run ragged (only the real tokens through the layers) on the
+    layer-by-layer path a GPU takes: both images finish with tokens in the vocabulary, the
+    speculative one in fewer passes, and every block comes back."""
+    _, bf16 = runners("fixtures-llamagen.toml")
+    plain = settings_for(bf16.spec.defaults, 6, 1)
+    spec = settings_for(bf16.spec.defaults, 7, 1, speculative={"method": "scd", "window": 8})
+    running = bf16.open_batch(None, 2)
+    running.add([4, 5], plain + spec, ["plain", "scd"])
+    done = {}
+    while len(done) < 2:
+        running.step()
+        done.update({f.tag: f for f in running.take_finished()})
+    vocab = bf16.model.config.vocab_size
+    for f in done.values():
+        assert f.tokens.shape == (bf16.image_tokens,) and 0 <= f.tokens.min() and f.tokens.max() < vocab
+    assert done["scd"].forward_passes < done["plain"].forward_passes == bf16.image_tokens
+    assert running.blocks_free == running.blocks_total
