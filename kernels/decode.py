@@ -132,8 +132,9 @@ def decode_layers(
     slots: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """x: (R, S, dim) float32, the embedded tokens at `positions` (R, S) long, or with `slots`
-    (M,) long (ascending indices into the R x S columns) x: (M, dim), the tokens of those columns
-    only, the rest padding at their scratch positions (read by nobody; no keys written); rope: (n_rope, D / 2,
+    (M,) long (ascending indices into the R x S columns, each row's its first columns: its
+    window) x: (M, dim), the tokens of those columns only, the rest padding at their scratch
+    positions (no keys written; their attention outputs are read by nobody); rope: (n_rope, D / 2,
     2) [cos, sin] per position (index = absolute position); weights: per layer the tensors named in
     LAYER_WEIGHTS, products packed (a `LayerWeights` brings its address table, else one is built);
     k_cache, v_cache: per layer (n_blocks, H_kv, block_size, D); block_table: (R, max_blocks) int32;
@@ -200,7 +201,7 @@ def decode_layers(
     if status == -1:
         raise IndexError(
             f"a position of {positions.tolist()} has no RoPE entry or no cache block, or the slots "
-            f"{None if slots is None else slots.tolist()} are not ascending in {R} x {S}"
+            f"{None if slots is None else slots.tolist()} are not each row's first columns, ascending, in {R} x {S}"
         )
     if status != 0:
         raise MemoryError("decode_layers: no memory for the step's activations")

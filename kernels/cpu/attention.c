@@ -201,7 +201,9 @@ void varserve_decode_attention(const float *q, const float *k, const float *v,
 // A row's window is its consecutive positions from column 0; columns past them are padding (a
 // shorter window in a wider pass, at the scratch position): they read no keys and their outputs,
 // which nobody reads, are zero, so a plain row beside a speculative one streams its own keys, not
-// its whole block table, and scores one query, not the pass's width.
+// its whole block table, and scores one query, not the pass's width. (A window ending at the last
+// position has the scratch position next: its first padding column counts as the window's and
+// reads the scratch slot too, and its output is read no more than the others'.)
 
 void varserve_paged_attention(const float *q, const float *k, const float *v, const int *block_table,
                               const long *positions, const unsigned char *key_valid, float *out, long R,

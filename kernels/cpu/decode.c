@@ -19,10 +19,11 @@
 // forms round differently.
 //
 // Shapes (R rows of S columns; M tokens, row r's column s at slot r * S + s):
-//   slots: (M) long, the slot of each token, ascending, or NULL for every slot (M = R * S). A pass
-//     of ragged windows (one speculative row of 16 beside plain rows of 1) runs only its real
-//     tokens through the products: the columns past a row's window are padding, which attention
-//     alone sees (as zero queries at their scratch positions) and nobody reads;
+//   slots: (M) long, the slot of each token, ascending, each row's its first columns, or NULL for
+//     every slot (M = R * S). A pass of ragged windows (one speculative row of 16 beside plain rows
+//     of 1) runs only its real tokens through the products and writes only their keys: the columns
+//     past a row's window are padding, which only attention sees (as zero queries at their scratch
+//     positions) and whose outputs nobody reads;
 //   x: (M, dim), the embedded tokens in, the last layer's output out (after the final norm when
 //     final_norm (dim) is given);
 //   head: the output head's panels (vocab / 16, dim, 16) or NULL; logits (M, vocab) its output;
@@ -33,7 +34,7 @@
 //   k_cache, v_cache: n_layer pointers each to a pool (n_blocks, H_kv, block_size, D);
 //   block_table: (R, max_blocks) int32; key_valid: (R, valid_width) bytes or NULL.
 // Returns 0, or -1 (nothing written) when a position has no RoPE entry or no block, or the slots
-// are not ascending within R * S.
+// are not ascending within R * S or not each row's first columns.
 
 #include <math.h>
 #include <stdlib.h>
@@ -171,8 +172,12 @@ int varserve_decode_layers(float *x, const long *positions, const float *rope, l
     long pos = positions[m];
     if (pos < 0 || pos >= n_rope || pos / block_size >= max_blocks) return -1;
   }
-  for (long m = 0; slots && m < M; m++)
-    if (slots[m] < 0 || slots[m] >= R * S || (m && slots[m] <= slots[m - 1])) return -1;
+  // each row's slots are its first columns (a window from column 0), ascending over the rows
+  for (long m = 0; slots && m < M; m++) {
+    long slot = slots[m];
+    if (slot < 0 || slot >= R * S || (m && slot <= slots[m - 1])) return -1;
+    if (slot % S && (!m || slots[m - 1] != slot - 1)) return -1;
+  }
   // one allocation for the step's activations; q and the attention's output hold every slot
   long sizes[] = {M * dim, M * qkv_dim, R * S * q_dim, R * S * q_dim, M * q_dim, M * hidden, M * hidden};
   long total = 0;

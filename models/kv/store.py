@@ -42,9 +42,10 @@ class TokenSpan:
     per-sequence property, so it travels with the step, not with the store), or None.
 
     slots (M,) long, or None: a ragged pass, whose rows' windows differ (a speculative row of 16
-    beside plain rows of 1). Its M real tokens are the ascending `slots` of the R x S columns, and
-    only they run through the products; the other columns are padding at a scratch position past
-    every real one, which the store's attention sees as zero tokens and nobody reads."""
+    beside plain rows of 1). Its M real tokens are the ascending `slots` of the R x S columns (each
+    row's first columns: its window), and only they run through the products; the other columns
+    are padding at a scratch position past every real one, which only the store's attention sees
+    (as zero tokens) and whose outputs nobody reads."""
 
     positions: torch.Tensor
     key_valid: torch.Tensor | None = None

@@ -314,7 +314,10 @@ class Engine:
             self.auto.record_pass(self.rows.count, width, device_clock(self.device) - t0)
         self.passes += 1
         self.steps += 1
-        self.flops += window_flops(self.model, self.rows.count, S, max(s.n for s in self.seqs))
+        # a ragged pass's products run its real tokens only: rows x S counted in proportion
+        full = window_flops(self.model, self.rows.count, S, max(s.n for s in self.seqs))
+        guided = sum(windows[i] for i in self.rows.null_of_host)
+        self.flops += full * (sum(windows) + guided) / (self.rows.count * S)
         for s in self.seqs:
             s.forward_passes += 1
             if s.n == self.model.config.block_size and s.auto and s.window > 1:

@@ -319,12 +319,13 @@ class GPT(nn.Module):
     ) -> torch.Tensor:
         """tokens: (R, S) long image tokens at absolute positions `positions` (R, S) long (image token
         i sits at cls_token_num + i), consecutive per row, each row at its own place. slots: (M,)
-        long, ascending indices into the R x S columns, for a pass whose rows' windows differ: only
+        long, ascending indices into the R x S columns (each row's first columns: its window), for
+        a pass whose rows' windows differ: only
         those columns' tokens are real and run through the layers (a pass costs its tokens, not
         R x S), the rest are padding at a scratch position past every real one.
 
-        -> logits (R, S, vocab) float32: at column j, for the image token after tokens[:, j] (zero
-        at padding columns).
+        -> logits (R, S, vocab) float32: at column j, for the image token after tokens[:, j] (with
+        `slots`, zero at the padding columns).
 
         On CPU in float32 with packed weights (kernels.linear.packing_pays) over a paged or dense
         token store, the layers run as one C call (kernels/decode.py), verify windows included, so

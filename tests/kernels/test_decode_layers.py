@@ -254,9 +254,9 @@ def test_a_ragged_pass_gives_each_real_token_the_padded_pass_logits(n_head, n_kv
 
 
 def test_the_kernel_refuses_slots_out_of_order_or_range():
-    """The C kernel indexes its buffers by slot: slots out of order, repeated or outside R x S
-    raise rather than read or write past them, and a slot list that does not match the tokens is a
-    ValueError."""
+    """The C kernel indexes its buffers by slot: slots out of order, repeated, outside R x S or not
+    a row's first columns (a window from column 0, as attention reads it) raise rather than read
+    or write past them, and a slot list that does not match the tokens is a ValueError."""
     model = packed_gpt(4, 2, 16)
     c = model.config
     store = paged_store(model, 2)
@@ -274,8 +274,9 @@ def test_the_kernel_refuses_slots_out_of_order_or_range():
             )  # fmt: skip
 
         assert run([0, 1, 2]).shape == (3, c.dim)
-        for slots in ([1, 0, 2], [0, 0, 2], [0, 1, 4], [-1, 0, 2]):
-            with pytest.raises(IndexError, match="not ascending in 2 x 2"):
-                run(slots)
+        assert run([0, 2], tokens=2).shape == (2, c.dim)  # a window of 1 in each row
+        for slots in ([1, 0, 2], [0, 0, 2], [0, 1, 4], [-1, 0, 2], [0, 3, 2], [1, 2, 3], [0, 1, 3]):
+            with pytest.raises(IndexError, match="first columns, ascending, in 2 x 2"):
+                run(slots, tokens=len(slots))
         with pytest.raises(ValueError, match="slots"):
             run([0, 1, 2], tokens=2)

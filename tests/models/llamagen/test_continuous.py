@@ -8,6 +8,7 @@ import torch
 from models.kv.paged import BlockPool, OutOfBlocks
 from models.llamagen.generate import BLOCK_SIZE, Engine, Sequence, generate
 from models.llamagen.loading import load_gpt
+from models.llamagen.speculative import window_flops
 from models.settings import ImageSettings, Speculative
 from tests.conftest import REFERENCE
 
@@ -194,8 +195,12 @@ def test_a_pass_of_unequal_windows_runs_only_its_real_tokens(c2i, monkeypatch):
         Sequence(torch.tensor(5), speculative(11, "scd", 8, cfg=2.0)),
     )
     engine.add([spec, plain])  # rows: spec, plain, then their null rows in the same order
+    before = engine.flops
     engine.step()
     assert seen[-1] == ((4, 8), [*range(0, 8), 8, *range(16, 24), 24])
+    # the pass's FLOPs count its 18 real tokens, not 4 x 8
+    full = window_flops(c2i, 4, 8, max(s.n for s in engine.seqs))  # keys as the engine counts them
+    assert engine.flops - before == pytest.approx(full * 18 / 32)
     engine.remove([spec])
     engine.step()
     assert seen[-1] == ((2, 1), None)
