@@ -354,19 +354,19 @@ class Engine:
         self.drafts.fill(self.tokens, self.n, spec, windows)
         # every row's input tokens (its newest committed token and its drafts) and their positions,
         # the padding columns at the scratch position, built on the host and gathered from the
-        # token table at once (a dozen small ops on the device cost more than the lists); where the
-        # windows differ, only the real tokens run through the layers (`slots`): beside one window
-        # of 16, seven plain guided images put 14 real tokens through the products, not 224
-        flat, positions, slots = [], [], []
-        for r, (i, w) in enumerate(zip(list(range(B)) + self.rows.null_of_host, row_windows, strict=True)):
-            first = n_host[i] - 1
-            flat += [i * N + first + t for t in range(w)] + [i * N] * (S - w)
-            positions += [c.cls_token_num + first + t for t in range(w)] + [self.scratch] * (S - w)
-            slots += range(r * S, r * S + w)
+        # token table at once (a dozen small ops on the device cost more than the host arrays);
+        # where the windows differ, only the real tokens run through the layers (`slots`): beside
+        # one window of 16, seven plain guided images put 14 real tokens through the products, not 224
+        image = np.array(list(range(B)) + self.rows.null_of_host)  # (rows,) each row's sequence
+        first = np.array(n_host)[image, None] - 1  # (rows, 1) its newest committed token
+        cols = np.arange(S)
+        real = cols < np.array(row_windows)[:, None]  # (rows, S)
+        flat = image[:, None] * N + np.where(real, first + cols, 0)
+        positions = np.where(real, c.cls_token_num + first + cols, self.scratch)
         rows = len(row_windows)
-        tokens = self.tokens.view(-1)[host_longs(flat, self.device)].view(rows, S)
-        positions = host_longs(positions, self.device).view(rows, S)
-        ragged = host_longs(slots, self.device) if len(slots) < rows * S else None
+        tokens = self.tokens.view(-1)[host_longs(flat.ravel(), self.device)].view(rows, S)
+        positions = host_longs(positions, self.device)
+        ragged = None if real.all() else host_longs(np.flatnonzero(real), self.device)
         logits = self.model.decode_step(tokens, positions, self.store, self.rows.key_valid, ragged)
         cond = self.rows.guide(logits, n_host)  # (B, S, V)
         plain = [i for i in range(B) if windows[i] == 1]  # drawn as plain decoding draws
