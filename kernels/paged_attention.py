@@ -12,7 +12,9 @@ Layout, per layer:
   live in block `block_table[r, j]`. Entries past a row's length are never read (any value).
 - `q`: (R, H, S, D), the S new tokens of each row at positions `positions` (R, S) long (a
   window's are consecutive; speculative decoding parks the padding columns of a short window at a
-  scratch position past every real one); their keys and values are already written to the pool.
+  scratch position past every real one); the real tokens' keys and values are already written to
+  the pool (a ragged pass writes none for its padding columns, whose outputs nobody reads: the C
+  kernel gives them zeros, the Triton kernel whatever the window's keys give).
 - `key_valid`: (R, T) bool, False at padded condition tokens (T >= each row's last position + 1),
   or None. A padded key is read only by its own query, so no softmax row is empty.
 
