@@ -121,7 +121,9 @@ async def respond(job: Job, pool: WorkerPool, request: Request) -> ImagesRespons
 
 async def job_events(job: Job, pool: WorkerPool) -> AsyncIterator[Preview | ImagesResponse | ApiError]:
     """A streaming job's previews, then its response body or the error that ended it. Closing
-    the iterator early (the client left, or the drain time ran out) cancels the job."""
+    the iterator early (the client left, or the drain time ran out) cancels the job; once the job
+    has ended, it marks the job `left_after_answer` for the log."""
+    sent = False  # the last event went out (its consumer asked for more)
     try:
         while True:
             try:
@@ -133,9 +135,11 @@ async def job_events(job: Job, pool: WorkerPool) -> AsyncIterator[Preview | Imag
             except ApiError as e:
                 job.stream_error = (e.status, e.message)  # its HTTP status was 200: for the log
                 yield e
+            sent = True
             return
     finally:  # normal end: a no-op
-        pool.cancel(job, "shutdown" if pool.draining else "disconnect")
+        if not pool.cancel(job, "shutdown" if pool.draining else "disconnect") and not sent:
+            job.left_after_answer = True
 
 
 def error_event(e: ApiError) -> dict:

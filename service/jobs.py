@@ -67,6 +67,9 @@ class Job:
     cancelled: str | None = None  # "disconnect" | "timeout" | "shutdown"
     preview_steps: frozenset[int] | None = None  # a streaming job's previews: these steps (None: all)
     stream_error: tuple[int, str] | None = None  # (status, message) a started stream ended with
+    # the client left a stream after the job had ended, before its last event went out (the log
+    # tells it from a stream read to the end; nothing was cancelled)
+    left_after_answer: bool = False
 
     # written by the worker only
     started: float | None = None

@@ -209,6 +209,8 @@ def log_request(scope, status: int, elapsed_s: float, failure: str | None) -> No
             fields["cancelled"] = job.cancelled
         if job.stream_error is not None:  # answered 200, then an `error` event ended the stream
             fields["stream_status"], fields["error"] = job.stream_error
+        if job.left_after_answer:
+            fields["left_after_answer"] = True
     elif body is not None:  # refused at admission
         fields.update(model=getattr(body, "model", None), n=getattr(body, "n", None))
     if status >= 400:
@@ -222,6 +224,7 @@ def log_request(scope, status: int, elapsed_s: float, failure: str | None) -> No
         "queue_ms",
         "batch_images",
         "cancelled",
+        "left_after_answer",
         "stream_status",
         "error",
     ):

@@ -1,14 +1,22 @@
 """The server's log as an operator reads it: --log-format json writes one JSON object per request
 (every status) and per life-cycle event; text writes one readable line per request."""
 
+import asyncio
 import contextlib
 import io
 import json
+import logging
 import re
+import time
 
 import pytest
 
 from models.config import DEFAULT_CONFIG
+from models.settings import ImageSettings
+from service.delivery import job_events
+from service.errors import ApiError
+from service.jobs import Channel, Job
+from service.middleware import log_request
 from service.server import build_server
 from service.settings import Settings
 from tests.conftest import REPO
@@ -182,3 +190,58 @@ def test_text_log_has_one_readable_line_per_request():
     ), lines
     assert not any("/health" in line for line in lines) and not any(line.startswith("{") for line in lines)
     assert any(re.fullmatch(r"INFO: +loaded var-fixture \(var\) on cpu in [\d.]+ s", line) for line in lines)
+
+
+class EndingPool:
+    """What job_events asks of the pool: cancel claims the job's ending (False once it ended)."""
+
+    draining = False
+
+    def cancel(self, job, reason: str) -> bool:
+        return job.end(reason)
+
+
+@pytest.mark.parametrize("how", ["read to the end", "left after the answer", "left before it"])
+def test_a_stream_its_client_left_after_the_answer_is_marked_for_the_log(how):
+    """A client that leaves a stream once its job has ended (the worker answered) cancels nothing,
+    so the log needs its own mark to tell it from a stream read to the end; one that leaves before
+    the answer cancels the job."""
+
+    async def scenario() -> Job:
+        job = Job(
+            "j", "m", [1], [ImageSettings()], True, Channel(asyncio.get_running_loop()), time.monotonic() + 60
+        )
+        events = job_events(job, EndingPool())
+        if how == "left before it":
+            waiting = asyncio.ensure_future(anext(events))
+            await asyncio.sleep(0.01)
+            waiting.cancel()  # sse-starlette cancels the stream's task when its client leaves
+            with pytest.raises(asyncio.CancelledError):
+                await waiting
+            return job
+        job.fail(500, "the answer")  # the worker ends the job with its answer
+        assert isinstance(await anext(events), ApiError)
+        if how == "read to the end":
+            with pytest.raises(StopAsyncIteration):
+                await anext(events)
+        else:
+            await events.aclose()
+        return job
+
+    job = asyncio.run(scenario())
+    assert job.left_after_answer == (how == "left after the answer")
+    assert job.cancelled == ("disconnect" if how == "left before it" else None)
+    scope = {"type": "http", "path": "/v1/generate", "method": "POST", "state": {"job": job}}
+    records, logger = [], logging.getLogger("varserve.requests")
+    handler = logging.Handler(logging.INFO)
+    handler.emit = records.append
+    logger.addHandler(handler)
+    level, logger.level = logger.level, logging.INFO
+    try:
+        log_request(scope, 200, 0.1, None)
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    (record,) = records
+    assert ("left_after_answer=True" in record.getMessage()) == (how == "left after the answer")
+    assert record.fields.get("left_after_answer", False) == (how == "left after the answer")
