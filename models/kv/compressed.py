@@ -168,20 +168,18 @@ class SlabScaleStore:
             self.lengths[si, layer, segs],
         )
         observed = self._observed_in_pass(layer, si, at, k.shape[2])
-        fused, lse = None, None
+        fused = None
         if observed is not None:  # the ranking's mass in the attention's own pass (CPU)
             fused = scale_attention_with_mass_cpu(*args, observed, scale, bias_slab=self._bias(layer))
+        mass = lse = None
         if fused is not None:
             out, *mass = fused
-        elif self._ranks_by_mass(layer, si, at):
+        elif any(self._observed(g, layer, si) is not None for g in self._holding(at)):
             # the forward's LSE, so that the mass pass (Triton on a GPU) does not run the forward
             # again for it; the CPU's mass computes its own softmax and ignores it
-            (out, lse), mass = (
-                scale_attention(*args, scale, return_lse=True, bias_slab=self._bias(layer)),
-                None,
-            )
+            out, lse = scale_attention(*args, scale, return_lse=True, bias_slab=self._bias(layer))
         else:
-            out, mass = scale_attention(*args, scale, bias_slab=self._bias(layer)), None
+            out = scale_attention(*args, scale, bias_slab=self._bias(layer))
         if si < len(self.geo.sizes) - 1:
             for p, _, merge, rows, counts in self.groups:
                 mine = [r for r in rows if at.rows.start <= r < at.rows.stop]
@@ -189,17 +187,17 @@ class SlabScaleStore:
                     self._keep(p, merge, counts, layer, si, at, mine, q, k, v, scale, mass, lse)
         return out
 
-    def _ranks_by_mass(self, layer: int, si: int, at: ScaleSpan) -> bool:
-        """Whether a group with rows in the span ranks scale si at this layer by attention mass."""
-        if si == len(self.geo.sizes) - 1:
-            return False
-        span = range(at.rows.start, at.rows.stop)
-        return any(
-            any(r in span for r in rows)
-            and not self._appends(counts, layer, si)
-            and p.observed(self.geo, si) is not None
-            for p, _, _, rows, counts in self.groups
-        )
+    def _holding(self, at: ScaleSpan) -> list[tuple]:
+        """The groups with rows in the span."""
+        return [g for g in self.groups if any(at.rows.start <= r < at.rows.stop for r in g[3])]
+
+    def _observed(self, group: tuple, layer: int, si: int) -> torch.Tensor | None:
+        """The queries whose attention mass a group ranks scale si by at this layer (its policy's
+        observed queries), or None where it ranks nothing there: the last scale, or it appends."""
+        p, counts = group[0], group[4]
+        if si == len(self.geo.sizes) - 1 or self._appends(counts, layer, si):
+            return None
+        return p.observed(self.geo, si)
 
     def _appends(self, counts: torch.Tensor, layer: int, si: int) -> bool:
         """Whether a group's segments take scale si whole or not at all at this layer, so that
@@ -210,14 +208,10 @@ class SlabScaleStore:
     def _observed_in_pass(self, layer: int, si: int, at: ScaleSpan, n: int) -> torch.Tensor | None:
         """(n,) bool, the queries whose attention mass the span's policy ranks by after this scale,
         where one group holds all the span's rows and ranks with mass here; else None."""
-        if si == len(self.geo.sizes) - 1:
+        holding = self._holding(at)
+        if len(holding) != 1 or not set(range(at.rows.start, at.rows.stop)) <= set(holding[0][3]):
             return None
-        span = set(range(at.rows.start, at.rows.stop))
-        holding = [g for g in self.groups if span & set(g[3])]
-        if len(holding) != 1 or not span <= set(holding[0][3]):
-            return None
-        p, counts = holding[0][0], holding[0][4]
-        obs = None if self._appends(counts, layer, si) else p.observed(self.geo, si)
+        obs = self._observed(holding[0], layer, si)
         if obs is None:
             return None
         return torch.zeros(n, dtype=torch.bool).index_fill_(0, obs.cpu(), True)

@@ -305,10 +305,11 @@ class Engine:
             and (self.passes % TIME_EVERY == 0 or self.auto.calibrating)
         )
         t0 = device_clock(self.device) if timed else 0.0
+        row_windows = windows + [windows[i] for i in self.rows.null_of_host]  # null rows: their image's
         if S == 1:
             self._plain_step()
         else:
-            self._window_step(windows, S)
+            self._window_step(windows, row_windows, S)
         if timed:  # every pass measures the cost of its width
             width = min(w for w in WINDOWS if w >= S)
             self.auto.record_pass(self.rows.count, width, device_clock(self.device) - t0)
@@ -316,8 +317,7 @@ class Engine:
         self.steps += 1
         # a ragged pass's products run its real tokens only: rows x S counted in proportion
         full = window_flops(self.model, self.rows.count, S, max(s.n for s in self.seqs))
-        guided = sum(windows[i] for i in self.rows.null_of_host)
-        self.flops += full * (sum(windows) + guided) / (self.rows.count * S)
+        self.flops += full * sum(row_windows) / (self.rows.count * S)
         for s in self.seqs:
             s.forward_passes += 1
             if s.n == self.model.config.block_size and s.auto and s.window > 1:
@@ -342,11 +342,11 @@ class Engine:
             s.n += 1
             s.drafts = 0
 
-    def _window_step(self, windows: list[int], S: int) -> None:
+    def _window_step(self, windows: list[int], row_windows: list[int], S: int) -> None:
         """A pass S columns wide: each row its newest committed token and its drafts, the columns
-        past its window padding at the scratch position; null rows read their image's."""
+        past its window padding at the scratch position; null rows read their image's. windows:
+        each sequence's; row_windows: each row's."""
         c, B, N = self.model.config, len(self.seqs), self.model.config.block_size
-        row_windows = windows + [windows[j] for j in self.rows.null_of_host]
         for r, (s, w) in enumerate(zip(self._row_seqs, row_windows, strict=True)):
             self.store.grow(r, c.cls_token_num + s.n - 1 + w)
         spec = [i for i in range(B) if windows[i] > 1]
@@ -387,6 +387,11 @@ class Engine:
     def _windows(self) -> list[int]:
         """Each sequence's window this pass (1: plain decoding), at most the tokens it has left. An
         auto sequence's window is chosen at its first decode pass, for the pass it joins."""
+        N = self.model.config.block_size
+
+        def width(s: Sequence) -> int:  # its window this pass: at most the tokens it has left
+            return min(s.window, N - s.n)
+
         choosing = [s for s in self.seqs if s.window is None]
         if choosing:
             if self.auto is None:
@@ -394,9 +399,8 @@ class Engine:
             for s in choosing:
                 if not self.auto.calibrated(s.settings.speculative.method):
                     self.auto.calibrate(s.settings, lambda settings, s=s: self._alone(s, settings))
-            N = self.model.config.block_size
             others = [s for s in self.seqs if s.window is not None]
-            floor = max((min(s.window, N - s.n) for s in others), default=1)  # the pass is at least this wide
+            floor = max((width(s) for s in others), default=1)  # the pass is at least this wide
             methods = [s.settings.speculative.method for s in choosing]
             chosen = self.auto.choose(
                 self.rows.count,
@@ -404,12 +408,11 @@ class Engine:
                 floor,
                 len(others),
                 auto_rows=sum(s.rows for s in choosing),
-                company_tokens=sum(s.rows * min(s.window, N - s.n) for s in others),
+                company_tokens=sum(s.rows * width(s) for s in others),
             )
             for s in choosing:
                 s.window = chosen
-        N = self.model.config.block_size
-        return [min(s.window, N - s.n) for s in self.seqs]
+        return [width(s) for s in self.seqs]
 
     def _alone(self, seq: Sequence, settings: ImageSettings) -> tuple[int, int]:
         """Generates `seq`'s image with `settings` alone, on a pool of its own -> (passes, rows)."""

@@ -333,7 +333,7 @@ class GPT(nn.Module):
         # the embedding table read directly: the module call's hook machinery cost as much as the
         # lookup at batch 1
         at = TokenSpan(positions, key_valid, slots)
-        h = F.embedding(tokens if slots is None else tokens.flatten()[slots], self.tok_embeddings.weight)
+        h = F.embedding(tokens if slots is None else at.to_tokens(tokens), self.tok_embeddings.weight)
         logits = self._fused_layers(h, at, store) if self.fused_decode else None
         if logits is None:
             logits = self._cached_forward(h if slots is None else h[None], at, store)
