@@ -7,6 +7,7 @@ import json
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
+import httpx
 import pytest
 import torch
 
@@ -287,11 +288,22 @@ def test_a_fault_in_forming_batches_is_fatal_not_a_silent_dead_worker(monkeypatc
         def broken(*args, **kwargs):
             raise ValueError("injected fault in batch forming")
 
+        # the server stops on the report, so /health is asked between the report and the stop
+        health, stop = [], s.pool.on_fatal
+
+        def probe_then_stop(message):
+            health.append(httpx.get(f"{s.url}/health", timeout=TIMEOUT_S))
+            stop(message)
+
+        s.pool.on_fatal = probe_then_stop
         monkeypatch.setattr(s.pool.queue, "take_batch", broken)  # from the worker's next take on
         assert s.post({"prompt": 1}).status_code == 200
         fatal = wait_until(lambda: s.pool.fatal, "the worker to report")
         assert fatal == "forming batches on cpu failed: ValueError: injected fault in batch forming"
-        assert s.client.get("/health").status_code == 503
+        s.thread.join(TIMEOUT_S)
+        assert not s.thread.is_alive()  # the server stopped by itself
+        (dead,) = health
+        assert dead.status_code == 503 and dead.json() == {"status": "dead", "detail": fatal}
 
 
 def test_an_answer_the_http_side_gave_up_on_a_moment_before_is_neither_sent_nor_counted(server, monkeypatch):
