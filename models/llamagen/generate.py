@@ -20,7 +20,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from models.kv.paged import BLOCK_SIZE, BlockPool, OutOfBlocks, PagedTokenStore
+from models.kv.paged import BlockPool, OutOfBlocks, PagedTokenStore
+from models.llamagen.admission import Admission, batch_pool
 from models.llamagen.drafts import Drafts
 from models.llamagen.model import GPT
 from models.llamagen.rows import Rows
@@ -172,7 +173,7 @@ class Engine:
         self.steps = 0  # decode steps run (passes less the prefills)
         self.flops = 0.0  # their matmul FLOPs
         self._groups: TokenGroups | None = None
-        self._new_row_blocks = self._row_blocks_ahead(1, c.block_size)  # a newcomer's, after its prefill
+        self.admission = Admission(c, pool)
         self._layout()
 
     @property
@@ -182,52 +183,12 @@ class Engine:
 
     def blocks_needed(self, seqs: list[Sequence]) -> int:
         """Blocks these sequences hold at their end, all at once (a static batch's whole cache)."""
-        return sum(s.rows * self.pool.blocks_for(self.model.config.max_seq_len) for s in seqs)
+        return sum(s.rows for s in seqs) * self.admission.whole
 
     def fits(self, seqs: list[Sequence]) -> bool:
-        """Whether `seqs` may join now without any sequence ever waiting for a block: every image
-        has the same length, so the blocks a plain sequence will hold at each future step are known
-        (it takes a block when its positions reach one and gives all back when it ends), and
-        admission checks the batch's peak against the pool. A speculative sequence advances by
-        what it accepts, not known in advance, so it counts at its whole cache until it ends. Under
-        continuous batching the sequences are spread over their progress, so the peak stays well
-        under the static batch's whole cache."""
-        whole = self.pool.blocks_for(self.model.config.max_seq_len)
-        plain_rows = sum(s.rows for s in seqs if not s.speculative)
-        speculative_rows = sum(s.rows for s in seqs if s.speculative)
-        # newcomers start at n = 1 (after their prefill, which holds fewer blocks than their first
-        # step), so they hold what one new row holds, times their rows
-        held = self._held_ahead() + plain_rows * self._new_row_blocks + speculative_rows * whole
-        return int(held.max()) <= self.pool.n_blocks
-
-    def _held_ahead(self) -> np.ndarray:
-        """(block_size,) the blocks the running batch holds during each of the next block_size
-        decode steps. During the k-th decode step from now a plain sequence with n tokens holds the
-        blocks of positions 0..cls + n + k - 1, unless it has finished; a speculative one its whole
-        cache. Worked out for 2 x block_size steps when the membership changes (the scheduler asks
-        every step while requests wait: rebuilding it each time cost ~6 % of a step where the pool
-        binds) and read at the offset of the steps since, as every plain sequence advances by one
-        token a step."""
-        N = self.model.config.block_size
-        offset = self.steps - self._ahead_from
-        if offset > N:  # every sequence of the last plan has ended (or it is speculative): plan again
-            self._plan_ahead()
-            offset = 0
-        return self._ahead[offset : offset + N]
-
-    def _plan_ahead(self) -> None:
-        N = self.model.config.block_size
-        whole = self.pool.blocks_for(self.model.config.max_seq_len)
-        self._ahead = np.zeros(2 * N, dtype=np.int64)
-        for s in self.seqs:
-            self._ahead += s.rows * (whole if s.speculative else self._row_blocks_ahead(s.n, 2 * N))
-        self._ahead_from = self.steps
-
-    def _row_blocks_ahead(self, n: int, steps: int) -> np.ndarray:
-        """(steps,) the blocks a plain row with n tokens holds during each of the next `steps`
-        decode steps: positions 0..cls + n + k - 1 at the k-th, none once its image is done."""
-        c, k = self.model.config, np.arange(steps)
-        return -(-(c.cls_token_num + n + k) // self.pool.block_size) * (n + k < c.block_size)
+        """Whether `seqs` may join now without any sequence ever waiting for a block
+        (models/llamagen/admission.py)."""
+        return self.admission.fits(self.seqs, seqs, self.steps)
 
     def add(self, seqs: list[Sequence]) -> None:
         """Prefill `seqs` (one forward pass of their rows) and sample their first tokens.
@@ -467,7 +428,7 @@ class Engine:
         )
         self.n = torch.tensor([s.n for s in self.seqs], dtype=torch.long, device=self.device)
         self.positions = self._positions()
-        self._plan_ahead()
+        self.admission.plan(self.seqs, self.steps)
 
     def _token_groups(self) -> TokenGroups:
         """GSD's groups of this model, built once per engine on first use."""
@@ -534,24 +495,6 @@ def generate(
         [s.drafted for s in seqs] if speculative else None,
         [s.accepted for s in seqs] if speculative else None,
     )
-
-
-def row_blocks(model: GPT) -> int:
-    """Blocks one row holds at its last position: its whole cache."""
-    return -(-model.config.max_seq_len // BLOCK_SIZE)
-
-
-def block_nbytes(model: GPT) -> int:
-    """Bytes of one block of the model's pool: K and V of every layer for BLOCK_SIZE positions."""
-    c, w = model.config, model.tok_embeddings.weight
-    return 2 * c.n_layer * c.n_kv_head * BLOCK_SIZE * c.head_dim * w.element_size()
-
-
-def batch_pool(model: GPT, seqs: list[Sequence]) -> BlockPool:
-    """A pool that holds exactly these sequences' rows to their last position: a static batch's."""
-    c, w = model.config, model.tok_embeddings.weight
-    blocks = sum(s.rows for s in seqs) * row_blocks(model)
-    return BlockPool(c.n_layer, blocks, c.n_kv_head, BLOCK_SIZE, c.head_dim, w.dtype, w.device)
 
 
 def decode_tokens(vq: VQModel, tokens: torch.Tensor, grid: int) -> torch.Tensor:

@@ -10,7 +10,9 @@ import torch
 
 from models.conditions import Conditions
 from models.config import ConfigError, ModelSpec
+from models.kv.paged import BLOCK_SIZE, BlockPool
 from models.llamagen import generate as engine
+from models.llamagen.admission import block_nbytes, row_blocks
 from models.llamagen.loading import load_gpt, load_vq
 from models.llamagen.speculative import AutoWindow
 from models.llamagen.window_profile import WindowProfile
@@ -79,11 +81,9 @@ class LlamaGenRunner:
 
     def kv_bytes_per_image(self, settings: ImageSettings) -> int:
         """KV bytes a static batch allocates for this image: every row's blocks to the last
-        position (engine.batch_pool), both rows when guided. The server's queue forms static
+        position (admission.batch_pool), both rows when guided. The server's queue forms static
         batches by it under --kv-cache-bytes (continuous batching admits by blocks instead)."""
-        return (
-            engine.engine_rows([settings]) * engine.row_blocks(self.model) * engine.block_nbytes(self.model)
-        )
+        return engine.engine_rows([settings]) * row_blocks(self.model) * block_nbytes(self.model)
 
     def check(self, settings: ImageSettings) -> None:
         self.conditions.check_negative_prompt(settings.negative_prompt, engine.is_guided(settings))
@@ -164,15 +164,15 @@ class LlamaGenRunner:
         batch of max_images guided images would preallocate). ConfigError when it cannot hold one
         guided image."""
         c, w = self.model.config, self.model.tok_embeddings.weight
-        bs, block_nbytes = engine.BLOCK_SIZE, engine.block_nbytes(self.model)
-        per_image = 2 * engine.row_blocks(self.model)  # blocks of a guided image
-        blocks = max_images * per_image if kv_cache_bytes is None else kv_cache_bytes // block_nbytes
+        block_bytes = block_nbytes(self.model)
+        per_image = 2 * row_blocks(self.model)  # blocks of a guided image
+        blocks = max_images * per_image if kv_cache_bytes is None else kv_cache_bytes // block_bytes
         if blocks < per_image:
             raise ConfigError(
-                f"--kv-cache-bytes {kv_cache_bytes} holds {blocks} KV blocks of {block_nbytes} bytes: "
+                f"--kv-cache-bytes {kv_cache_bytes} holds {blocks} KV blocks of {block_bytes} bytes: "
                 f"model '{self.spec.name}' needs {per_image} for one guided image"
             )
-        pool = engine.BlockPool(c.n_layer, blocks, c.n_kv_head, bs, c.head_dim, w.dtype, w.device)
+        pool = BlockPool(c.n_layer, blocks, c.n_kv_head, BLOCK_SIZE, c.head_dim, w.dtype, w.device)
         return RunningBatch(self, engine.Engine(self.model, pool, self.auto))
 
     def sequences(self, conditions: list[int | str], settings: list[ImageSettings]) -> list[engine.Sequence]:
@@ -254,7 +254,7 @@ class RunningBatch:
     def blocks_needed(self, settings: list[ImageSettings]) -> int:
         """Blocks these images hold at their end, all at once (what joining together needs). Plain
         Python, no tensors: the HTTP side asks it too (`never_fits`)."""
-        return engine.engine_rows(settings) * engine.row_blocks(self.runner.model)
+        return engine.engine_rows(settings) * row_blocks(self.runner.model)
 
     def never_fits(self, settings: list[ImageSettings]) -> str | None:
         """Why a request of these images can never run in this pool, even alone (None: it can)."""

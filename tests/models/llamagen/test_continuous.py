@@ -5,8 +5,8 @@ each sequence's progress and all come back."""
 import pytest
 import torch
 
-from models.kv.paged import BlockPool, OutOfBlocks
-from models.llamagen.generate import BLOCK_SIZE, Engine, Sequence, generate
+from models.kv.paged import BLOCK_SIZE, BlockPool, OutOfBlocks
+from models.llamagen.generate import Engine, Sequence, generate
 from models.llamagen.loading import load_gpt
 from models.llamagen.speculative import window_flops
 from models.settings import ImageSettings, Speculative
