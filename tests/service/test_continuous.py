@@ -100,7 +100,7 @@ def test_a_running_requests_engine_time_is_settled_every_token_row(server, monke
     # a request that times out or disconnects is logged by the HTTP side before the batch lets it
     # go: its engine time must not wait for its leaving (rows of 16 tokens: settled after step 32)
     running = running_batch(server)
-    gate = StepGate(running, at=40)
+    gate = StepGate(running, at=33)  # held after step 32, the end of row 2, which settled it
     monkeypatch.setattr(running, "step", gate)
     before = server.metrics()
     with ThreadPoolExecutor(1) as pool:
@@ -110,38 +110,54 @@ def test_a_running_requests_engine_time_is_settled_every_token_row(server, monke
             before, "varserve_step_time_seconds_sum", model=MODEL
         )
         ((job, _),) = [tag for tag, _ in running.progress()]
-        engine_s = job.inference_s  # its prefill, then 32 of the 39 steps run so far
+        engine_s = job.inference_s  # its prefill, then the 32 steps run so far
         gate.go.set()
         assert answer.result(TIMEOUT_S).status_code == 200
-    assert engine_s > 10 * steps_s / 39  # more than a prefill and a few steps: the rows were settled
+    assert engine_s >= steps_s  # every step timed so far is in it: the rows were settled
 
 
 def test_a_stream_that_leaves_frees_its_blocks_and_the_others_run_on(server, monkeypatch):
     running = running_batch(server)
-    gate = StepGate(running, at=40)
-    monkeypatch.setattr(running, "step", gate)
+    gates = {}
+    for at in (41, 40, 20):  # each wraps the one before it: they count the same steps
+        gates[at] = StepGate(running, at=at)
+        monkeypatch.setattr(running, "step", gates[at])
     stay = {"prompt": 3, "seed": 30, "cfg_scale": 1.0}
+    before = metric(server.metrics(), "varserve_requests_cancelled_total", reason="disconnect")
     with ThreadPoolExecutor(1) as pool:
         with server.client.stream(
             "POST", "/v1/generate", json={"prompt": 4, "cfg_scale": 2.0, "n": 2, "stream": True}
         ) as r:
             lines = r.iter_lines()
             assert next(lines) == "event: preview"  # row 0 of the leaving request
+            assert gates[20].reached.wait(TIMEOUT_S)
             staying = pool.submit(server.post, stay)
-            assert gate.reached.wait(TIMEOUT_S)
+            wait_until(
+                lambda: metric(server.metrics(), "varserve_num_requests_waiting") == 1, "the stayer to queue"
+            )
+            gates[20].go.set()  # it joins before step 21
+            assert gates[40].reached.wait(TIMEOUT_S)
             held = running.blocks_used
-        # the stream is closed: its two guided images leave at the next step
-        gate.go.set()
-        wait_until(lambda: running.images <= 1, "the leaving request's images to go")
+        # the stream is closed: its two guided images leave before the next step
+        wait_until(
+            lambda: (
+                metric(server.metrics(), "varserve_requests_cancelled_total", reason="disconnect")
+                == before + 1
+            ),
+            "the disconnect",
+        )
+        gates[40].go.set()
+        assert gates[41].reached.wait(TIMEOUT_S)  # held again: what follows reads a still batch
+        assert running.images == 1
         # two guided images 40 tokens in held 2 rows x 3 blocks (41 positions) each: what is in use
-        # now is the staying image's alone. It decodes on meanwhile, so its blocks are read after
-        # the pool's count (its n only grows); had the 12 not come back, the pool's count would be
-        # 12 above them.
+        # now, the batch held again, is the staying image's alone; had the 12 not come back, the
+        # pool's count would be 12 above them.
         staying_seq = running.engine.seqs[0]
         used = running.blocks_used
         c = running.runner.model.config
         staying_blocks = running.engine.pool.blocks_for(c.cls_token_num + staying_seq.n + 1)
         assert held >= 12 + 1 and used <= staying_blocks < used + 12, (held, used, staying_blocks)
+        gates[41].go.set()
         result = staying.result(TIMEOUT_S)
     monkeypatch.undo()
     assert images(server.post(stay)) == images(result)
@@ -239,10 +255,14 @@ def test_admission_waits_for_free_blocks(tmp_path):
     kv_bytes = block_nbytes * (BLOCKS_PER_IMAGE + BLOCKS_PER_IMAGE // 2)
     with ThreadServer(config=CONFIG, max_batch_size=4, max_wait_ms=0, kv_cache_bytes=kv_bytes) as s:
         bodies = [{"prompt": 6, "seed": 60}, {"prompt": 7, "seed": 70}]
+        gate = StepGate(running_batch(s), at=10)  # the first, 10 tokens in: far from room for two
+        running_batch(s).step = gate
         with ThreadPoolExecutor(2) as pool:
             first = pool.submit(s.post, bodies[0])
-            wait_until(lambda: running_batch(s).images == 1, "the first to run")
+            assert gate.reached.wait(TIMEOUT_S)
             second = pool.submit(s.post, bodies[1])
+            wait_until(lambda: len(s.pool.queue) == 1, "the second to queue")
+            gate.go.set()
             first, second = first.result(TIMEOUT_S), second.result(TIMEOUT_S)
         a, b = first.json()["usage"], second.json()["usage"]
         assert b["queue_ms"] > 0 and a["kv_blocks"] <= BLOCKS_PER_IMAGE + BLOCKS_PER_IMAGE // 2

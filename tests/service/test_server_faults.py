@@ -103,7 +103,7 @@ def test_deadline_in_a_batch_answers_504_and_the_batch_goes_on(server, monkeypat
     before = cancelled(server, "timeout")
     with ThreadPoolExecutor(3) as executor:
         gate, (late, patient) = hold_next_batch(
-            server, monkeypatch, executor, {"prompt": 4, "timeout_s": 1.5}, {"prompt": 5, "seed": 9}
+            server, monkeypatch, executor, {"prompt": 4, "timeout_s": 3}, {"prompt": 5, "seed": 9}
         )
         assert late.result(TIMEOUT_S).status_code == 504  # while its batch is held
         gate.release()
