@@ -145,7 +145,7 @@ if triton is not None:
         skb, skh, skn, skd,
         str_, stj, spr, sps, svr, svt,
         sor, soh, sos, sod,
-        H, GROUP, S, D, qk_scale,
+        H, GROUP, S, D, W, qk_scale,
         HAS_VALID: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         PRECISION: tl.constexpr,
     ):  # fmt: skip
@@ -190,7 +190,11 @@ if triton is not None:
             s = tl.dot(q, k, input_precision=PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N), base 2
             visible = (k_pos[None, :] <= q_pos[:, None]) & row_ok[:, None]
             if HAS_VALID:
-                kv_ok = tl.load(Valid + r * svr + k_pos * svt, mask=k_pos <= last, other=0) != 0
+                # keys past the mask's width W count as valid, as the C kernel and the reference
+                # take them (a caller's narrower mask then reads no memory past it)
+                kv_ok = (
+                    tl.load(Valid + r * svr + k_pos * svt, mask=(k_pos <= last) & (k_pos < W), other=1) != 0
+                )
                 visible = visible & (kv_ok[None, :] | (k_pos[None, :] == q_pos[:, None]))
             s = tl.where(visible, s, -1.0e30)
             m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -229,7 +233,7 @@ def paged_attention_triton(q, k_pool, v_pool, block_table, positions, key_valid=
         q, k_pool, v_pool, block_table, positions, valid, out,
         *q.stride(), *k_pool.stride(), *block_table.stride(), *positions.stride(), *valid.stride(),
         *out.stride(),
-        H, H // H_kv, S, D, scale * math.log2(math.e),
+        H, H // H_kv, S, D, valid.shape[-1], scale * math.log2(math.e),
         HAS_VALID=key_valid is not None, HEAD_DIM=max(16, triton.next_power_of_2(D)), BLOCK_M=block_m,
         BLOCK_N=bs, PRECISION=precision,
     )  # fmt: skip

@@ -279,7 +279,8 @@ class HACK:
         return strided_queries(geo.sizes[si], self.n_obs)
 
     def rank(self, c, profile):
-        structural = torch.tensor([h == "structural" for h in profile.head_class[c.layer]])[c.heads]  # (G,)
+        by_head = [h == "structural" for h in profile.head_class[c.layer]]
+        structural = torch.tensor(by_head, device=c.heads.device)[c.heads]  # (G,), on the segments' device
         tier = torch.where(c.scale < self.sink_scales, 2, torch.where(c.scale == c.si, 1, 0))
         tier = torch.where(structural[:, None] & (c.scale >= 0), tier, 0)
         return tier, c.mass

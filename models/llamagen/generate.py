@@ -332,10 +332,10 @@ class Engine:
         cond = self.rows.guide(logits, n_host)  # (B, S, V)
         plain = [i for i in range(B) if windows[i] == 1]  # drawn as plain decoding draws
         if plain:
-            idx = torch.tensor(plain, device=self.device)
-            picked = self.rows.sampler.select(plain).sample(cond[idx, :1])[:, 0].tolist()
-            for i, token in zip(plain, picked, strict=True):
-                self.tokens[i, n_host[i]] = token
+            idx, at = host_longs([plain, [n_host[i] for i in plain]], self.device)
+            # written in place on the device: the host learns nothing it does not know already
+            self.tokens[idx, at] = self.rows.sampler.select(plain).sample(cond[idx, :1])[:, 0]
+            for i in plain:
                 self.seqs[i].n += 1
                 self.seqs[i].drafts = 0
         if spec:

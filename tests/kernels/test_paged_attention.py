@@ -87,6 +87,27 @@ def test_c_kernel_matches_the_reference(lengths, S, block_size, padded, H, H_kv)
     torch.testing.assert_close(paged_attention(*args), got)  # the CPU dispatch is the C kernel
 
 
+@pytest.mark.parametrize(
+    "kernel",
+    [
+        paged_attention_reference,
+        pytest.param(
+            paged_attention_cpu, marks=pytest.mark.skipif(native.load("attention") is None, reason="no C")
+        ),
+        pytest.param(paged_attention_triton, marks=pytest.mark.skipif(triton is None, reason="no triton")),
+    ],
+)
+def test_a_mask_narrower_than_the_rows_counts_the_keys_past_it_valid(kernel):
+    """key_valid covering only the condition positions (a caption's mask as it comes): every
+    kernel takes the keys past its width as valid, as the same mask widened with True would say,
+    and reads nothing past it."""
+    q, k_pool, v_pool, table, positions, wide = paged_case([3, 100, 47], 4, padded=True)
+    narrow = wide[:, :8].clone()
+    got = kernel(q, k_pool, v_pool, table, positions, narrow)
+    want = paged_attention_reference(q, k_pool, v_pool, table, positions, wide)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.skipif(triton is None, reason="triton is not installed")
 @pytest.mark.parametrize("lengths, S, block_size, padded", CASES)
 @pytest.mark.parametrize("H, H_kv", [(4, 2), (2, 2)])

@@ -8,6 +8,7 @@ from kernels.kv_select import select_columns
 from models.kv.policies import (
     HACK,
     KV_POLICIES,
+    POLICIES,
     Candidates,
     HeatKV,
     ScaleGeometry,
@@ -94,6 +95,21 @@ def kept_positions(p, c: Candidates, keep: int, profile=PROFILES["default"]) -> 
     tier, key = p.rank(c, profile)
     cols = select_columns(tier, key, c.valid, torch.full((c.pos.shape[0],), keep))
     return [[int(c.pos[g, j]) for j in row if j >= 0] for g, row in enumerate(cols)]
+
+
+@pytest.mark.parametrize("name", [n for n, p in POLICIES.items() if p.evicts and not p.append_only])
+def test_rankings_stay_on_the_candidates_device(name):
+    """On a GPU the store's candidates live on the device: a ranking that builds a table on the
+    host and mixes it in fails there (HACK's head classes did), never on this CPU. The meta device
+    stands in for it: anything made on the host and combined with the candidates raises."""
+    c = candidates(3, [[0, 1, 2, 3, 4], [0, 1]], mass=torch.rand(2, 5 + GEO.sizes[3]), heads=[0, 1])
+    obs = None if name != "scalekv" else policy(name).observed(GEO, 3) + GEO.starts[3]
+    on_meta = {f: getattr(c, f).to("meta") for f in ("heads", "pos", "scale", "valid", "mass")}
+    meta = Candidates(c.layer, c.si, obs_pos=None if obs is None else obs.to("meta"), **on_meta)
+    meta.value_norm = torch.ones(c.pos.shape, device="meta")
+    meta.keep = torch.full((2,), 4, device="meta")
+    tier, key = policy(name).rank(meta, PROFILES["mixed"])
+    assert tier.device.type == key.device.type == "meta" and tier.shape == key.shape == c.pos.shape
 
 
 def test_valuekv_keeps_the_most_mass_times_squared_value_norm():
