@@ -61,6 +61,13 @@ def install_error_handlers(app: FastAPI) -> None:
             message = f"the body is not valid JSON: {first.get('ctx', {}).get('error', 'invalid')}"
         elif loc == ("body",) and kind == "missing":
             status, param, message = 400, None, "the body is empty: send a JSON object"
+        elif loc == ("body",) and kind in ("model_attributes_type", "dict_type"):
+            # FastAPI reads a body as JSON only when it is sent as JSON: `curl -d` sends a form
+            status, param = 400, None
+            sent_as = request.headers.get("content-type", "no content type")
+            message = "the body must be a JSON object"
+            if "json" not in sent_as.lower():
+                message += f" sent with content-type: application/json (it came as {sent_as})"
         else:
             status, param = 422, field_name(loc)
             message = first.get("msg", "invalid request")
