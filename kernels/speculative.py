@@ -19,6 +19,10 @@ Rows of a pass are rows `idx` of the batch's token table (B, N) (each row's n co
 then its drafts) and rows `qrows` of its draft distributions (B_spec, W, V) (by offset after the
 committed tokens), so the engine hands over its own tensors and nothing is gathered or scattered.
 
+Off the CPU the references are what runs, once a pass, so they read nothing back from the device
+(no value of a tensor decides a shape or a loop; given `plan` and `max_half` from the host):
+the engine's accepted lengths are the one read a speculative pass needs.
+
 Both draws of `verify` are exponential races (argmax w / E, E = -log1p(-uniform) ~ Exp(1)) over
 the tokens with w > 0: a token the weights give no mass never wins, even where its uniform is 0.
 """
@@ -245,8 +249,10 @@ def commit_reference(
     at = (n[:, None] + t).clamp(max=N - 1)
     drafts = tokens[idx[:, None], at]  # (b, S)
     k, window_tokens = verify_reference(p, q[qrows, :S], drafts, windows, u, e, coupled, grouped, use_group)
-    in_window = t < windows[:, None]
-    tokens[idx[:, None].expand_as(at)[in_window], at[in_window]] = window_tokens[in_window]
+    # every column writes, those past a row's window its last column's token at its position: the
+    # duplicates carry one value, and no boolean mask waits for the device
+    col = torch.minimum(t, windows[:, None] - 1)  # (b, S)
+    tokens[idx[:, None], n[:, None] + col] = window_tokens.gather(1, col)
     src = (k[:, None] + 1 + t).clamp(max=S - 1)
     q[qrows, :S] = p.gather(1, src[..., None].expand(-1, -1, V))
     return k
@@ -266,24 +272,25 @@ def fill_drafts_reference(
     n[j] committed; q (B_spec, W, V), row j's at qrows[j]. A fresh draft copies the token one grid
     row up (on the first grid row: its left neighbour), as drafting them one by one in order
     gives, so its q is one-hot."""
-    V, N = q.shape[-1], tokens.shape[1]
-    T = int(hi.max())
-    t = torch.arange(T, device=n.device)
-    fill = (t >= lo[:, None]) & (t < hi[:, None])  # (b, T)
+    V, W, N = q.shape[-1], q.shape[1], tokens.shape[1]
+    b, dev = len(idx), n.device
+    t = torch.arange(W, device=dev)  # every row of q: shapes the host knows, nothing read back
+    fill = (t >= lo[:, None]) & (t < hi[:, None])  # (b, W)
     pos = (n[:, None] + t).clamp(max=N - 1)  # a row past its own drafts may point beyond the image
     src = torch.where(pos >= grid, pos - grid, pos - 1)
-    rows = idx[:, None].expand_as(pos)[fill]
-    at, src = pos[fill], src[fill]
     # A fresh draft may copy another (on the first grid row each copies its left neighbour; a
-    # window wider than a row copies drafts above it): sweep until every draft equals its source
-    # (sources come before their drafts).
-    while True:
-        tok = tokens[rows, src]
-        if torch.equal(tok, tokens[rows, at]):
-            break
-        tokens[rows, at] = tok
-    one_hot = torch.nn.functional.one_hot(tokens[idx[:, None], pos], V).to(q.dtype)
-    q[qrows, :T] = torch.where(fill[..., None], one_hot, q[qrows, :T])
+    # window wider than a row copies drafts above it), and sources come before their drafts: each
+    # row's positions point at what they copy (the others at themselves, the columns not filled
+    # into a spare column N), and pointer jumping takes every draft to the token its chain ends at,
+    # in log2(W) gathers where sweeping until nothing changed read the device back each sweep.
+    source = torch.arange(N + 1, device=dev).repeat(b, 1)
+    source.scatter_(1, torch.where(fill, pos, N), torch.where(fill, src, N))
+    for _ in range(W.bit_length()):
+        source = source.gather(1, source)
+    drafted = tokens[idx].gather(1, source[:, :N])  # (b, N) the rows with their drafts
+    tokens[idx] = drafted
+    one_hot = torch.nn.functional.one_hot(drafted.gather(1, pos), V).to(q.dtype)
+    q[qrows] = torch.where(fill[..., None], one_hot, q[qrows])
 
 
 def grouped_ratio_reference(
@@ -294,15 +301,17 @@ def grouped_ratio_reference(
     half: torch.Tensor,
     p_threshold: torch.Tensor,
     d_threshold: torch.Tensor,
+    max_half: int | None = None,
 ) -> torch.Tensor:
     """GSD's grouped test. p, q: (b, S, V); drafts: (b, S); embeddings: (V, dim); half: (b,) long;
-    p_threshold, d_threshold: (b,) -> (b, S) min(1, sum_G p / sum_G q).
+    p_threshold, d_threshold: (b,) -> (b, S) min(1, sum_G p / sum_G q). max_half: half's largest,
+    when the caller knows it on the host (else it is read from the device).
 
     The group of a draft d: the draft, and the tokens at most half[j] places either side of it in
     the ranking of p (descending, ties by index, so the tokens without mass follow in index order)
     with |p_c - p_d| < p_threshold and squared embedding distance to d <= d_threshold."""
     device, V = p.device, p.shape[-1]
-    G = int(half.max())
+    G = int(half.max()) if max_half is None else max_half
     p_d = p.gather(-1, drafts[..., None])
     order = p.sort(dim=-1, descending=True, stable=True).indices  # (b, S, V)
     at = (order == drafts[..., None]).float().argmax(-1, keepdim=True)  # the draft's rank
@@ -440,6 +449,7 @@ def grouped_ratio(
     half: torch.Tensor,
     p_threshold: torch.Tensor,
     d_threshold: torch.Tensor,
+    max_half: int | None = None,
 ) -> torch.Tensor:
     """As grouped_ratio_reference: our C kernel for float32 CPU tensors, else the reference."""
     kernel = _grouped_kernel()
@@ -448,7 +458,7 @@ def grouped_ratio(
     d_threshold = d_threshold.to(torch.float32).contiguous()
     drafts, half = drafts.to(torch.long).contiguous(), half.to(torch.long).contiguous()
     if kernel is None or not _c_applies((p, q, embeddings, p_threshold, d_threshold), (drafts, half)):
-        return grouped_ratio_reference(p, q, drafts, embeddings, half, p_threshold, d_threshold)
+        return grouped_ratio_reference(p, q, drafts, embeddings, half, p_threshold, d_threshold, max_half)
     b, S, V = p.shape
     out = torch.empty(b, S)
     ptrs = (x.data_ptr() for x in (p, q, drafts, embeddings, half, p_threshold, d_threshold, out))

@@ -113,7 +113,8 @@ class TokenGroups:
         half = torch.tensor([s.group for s in knobs], device=device)
         p_thr = torch.tensor([s.p_threshold for s in knobs], device=device)
         d_thr = torch.tensor([s.distance * self.mean_sq for s in knobs], device=device)
-        return kernels.grouped_ratio(p, q, drafts, self.embeddings, half, p_thr, d_thr)
+        max_half = max(s.group for s in knobs)  # from the host: the reference reads nothing back
+        return kernels.grouped_ratio(p, q, drafts, self.embeddings, half, p_thr, d_thr, max_half)
 
 
 class AutoWindow:

@@ -238,3 +238,30 @@ def test_grouped_ratio_reference_sums_the_group():
     torch.testing.assert_close(r, torch.tensor([[1.0]]))
     r = ks.grouped_ratio_reference(p, q, drafts, embeddings, torch.tensor([1]), 0.15 * one, 1.0 * one)
     torch.testing.assert_close(r, torch.tensor([[0.5]]))  # too far apart: the draft alone, 0.3 / 0.6
+
+
+def test_the_references_read_nothing_back_from_the_device():
+    """On a GPU the references are what runs, once a pass: a value read back (`int(t.max())`, a
+    boolean mask's indexing, a loop until nothing changed) waits for the device. The meta device
+    holds shapes and no values, so any such read raises there."""
+    meta, b, S, V, W, N = "meta", 3, 8, 50, 12, 64
+    longs = torch.zeros(b, dtype=torch.long, device=meta)
+    floats = torch.zeros(b, device=meta)
+    tokens = torch.zeros(b + 1, N, dtype=torch.long, device=meta)
+    q = torch.zeros(b + 1, W, V, device=meta)
+    p, e, u = (
+        torch.zeros(b, S, V, device=meta),
+        torch.zeros(b, S, V, device=meta),
+        torch.zeros(b, S, device=meta),
+    )
+    drafts = torch.zeros(b, S, dtype=torch.long, device=meta)
+    ks.fill_drafts_reference(tokens, q, longs, longs, longs, longs, longs, grid=8)
+    coupled = torch.zeros(b, dtype=torch.bool, device=meta)
+    accepted = ks.commit_reference(p, q, longs, tokens, longs, longs, longs, u, e, coupled)
+    grouped = ks.grouped_ratio_reference(
+        p, p, drafts, torch.zeros(V, 16, device=meta), longs, floats, floats, 7
+    )
+    plan = (V, True, True)  # as SamplerRows.plan gives it from the host
+    probs = ks.target_probs_reference(p, longs, floats, floats, plan)
+    drawn = ks.sample_reference(p, longs, floats, floats, e, plan)
+    assert accepted.shape == (b,) and grouped.shape == drawn.shape == (b, S) and probs.shape == p.shape

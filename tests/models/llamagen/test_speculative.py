@@ -9,6 +9,7 @@ import pytest
 import torch
 from scipy.stats import chi2
 
+from kernels import speculative as ks
 from models.config import DEFAULT_CONFIG, load_config
 from models.llamagen import speculative
 from models.llamagen.generate import generate
@@ -154,6 +155,33 @@ def test_an_image_does_not_depend_on_its_batch(shapes):
     plain = generate(model, None, labels[3:], [settings(seed=13, cfg=4.0)], decode=False)
     assert torch.equal(batch.tokens[3], plain.tokens[0])  # the plain image is plain decoding's
     assert batch.passes_per_image[3] == 256
+
+
+def test_the_reference_kernels_a_gpu_runs_commit_the_c_kernels_tokens(shapes, monkeypatch):
+    """Off the CPU, drafting, targets, verification and the plain draw run kernels/speculative.py's
+    PyTorch references (written to read nothing back from the device): a mixed batch of every
+    method beside a plain image gives the same tokens and passes through them as through C."""
+    model = shapes[0]
+    labels = torch.tensor([1, 2, 3, 4])
+    params = [
+        settings("sjd", 8, seed=10, cfg=4.0, top_k=100),
+        settings("scd", 16, seed=11, cfg=1.0, top_p=0.9, cfg_interval=100),
+        settings("gsd", 4, seed=12, cfg=2.0, temperature=0.8),
+        settings("none", seed=13, cfg=4.0),
+    ]
+    native = generate(model, None, labels, params, decode=False)
+    for kernel in (
+        "_commit_kernel",
+        "_fill_kernel",
+        "_grouped_kernel",
+        "_target_probs_kernel",
+        "_sample_kernel",
+    ):
+        monkeypatch.setattr(ks, kernel, lambda: None)
+    reference = generate(model, None, labels, params, decode=False)
+    assert torch.equal(reference.tokens, native.tokens)
+    assert reference.passes_per_image == native.passes_per_image
+    assert max(native.passes_per_image[:3]) < 200  # the windows did speculate
 
 
 def test_rows_are_reported_once_each_in_order(shapes):
