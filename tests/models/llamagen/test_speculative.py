@@ -138,15 +138,19 @@ def test_the_check_detects_a_biased_sampler(tiny, exact):
 # -- batches, guidance, previews ------------------------------------------------------------------
 
 
-def test_an_image_does_not_depend_on_its_batch(shapes):
-    model = shapes[0]
-    labels = torch.tensor([1, 2, 3, 4])
-    params = [
+def mixed_batch() -> tuple[torch.Tensor, list[ImageSettings]]:
+    """Labels and settings of every method beside a plain image, each sampling knob somewhere."""
+    return torch.tensor([1, 2, 3, 4]), [
         settings("sjd", 8, seed=10, cfg=4.0, top_k=100),
         settings("scd", 16, seed=11, cfg=1.0, top_p=0.9, cfg_interval=100),
         settings("gsd", 4, seed=12, cfg=2.0, temperature=0.8),
         settings("none", seed=13, cfg=4.0),
     ]
+
+
+def test_an_image_does_not_depend_on_its_batch(shapes):
+    model = shapes[0]
+    labels, params = mixed_batch()
     batch = generate(model, None, labels, params, decode=False)
     for i in (0, 1, 2, 3):
         alone = generate(model, None, labels[i : i + 1], [params[i]], decode=False)
@@ -162,13 +166,7 @@ def test_the_reference_kernels_a_gpu_runs_commit_the_c_kernels_tokens(shapes, mo
     PyTorch references (written to read nothing back from the device): a mixed batch of every
     method beside a plain image gives the same tokens and passes through them as through C."""
     model = shapes[0]
-    labels = torch.tensor([1, 2, 3, 4])
-    params = [
-        settings("sjd", 8, seed=10, cfg=4.0, top_k=100),
-        settings("scd", 16, seed=11, cfg=1.0, top_p=0.9, cfg_interval=100),
-        settings("gsd", 4, seed=12, cfg=2.0, temperature=0.8),
-        settings("none", seed=13, cfg=4.0),
-    ]
+    labels, params = mixed_batch()
     native = generate(model, None, labels, params, decode=False)
     for kernel in (
         "_commit_kernel",
