@@ -83,6 +83,33 @@ def test_rows_hold_the_blocks_their_positions_need():
     assert pool.num_free == 8
 
 
+def test_the_block_table_is_written_in_place_as_rows_take_blocks():
+    """Rows crossing into new blocks one at a time, the table read between (as steps do): it is
+    always what rebuilding it from the rows' lists gives, the trash block past each row's blocks;
+    a table already copied to a device is never rewritten under the copy."""
+    pool = BlockPool(n_layer=1, n_blocks=40, n_kv_head=1, block_size=16, head_dim=16)
+    store = PagedTokenStore(pool, max_len=160)
+    store.set_rows([pool.allocate(1), [], pool.allocate(2)])
+    g = torch.Generator().manual_seed(0)
+    positions = [16, 0, 32]
+    for _ in range(20):
+        row = int(torch.randint(3, (), generator=g))
+        positions[row] = min(160, positions[row] + int(torch.randint(1, 40, (), generator=g)))
+        store.grow(row, positions[row])
+        rebuilt = torch.full((3, 10), pool.trash, dtype=torch.int32)
+        for r, blocks in enumerate(store.tables):
+            rebuilt[r, : len(blocks)] = torch.tensor(blocks, dtype=torch.int32)
+        assert torch.equal(store.block_table, rebuilt)
+    assert store.peak_blocks == sum(map(len, store.tables))
+    # on a GPU the device's table is a copy the host may still be sending from: a new host table
+    store.set_rows([[], []])
+    sent_from = store._host_table
+    store._block_table = sent_from.clone()  # as `.to("cuda", non_blocking=True)` gives
+    store.grow(0, 16)
+    assert bool((sent_from == pool.trash).all()) and store._host_table is not sent_from
+    assert store.block_table[0, :1].tolist() == store.tables[0]
+
+
 def test_bytes_count_the_blocks_rows_arrive_with():
     # a row whose prefill blocks hold its whole cache never grows: its bytes are still counted
     pool = BlockPool(n_layer=1, n_blocks=8, n_kv_head=1, block_size=16, head_dim=16)
