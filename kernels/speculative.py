@@ -267,30 +267,35 @@ def fill_drafts_reference(
     lo: torch.Tensor,
     hi: torch.Tensor,
     grid: int,
+    width: int | None = None,
 ) -> None:
     """Tops b rows up from `lo` to `hi` drafts (b,), in place: tokens (B, N), row j's at idx[j] with
     n[j] committed; q (B_spec, W, V), row j's at qrows[j]. A fresh draft copies the token one grid
     row up (on the first grid row: its left neighbour), as drafting them one by one in order
-    gives, so its q is one-hot."""
-    V, W, N = q.shape[-1], q.shape[1], tokens.shape[1]
+    gives, so its q is one-hot. width: at least hi's largest, when the caller knows it on the
+    host (else every row of q, W: nothing is read back either way)."""
+    V, N = q.shape[-1], tokens.shape[1]
+    T = q.shape[1] if width is None else width
     b, dev = len(idx), n.device
-    t = torch.arange(W, device=dev)  # every row of q: shapes the host knows, nothing read back
-    fill = (t >= lo[:, None]) & (t < hi[:, None])  # (b, W)
+    t = torch.arange(T, device=dev)
+    fill = (t >= lo[:, None]) & (t < hi[:, None])  # (b, T)
     pos = (n[:, None] + t).clamp(max=N - 1)  # a row past its own drafts may point beyond the image
     src = torch.where(pos >= grid, pos - grid, pos - 1)
     # A fresh draft may copy another (on the first grid row each copies its left neighbour; a
     # window wider than a row copies drafts above it), and sources come before their drafts: each
     # row's positions point at what they copy (the others at themselves, the columns not filled
     # into a spare column N), and pointer jumping takes every draft to the token its chain ends at,
-    # in log2(W) gathers where sweeping until nothing changed read the device back each sweep.
+    # in log2(T) gathers where sweeping until nothing changed read the device back each sweep.
     source = torch.arange(N + 1, device=dev).repeat(b, 1)
     source.scatter_(1, torch.where(fill, pos, N), torch.where(fill, src, N))
-    for _ in range(W.bit_length()):
+    for _ in range(T.bit_length()):
         source = source.gather(1, source)
     drafted = tokens[idx].gather(1, source[:, :N])  # (b, N) the rows with their drafts
     tokens[idx] = drafted
-    one_hot = torch.nn.functional.one_hot(drafted.gather(1, pos), V).to(q.dtype)
-    q[qrows] = torch.where(fill[..., None], one_hot, q[qrows])
+    one_hot = torch.zeros(b, T, V, dtype=q.dtype, device=dev).scatter_(
+        2, drafted.gather(1, pos)[..., None], 1.0
+    )
+    q[qrows, :T] = torch.where(fill[..., None], one_hot, q[qrows, :T])
 
 
 def grouped_ratio_reference(
@@ -430,12 +435,13 @@ def fill_drafts(
     lo: torch.Tensor,
     hi: torch.Tensor,
     grid: int,
+    width: int | None = None,
 ) -> None:
     """As fill_drafts_reference: our C kernel for float32 CPU tensors, else the reference."""
     kernel = _fill_kernel()
     idx, qrows, n, lo, hi = (x.to(torch.long).contiguous() for x in (idx, qrows, n, lo, hi))
     if kernel is None or not _c_applies((q,), (tokens, idx, qrows, n, lo, hi)):
-        return fill_drafts_reference(tokens, q, idx, qrows, n, lo, hi, grid)
+        return fill_drafts_reference(tokens, q, idx, qrows, n, lo, hi, grid, width)
     V, W, N = q.shape[-1], q.shape[1], tokens.shape[1]
     ptrs = (x.data_ptr() for x in (tokens, q, idx, qrows, n, lo, hi))
     kernel(*ptrs, len(idx), V, W, N, grid)

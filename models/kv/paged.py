@@ -115,6 +115,8 @@ class PagedTokenStore:
         """Row `row` will hold positions 0..positions-1: take the blocks that needs (OutOfBlocks)."""
         have = len(self.tables[row])
         need = self.pool.blocks_for(positions) - have
+        if have + need > self.max_blocks:  # before taking any: the row's table has max_blocks columns
+            raise ValueError(f"{positions} positions: past the store's {self.max_blocks} blocks a row")
         if need > 0:
             blocks = self.pool.allocate(need)
             self.tables[row].extend(blocks)

@@ -79,7 +79,8 @@ class Drafts:
             ],
             self.device,
         )
-        fill_drafts(tokens, self.q, idx, qrows, n[idx], lo, hi, self.grid)
+        width = max(windows[i] for i in need) - 1  # from the host: the reference reads nothing back
+        fill_drafts(tokens, self.q, idx, qrows, n[idx], lo, hi, self.grid, width)
         for i in need:
             self.seqs[i].drafts = windows[i] - 1
 

@@ -2,6 +2,8 @@
 rounding, acceptance decisions and tokens exactly), the references against their rules spelled
 out one case at a time, and the races never drawing a token without mass."""
 
+import functools
+
 import pytest
 import torch
 
@@ -174,7 +176,16 @@ def drafted_one_by_one(tokens, q, idx, qrows, n, lo, hi, grid):
 
 
 @pytest.mark.parametrize("seed", range(4))
-@pytest.mark.parametrize("fill", [ks.fill_drafts, ks.fill_drafts_reference])
+@pytest.mark.parametrize(
+    "fill",
+    [
+        ks.fill_drafts,
+        ks.fill_drafts_reference,  # over every row of q
+        functools.partial(
+            ks.fill_drafts_reference, width=9
+        ),  # over the widest fill only (hi 9), as the engine asks
+    ],
+)
 def test_fresh_drafts_copy_the_token_above_or_on_the_first_row_the_left_one(seed, fill):
     g = torch.Generator().manual_seed(seed)
     grid, N, V, W = 4, 16, 7, 12

@@ -108,6 +108,10 @@ def test_the_block_table_is_written_in_place_as_rows_take_blocks():
     store.grow(0, 16)
     assert bool((sent_from == pool.trash).all()) and store._host_table is not sent_from
     assert store.block_table[0, :1].tolist() == store.tables[0]
+    free = pool.num_free
+    with pytest.raises(ValueError, match="past the store's 10 blocks a row"):
+        store.grow(1, 161)
+    assert pool.num_free == free and store.tables[1] == []  # refused before taking any
 
 
 def test_bytes_count_the_blocks_rows_arrive_with():
