@@ -122,11 +122,10 @@ class PagedTokenStore:
             self.tables[row].extend(blocks)
             # written in place: rebuilding the whole table took ~180 us at 16 rows, and under
             # continuous batching some row crosses into a new block about every other step
-            if self._block_table is not None:
-                if self._block_table.data_ptr() != self._host_table.data_ptr():
-                    # not the CPU's own: a copy to the device may still be reading it
-                    self._host_table = self._host_table.clone()
-                self._block_table = None
+            if self._block_table is not None and self._block_table is not self._host_table:
+                # a device's copy (on a CPU `.to` hands back the table itself) may still be reading it
+                self._host_table = self._host_table.clone()
+            self._block_table = None
             self._host_table[row, have : have + need] = torch.tensor(blocks, dtype=torch.int32)
             self._held += need
             self.peak_blocks = max(self.peak_blocks, self._held)
